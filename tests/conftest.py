@@ -1,0 +1,1 @@
+import cams  # noqa: F401  (installs the torchvision guard before the peer libraries import torchvision)
