@@ -1,0 +1,86 @@
+"""Time one GradCAM panel: ours against pytorch-grad-cam, Captum and a plain forward, in one run.
+
+ResNet-50 (random weights), 16 images at 224 px, CPU, target layer ``layer4``. Each method runs ``--repeats``
+times, interleaved so that machine noise hits all of them alike; the median is reported. The baseline "forward"
+is a plain eval-mode forward of the same batch under ``torch.no_grad()`` — the physical floor, since our backward
+only goes from the score to layer4.
+
+    python bench/cam_speed.py [--repeats 5] [--batch 16] [--size 224] [--arch resnet50]
+
+Targets: ours <= 0.5x pytorch-grad-cam and <= 1.3x one plain forward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Callable
+
+import cams  # noqa: F401  (torchvision guard first)
+import torch
+import torchvision
+from captum.attr import LayerGradCam
+from pytorch_grad_cam import GradCAM as PGCGradCAM
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+from cams import GradCAM
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--arch", default="resnet50")
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, args.arch)(num_classes=200).eval()
+    images = torch.randn(args.batch, 3, args.size, args.size)
+    targets = torch.randint(0, 200, (args.batch,))
+    ours = GradCAM(model, "layer4")
+    captum = LayerGradCam(model, model.layer4)
+
+    def plain_forward() -> None:
+        with torch.no_grad():
+            model(images)
+
+    def pytorch_grad_cam() -> None:
+        with PGCGradCAM(model=model, target_layers=[model.layer4]) as cam:
+            cam(input_tensor=images, targets=[ClassifierOutputTarget(int(t)) for t in targets])
+        model.zero_grad(set_to_none=True)
+
+    def captum_layer_gradcam() -> None:
+        attributions = captum.attribute(images, target=targets, relu_attributions=True)
+        torch.nn.functional.interpolate(attributions, size=images.shape[-2:], mode="bilinear", align_corners=False)
+
+    methods: dict[str, Callable[[], None]] = {
+        "plain forward (no_grad)": plain_forward,
+        "cubcam GradCAM": lambda: ours(images, targets),
+        "pytorch-grad-cam GradCAM": pytorch_grad_cam,
+        "Captum LayerGradCam": captum_layer_gradcam,
+    }
+    for fn in methods.values():  # warm-up: allocator, thread pools, lazy imports
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in methods}
+    for _ in range(args.repeats):
+        for name, fn in methods.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+
+    median = {name: statistics.median(t) for name, t in times.items()}
+    forward, ours_s = median["plain forward (no_grad)"], median["cubcam GradCAM"]
+    print(f"{args.arch}, {args.batch} images at {args.size} px, CPU threads={torch.get_num_threads()}, median of {args.repeats}")
+    print(f"{'method':<28}{'s/panel':>10}{'vs forward':>12}{'ours vs it':>12}")
+    for name, seconds in median.items():
+        print(f"{name:<28}{seconds:>10.3f}{seconds / forward:>11.2f}x{ours_s / seconds:>11.2f}x")
+    pgc_ratio = ours_s / median["pytorch-grad-cam GradCAM"]
+    fwd_ratio = ours_s / forward
+    print(f"\nours / pytorch-grad-cam = {pgc_ratio:.2f}x (target <= 0.5x): {'OK' if pgc_ratio <= 0.5 else 'MISSED'}")
+    print(f"ours / plain forward    = {fwd_ratio:.2f}x (target <= 1.3x): {'OK' if fwd_ratio <= 1.3 else 'MISSED'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+"""GradCAM and EmbeddingCAM: one engine, two scores.
+
+For target-layer activations A (shape [B, K, h, w]) and a score y_b per image, the map is
+ReLU(sum_k w_k A^k) with w_k = mean_ij dy_b/dA^k_ij (Selvaraju et al., 2017). GradCAM scores a class logit;
+EmbeddingCAM (Bachhawat, 2024) scores <embedding, proxy>. Everything else is shared.
+
+Why this engine is safe to call in the middle of training:
+- the forward below the target layer runs without autograd (nothing is stored for it), and the backward is one
+  ``torch.autograd.grad`` from the score to the captured activation: no layer below it is backpropagated and no
+  parameter's ``.grad`` is written;
+- the hook exists only for the duration of one call and is removed in ``finally``, also when the call raises;
+- the model runs in eval mode (BatchNorm statistics stay as they are, dropout draws no random numbers) and every
+  submodule's train/eval flag is restored afterwards.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+OutputSelector = Union[str, int, Callable[[Any], Tensor], None]
+ScoreFn = Callable[[Tensor], Tensor]  # model output [B, ...] -> one score per image [B]
+
+_INFERENCE_MODE_HELP = (
+    "CAMs need gradients, which torch.inference_mode() forbids. Call it from a block like\n"
+    "    with torch.inference_mode(False), torch.enable_grad():\n"
+    "        maps = cam(images.clone(), ...)\n"
+    "(Lightning runs validation and prediction hooks under inference mode; the clone turns an inference "
+    "tensor back into a normal one.)"
+)
+
+
+class _LayerCAM:
+    """The shared engine: forward with a hook on the target layer, one score per image, gradient to the layer."""
+
+    def __init__(self, model: Callable[[Tensor], Any], target_layer: nn.Module | str | None, output: OutputSelector = None):
+        self.model = model
+        self.output = output
+        if isinstance(target_layer, str):
+            if not isinstance(model, nn.Module):
+                raise TypeError("target_layer given by name needs model to be an nn.Module")
+            target_layer = model.get_submodule(target_layer)  # raises AttributeError naming the missing part
+        if target_layer is not None and not isinstance(target_layer, nn.Module):
+            raise TypeError(f"target_layer must be an nn.Module, a dotted module name or None, got {type(target_layer).__name__}")
+        self.target_layer = target_layer
+
+    def _maps(self, images: Tensor, score_fn: ScoreFn, upsample: bool, normalize: bool) -> Tensor:
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError(_INFERENCE_MODE_HELP)
+        if images.dim() != 4:
+            raise ValueError(f"images must be [B, C, H, W], got shape {tuple(images.shape)}")
+        if images.is_inference():
+            images = images.clone()  # outside inference mode a clone is a normal tensor that autograd accepts
+        modules = list(self.model.modules()) if isinstance(self.model, nn.Module) else []
+        flags = [m.training for m in modules]
+        try:
+            for m in modules:
+                m.training = False
+            activations, scores = self._forward(images, score_fn)
+            with torch.enable_grad():  # the caller may be inside torch.no_grad()
+                (grads,) = torch.autograd.grad(scores.sum(), activations)
+        finally:
+            for m, flag in zip(modules, flags):
+                m.training = flag
+        maps = weighted_activations(activations.detach(), grads)
+        if upsample:
+            maps = F.interpolate(maps[:, None], size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+        if normalize:
+            maps = minmax_normalize(maps)
+        return maps.to(images.device)
+
+    def _forward(self, images: Tensor, score_fn: ScoreFn) -> tuple[Tensor, Tensor]:
+        """Run the model; return (activations as a grad leaf, scores [B]) with a graph only above the layer."""
+        if self.target_layer is None:  # the model is a head: its input is the activation map
+            activations = images.detach().requires_grad_(True)
+            with torch.enable_grad():
+                return activations, self._score(self.model(activations), score_fn)
+
+        captured: list[Tensor] = []
+
+        def hook(module: nn.Module, inputs: Any, output: Any) -> Tensor:
+            if not isinstance(output, Tensor) or output.dim() != 4:
+                raise TypeError(f"target layer {type(module).__name__} must output a [B, K, h, w] tensor")
+            if captured:
+                raise RuntimeError(f"target layer {type(module).__name__} ran more than once in one forward; pick a module that runs once")
+            leaf = output.detach().requires_grad_(True)
+            captured.append(leaf)
+            torch.set_grad_enabled(True)  # record the graph from here on; the no_grad block below restores the mode
+            return leaf
+
+        handle = self.target_layer.register_forward_hook(hook)
+        try:
+            with torch.no_grad():
+                output = self.model(images)
+                if not captured:
+                    raise RuntimeError(f"target layer {type(self.target_layer).__name__} did not run during the forward pass")
+                scores = self._score(output, score_fn)
+        finally:
+            handle.remove()
+        return captured[0], scores
+
+    def _score(self, output: Any, score_fn: ScoreFn) -> Tensor:
+        output = select_output(output, self.output)
+        scores = score_fn(output)
+        if not scores.requires_grad:
+            raise RuntimeError("the score does not depend on the target layer's activations; is the target layer part of the forward path?")
+        return scores
+
+
+class GradCAM(_LayerCAM):
+    """GradCAM of a classifier: the score is the target class's logit.
+
+    ``gc(images, targets=None)`` -> maps [B, H, W] in [0, 1]; ``targets=None`` explains the predicted class.
+    ``upsample=False, normalize=False`` gives ReLU(sum_k w_k A^k) at the layer's resolution.
+    ``target_layer=None`` means the model is a head whose input already is the layer's activation map.
+    """
+
+    def __call__(self, images: Tensor, targets: Tensor | None = None, *, upsample: bool = True, normalize: bool = True) -> Tensor:
+        def class_score(logits: Tensor) -> Tensor:
+            if logits.dim() != 2:
+                raise ValueError(f"GradCAM needs logits of shape [B, num_classes], got {tuple(logits.shape)}")
+            chosen = logits.argmax(1) if targets is None else _check_targets(targets, logits)
+            return logits.gather(1, chosen[:, None])[:, 0]
+
+        return self._maps(images, class_score, upsample, normalize)
+
+
+class EmbeddingCAM(_LayerCAM):
+    """EmbeddingCAM of an embedding network: the score of image b is <y_b, p_b> for its proxy p_b.
+
+    ``proxies``: [D] (one proxy for the whole batch) or [B, D] (one per image), e.g. from
+    :func:`normalized_mean_proxies` or :func:`single_point_proxy`.
+    """
+
+    def __call__(self, images: Tensor, proxies: Tensor, *, upsample: bool = True, normalize: bool = True) -> Tensor:
+        def proxy_score(embeddings: Tensor) -> Tensor:
+            if embeddings.dim() != 2:
+                raise ValueError(f"EmbeddingCAM needs embeddings of shape [B, D], got {tuple(embeddings.shape)}")
+            p = proxies.to(device=embeddings.device, dtype=embeddings.dtype)
+            if p.dim() == 1:
+                p = p.expand_as(embeddings)
+            if p.shape != embeddings.shape:
+                raise ValueError(f"proxies of shape {tuple(proxies.shape)} do not fit embeddings of shape {tuple(embeddings.shape)}")
+            return (embeddings * p).sum(1)
+
+        return self._maps(images, proxy_score, upsample, normalize)
+
+
+def weighted_activations(activations: Tensor, grads: Tensor) -> Tensor:
+    """ReLU(sum_k w_k A^k) with w_k the spatial mean of the gradient, computed in float32 (also under autocast)."""
+    weights = grads.float().mean(dim=(2, 3), keepdim=True)
+    return torch.relu((weights * activations.float()).sum(1))
+
+
+def minmax_normalize(maps: Tensor) -> Tensor:
+    """Per-map min-max to [0, 1]; a flat map becomes zeros, never NaN."""
+    flat = maps.flatten(1)
+    low = flat.min(1).values[:, None, None]
+    span = flat.max(1).values[:, None, None] - low
+    return torch.where(span > 0, (maps - low) / span.clamp_min(torch.finfo(maps.dtype).tiny), torch.zeros_like(maps))
+
+
+def select_output(output: Any, selector: OutputSelector) -> Tensor:
+    """Pick the tensor to score from a model output that may be a tuple, list or dict."""
+    if callable(selector):
+        output = selector(output)
+    elif selector is not None:
+        try:
+            output = output[selector]
+        except (KeyError, IndexError, TypeError) as err:
+            raise KeyError(f"output selector {selector!r} does not fit the model output of type {type(output).__name__}") from err
+    if not isinstance(output, Tensor):
+        raise TypeError(f"the model returned {type(output).__name__}; pass output= (a key, an index or a callable) to pick the tensor to explain")
+    return output
+
+
+def _check_targets(targets: Tensor, logits: Tensor) -> Tensor:
+    targets = torch.as_tensor(targets, device=logits.device)
+    if targets.shape != logits.shape[:1] or targets.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"targets must be an integer tensor of shape [{logits.shape[0]}], got {targets.dtype} {tuple(targets.shape)}")
+    if targets.numel() and (targets.min() < 0 or targets.max() >= logits.shape[1]):
+        raise ValueError(f"targets must lie in [0, {logits.shape[1]}), got range [{int(targets.min())}, {int(targets.max())}]")
+    return targets.long()

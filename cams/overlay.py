@@ -1,0 +1,67 @@
+"""Heatmap overlays as uint8 RGB arrays, ready for W&B, PIL or a PNG grid (no matplotlib, no OpenCV)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# Piecewise-linear colormaps as (position, value) knots per channel; "jet" and "hot" match matplotlib's.
+_COLORMAPS: dict[str, tuple[tuple[tuple[float, float], ...], ...]] = {
+    "jet": (
+        ((0, 0), (0.35, 0), (0.66, 1), (0.89, 1), (1, 0.5)),
+        ((0, 0), (0.125, 0), (0.375, 1), (0.64, 1), (0.91, 0), (1, 0)),
+        ((0, 0.5), (0.11, 1), (0.34, 1), (0.65, 0), (1, 0)),
+    ),
+    "hot": (
+        ((0, 0.0416), (0.365079, 1), (1, 1)),
+        ((0, 0), (0.365079, 0), (0.746032, 1), (1, 1)),
+        ((0, 0), (0.746032, 0), (1, 1)),
+    ),
+    "gray": (((0, 0), (1, 1)),) * 3,
+}
+
+
+def colorize(cam_map: np.ndarray, colormap: str = "jet") -> np.ndarray:
+    """Map values in [0, 1] to float RGB in [0, 1] (shape [..., 3])."""
+    if colormap not in _COLORMAPS:
+        raise ValueError(f"unknown colormap {colormap!r}; choose one of {sorted(_COLORMAPS)}")
+    values = np.clip(cam_map, 0.0, 1.0)
+    return np.stack([np.interp(values, *zip(*knots)) for knots in _COLORMAPS[colormap]], axis=-1)
+
+
+def overlay(image: Tensor | np.ndarray, cam_map: Tensor | np.ndarray, colormap: str = "jet", alpha: float = 0.5) -> np.ndarray:
+    """Blend a heatmap over an image: ``(1 - alpha) * image + alpha * colormap(map)`` as uint8 [H, W, 3].
+
+    ``image``: float [3, H, W] in [0, 1] (a de-normalised tensor) or uint8 [H, W, 3] / [H, W].
+    ``cam_map``: [H, W] in [0, 1]; a map of another size is resized bilinearly to the image.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+    rgb = _as_float_rgb(image)
+    cam = torch.as_tensor(cam_map).detach().float().cpu()
+    if cam.dim() != 2:
+        raise ValueError(f"cam_map must be [H, W], got shape {tuple(cam.shape)}")
+    if cam.shape != rgb.shape[:2]:
+        cam = F.interpolate(cam[None, None], size=rgb.shape[:2], mode="bilinear", align_corners=False)[0, 0]
+    blended = (1.0 - alpha) * rgb + alpha * colorize(cam.numpy(), colormap)
+    return np.rint(np.clip(blended, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def _as_float_rgb(image: Tensor | np.ndarray) -> np.ndarray:
+    if isinstance(image, Tensor):
+        image = image.detach().float().cpu()
+        if image.dim() != 3 or image.shape[0] not in (1, 3):
+            raise ValueError(f"a tensor image must be [3, H, W] or [1, H, W], got shape {tuple(image.shape)}")
+        if image.min() < -1e-3 or image.max() > 1 + 1e-3:
+            raise ValueError("a float image must lie in [0, 1]; de-normalise it first")
+        return image.expand(3, -1, -1).permute(1, 2, 0).clamp(0, 1).numpy()
+    array = np.asarray(image)
+    if array.dtype != np.uint8:
+        raise ValueError(f"a numpy image must be uint8 [H, W, 3] or [H, W], got {array.dtype}")
+    if array.ndim == 2:
+        array = np.repeat(array[..., None], 3, axis=-1)
+    if array.ndim != 3 or array.shape[-1] not in (3, 4):
+        raise ValueError(f"a numpy image must be [H, W, 3] or [H, W], got shape {array.shape}")
+    return array[..., :3].astype(np.float64) / 255.0
