@@ -1,1 +1,345 @@
-"""placeholder: being written"""
+"""How well a CAM localizes the object: MaxBoxAccV2, heatmap ratio and pointing game (NumPy/SciPy, no OpenCV).
+
+    from cams import localization
+    scores = localization.max_box_acc(maps, boxes)   # {"max_box_acc": ..., "box_acc_iou50": ..., ...}
+    hits = localization.box_hits(maps, boxes)        # [N, T, I]: sum over batches, then max_box_acc_from_hits
+
+Coordinates are CUB's: a box is ``(x, y, w, h)`` in image pixels and covers the continuous rectangle
+[x, x + w] x [y, y + h]; pixel (row r, column c) is the unit square [c, c + 1] x [r, r + 1], its centre is
+(c + 0.5, r + 0.5). A region box is therefore the tight ``(x, y, w, h)`` around its pixels, exactly what OpenCV's
+``boundingRect`` returns, and IoU is the plain area ratio of the two rectangles.
+
+MaxBoxAccV2 follows the reference code of Choe et al. (CVPR 2020, clovaai/wsolevaluation,
+``compute_bboxes_from_scoremaps`` with ``multi_contour_eval=True``) step by step:
+
+- each map is min-max normalised to [0, 1] (the reference requires maps that attain 0 and 1) and quantised like
+  the reference: ``q = uint8(255 * map)``; at threshold t a pixel is on iff ``q > int(t * q.max())``;
+- the boxes at t are those of every contour ``cv2.findContours(RETR_TREE)`` finds: one per 8-connected region of
+  on pixels, and one per hole (a 4-connected off region not touching the image border), whose contour runs
+  through the on pixels around it, i.e. the hole's box grown by one pixel on every side;
+- an image is a hit at (t, IoU threshold) if any of these boxes reaches that IoU with the ground-truth box
+  (CUB has one per image); box accuracy at t is the share of hits, MaxBoxAcc at one IoU threshold is the best
+  accuracy over t, and MaxBoxAccV2 averages it over IoU 0.3, 0.5 and 0.7.
+
+The one deliberate difference is the box arithmetic: the reference turns ``boundingRect``'s ``(x, y, w, h)`` into
+``x1 = x + w`` (clipped to W - 1) and then adds 1 to widths in its IoU, which inflates every box by one pixel
+(except at the image's right and bottom edge). We compare the tight boxes with CUB's float boxes directly.
+Thresholds, quantisation, regions and the hit rule are the reference's; ``tests/test_localization.py`` checks the
+boxes against the OpenCV pipeline itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from scipy import sparse
+from scipy.sparse import csgraph
+
+ArrayLike = torch.Tensor | np.ndarray | Sequence
+
+DEFAULT_THRESHOLDS = np.arange(0, 1, 0.01)  # the reference's CAM threshold grid (cam_curve_interval=0.01)
+DEFAULT_IOU_THRESHOLDS = (0.3, 0.5, 0.7)
+
+
+# --- MaxBoxAccV2 -------------------------------------------------------------------------------------------------
+
+
+def box_hits(cams: ArrayLike, boxes: ArrayLike, thresholds: ArrayLike | None = None,
+             iou_thresholds: ArrayLike = DEFAULT_IOU_THRESHOLDS) -> np.ndarray:
+    """Per image, threshold and IoU threshold: does any region box at that threshold reach that IoU with the GT box?
+
+    ``cams`` [N, H, W], ``boxes`` [N, 4] xywh -> bool [N, T, I]. Summed over images (also over batches and ranks)
+    this is all :func:`max_box_acc_from_hits` needs, so large evaluations never keep the maps.
+    """
+    maps = _maps(cams)
+    gt = _boxes(boxes, len(maps))
+    thresholds = _thresholds(thresholds)
+    ious = _iou_thresholds(iou_thresholds)
+    hits = np.zeros((len(maps), len(thresholds), len(ious)), dtype=bool)
+    for n, (cam, box) in enumerate(zip(maps, gt)):
+        q = _quantize(cam)
+        cuts, level_of = np.unique(_cut(thresholds, q), return_inverse=True)
+        level, regions = _region_boxes(q, cuts)
+        best = np.zeros(len(cuts))
+        np.maximum.at(best, level, box_iou(regions, box))
+        hits[n] = best[level_of][:, None] >= ious[None, :]
+    return hits
+
+
+def max_box_acc_from_hits(hit_counts: ArrayLike, num_images: int, thresholds: ArrayLike | None = None,
+                          iou_thresholds: ArrayLike = DEFAULT_IOU_THRESHOLDS) -> dict[str, float | np.ndarray]:
+    """MaxBoxAccV2 from hit counts [T, I] (``box_hits(...).sum(0)``, summed over batches) of ``num_images`` images.
+
+    Returns fractions in [0, 1]: ``max_box_acc`` (mean over the IoU thresholds of the best-threshold accuracy),
+    per IoU threshold ``box_acc_iou30`` / ``box_acc_iou50`` / ``box_acc_iou70`` and the threshold that achieves it,
+    ``best_threshold_iou30`` ... (the lowest one on ties), and ``box_acc_curve``, the accuracy [T, I] at every
+    threshold (the only non-scalar value).
+    """
+    thresholds = _thresholds(thresholds)
+    ious = _iou_thresholds(iou_thresholds)
+    counts = _numpy(hit_counts, "hit_counts")
+    if counts.shape != (len(thresholds), len(ious)):
+        raise ValueError(f"hit_counts must be [T, I] = [{len(thresholds)}, {len(ious)}] for these thresholds, "
+                         f"got shape {counts.shape}")
+    if num_images <= 0 or (counts < 0).any() or (counts > num_images).any():
+        raise ValueError(f"need num_images > 0 and 0 <= hit_counts <= num_images, got {num_images} images and "
+                         f"counts in [{counts.min()}, {counts.max()}]")
+    accuracy = counts / num_images
+    best = accuracy.argmax(0)
+    scores: dict[str, float | np.ndarray] = {"max_box_acc": float(accuracy.max(0).mean())}
+    for j, name in enumerate(_iou_names(ious)):
+        scores[f"box_acc_{name}"] = float(accuracy[best[j], j])
+        scores[f"best_threshold_{name}"] = float(thresholds[best[j]])
+    scores["box_acc_curve"] = accuracy
+    return scores
+
+
+def max_box_acc(cams: ArrayLike, boxes: ArrayLike, thresholds: ArrayLike | None = None,
+                iou_thresholds: ArrayLike = DEFAULT_IOU_THRESHOLDS) -> dict[str, float | np.ndarray]:
+    """MaxBoxAccV2 of a set of maps [N, H, W] against their GT boxes [N, 4] (see :func:`max_box_acc_from_hits`)."""
+    hits = box_hits(cams, boxes, thresholds, iou_thresholds)
+    return max_box_acc_from_hits(hits.sum(0), len(hits), thresholds, iou_thresholds)
+
+
+def boxes_from_map(cam: ArrayLike, threshold: float) -> np.ndarray:
+    """The boxes MaxBoxAccV2 scores for one map [H, W] at one threshold: int64 [K, 4] xywh, sorted by (y, x, w, h).
+
+    One box per 8-connected region of ``uint8(255 * map) > int(threshold * max)`` (map min-max normalised first)
+    and one per hole in a region (see the module doc); [0, 4] when nothing is on.
+    """
+    array = _numpy(cam, "cam")
+    if array.ndim != 2:
+        raise ValueError(f"cam must be one map [H, W], got shape {array.shape}")
+    q = _quantize(_maps(array[None])[0])
+    _, regions = _region_boxes(q, _cut(_thresholds([threshold]), q))
+    return regions[np.lexsort(regions.T[[3, 2, 0, 1]])]
+
+
+def box_iou(boxes_a: ArrayLike, boxes_b: ArrayLike) -> np.ndarray:
+    """IoU of xywh boxes, broadcast over leading dimensions ([..., 4] with [..., 4]); 0 where both are empty."""
+    a, b = _numpy(boxes_a, "boxes_a"), _numpy(boxes_b, "boxes_b")
+    if a.shape[-1:] != (4,) or b.shape[-1:] != (4,):
+        raise ValueError(f"boxes must be [..., 4] (x, y, w, h), got shapes {a.shape} and {b.shape}")
+    iw = np.clip(np.minimum(a[..., 0] + a[..., 2], b[..., 0] + b[..., 2]) - np.maximum(a[..., 0], b[..., 0]), 0, None)
+    ih = np.clip(np.minimum(a[..., 1] + a[..., 3], b[..., 1] + b[..., 3]) - np.maximum(a[..., 1], b[..., 1]), 0, None)
+    inter = iw * ih
+    union = a[..., 2] * a[..., 3] + b[..., 2] * b[..., 3] - inter
+    return np.divide(inter, union, out=np.zeros_like(union), where=union > 0)
+
+
+# --- heatmap ratio and pointing game -------------------------------------------------------------------------------
+
+
+def heatmap_ratio(cams: ArrayLike, boxes: ArrayLike) -> np.ndarray:
+    """Share of each map's mass inside its GT box, float [N] in [0, 1] ("energy-based pointing game").
+
+    Maps are used as given (non-negative, e.g. the engine's normalised maps); a pixel the box edge cuts counts
+    with the covered fraction of its area, so float boxes are exact. An all-zero map puts no mass anywhere and
+    scores 0, so a CAM that looks at nothing gets no credit (never NaN).
+    """
+    maps = _maps(cams)
+    gt = _boxes(boxes, len(maps))
+    if (maps < 0).any():
+        raise ValueError("heatmap_ratio needs non-negative maps (mass); got negative values")
+    rows = _coverage(gt[:, 1], gt[:, 3], maps.shape[1])  # [N, H]
+    cols = _coverage(gt[:, 0], gt[:, 2], maps.shape[2])  # [N, W]
+    inside = np.einsum("nhw,nh,nw->n", maps, rows, cols)
+    total = maps.sum((1, 2))
+    return np.divide(inside, total, out=np.zeros_like(total), where=total > 0)
+
+
+def pointing_game(cams: ArrayLike, boxes: ArrayLike | None = None, parts: ArrayLike | None = None,
+                  radius: float = 15.0) -> np.ndarray:
+    """Does each map point at the object? float [N]: 1.0 hit, 0.0 miss, NaN when there is nothing to point at.
+
+    Give ``boxes`` [N, 4] xywh (hit: the maximum lies in the box) or ``parts`` [N, P, 3] (x, y, visible), as the
+    dataset gives them (hit: the maximum lies within ``radius`` px of a visible part, 15 px as in Zhang et al.,
+    2016; NaN for an image without visible parts). A pixel's position is its centre. Ties: the map points at all
+    its maximal pixels and hits only if every one of them qualifies, so the result never depends on scan order;
+    a flat map (including all zeros) points nowhere and never hits.
+    """
+    maps = _maps(cams)
+    if (boxes is None) == (parts is None):
+        raise ValueError("pointing_game needs boxes or parts (exactly one of them)")
+    peak = maps.max((1, 2), keepdims=True)
+    maxima = (maps == peak) & (peak > maps.min((1, 2), keepdims=True))
+    n, h, w = maps.shape
+    if boxes is not None:
+        gt = _boxes(boxes, n)
+        ys, xs = np.arange(h) + 0.5, np.arange(w) + 0.5
+        in_rows = (ys >= gt[:, 1:2]) & (ys <= gt[:, 1:2] + gt[:, 3:4])
+        in_cols = (xs >= gt[:, 0:1]) & (xs <= gt[:, 0:1] + gt[:, 2:3])
+        qualifies = in_rows[:, :, None] & in_cols[:, None, :]
+        return (maxima.any((1, 2)) & ~(maxima & ~qualifies).any((1, 2))).astype(np.float64)
+    points = _numpy(parts, "parts")
+    if points.ndim != 3 or points.shape[0] != n or points.shape[2] != 3 or not np.isfinite(points).all():
+        raise ValueError(f"parts must be finite [N, P, 3] (x, y, visible) with N = {n}, got shape {points.shape}")
+    if not radius >= 0:
+        raise ValueError(f"radius must be >= 0, got {radius}")
+    result = np.full(n, np.nan)
+    for i in range(n):
+        visible = points[i, points[i, :, 2] > 0.5, :2]
+        if len(visible) == 0:
+            continue
+        r, c = np.nonzero(maxima[i])
+        distance = np.hypot(c[:, None] + 0.5 - visible[None, :, 0], r[:, None] + 0.5 - visible[None, :, 1])
+        result[i] = float(len(r) > 0 and bool((distance.min(1) <= radius).all()))
+    return result
+
+
+# --- regions at every threshold in one pass ------------------------------------------------------------------------
+
+
+def _quantize(cam: np.ndarray) -> np.ndarray:
+    """The reference's 8-bit score map of a min-max normalised map (float64, as it computes)."""
+    low, high = cam.min(), cam.max()
+    unit = (cam - low) / (high - low) if high > low else np.zeros_like(cam)
+    return (unit * 255).astype(np.uint8)
+
+
+def _cut(thresholds: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Integer cut per threshold, as the reference's ``int(threshold * max)``: pixels with q > cut are on."""
+    return (thresholds * int(q.max())).astype(np.int64)
+
+
+def _region_boxes(q: np.ndarray, cuts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """All region and hole boxes of ``q > cuts[j]`` for every j (cuts sorted, unique): (j [R], xywh int64 [R, 4]).
+
+    ``depth`` counts the cuts below each pixel, so the on-set at cut j is ``depth > j``. Its holes are the
+    components of the off-set that do not touch the border. That second pass costs as much as the first, so it
+    runs only over the cuts that have a hole (components > Euler number), usually few.
+    """
+    depth = np.searchsorted(cuts, np.arange(256), side="left")[q]
+    top = int(depth.max())
+    if top == 0:
+        return np.zeros(0, np.int64), np.zeros((0, 4), np.int64)
+    height, width = q.shape
+    level, x0, y0, x1, y1, euler = _level_set_components(depth, eight=True)
+    levels, boxes = [level - 1], [np.stack([x0, y0, x1 - x0, y1 - y0], 1)]
+    with_holes = np.flatnonzero(np.bincount(level, minlength=top + 1)[1:] > euler[1:])  # cut indices j
+    if len(with_holes):
+        # off at cut with_holes[k] <=> depth <= with_holes[k] <=> k >= s - off_count: level s - k of off_count
+        s = len(with_holes)
+        off_count = (s - np.searchsorted(with_holes, np.arange(top + 1), side="left"))[depth]
+        level, x0, y0, x1, y1, _ = _level_set_components(off_count, eight=False)
+        inner = (x0 > 0) & (y0 > 0) & (x1 < width) & (y1 < height)  # touching the border: outside, not a hole
+        level, x0, y0, x1, y1 = (v[inner] for v in (level, x0, y0, x1, y1))
+        levels.append(with_holes[s - level])
+        boxes.append(np.stack([x0 - 1, y0 - 1, x1 - x0 + 2, y1 - y0 + 2], 1))  # the contour around the hole
+    return np.concatenate(levels), np.concatenate(boxes)
+
+
+def _level_set_components(depth: np.ndarray, eight: bool) -> tuple[np.ndarray, ...]:
+    """Bounding boxes of the connected components of ``depth >= i`` for every level i = 1 .. depth.max() at once.
+
+    Labelling each level separately costs levels x pixels. Instead every level set is cut into horizontal runs
+    (found from the steps of ``depth`` along the rows, so their number is the map's total variation), runs of the
+    same level in neighbouring rows that touch are linked, and one sparse connected-components call labels all
+    levels together. Returns (level, x0, y0, x1, y1) per component (x1, y1 exclusive) and the Euler number
+    (components - holes) of every level, [depth.max() + 1]: runs minus linked pairs (the run graph has one
+    independent cycle per hole).
+    """
+    height, width = depth.shape
+    padded = np.zeros((height, width + 2), np.int64)
+    padded[:, 1:-1] = depth
+    left, right = padded[:, :-1].ravel(), padded[:, 1:].ravel()  # the two sides of every column boundary
+    level, row, start = _crossings(left, right, width + 1)  # a run of level i starts where left < i <= right
+    _, _, end = _crossings(right, left, width + 1)  # and ends (exclusive) where right < i <= left
+    # Runs are sorted by (level, row, start); keys keep that order, with room for the row below the last one.
+    key = (level * (height + 1) + row) * (width + 1)
+    below = key + width + 1
+    # Touching runs in the row below: 8-connected if they overlap after growing by one pixel, 4-connected if they
+    # overlap. Within a (level, row) group runs are disjoint and sorted, so the partners form one slice.
+    side = ("left", "right") if eight else ("right", "left")
+    first = np.searchsorted(key + end, below + start, side[0])
+    partners = np.clip(np.searchsorted(key + start, below + end, side[1]) - first, 0, None)
+    _, partner = _expand(first, partners)
+    indptr = np.concatenate([[0], np.cumsum(partners)])
+    graph = sparse.csr_array((np.ones(len(partner), bool), partner, indptr), shape=(len(key), len(key)))
+    count, label = csgraph.connected_components(graph, directed=False)
+    x0, y0 = np.full(count, width), np.full(count, height)
+    x1, y1 = np.zeros(count, np.int64), np.zeros(count, np.int64)
+    np.minimum.at(x0, label, start)
+    np.minimum.at(y0, label, row)
+    np.maximum.at(x1, label, end)
+    np.maximum.at(y1, label, row + 1)
+    component_level = np.empty(count, np.int64)
+    component_level[label] = level
+    top = int(depth.max())
+    euler = np.bincount(level, minlength=top + 1) - np.bincount(level, weights=partners, minlength=top + 1)
+    return component_level, x0, y0, x1, y1, euler
+
+
+def _crossings(low: np.ndarray, high: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every (level, row, column) with low < level <= high at a boundary, sorted by (level, row, column)."""
+    where = np.flatnonzero(high > low)
+    boundary, level = _expand(low[where] + 1, high[where] - low[where])
+    order = np.argsort(level.astype(np.int16), kind="stable")  # radix sort; boundaries already run row-major
+    row, column = np.divmod(where[boundary[order]], width)
+    return level[order], row, column
+
+
+def _expand(starts: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The ranges [starts[k], starts[k] + counts[k]) concatenated, with k for each element (vectorised)."""
+    owner = np.repeat(np.arange(len(counts)), counts)
+    values = np.arange(len(owner)) + np.repeat(starts - (np.cumsum(counts) - counts), counts)
+    return owner, values
+
+
+# --- input checks --------------------------------------------------------------------------------------------------
+
+
+def _numpy(x: ArrayLike, name: str) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().double().numpy()
+    try:
+        return np.asarray(x, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"{name} must be a tensor or an array of numbers, got {type(x).__name__}") from err
+
+
+def _maps(cams: ArrayLike) -> np.ndarray:
+    maps = _numpy(cams, "cams")
+    if maps.ndim != 3 or 0 in maps.shape[1:]:
+        raise ValueError(f"cams must be [N, H, W] with H, W > 0, got shape {maps.shape}")
+    if not np.isfinite(maps).all():
+        raise ValueError("cams contain NaN or infinite values")
+    return maps
+
+
+def _boxes(boxes: ArrayLike, n: int) -> np.ndarray:
+    gt = _numpy(boxes, "boxes")
+    if gt.shape != (n, 4):
+        raise ValueError(f"boxes must be [N, 4] (x, y, w, h) with N = {n} (one per map), got shape {gt.shape}")
+    if not np.isfinite(gt).all() or (gt[:, 2:] < 0).any():
+        raise ValueError("boxes must be finite (x, y, w, h) with w, h >= 0")
+    return gt
+
+
+def _thresholds(thresholds: ArrayLike | None) -> np.ndarray:
+    t = DEFAULT_THRESHOLDS if thresholds is None else _numpy(thresholds, "thresholds")
+    if t.ndim != 1 or len(t) == 0 or not ((t >= 0) & (t <= 1)).all():
+        raise ValueError(f"thresholds must be a non-empty 1-D sequence in [0, 1], got {t}")
+    return t
+
+
+def _iou_thresholds(iou_thresholds: ArrayLike) -> np.ndarray:
+    t = _numpy(iou_thresholds, "iou_thresholds")
+    if t.ndim != 1 or len(t) == 0 or not ((t > 0) & (t <= 1)).all():
+        raise ValueError(f"iou_thresholds must be a non-empty 1-D sequence in (0, 1], got {t}")
+    return t
+
+
+def _iou_names(ious: np.ndarray) -> list[str]:
+    names = [f"iou{round(100 * float(t))}" for t in ious]
+    if len(set(names)) != len(names):
+        raise ValueError(f"iou_thresholds must differ in percent, got {ious}")
+    return names
+
+
+def _coverage(start: np.ndarray, length: np.ndarray, n: int) -> np.ndarray:
+    """[N, n]: the fraction of each unit pixel interval [k, k + 1] inside [start, start + length]."""
+    k = np.arange(n)
+    return np.clip(np.minimum(k + 1, start[:, None] + length[:, None]) - np.maximum(k, start[:, None]), 0, 1)
