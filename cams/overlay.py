@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # what torchvision's pretrained weights expect, and cubcam's presets use
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # Piecewise-linear colormaps as (position, value) knots per channel; "jet" and "hot" match matplotlib's.
 _COLORMAPS: dict[str, tuple[tuple[tuple[float, float], ...], ...]] = {
@@ -47,6 +52,16 @@ def overlay(image: Tensor | np.ndarray, cam_map: Tensor | np.ndarray, colormap: 
         cam = F.interpolate(cam[None, None], size=rgb.shape[:2], mode="bilinear", align_corners=False)[0, 0]
     blended = (1.0 - alpha) * rgb + alpha * colorize(cam.numpy(), colormap)
     return np.rint(np.clip(blended, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def denormalize(image: Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> np.ndarray:
+    """Normalised Tensor[3, H, W] or [B, 3, H, W] -> uint8 numpy [H, W, 3] or [B, H, W, 3]: what a model saw, as
+    pixels to overlay a map on."""
+    if image.dim() not in (3, 4) or image.shape[-3] != 3:
+        raise ValueError(f"expected an image [3, H, W] or a batch [B, 3, H, W], got shape {tuple(image.shape)}")
+    image = image.detach().float().cpu()
+    pixels = image * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)
+    return pixels.mul(255).round().clamp(0, 255).to(torch.uint8).movedim(-3, -1).numpy()
 
 
 def _as_float_rgb(image: Tensor | np.ndarray) -> np.ndarray:

@@ -1,0 +1,289 @@
+"""train.data on the synthetic CUB: splits and labels against CUB's own files, boxes and parts against the drawn
+masks after the transforms, grayscale and corrupt images, error messages, determinism, m-per-class batches."""
+
+from __future__ import annotations
+
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DistributedSampler
+
+from cams.overlay import denormalize
+from train.data.cub import CUBDataset, human_name
+from train.data.datamodule import CUBDataModule, DistributedMPerClassSampler
+from train.data.presets import MEAN, PART_NAMES, STD, EvalPreset, TrainPreset, cut_and_resize, load_rgb, to_tensor
+from train.data.synthetic import bird_designs, main as synthetic_main, make_synthetic_cub
+
+SIZE = 48
+
+
+def table(root: Path, name: str) -> dict[int, list[str]]:
+    lines = (root / "CUB_200_2011" / name).read_text().splitlines()
+    return {int(line.split()[0]): line.split()[1:] for line in lines}
+
+
+def copy_of(synthetic_cub: Path, tmp_path: Path) -> Path:
+    shutil.copytree(synthetic_cub, tmp_path / "cub")
+    return tmp_path / "cub"
+
+
+def mask_of(dataset: CUBDataset, index: int) -> Image.Image:
+    """The drawn bird's mask (``<out>/segmentations/<class>/<file>.png``, CUB's segmentation layout) as RGB."""
+    path = dataset.image_path(index)
+    return Image.open(dataset.root.parent / "segmentations" / path.parent.name / f"{path.stem}.png").convert("RGB")
+
+
+@pytest.mark.parametrize("scheme", ["official", "zero_shot"])
+def test_splits_and_labels_follow_cubs_files(synthetic_cub: Path, scheme: str) -> None:
+    classes = table(synthetic_cub, "classes.txt")
+    class_of = {i: int(c[0]) for i, c in table(synthetic_cub, "image_class_labels.txt").items()}
+    is_train = {i: s == ["1"] for i, s in table(synthetic_cub, "train_test_split.txt").items()}
+    half = len(classes) // 2
+    for split in ("train", "test"):
+        dataset = CUBDataset(synthetic_cub, split, scheme)
+        if scheme == "official":
+            expected_ids = [i for i in sorted(class_of) if is_train[i] == (split == "train")]
+            class_ids = sorted(classes)
+        else:  # first half of the classes for training, second half for testing, labels re-based to 0
+            class_ids = sorted(classes)[:half] if split == "train" else sorted(classes)[half:]
+            expected_ids = [i for i in sorted(class_of) if class_of[i] in class_ids]
+        assert dataset.image_ids == expected_ids
+        assert dataset.labels == [class_ids.index(class_of[i]) for i in expected_ids]
+        assert dataset.class_names == [human_name(classes[c][0]) for c in class_ids]
+        for index in (0, len(dataset) - 1):  # each file sits in the folder of the class its label names
+            sample = dataset[index]
+            folder = dataset.image_path(index).parent.name
+            assert dataset.class_names[sample["label"]] == human_name(folder)
+            assert sample["index"] == index and sample["image_id"] == expected_ids[index]
+    assert len(CUBDataset(synthetic_cub, "train", scheme)) == 16  # 4 classes x 8: half of each class / half the classes
+
+
+def test_class_names_and_root_forms(synthetic_cub: Path) -> None:
+    assert human_name("001.Black_footed_Albatross") == "Black footed Albatross"
+    names = [human_name(d.name) for d in bird_designs(4, seed=0)]
+    assert CUBDataset(synthetic_cub / "CUB_200_2011", "test").class_names == names  # the folder itself works too
+    data = CUBDataModule(root=str(synthetic_cub), split_scheme="zero_shot")
+    assert (data.num_classes, data.class_names) == (2, names[:2])  # the trained classes, before setup
+    assert CUBDataModule(root=str(synthetic_cub)).class_names == names
+
+
+@pytest.mark.parametrize("preset", [EvalPreset(SIZE), TrainPreset(SIZE, flip_prob=0.5)], ids=["eval", "train"])
+def test_transformed_box_and_parts_stay_on_the_bird(synthetic_cub: Path, preset) -> None:
+    """The same geometry applied to the bird's mask: the box is its tight box, visible parts lie on it."""
+    dataset = CUBDataset(synthetic_cub, "test")
+    flips = whole = 0
+    for index in range(len(dataset)):
+        torch.manual_seed(index)
+        image, box, parts = preset(load_rgb(dataset.image_path(index)), dataset[index]["box"], dataset[index]["parts"])
+        torch.manual_seed(index)  # the train preset draws the same crop and flip for the mask
+        mask, _, _ = preset(mask_of(dataset, index), dataset[index]["box"], dataset[index]["parts"])
+        bird = denormalize(mask)[..., 0] > 10  # any coverage: a thin beak tip fades when downscaled
+        assert image.shape == (3, SIZE, SIZE) and bird.any()
+        ys, xs = np.nonzero(bird)
+        x0, y0, w, h = box.tolist()
+        bird_box = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+        slack = 1.5  # interpolation blurs the mask's edge by a pixel
+        assert x0 - slack <= bird_box[0] and y0 - slack <= bird_box[1]  # the box covers every bird pixel
+        assert bird_box[2] <= x0 + w + slack and bird_box[3] <= y0 + h + slack
+        if 0 < x0 and 0 < y0 and x0 + w < SIZE and y0 + h < SIZE:  # a bird cut by the crop may not touch its box
+            np.testing.assert_allclose([x0, y0, x0 + w, y0 + h], bird_box, atol=slack)  # ... else it is tight
+            whole += 1
+        visible = parts[:, 2] == 1
+        assert (parts[~visible] == 0).all()
+        assert not (visible[PART_NAMES.index("left eye")] and visible[PART_NAMES.index("right eye")])  # side view
+        for x, y, _ in parts[visible].tolist():
+            near = bird[max(0, int(y) - 2):int(y) + 3, max(0, int(x) - 2):int(x) + 3]
+            assert near.any(), (index, x, y)
+        flips += bool(visible[PART_NAMES.index("left eye")])
+    assert 0 < flips < len(dataset)  # birds face both ways
+    assert whole >= len(dataset) // 4, whole
+
+
+def test_flip_swaps_left_and_right_parts() -> None:
+    image = Image.new("RGB", (100, 50))
+    parts = torch.zeros(15, 3)
+    parts[PART_NAMES.index("left eye")] = torch.tensor([10.0, 20.0, 1.0])
+    box = torch.tensor([10.0, 5.0, 30.0, 40.0])
+    _, new_box, new_parts = cut_and_resize(image, box, parts, (0, 0, 50, 50), size=25, flip=True)
+    assert new_box.tolist() == [25 - 20, 2.5, 15, 20]  # x: 10..40 of 50 -> 5..20 of 25, mirrored -> 5..20
+    assert new_parts[PART_NAMES.index("right eye")].tolist() == [25 - 5, 10, 1]
+    assert new_parts[PART_NAMES.index("left eye")].tolist() == [0, 0, 0]
+
+
+def test_eval_preset_clips_the_box_and_hides_parts_outside_the_crop() -> None:
+    image = Image.new("RGB", (400, 200))  # crop: the centre 175 x 175 square, x 112.5..287.5
+    parts = torch.zeros(15, 3)
+    parts[0] = torch.tensor([10.0, 100.0, 1.0])  # left of the crop
+    parts[1] = torch.tensor([200.0, 100.0, 1.0])  # centre
+    _, box, new_parts = EvalPreset(70, resize_ratio=200 / 175)(image, torch.tensor([0.0, 50.0, 200.0, 100.0]), parts)
+    torch.testing.assert_close(box, torch.tensor([0.0, (50 - 12.5) * 0.4, (200 - 112.5) * 0.4, 40.0]))
+    assert new_parts[0].tolist() == [0, 0, 0] and new_parts[1].tolist() == [35, 35, 1]
+
+
+def test_grayscale_jpeg_becomes_three_equal_channels(synthetic_cub: Path) -> None:
+    dataset = CUBDataset(synthetic_cub, "train", transform=EvalPreset(SIZE))
+    index = dataset.image_ids.index(1)  # the generator stores image k with k % 50 == 1 in grayscale
+    assert Image.open(dataset.image_path(index)).mode == "L"
+    image = dataset[index]["image"]
+    assert image.shape == (3, SIZE, SIZE) and dataset.mean == MEAN and dataset.std == STD
+    pixels = denormalize(image)
+    assert (pixels[..., 0] == pixels[..., 1]).all() and (pixels[..., 1] == pixels[..., 2]).all()
+    assert pixels.std() > 10  # a picture, not a flat field
+
+
+def test_missing_root_names_the_layout_and_how_to_get_it(tmp_path: Path) -> None:
+    for make in (lambda: CUBDataset(tmp_path / "nowhere"), lambda: CUBDataModule(root=str(tmp_path)).num_classes):
+        with pytest.raises(FileNotFoundError) as err:
+            make()
+        message = str(err.value)
+        assert "CUB_200_2011" in message and "images.txt" in message and "bounding_boxes.txt" in message
+        assert "download: true" in message and "python -m train.data.synthetic" in message
+
+
+def test_missing_and_corrupt_images_fail_by_name_or_are_skipped_with_a_count(synthetic_cub: Path,
+                                                                             tmp_path: Path) -> None:
+    root = copy_of(synthetic_cub, tmp_path)
+    dataset = CUBDataset(root, "train")
+    missing, truncated, garbage = (dataset.image_path(i) for i in (1, 4, 9))
+    missing.unlink()
+    truncated.write_bytes(truncated.read_bytes()[:300])
+    garbage.write_bytes(b"not a jpeg at all")
+
+    with pytest.raises(FileNotFoundError, match=missing.name):
+        CUBDataset(root, "train")
+    missing.with_suffix(".tmp").write_bytes(b"")  # put an empty placeholder back: now it exists but is corrupt
+    missing.with_suffix(".tmp").rename(missing)
+    dataset = CUBDataset(root, "train")  # existence is checked up front, decoding when a sample is read
+    paths = [dataset.image_path(i) for i in range(len(dataset))]
+    for path in (missing, truncated, garbage):
+        with pytest.raises(OSError, match=path.name):
+            dataset[paths.index(path)]
+
+    with pytest.warns(UserWarning, match=r"skipped 3 unreadable image\(s\) of 16"):
+        kept = CUBDataset(root, "train", skip_bad_images=True)
+    assert len(kept) == 13 and not {missing, truncated, garbage} & {kept.image_path(i) for i in range(len(kept))}
+    for index in range(len(kept)):  # the labels still belong to their images
+        assert kept.class_names[kept.labels[index]] == human_name(kept.image_path(index).parent.name)
+    assert len(CUBDataset(root, "test", skip_bad_images=True)) == 16  # the other split is untouched
+
+
+def test_inconsistent_metadata_is_an_error_not_a_mislabel(synthetic_cub: Path, tmp_path: Path) -> None:
+    root = copy_of(synthetic_cub, tmp_path)
+    labels = root / "CUB_200_2011" / "image_class_labels.txt"
+    labels.write_text(labels.read_text().replace("1 1\n", "1 2\n", 1))  # image 1 claimed by class 2
+    with pytest.raises(ValueError, match="image 1 .* stored in another class's folder"):
+        CUBDataset(root)
+    labels.write_text("\n".join(labels.read_text().splitlines()[1:]))  # image 1 has no label at all
+    with pytest.raises(ValueError, match="image_class_labels.txt and .*images.txt list different image ids"):
+        CUBDataset(root)
+    labels.write_text("1 x\n")
+    with pytest.raises(ValueError, match="image_class_labels.txt, line 1"):
+        CUBDataset(root)
+
+
+def test_synthetic_set_is_deterministic_and_written_in_cub_format(tmp_path: Path) -> None:
+    def files(out: Path) -> dict[str, bytes]:
+        return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+    first = make_synthetic_cub(tmp_path / "a", classes=3, per_class=4, size=40, seed=5)
+    synthetic_main(["--out", str(tmp_path / "b"), "--classes", "3", "--per-class", "4", "--size", "40", "--seed", "5"])
+    make_synthetic_cub(tmp_path / "c", classes=3, per_class=4, size=40, seed=6)
+    assert files(tmp_path / "a") == files(tmp_path / "b")
+    assert files(tmp_path / "a") != files(tmp_path / "c")
+    names = {str(p.relative_to(first)) for p in first.rglob("*.txt")}
+    assert names == {"images.txt", "image_class_labels.txt", "train_test_split.txt", "classes.txt",
+                     "bounding_boxes.txt", "parts/parts.txt", "parts/part_locs.txt"}
+    assert len((first / "parts" / "part_locs.txt").read_text().splitlines()) == 12 * 15
+    sizes = {Image.open(p).size for p in first.rglob("*.jpg")}
+    assert min(min(s) for s in sizes) == 40 and len(sizes) > 1  # shorter side = size, aspect ratios vary
+
+
+def test_each_bird_wears_its_class_colour(synthetic_cub: Path) -> None:
+    """Inside the drawn mask, the JPEG's pixels near any class's body colour are near their own class's."""
+    dataset = CUBDataset(synthetic_cub, "test")
+    body = np.array([d.body for d in bird_designs(4, seed=0)], dtype=float)
+    counts = np.zeros((4, 4))  # [true class, colour class] bird pixels close to that class's body colour
+    bird_pixels = np.zeros(4)
+    for index in range(len(dataset)):
+        rgb = np.asarray(load_rgb(dataset.image_path(index)), dtype=float)
+        bird = np.asarray(mask_of(dataset, index))[..., 0] > 127
+        close = np.linalg.norm(rgb[bird][:, None] - body[None], axis=-1) < 60  # [pixels, colour class]
+        counts[dataset.labels[index]] += close.sum(0)
+        bird_pixels[dataset.labels[index]] += bird.sum()
+    assert (np.diag(counts) > 0.9 * counts.sum(1)).all(), counts
+    assert (np.diag(counts) > 0.1 * bird_pixels).all(), (counts, bird_pixels)  # the body: a real share of it
+
+
+def test_load_rgb_handles_modes_and_names_bad_files(tmp_path: Path) -> None:
+    rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 255))
+    rgba.putpixel((0, 0), (0, 0, 255, 0))  # fully transparent -> white
+    rgba.save(tmp_path / "alpha.png")
+    Image.fromarray(np.full((4, 4), 65535, dtype=np.uint16)).save(tmp_path / "sixteen.png")
+    Image.new("P", (4, 4), 3).save(tmp_path / "palette.gif")
+    loaded = load_rgb(tmp_path / "alpha.png")
+    assert loaded.mode == "RGB" and loaded.getpixel((0, 0)) == (255, 255, 255)
+    assert loaded.getpixel((1, 1)) == (255, 0, 0)
+    assert load_rgb(tmp_path / "sixteen.png").getpixel((0, 0)) == (255, 255, 255)
+    assert load_rgb(tmp_path / "palette.gif").mode == "RGB"
+    (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8garbage")
+    with pytest.raises(OSError, match="bad.jpg"):
+        load_rgb(tmp_path / "bad.jpg")
+    with pytest.raises(FileNotFoundError, match="absent.jpg"):
+        load_rgb(tmp_path / "absent.jpg")
+
+
+def test_denormalize_inverts_to_tensor() -> None:
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 5, 7, 3), dtype=np.uint8)
+    batch = torch.stack([to_tensor(Image.fromarray(p)) for p in pixels])
+    assert (denormalize(batch) == pixels).all() and (denormalize(batch[1]) == pixels[1]).all()
+    with pytest.raises(ValueError, match="shape"):
+        denormalize(torch.zeros(5, 7))
+
+
+def test_m_per_class_batches_per_rank(synthetic_cub: Path) -> None:
+    data = CUBDataModule(root=str(synthetic_cub), image_size=32, batch_size=4, num_workers=0, sampler="m_per_class",
+                         m_per_class=2)
+    data.setup("fit")
+    torch.manual_seed(3)
+    loader = data.train_dataloader()
+    batches = [batch["label"].tolist() for batch in loader]
+    assert len(batches) == len(data.train_dataset) // 4
+    assert all(set(Counter(labels).values()) == {2} for labels in batches)
+
+    labels = data.train_dataset.labels
+    ranks = [DistributedMPerClassSampler(labels, m=2, batch_size=4, num_replicas=2, rank=r, seed=3) for r in (0, 1)]
+    drawn = [list(sampler) for sampler in ranks]
+    assert [len(d) for d in drawn] == [len(labels) // 2] * 2 and drawn[0] != drawn[1]
+    for indices in drawn:
+        for start in range(0, len(indices), 4):
+            assert set(Counter(labels[i] for i in indices[start:start + 4]).values()) == {2}
+    assert list(ranks[0]) == drawn[0]  # reproducible within an epoch ...
+    ranks[0].set_epoch(1)
+    assert list(ranks[0]) != drawn[0]  # ... and new in the next
+    # Lightning replaces no DistributedSampler: under DDP every rank keeps its own m-per-class sampler
+    assert isinstance(loader.sampler, DistributedSampler)
+
+
+def test_val_loader_is_the_ordered_test_split(synthetic_cub: Path) -> None:
+    data = CUBDataModule(root=str(synthetic_cub), image_size=32, batch_size=5, num_workers=0)
+    data.setup("validate")
+    assert data.train_dataset is None and data.val_dataset.split == "test"
+    ids = [i for batch in data.val_dataloader() for i in batch["image_id"].tolist()]
+    assert ids == data.val_dataset.image_ids
+    boxes = next(iter(data.val_dataloader()))["box"]
+    assert boxes.shape == (5, 4) and (boxes[:, 2:] > 0).all()
+
+
+def test_datamodule_rejects_impossible_batches(synthetic_cub: Path) -> None:
+    with pytest.raises(ValueError, match="multiple of m_per_class"):
+        CUBDataModule(root=str(synthetic_cub), batch_size=6, sampler="m_per_class", m_per_class=4)
+    data = CUBDataModule(root=str(synthetic_cub), batch_size=12, sampler="m_per_class", m_per_class=2)
+    with pytest.raises(ValueError, match="6 classes of 2 images, but the training split has 4 classes"):
+        data.setup("fit")
+    with pytest.raises(ValueError, match="sampler must be one of"):
+        CUBDataModule(root=str(synthetic_cub), sampler="balanced")

@@ -1,0 +1,3 @@
+"""cubcam training: CUB-200-2011 data (``train.data``), models, LightningModules and the ``cubcam`` CLI."""
+
+import cams  # noqa: F401  (installs the torchvision guard before Lightning or torchvision are imported)

@@ -1,0 +1,227 @@
+"""CUB-200-2011 read from its own file layout, with every consistency check that keeps a label honest.
+
+Splits: ``official`` uses ``train_test_split.txt`` (classification); ``zero_shot`` trains on the first half of the
+classes and tests on the second (CUB: classes 1-100 / 101-200, the metric-learning standard; a dataset with C
+classes splits at C // 2). Labels are 0-based indices into the split's ``class_names``: in the zero-shot test split
+they are re-based, so its first class (CUB's 101) is label 0.
+
+Images are checked for existence when the dataset is built (a stat per file) and decoded when a sample is read; a
+missing or corrupt file raises an error naming it. With ``skip_bad_images=True`` every image of the split is
+decoded once up front (JPEGs at 1/8 scale: a few seconds for all of CUB), the unreadable ones are dropped and one
+warning gives their count.
+"""
+
+from __future__ import annotations
+
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from train.data.presets import MEAN, PART_NAMES, STD, load_rgb, to_tensor
+
+SPLITS = ("train", "test")
+SPLIT_SCHEMES = ("official", "zero_shot")
+FOLDER = "CUB_200_2011"
+LAYOUT = f"""{FOLDER}/
+    images.txt  image_class_labels.txt  train_test_split.txt  classes.txt  bounding_boxes.txt
+    parts/parts.txt  parts/part_locs.txt
+    images/<class folder>/<file>.jpg"""
+HOW_TO_GET_IT = ("Get it with `download: true` in the data config (fetches CUB_200_2011.tgz, 1.1 GB, from Caltech), "
+                 "point `root` (or $CUB_ROOT for demo.sh) at an existing copy, or write the synthetic stand-in with "
+                 "`python -m train.data.synthetic --out data/synthetic_cub`.")
+
+Transform = Callable[[Image.Image, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]
+
+
+def find_root(root: str | Path) -> Path:
+    """The ``CUB_200_2011`` folder: ``root`` itself or its child of that name."""
+    root = Path(root).expanduser()
+    for candidate in (root / FOLDER, root):
+        if (candidate / "images.txt").is_file():
+            return candidate
+    raise FileNotFoundError(f"no CUB-200-2011 dataset at {root}: expected {root / FOLDER}/images.txt or "
+                            f"{root}/images.txt, in this layout:\n{LAYOUT}\n{HOW_TO_GET_IT}")
+
+
+def _rows(path: Path, columns: int, numeric: bool = True) -> list[list[Any]] | np.ndarray:
+    """One of CUB's space-separated files: ``columns`` fields a line (an id, then numbers as a float array
+    [N, columns], or one string that may contain spaces), with an error naming the file and line if malformed."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: a CUB-200-2011 folder holds\n{LAYOUT}")
+    lines = [(number, line) for number, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    if numeric:  # fast path (part_locs.txt has 177k lines); the loop below only runs to name a bad line
+        try:
+            table = np.array(" ".join(line for _, line in lines).split(), dtype=np.float64)
+            if table.size == columns * len(lines):
+                return table.reshape(len(lines), columns)
+        except ValueError:
+            pass
+    rows = []
+    for number, line in lines:
+        fields = line.split() if numeric else line.split(maxsplit=columns - 1)
+        try:
+            if len(fields) != columns:
+                raise ValueError(f"expected {columns} fields, found {len(fields)}")
+            rows.append([int(fields[0])] + [float(f) if numeric else f for f in fields[1:]])
+        except ValueError as err:
+            raise ValueError(f"{path}, line {number}: cannot parse {line!r} ({err})") from None
+    return np.array(rows, dtype=np.float64).reshape(-1, columns) if numeric else rows
+
+
+def read_class_folders(root: Path) -> list[str]:
+    """``classes.txt``: folder names such as ``001.Black_footed_Albatross``, in class-id order (ids 1..C)."""
+    rows = _rows(root / "classes.txt", 2, numeric=False)
+    if [r[0] for r in rows] != list(range(1, len(rows) + 1)):
+        raise ValueError(f"{root / 'classes.txt'}: class ids must be 1..{len(rows)} in order")
+    return [r[1] for r in rows]
+
+
+def human_name(folder: str) -> str:
+    """``001.Black_footed_Albatross`` -> ``Black footed Albatross``."""
+    return folder.split(".", 1)[-1].replace("_", " ")
+
+
+def split_class_ids(num_classes: int, split: str, split_scheme: str) -> list[int]:
+    """The 1-based class ids a split holds, in label order."""
+    if split not in SPLITS or split_scheme not in SPLIT_SCHEMES:
+        raise ValueError(f"split must be one of {SPLITS} and split_scheme one of {SPLIT_SCHEMES}, "
+                         f"got {split!r}, {split_scheme!r}")
+    if split_scheme == "official":
+        return list(range(1, num_classes + 1))
+    half = num_classes // 2
+    return list(range(1, half + 1)) if split == "train" else list(range(half + 1, num_classes + 1))
+
+
+def split_class_names(root: str | Path, split: str = "train", split_scheme: str = "official") -> list[str]:
+    """The human class names of a split (indexed by label), from ``classes.txt`` alone."""
+    folders = read_class_folders(find_root(root))
+    return [human_name(folders[c - 1]) for c in split_class_ids(len(folders), split, split_scheme)]
+
+
+class CUBDataset(Dataset):
+    """CUB-200-2011 (or the synthetic stand-in) in its own file layout.
+
+    ``ds[i]`` is a dict: ``image`` float Tensor[3, H, W] (normalised with ``mean``/``std``), ``label`` int,
+    ``box`` float Tensor[4] (x, y, w, h) and ``parts`` float Tensor[15, 3] (x, y, visible; invisible = 0, 0, 0),
+    both in the transformed image's pixels, ``image_id`` (CUB's) and ``index`` (= i). Without a transform the
+    image keeps its size and is only normalised with ImageNet's statistics.
+    """
+
+    def __init__(self, root: str | Path, split: str = "train", split_scheme: str = "official",
+                 transform: Transform | None = None, skip_bad_images: bool = False):
+        self.root = find_root(root)
+        self.split, self.split_scheme, self.transform = split, split_scheme, transform
+        self.mean = tuple(getattr(transform, "mean", MEAN))
+        self.std = tuple(getattr(transform, "std", STD))
+        folders = read_class_folders(self.root)
+        class_ids = split_class_ids(len(folders), split, split_scheme)
+        self.class_names = [human_name(folders[c - 1]) for c in class_ids]
+        label_of_class = {c: label for label, c in enumerate(class_ids)}
+
+        table = self._read_tables(folders)
+        wanted = [i for i, (_, class_id, is_train) in table["images"].items()
+                  if class_id in label_of_class and (split_scheme == "zero_shot" or is_train == (split == "train"))]
+        paths = {i: self.root / "images" / table["images"][i][0] for i in wanted}
+        bad = self._bad_images(paths, check_decoding=skip_bad_images)
+        if bad and not skip_bad_images:
+            first = next(iter(bad.items()))
+            raise FileNotFoundError(f"{len(bad)} image file(s) of the {split} split are missing, e.g. {first[0]} "
+                                    f"(image id {first[1]}); restore them or pass skip_bad_images=True")
+        if bad:
+            warnings.warn(f"skipped {len(bad)} unreadable image(s) of {len(wanted)} in the {split} split of "
+                          f"{self.root}, e.g. {next(iter(bad))}", stacklevel=2)
+            wanted = [i for i in wanted if paths[i] not in bad]
+        if not wanted:
+            raise ValueError(f"the {split} split ({split_scheme}) of {self.root} holds no images")
+
+        self.image_ids = wanted
+        self._paths = [paths[i] for i in wanted]
+        self.labels = [label_of_class[table["images"][i][1]] for i in wanted]
+        self._boxes = torch.tensor([table["boxes"][i] for i in wanted], dtype=torch.float32)
+        self._parts = torch.zeros(len(wanted), len(PART_NAMES), 3)
+        locs = table["parts"]
+        row_of = torch.full((max(table["images"]) + 1,), -1, dtype=torch.long)
+        row_of[wanted] = torch.arange(len(wanted))
+        rows = row_of[locs[:, 0].long()]
+        keep = (rows >= 0) & (locs[:, 4] > 0)
+        self._parts[rows[keep], locs[keep, 1].long() - 1] = torch.cat(
+            [locs[keep, 2:4].float(), torch.ones(int(keep.sum()), 1)], 1)
+
+    def _read_tables(self, folders: list[str]) -> dict[str, Any]:
+        """Join CUB's files on image id; an id missing from one of them, a label outside ``classes.txt`` or an image
+        stored under another class's folder is an error: nothing gets silently mislabelled."""
+        root = self.root
+        paths = {r[0]: r[1] for r in _rows(root / "images.txt", 2, numeric=False)}
+        tables = {name: {int(r[0]): r[1:].tolist() for r in _rows(root / name, columns)}
+                  for name, columns in (("image_class_labels.txt", 2), ("train_test_split.txt", 2),
+                                        ("bounding_boxes.txt", 5))}
+        for name, table in tables.items():
+            if table.keys() != paths.keys():
+                missing = sorted(paths.keys() - table.keys()) or sorted(table.keys() - paths.keys())
+                raise ValueError(f"{root / name} and {root / 'images.txt'} list different image ids "
+                                 f"(e.g. {missing[:5]})")
+        part_names = [r[1] for r in _rows(root / "parts" / "parts.txt", 2, numeric=False)]
+        if part_names != list(PART_NAMES):
+            raise ValueError(f"{root / 'parts' / 'parts.txt'} must list CUB's 15 parts {PART_NAMES}, got {part_names}")
+        parts = torch.from_numpy(_rows(root / "parts" / "part_locs.txt", 5))  # image id, part id, x, y, visible
+        if not (torch.isin(parts[:, 1], torch.arange(1.0, len(PART_NAMES) + 1)).all()
+                and torch.isin(parts[:, 0], torch.tensor(list(paths), dtype=parts.dtype)).all()):
+            raise ValueError(f"{root / 'parts' / 'part_locs.txt'} refers to unknown images or parts")
+
+        images = {}
+        for image_id, path in paths.items():
+            class_id = int(tables["image_class_labels.txt"][image_id][0])
+            if not 1 <= class_id <= len(folders):
+                raise ValueError(f"{root / 'image_class_labels.txt'}: image {image_id} has class {class_id}, but "
+                                 f"classes.txt lists classes 1..{len(folders)}")
+            if path.split("/", 1)[0] != folders[class_id - 1]:
+                raise ValueError(f"image {image_id} ({path}) is labelled class {class_id} ({folders[class_id - 1]}) "
+                                 f"in image_class_labels.txt but stored in another class's folder")
+            images[image_id] = (path, class_id, bool(tables["train_test_split.txt"][image_id][0]))
+        return {"images": images, "boxes": tables["bounding_boxes.txt"], "parts": parts}
+
+    @staticmethod
+    def _bad_images(paths: dict[int, Path], check_decoding: bool) -> dict[Path, int]:
+        """{path: image id} of the images that are missing (or, with ``check_decoding``, cannot be decoded)."""
+        check = _decodes if check_decoding else Path.is_file
+        with ThreadPoolExecutor(max_workers=8) as pool:  # Pillow's decoder and stat() release the GIL
+            readable = list(pool.map(check, paths.values()))
+        return {path: image_id for (image_id, path), ok in zip(paths.items(), readable) if not ok}
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def image_path(self, index: int) -> Path:
+        return self._paths[index]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        image = load_rgb(self._paths[index])
+        box, parts = self._boxes[index], self._parts[index]
+        if self.transform is not None:
+            tensor, box, parts = self.transform(image, box, parts)
+        else:
+            tensor = to_tensor(image, self.mean, self.std)
+        return {"image": tensor, "label": self.labels[index], "box": box, "parts": parts,
+                "image_id": self.image_ids[index], "index": index}
+
+    def __repr__(self) -> str:
+        return (f"CUBDataset({str(self.root)!r}, split={self.split!r}, split_scheme={self.split_scheme!r}, "
+                f"{len(self)} images, {len(self.class_names)} classes, transform={self.transform!r})")
+
+
+def _decodes(path: Path) -> bool:
+    """Whether the whole file decodes (JPEGs at 1/8 scale through ``draft``: the full stream is still read)."""
+    try:
+        with Image.open(path) as image:
+            image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
+            image.load()
+        return True
+    except (OSError, ValueError, SyntaxError):
+        return False
