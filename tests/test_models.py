@@ -1,0 +1,144 @@
+"""Backbones and nets (train.models) and the CAM protocol of the LightningModules (train.modules), no training."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from train import models
+from train.models import ClassifierNet, EmbeddingNetwork, ResNetBackbone
+from train.modules import Classifier, EmbeddingNet
+
+
+def torchvision_trunk(resnet: nn.Module) -> nn.Module:
+    return nn.Sequential(*list(resnet.children())[:-2])  # minus avgpool and fc
+
+
+@pytest.mark.parametrize(("arch", "size", "stride", "grid"), [
+    ("resnet18", 128, 16, 8), ("resnet18", 224, 32, 7), ("resnet18", 224, 16, 14), ("resnet34", 64, 16, 4),
+])
+def test_backbone_grid_follows_output_stride(arch: str, size: int, stride: int, grid: int) -> None:
+    backbone = ResNetBackbone(arch, output_stride=stride)
+    maps = backbone(torch.randn(1, 3, size, size))
+    assert maps.shape == (1, 512, grid, grid) and backbone.num_features == 512
+    assert backbone.cam_layer is backbone.layer4
+    assert not any(name.startswith("cam_layer") for name, _ in backbone.named_modules())  # not registered twice
+
+
+def test_stride16_matches_torchvision_dilation_for_bottlenecks() -> None:
+    torch.manual_seed(0)
+    ours = ResNetBackbone("resnet50", output_stride=16).eval()
+    reference = torchvision.models.resnet50(replace_stride_with_dilation=[False, False, True]).eval()
+    reference.load_state_dict(ours.state_dict(), strict=False)  # same names; fc stays random, unused
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), torchvision_trunk(reference)(x))
+    assert ours.num_features == 2048
+
+
+@pytest.mark.parametrize("drop_fc", [False, True])
+def test_weights_path_loads_a_torchvision_state_dict(tmp_path, drop_fc: bool) -> None:
+    torch.manual_seed(1)
+    reference = torchvision.models.resnet18().eval()
+    state = {k: v for k, v in reference.state_dict().items() if not (drop_fc and k.startswith("fc."))}
+    torch.save(state, tmp_path / "r18.pth")
+    backbone = ResNetBackbone("resnet18", weights_path=tmp_path / "r18.pth").eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(backbone(x), torchvision_trunk(reference)(x))
+
+
+def test_weights_path_errors_name_the_problem(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match="nowhere.pth"):
+        ResNetBackbone("resnet18", weights_path=tmp_path / "nowhere.pth")
+    torch.save(torchvision.models.resnet34().state_dict(), tmp_path / "r34.pth")
+    with pytest.raises(ValueError, match="do not fit torchvision's resnet18"):
+        ResNetBackbone("resnet18", weights_path=tmp_path / "r34.pth")
+    with pytest.raises(ValueError, match="arch must be one of"):
+        ResNetBackbone("vgg16")
+    with pytest.raises(ValueError, match="output_stride"):
+        ResNetBackbone("resnet18", output_stride=8)
+
+
+def test_pretrained_reads_the_torch_hub_cache(tmp_path, monkeypatch) -> None:
+    """pretrained=True takes torchvision's file from $TORCH_HOME/hub/checkpoints when it is there (no network)."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    torch.manual_seed(2)
+    reference = torchvision.models.resnet18().eval()
+    cache = tmp_path / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    torch.save(reference.state_dict(), cache / models.IMAGENET_URLS["resnet18"].rsplit("/", 1)[1])
+    backbone = ResNetBackbone("resnet18", pretrained=True).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(backbone(x), torchvision_trunk(reference)(x))
+
+
+def test_unreachable_pretrained_download_fails_fast_with_advice(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # empty cache
+    with socket.socket() as probe:  # a port that was just free: nothing listens there
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/resnet18-f37072fd.pth"
+    monkeypatch.setitem(models.IMAGENET_URLS, "resnet18", url)
+    with pytest.raises(RuntimeError, match="weights_path") as info:
+        ResNetBackbone("resnet18", pretrained=True)
+    assert url in str(info.value)
+    assert socket.getdefaulttimeout() is None  # the temporary download timeout was put back
+
+
+def test_nets_split_features_and_head() -> None:
+    torch.manual_seed(3)
+    x = torch.randn(2, 3, 64, 64)
+    classifier = ClassifierNet(ResNetBackbone("resnet18"), num_classes=5).eval()
+    embedder = EmbeddingNetwork(ResNetBackbone("resnet18"), dim=16).eval()
+    with torch.no_grad():
+        maps = classifier.forward_features(x)
+        torch.testing.assert_close(classifier.forward_head(maps), classifier.fc(maps.mean((2, 3))))
+        torch.testing.assert_close(classifier(x), classifier.forward_head(maps))
+        embeddings = embedder(x)
+        expected = F.normalize(embedder.fc(embedder.forward_features(x).mean((2, 3))), dim=1)
+    assert embeddings.shape == (2, 16)
+    torch.testing.assert_close(embeddings, expected)
+    torch.testing.assert_close(embeddings.norm(dim=1), torch.ones(2))
+
+
+def fake_batch(size: int = 64, n: int = 4) -> dict[str, torch.Tensor]:
+    return {"image": torch.randn(n, 3, size, size), "label": torch.arange(n) % 2, "box": torch.zeros(n, 4),
+            "parts": torch.zeros(n, 15, 3), "image_id": torch.arange(n) + 1, "index": torch.arange(n) + 10}
+
+
+@pytest.mark.parametrize(("module_cls", "kind", "width"), [(Classifier, "classifier", 3), (EmbeddingNet, "embedding", 8)])
+def test_validation_step_returns_the_target_layer_maps_from_one_pass(module_cls, kind: str, width: int) -> None:
+    kwargs = {"num_classes": 3} if module_cls is Classifier else {"num_classes": 3, "embedding_dim": 8}
+    module = module_cls(arch="resnet18", output_stride=16, **kwargs).eval()
+    module.log = lambda *args, **kw: None  # no trainer attached
+    batch = fake_batch()
+    captured = []
+    handle = module.cam_target_layer.register_forward_hook(lambda m, i, out: captured.append(out))
+    try:
+        with torch.no_grad():
+            out = module.validation_step(batch, 0)
+            direct = module(batch["image"])
+    finally:
+        handle.remove()
+    assert len(captured) == 2  # one trunk pass in validation_step, one for `direct`
+    assert module.cam_kind == kind and module.cam_target_layer is module.net.backbone.layer4
+    torch.testing.assert_close(out["feature_maps"], captured[0])
+    assert out["feature_maps"].shape == (4, 512, 4, 4) and not out["feature_maps"].requires_grad
+    assert out["output"].shape == (4, width)
+    torch.testing.assert_close(out["output"], direct)
+    torch.testing.assert_close(module.forward_head(out["feature_maps"]), direct)
+    assert torch.equal(out["labels"], batch["label"]) and torch.equal(out["index"], batch["index"])
+    assert module.class_names == ["class 0", "class 1", "class 2"]
+
+
+def test_class_names_are_kept_and_checked() -> None:
+    assert Classifier(num_classes=2, class_names=["Albatross", "Wren"]).class_names == ["Albatross", "Wren"]
+    with pytest.raises(ValueError, match="class_names has 1 names but num_classes is 2"):
+        Classifier(num_classes=2, class_names=["Albatross"])

@@ -1,0 +1,191 @@
+"""End to end through ``cubcam fit`` and the demo configs on a tiny synthetic CUB: both models learn, resume at the
+right epoch, reload without the CLI and report the metrics they log; Lightning DDP (2 CPU processes, gloo) gives
+each rank its own m-per-class batches. The suite's heaviest file: 64 px images, a few dozen of them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import wandb
+
+from train.cli import main
+from train.data.datamodule import CUBDataModule
+from train.data.synthetic import make_synthetic_cub
+from train.modules import Classifier, CUBModule, EmbeddingNet
+
+REPO = Path(__file__).resolve().parents[1]
+SIZE, BATCH, M = 64, 8, 4
+
+
+class Recorder(pl.Callback):
+    """Test probe given to the CLI: writes ``<out>/rank<r>.json`` with the epochs trained, every training batch's
+    labels and the final logged metrics of that process."""
+
+    def __init__(self, out: str):
+        self.out = Path(out)
+        self.epochs: list[int] = []
+        self.batches: list[list[int]] = []
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        self.epochs.append(trainer.current_epoch)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, module: pl.LightningModule, batch, batch_idx: int) -> None:
+        self.batches.append(batch["label"].tolist())
+
+    def on_fit_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        record = {"epochs": self.epochs, "batches": self.batches,
+                  "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()}}
+        (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+def read_record(out: Path, rank: int = 0) -> dict:
+    return json.loads((out / f"rank{rank}.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def tiny_cub(tmp_path_factory) -> Path:
+    return make_synthetic_cub(tmp_path_factory.mktemp("cub"), classes=4, per_class=16, size=SIZE, seed=0)
+
+
+def fit_args(configs: list[str], root: Path, work: Path, record: str, *extra: str, wandb: bool = True) -> list[str]:
+    args = ["fit"]
+    for config in configs:
+        args += ["--config", str(REPO / "configs" / config)]
+    args += ["--data.root", str(root), "--data.image_size", str(SIZE), "--data.batch_size", str(BATCH),
+             "--data.num_workers", "0", "--trainer.enable_progress_bar", "false",
+             "--trainer.enable_model_summary", "false",
+             "--trainer.callbacks+=test_train.Recorder", f"--trainer.callbacks.out={work / record}"]
+    if wandb:
+        args += ["--trainer.logger.init_args.save_dir", str(work / "runs")]
+    else:
+        args += ["--trainer.logger", "false", "--trainer.default_root_dir", str(work / "runs")]
+    return args + list(extra)
+
+
+def val_outputs(module: CUBModule, root: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """(outputs, labels) of a reloaded module over the whole validation split, computed here by hand."""
+    data = CUBDataModule(root=str(root), image_size=SIZE, batch_size=BATCH, num_workers=0)
+    data.setup("validate")
+    module.eval()
+    outputs, labels = [], []
+    with torch.no_grad():
+        for batch in data.val_dataloader():
+            outputs.append(module(batch["image"]))
+            labels.append(batch["label"])
+    return torch.cat(outputs), torch.cat(labels)
+
+
+def only(paths: list[Path]) -> Path:
+    assert len(paths) == 1, paths
+    return paths[0]
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path) -> Path:
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setattr(sys, "argv", ["cubcam"])  # main() gets its arguments from the test, not from pytest's
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.mark.slow
+def test_classifier_learns_resumes_at_the_next_epoch_and_reloads(tiny_cub: Path, offline: Path) -> None:
+    epochs = 6
+    main(fit_args(["demo/classifier.yaml"], tiny_cub, offline, "first", "--trainer.max_epochs", str(epochs)))
+    first = read_record(offline / "first")
+    assert first["epochs"] == list(range(epochs))
+    chance = 1 / 4
+    assert first["metrics"]["val/acc"] >= chance + 0.35, first["metrics"]  # 4 classes: chance is 0.25
+
+    last = only(list((offline / "runs" / "cubcam").glob("*/checkpoints/last.ckpt")))
+    wandb.teardown()  # the W&B service writes the finished run's log asynchronously; shutting it down flushes it
+    run_file = only(list((offline / "runs" / "wandb").glob("offline-run-*/run-*.wandb")))
+    assert b"val/acc" in run_file.read_bytes() and b"train/loss" in run_file.read_bytes()
+
+    # Reload without the CLI: the logged val/acc is the accuracy of these weights on the validation split.
+    module = CUBModule.load_from_checkpoint(last)  # the CLI stored the class path: any module class can load it
+    assert type(module) is Classifier and module.hparams.pretrained is False
+    assert module.class_names == CUBDataModule(root=str(tiny_cub)).class_names
+    logits, labels = val_outputs(Classifier.load_from_checkpoint(last), tiny_cub)
+    assert (logits.argmax(1) == labels).float().mean().item() == pytest.approx(first["metrics"]["val/acc"], abs=1e-6)
+
+    main(fit_args(["demo/classifier.yaml"], tiny_cub, offline, "resumed", "--trainer.max_epochs", str(epochs + 1),
+                  "--ckpt_path", str(last)))
+    assert read_record(offline / "resumed")["epochs"] == [epochs]  # only the missing epoch ran
+    assert torch.load(last, weights_only=True)["epoch"] == epochs  # a second run's config save did not fail either
+
+
+@pytest.mark.slow
+def test_embedding_net_learns_with_m_per_class_batches(tiny_cub: Path, offline: Path) -> None:
+    main(fit_args(["demo/embedding.yaml"], tiny_cub, offline, "record", "--trainer.max_epochs", "3",
+                  "--data.m_per_class", str(M)))
+    record = read_record(offline / "record")
+    assert record["epochs"] == [0, 1, 2]
+    for labels in record["batches"]:
+        assert len(labels) == BATCH and set(Counter(labels).values()) == {M}
+
+    # precision@1 by brute force: each validation image's nearest other image by cosine similarity.
+    last = only(list((offline / "runs" / "cubcam").glob("*/checkpoints/last.ckpt")))
+    embeddings, labels = val_outputs(EmbeddingNet.load_from_checkpoint(last), tiny_cub)
+    similarity = embeddings @ embeddings.T
+    similarity.fill_diagonal_(-torch.inf)
+    precision_at_1 = (labels[similarity.argmax(1)] == labels).float().mean().item()
+    assert record["metrics"]["val/precision_at_1"] == pytest.approx(precision_at_1, abs=1e-6)
+    same_class = (labels[:, None] == labels[None, :]).sum(1) - 1
+    chance = (same_class / (len(labels) - 1)).float().mean().item()  # a random other image shares the class
+    assert precision_at_1 > chance + 0.15, (precision_at_1, chance)
+    for name in ("val/mean_average_precision_at_r", "val/r_precision"):
+        assert 0 < record["metrics"][name] <= 1
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_get_m_per_class_batches(tiny_cub: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), str(REPO), os.environ.get("PYTHONPATH", "")])}
+    args = fit_args(["demo/embedding.yaml", "trainer/ddp.yaml"], tiny_cub, tmp_path, "record",
+                    "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.max_epochs", "1",
+                    "--data.m_per_class", str(M), wandb=False)
+    done = subprocess.run([sys.executable, "-m", "train", *args], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [read_record(tmp_path / "record", rank) for rank in (0, 1)]
+    for record in ranks:
+        assert record["epochs"] == [0] and record["batches"]
+        for labels in record["batches"]:
+            assert len(labels) == BATCH and set(Counter(labels).values()) == {M}
+        assert 0 < record["metrics"]["val/precision_at_1"] <= 1
+    assert len(ranks[0]["batches"]) == len(ranks[1]["batches"])
+    assert ranks[0]["batches"] != ranks[1]["batches"]  # each rank draws its own batches
+    assert ranks[0]["metrics"]["val/precision_at_1"] == ranks[1]["metrics"]["val/precision_at_1"]
+    assert list((tmp_path / "runs" / "checkpoints").glob("last.ckpt"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["classifier.yaml", "embedding.yaml"])
+def test_real_cub_configs_run_a_step(config: str, tiny_cub: Path, offline: Path) -> None:
+    """The full-size configs, unchanged but for the data, the weights (no network here) and a one-batch run."""
+    main(fit_args([config], tiny_cub, offline, "record", "--data.download", "false",
+                  "--model.init_args.pretrained", "false", "--trainer.fast_dev_run", "1"))
+    record = read_record(offline / "record")
+    assert record["epochs"] == [0] and len(record["batches"]) == 1
+    assert "val/acc" in record["metrics"] or "val/precision_at_1" in record["metrics"]
+
+
+@pytest.mark.parametrize("tool", ["explain", "evaluate"])
+def test_cli_hands_explain_and_evaluate_to_their_modules(tool: str, monkeypatch) -> None:
+    calls = []
+    fake = type(sys)(f"train.{tool}")
+    fake.main = calls.append
+    monkeypatch.setitem(sys.modules, f"train.{tool}", fake)
+    main([tool, "--checkpoint", "x.ckpt", "--out", "y"])
+    assert calls == [["--checkpoint", "x.ckpt", "--out", "y"]]

@@ -1,0 +1,197 @@
+"""The two LightningModules: a CUB classifier and a triplet-loss embedding net.
+
+Both are thin: the networks are plain nn.Modules from ``train.models``, the constructors take plain arguments
+(``load_from_checkpoint`` works without the CLI), and both speak the duck-typed CAM protocol the callbacks and
+``cubcam explain`` rely on: ``cam_kind``, ``cam_target_layer``, ``class_names``, ``forward`` and ``forward_head``,
+and a ``validation_step`` that returns the target layer's feature maps so a callback needs no second forward.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from pytorch_metric_learning import losses, miners
+from pytorch_metric_learning.distances import CosineSimilarity
+from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+from pytorch_metric_learning.utils.inference import CustomKNN
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from train.models import ClassifierNet, EmbeddingNetwork, ResNetBackbone
+
+RETRIEVAL_METRICS = ("precision_at_1", "mean_average_precision_at_r", "r_precision")
+
+
+def default_class_names(class_names: list[str] | None, num_classes: int | None) -> list[str]:
+    """The given names, or "class 0", "class 1", ... so captions never lack a name."""
+    if class_names is not None:
+        names = [str(name) for name in class_names]
+        if num_classes is not None and len(names) != num_classes:
+            raise ValueError(f"class_names has {len(names)} names but num_classes is {num_classes}")
+        return names
+    return [f"class {i}" for i in range(num_classes or 0)]
+
+
+def build_optimizer(net: ClassifierNet | EmbeddingNetwork, lr: float, weight_decay: float, backbone_lr_factor: float,
+                    total_steps: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """AdamW (the pretrained trunk at ``lr * backbone_lr_factor``) with a per-step cosine decay to zero."""
+    backbone = list(net.backbone.parameters())
+    head = [p for name, p in net.named_parameters() if not name.startswith("backbone.")]
+    optimizer = torch.optim.AdamW([{"params": backbone, "lr": lr * backbone_lr_factor}, {"params": head, "lr": lr}],
+                                  weight_decay=weight_decay)
+    total = max(1, total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
+    return optimizer, scheduler
+
+
+class CUBModule(pl.LightningModule):
+    """What both models share: the CAM protocol, the optimiser and the schedule.
+
+    Subclasses set ``net`` (a ClassifierNet or EmbeddingNetwork) and ``class_names``, and call
+    ``save_hyperparameters()`` with at least ``lr``, ``weight_decay`` and ``backbone_lr_factor``.
+    """
+
+    cam_kind: str
+    net: ClassifierNet | EmbeddingNetwork
+    class_names: list[str]
+
+    @property
+    def cam_target_layer(self) -> nn.Module:
+        return self.net.backbone.cam_layer
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.net(images)
+
+    def forward_head(self, feature_maps: Tensor) -> Tensor:
+        return self.net.forward_head(feature_maps)
+
+    def _cam_outputs(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """(target-layer feature maps, outputs) from one pass: the head runs on the maps the trunk produced."""
+        feature_maps = self.net.forward_features(batch["image"])
+        return feature_maps, self.net.forward_head(feature_maps)
+
+    @staticmethod
+    def _step_output(batch: dict[str, Tensor], feature_maps: Tensor, output: Tensor) -> dict[str, Tensor]:
+        return {"feature_maps": feature_maps.detach(), "output": output.detach(), "labels": batch["label"],
+                "index": batch["index"]}
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        optimizer, scheduler = build_optimizer(self.net, hp.lr, hp.weight_decay, hp.backbone_lr_factor,
+                                               int(self.trainer.estimated_stepping_batches))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The checkpoint holds the trained weights: loading it must not download or read the ImageNet ones again.
+        checkpoint["hyper_parameters"] = {**checkpoint.get("hyper_parameters", {}), "pretrained": False,
+                                          "weights_path": None}
+
+
+class Classifier(CUBModule):
+    """ResNet classifier trained with cross-entropy; logs ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc``."""
+
+    cam_kind = "classifier"
+
+    def __init__(self, arch: str = "resnet18", pretrained: bool = False, weights_path: str | Path | None = None,
+                 output_stride: int = 32, num_classes: int = 200, class_names: list[str] | None = None,
+                 lr: float = 1e-3, weight_decay: float = 1e-4, backbone_lr_factor: float = 1.0,
+                 label_smoothing: float = 0.0):
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = ClassifierNet(ResNetBackbone(arch, pretrained, weights_path, output_stride), num_classes)
+        self.class_names = default_class_names(class_names, num_classes)
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        logits = self(batch["image"])
+        loss = F.cross_entropy(logits, batch["label"], label_smoothing=self.hparams.label_smoothing)
+        batch_size = len(logits)
+        self.train_acc(logits, batch["label"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=batch_size)
+        return loss
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        feature_maps, logits = self._cam_outputs(batch)
+        batch_size = len(logits)
+        self.val_acc(logits, batch["label"])
+        self.log("val/loss", F.cross_entropy(logits, batch["label"]), sync_dist=True, batch_size=batch_size)
+        self.log("val/acc", self.val_acc, prog_bar=True, batch_size=batch_size)
+        return self._step_output(batch, feature_maps, logits)
+
+
+class EmbeddingNet(CUBModule):
+    """ResNet -> linear -> L2-normalised embedding, trained with a triplet margin loss on mined triplets.
+
+    Train it on m-per-class batches (``data.sampler: m_per_class``) so every batch holds positives. Validation is
+    retrieval on the whole validation split (gathered from all ranks): each image queries all others by cosine
+    similarity; ``val/precision_at_1``, ``val/mean_average_precision_at_r`` and ``val/r_precision`` are logged.
+    ``num_classes``/``class_names`` describe the training classes (for captions; the loss does not need them).
+    """
+
+    cam_kind = "embedding"
+
+    def __init__(self, arch: str = "resnet18", pretrained: bool = False, weights_path: str | Path | None = None,
+                 output_stride: int = 32, embedding_dim: int = 128, num_classes: int | None = None,
+                 class_names: list[str] | None = None, margin: float = 0.2, miner: str = "semihard",
+                 lr: float = 1e-3, weight_decay: float = 1e-4, backbone_lr_factor: float = 1.0):
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = EmbeddingNetwork(ResNetBackbone(arch, pretrained, weights_path, output_stride), embedding_dim)
+        self.class_names = default_class_names(class_names, num_classes)
+        self.miner = miners.TripletMarginMiner(margin=margin, type_of_triplets=miner)
+        self.loss_fn = losses.TripletMarginLoss(margin=margin)
+        self.retrieval = AccuracyCalculator(include=RETRIEVAL_METRICS, knn_func=CustomKNN(CosineSimilarity(), batch_size=1024))
+        self._val_embeddings: list[Tensor] = []
+        self._val_labels: list[Tensor] = []
+        self._val_index: list[Tensor] = []
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        embeddings = self(batch["image"])
+        triplets = self.miner(embeddings, batch["label"])
+        loss = self.loss_fn(embeddings, batch["label"], triplets)
+        batch_size = len(embeddings)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        self.log("train/mined_triplets", float(self.miner.num_triplets), batch_size=batch_size)
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_embeddings, self._val_labels, self._val_index = [], [], []
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        feature_maps, embeddings = self._cam_outputs(batch)
+        self._val_embeddings.append(embeddings.detach())
+        self._val_labels.append(batch["label"])
+        self._val_index.append(batch["index"])
+        return self._step_output(batch, feature_maps, embeddings)
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val_embeddings:
+            return
+        embeddings, labels, index = (self._gather(torch.cat(parts)) for parts in
+                                     (self._val_embeddings, self._val_labels, self._val_index))
+        # A distributed sampler pads ranks with repeated images: keep each dataset index once.
+        index, order = index.sort(stable=True)
+        first = torch.ones_like(index, dtype=torch.bool)
+        first[1:] = index[1:] != index[:-1]
+        embeddings, labels = embeddings[order][first], labels[order][first]
+        metrics = self.retrieval.get_accuracy(embeddings, labels)
+        for name in RETRIEVAL_METRICS:
+            self.log(f"val/{name}", float(metrics[name]), prog_bar=name == "precision_at_1", sync_dist=True)
+
+    def _gather(self, local: Tensor) -> Tensor:
+        """All ranks' rows (ranks may hold different counts: pad to the longest, gather, trim)."""
+        if self.trainer.world_size == 1:
+            return local
+        counts = self.all_gather(torch.tensor(len(local), device=local.device))
+        padded = torch.zeros((int(counts.max()), *local.shape[1:]), dtype=local.dtype, device=local.device)
+        padded[: len(local)] = local
+        gathered = self.all_gather(padded)
+        return torch.cat([rows[: int(n)] for rows, n in zip(gathered, counts)])
