@@ -1,0 +1,77 @@
+"""cams.figure: boxes land on the right pixels, grids have the size the layout implies, captions are drawn."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cams.figure import CAM_COLOR, GT_COLOR, cam_box, cam_tile, draw_boxes, grid, save_png
+
+
+def test_draw_boxes_colours_exactly_the_box_edges():
+    tile = np.zeros((40, 50, 3), np.uint8)
+    out = draw_boxes(tile, gt_box=(10, 5, 20, 30), cam_box=torch.tensor([2.0, 2.0, 6.0, 6.0]), width=1)
+    assert tile.max() == 0  # the input is not modified
+    for x, y in [(10, 5), (29, 5), (10, 34), (29, 34), (20, 5), (10, 20)]:  # corners and edge midpoints
+        assert tuple(out[y, x]) == GT_COLOR, (x, y)
+    assert tuple(out[2, 2]) == CAM_COLOR and tuple(out[7, 7]) == CAM_COLOR
+    assert out[20, 20].max() == 0 and out[35, 10].max() == 0 and out[5, 30].max() == 0  # inside / just outside
+    assert (out.reshape(-1, 3) == GT_COLOR).all(1).sum() == 2 * 20 + 2 * 28  # the GT outline and nothing else
+
+
+def test_draw_boxes_rejects_bad_tiles_and_skips_empty_boxes():
+    with pytest.raises(ValueError, match="uint8"):
+        draw_boxes(np.zeros((8, 8, 3), np.float32), (1, 1, 2, 2))
+    empty = draw_boxes(np.zeros((8, 8, 3), np.uint8), (1, 1, 0, 2))  # a box the crop cut away: nothing drawn
+    assert empty.max() == 0
+
+
+def test_cam_box_is_the_largest_region_and_cam_tile_draws_it():
+    cam = np.zeros((32, 32))
+    cam[4:8, 4:8] = 1.0  # small blob
+    cam[12:28, 10:30] = 0.9  # large blob: the box a figure shows
+    box = cam_box(cam, threshold=0.5)
+    np.testing.assert_allclose(box, [10, 12, 20, 16], atol=1)
+    assert cam_box(np.zeros((8, 8)), 0.5) is None
+    # a layer-resolution map (16x16) is boxed at the tile's resolution
+    small = torch.zeros(16, 16)
+    small[8:16, 8:16] = 1.0
+    tile = cam_tile(np.full((64, 64, 3), 128, np.uint8), small, gt_box=(0, 0, 64, 64), alpha=0.0)
+    red = np.argwhere((tile == CAM_COLOR).all(-1))
+    assert red[:, 0].min() >= 28 and red[:, 1].min() >= 28 and red.max() <= 63  # the box of the lower-right quarter
+    assert tuple(tile[0, 0]) == GT_COLOR and tuple(tile[40, 40]) == (128, 128, 128)
+
+
+def test_grid_layout_and_captions(tmp_path):
+    tiles = [np.full((30, 40, 3), 60 * k, np.uint8) for k in range(5)]
+    pad = 4
+    plain = grid(tiles, ncols=3, pad=pad)
+    assert plain.dtype == np.uint8 and plain.shape == (pad + 2 * (30 + pad), pad + 3 * (40 + pad), 3)
+    assert (plain[pad:pad + 30, pad + 44:pad + 84] == 60).all()  # second tile, first row
+    assert (plain[pad + 34:pad + 64, pad + 44:pad + 84] == 240).all()  # fifth tile, second row
+    assert (plain[pad + 34:, pad + 88:] == 255).all()  # the empty sixth cell stays white
+
+    captioned = grid(tiles, [f"bird {k}\nline two" for k in range(5)], ncols=3, pad=pad)
+    caption_h = (captioned.shape[0] - pad) // 2 - 30 - pad
+    assert caption_h > 2 * 8  # two lines of text
+    region = captioned[pad + 30:pad + 30 + caption_h, pad:pad + 40]
+    assert (region < 128).any() and (region == 255).any()  # dark text on white
+    assert (captioned[pad:pad + 30, pad:pad + 40] == 0).all()  # the text stays off the tile
+
+    path = save_png(captioned, tmp_path / "sub" / "grid.png")
+    np.testing.assert_array_equal(np.asarray(Image.open(path).convert("RGB")), captioned)
+
+
+def test_grid_with_cams_overlays_and_boxes_each_tile():
+    images = [np.full((32, 32, 3), 100, np.uint8) for _ in range(2)]
+    maps = [torch.zeros(32, 32), torch.zeros(32, 32)]
+    maps[0][8:24, 8:24] = 1.0
+    out = grid(images, ["a", "b"], ncols=2, cams=maps, boxes=[(0, 0, 32, 32), None], pad=0)
+    first, second = out[:32, :32], out[:32, 32:64]
+    assert tuple(first[0, 0]) == GT_COLOR and (first == CAM_COLOR).all(-1).any()
+    assert not (second == GT_COLOR).all(-1).any() and not (second == CAM_COLOR).all(-1).any()  # flat map: no box
+    assert not (first[16, 16] == 100).all()  # the heatmap is blended in
+    with pytest.raises(ValueError, match="2 tiles but 1 cams"):
+        grid(images, cams=maps[:1])
