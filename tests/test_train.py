@@ -20,6 +20,7 @@ from train.cli import main
 from train.data.datamodule import CUBDataModule
 from train.data.synthetic import make_synthetic_cub
 from train.modules import Classifier, CUBModule, EmbeddingNet
+from wandb_records import history_rows
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE, BATCH, M = 64, 8, 4
@@ -89,6 +90,15 @@ def only(paths: list[Path]) -> Path:
     return paths[0]
 
 
+def assert_logged_every_epoch(run_file: Path, epochs: int, *keys: str) -> None:
+    """The W&B log holds the module's metrics, and the config's CAMPanel's panel and CAM metrics, every epoch."""
+    rows = history_rows(run_file)
+    assert any("train/loss" in row for row in rows)  # per step, every log_every_n_steps
+    for key in (*keys, "val/cam_max_box_acc", "val/cam_pointing_game"):
+        assert sorted({row["epoch"] for row in rows if key in row}) == list(range(epochs)), key
+    assert sum("val/cam_panel" in row for row in rows) == epochs
+
+
 @pytest.fixture
 def offline(monkeypatch, tmp_path) -> Path:
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -110,7 +120,7 @@ def test_classifier_learns_resumes_at_the_next_epoch_and_reloads(tiny_cub: Path,
     last = only(list((offline / "runs" / "cubcam").glob("*/checkpoints/last.ckpt")))
     wandb.teardown()  # the W&B service writes the finished run's log asynchronously; shutting it down flushes it
     run_file = only(list((offline / "runs" / "wandb").glob("offline-run-*/run-*.wandb")))
-    assert b"val/acc" in run_file.read_bytes() and b"train/loss" in run_file.read_bytes()
+    assert_logged_every_epoch(run_file, epochs, "val/acc")
 
     # Reload without the CLI: the logged val/acc is the accuracy of these weights on the validation split.
     module = CUBModule.load_from_checkpoint(last)  # the CLI stored the class path: any module class can load it
@@ -131,6 +141,9 @@ def test_embedding_net_learns_with_m_per_class_batches(tiny_cub: Path, offline: 
                   "--data.m_per_class", str(M)))
     record = read_record(offline / "record")
     assert record["epochs"] == [0, 1, 2]
+    wandb.teardown()
+    run_file = only(list((offline / "runs" / "wandb").glob("offline-run-*/run-*.wandb")))
+    assert_logged_every_epoch(run_file, 3, "val/precision_at_1")
     for labels in record["batches"]:
         assert len(labels) == BATCH and set(Counter(labels).values()) == {M}
 

@@ -1,0 +1,151 @@
+"""Epoch time with and without ``callbacks.CAMPanel``, in one run.
+
+Scenarios (each: the same module, data and Trainer settings on both sides; W&B offline on both sides):
+
+- ``demo-classifier`` / ``demo-embedding``: the demo configs (``configs/demo/*.yaml``: ResNet-18, output stride 16,
+  128 px) on the demo's synthetic set (8 classes x 30 images, what ``demo.sh`` writes: 120 train / 120 val images);
+- ``cub-val-embedding``: the embedding net on a CUB-sized validation set (200 classes x 29 = 5,800 images, CUB's test
+  split has 5,794) at ``--cub-size`` px, with 2 training batches per epoch: validation dominates the epoch, and the
+  callback keeps 512 subset feature maps, gathers 5,800 embeddings and builds 200 proxies.
+
+An epoch is timed from ``on_train_epoch_start`` to ``on_train_epoch_end`` (training plus validation, which Lightning
+runs inside the epoch); the first epoch of each run is warm-up (the panel is chosen there). Runs alternate without,
+with, with, without (ABBA), so drifting machine load hits both alike; medians are reported, and the time spent
+inside the callback's hooks is reported too: on a shared machine it is the steadier figure.
+
+    python bench/callback_overhead.py [--epochs 3] [--scenarios demo-classifier demo-embedding cub-val-embedding]
+
+Target: <= 3% overhead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import train  # noqa: F401  (torchvision guard first)
+import pytorch_lightning as pl
+import torch
+import yaml
+from pytorch_lightning.loggers import WandbLogger
+
+from callbacks import CAMPanel
+from train.data.datamodule import CUBDataModule
+from train.data.synthetic import make_synthetic_cub
+from train.modules import Classifier, EmbeddingNet
+
+sys.path.insert(0, str(Path(__file__).parent))
+from train_throughput import EpochTimer  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+MODULES = {"train.modules.Classifier": Classifier, "train.modules.EmbeddingNet": EmbeddingNet}
+
+
+class TimedCAMPanel(CAMPanel):
+    """CAMPanel that adds up the wall time spent in its validation hooks, per epoch."""
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.seconds: list[float] = []
+
+    def on_validation_epoch_start(self, *args: Any) -> None:
+        self.seconds.append(0.0)
+        self._timed(super().on_validation_epoch_start, *args)
+
+    def on_validation_batch_end(self, *args: Any, **kwargs: Any) -> None:
+        self._timed(super().on_validation_batch_end, *args, **kwargs)
+
+    def on_validation_epoch_end(self, *args: Any) -> None:
+        self._timed(super().on_validation_epoch_end, *args)
+
+    def _timed(self, hook: Any, *args: Any, **kwargs: Any) -> None:
+        start = time.perf_counter()
+        hook(*args, **kwargs)
+        self.seconds[-1] += time.perf_counter() - start
+
+
+def demo_config(kind: str) -> dict[str, Any]:
+    return yaml.safe_load((REPO / "configs" / "demo" / f"{kind}.yaml").read_text())
+
+
+def run(config: dict[str, Any], root: Path, work: Path, epochs: int, with_panel: bool,
+        data_overrides: dict[str, Any], trainer_overrides: dict[str, Any]) -> tuple[list[float], list[float]]:
+    """Epoch seconds (warm-up dropped) and in-callback seconds per epoch of one fit."""
+    pl.seed_everything(0, verbose=False)
+    data = CUBDataModule(**{**config["data"], "root": str(root), **data_overrides})
+    module = MODULES[config["model"]["class_path"]](**config["model"]["init_args"], num_classes=data.num_classes,
+                                                    class_names=data.class_names)
+    timer = EpochTimer()
+    panel = TimedCAMPanel() if with_panel else None
+    logger = WandbLogger(project="cubcam-bench", save_dir=str(work), offline=True)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, logger=logger, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         callbacks=[panel, timer] if panel else [timer], **trainer_overrides)
+    trainer.fit(module, datamodule=data)
+    logger.experiment.finish()
+    return timer.seconds[1:], (panel.seconds[1:] if panel else [])
+
+
+def scenario(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    if name.startswith("demo-"):
+        kind = name.split("-", 1)[1]
+        root = work / "demo_cub"
+        if not (root / "CUB_200_2011").exists():
+            make_synthetic_cub(root, classes=8, per_class=30, size=128, seed=0)
+        config, data_overrides, trainer_overrides = demo_config(kind), {}, {}
+    else:
+        root = work / f"cub_sized_{args.cub_size}"
+        if not (root / "CUB_200_2011").exists():
+            start = time.perf_counter()
+            make_synthetic_cub(root, classes=200, per_class=58, size=args.cub_size, seed=0)
+            print(f"  (wrote the CUB-sized synthetic set in {time.perf_counter() - start:.0f} s)", flush=True)
+        config = demo_config("embedding")
+        data_overrides = {"image_size": args.cub_size, "batch_size": 64}
+        trainer_overrides = {"limit_train_batches": 2}
+    results: dict[str, list[float]] = {"without": [], "with": []}
+    inside: list[float] = []
+    for side in ("without", "with", "with", "without"):
+        seconds, panel_seconds = run(config, root, work / "runs", args.epochs, side == "with", data_overrides,
+                                     trainer_overrides)
+        results[side] += seconds
+        inside += panel_seconds
+    data = CUBDataModule(**{**config["data"], "root": str(root), **data_overrides})
+    data.setup("fit")
+    return {"name": name, "train": len(data.train_dataset), "val": len(data.val_dataset),
+            "size": data.hparams.image_size, "results": results, "inside": inside}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--epochs", type=int, default=3, help="per run; the first is warm-up")
+    parser.add_argument("--scenarios", nargs="+", default=["demo-classifier", "demo-embedding", "cub-val-embedding"],
+                        choices=["demo-classifier", "demo-embedding", "cub-val-embedding"])
+    parser.add_argument("--cub-size", type=int, default=64, help="image size of the CUB-sized validation set")
+    parser.add_argument("--work", type=Path, default=None, help="keep datasets and runs here (default: a temp dir)")
+    args = parser.parse_args()
+    os.environ.setdefault("WANDB_MODE", "offline")
+    os.environ.setdefault("WANDB_SILENT", "true")
+
+    print(f"{torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs; epochs per run {args.epochs} "
+          f"(first = warm-up), ABBA order", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.work or Path(tmp)
+        for name in args.scenarios:
+            r = scenario(name, args, work)
+            without, with_ = statistics.median(r["results"]["without"]), statistics.median(r["results"]["with"])
+            inside = statistics.median(r["inside"])
+            print(f"{r['name']}: {r['train']} train / {r['val']} val images at {r['size']} px\n"
+                  f"  epoch without {without:7.2f} s  ({', '.join(f'{s:.2f}' for s in r['results']['without'])})\n"
+                  f"  epoch with    {with_:7.2f} s  ({', '.join(f'{s:.2f}' for s in r['results']['with'])})\n"
+                  f"  overhead {100 * (with_ / without - 1):+.1f}% of the epoch; time inside the callback "
+                  f"{inside:.3f} s = {100 * inside / without:.1f}%  (target <= 3%)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
