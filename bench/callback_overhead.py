@@ -3,7 +3,7 @@
 Scenarios (each: the same module, data and Trainer settings on both sides; W&B offline on both sides):
 
 - ``demo-classifier`` / ``demo-embedding``: the demo configs (``configs/demo/*.yaml``: ResNet-18, output stride 16,
-  128 px) on the demo's synthetic set (8 classes x 30 images, what ``demo.sh`` writes: 120 train / 120 val images);
+  128 px) on the demo's synthetic set (8 classes x 24 images, what ``demo.sh`` writes: 96 train / 96 val images);
 - ``cub-val-embedding``: the embedding net on a CUB-sized validation set (200 classes x 29 = 5,800 images, CUB's test
   split has 5,794) at ``--cub-size`` px, with 2 training batches per epoch: validation dominates the epoch, and the
   callback keeps 512 subset feature maps, gathers 5,800 embeddings and builds 200 proxies.
@@ -97,7 +97,7 @@ def scenario(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
         kind = name.split("-", 1)[1]
         root = work / "demo_cub"
         if not (root / "CUB_200_2011").exists():
-            make_synthetic_cub(root, classes=8, per_class=30, size=128, seed=0)
+            make_synthetic_cub(root, classes=8, per_class=24, size=128, seed=0)
         config, data_overrides, trainer_overrides = demo_config(kind), {}, {}
     else:
         root = work / f"cub_sized_{args.cub_size}"
