@@ -1,0 +1,230 @@
+"""``cubcam explain`` on tiny checkpoints trained on synthetic CUB: files, overlay sizes and pixels (against the CAM
+engine run directly), odd image modes, bad inputs beside good ones, wrong checkpoints, and retrieval neighbours
+against a brute-force cosine search."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import train.reference
+from cams import EmbeddingCAM, GradCAM, normalized_mean_proxies, overlay
+from cams.overlay import denormalize
+from train.checkpoint import load_checkpoint
+from train.data.cub import CUBDataset
+from train.data.presets import EvalPreset, load_rgb
+from train.explain import main
+from train.reference import reference_set
+from trained_checkpoints import SIZE, Trained, trained_checkpoints
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Trained:
+    return trained_checkpoints(tmp_path_factory)
+
+
+def preset_image(path: Path) -> torch.Tensor:
+    """What the model sees of an image file: the evaluation preset's centre crop, normalised."""
+    pil = load_rgb(path)
+    return EvalPreset(SIZE)(pil, torch.tensor([0.0, 0.0, *pil.size]), torch.zeros(15, 3))[0]
+
+
+def read_png(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        assert image.mode == "RGB"
+        return np.asarray(image)
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+def embeddings_of(module: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return F.normalize(module(images), dim=1)
+
+
+def test_user_images_of_any_size_and_mode_beside_bad_ones(trained: Trained, tmp_path: Path, capsys) -> None:
+    rng = np.random.default_rng(0)
+    wide = tmp_path / "wide.jpg"
+    Image.fromarray(rng.integers(0, 255, (70, 130, 3), dtype=np.uint8)).save(wide)
+    gray = tmp_path / "gray.png"
+    Image.fromarray(rng.integers(0, 255, (90, 50), dtype=np.uint8), mode="L").save(gray)
+    rgba = rng.integers(0, 255, (120, 80, 4), dtype=np.uint8)
+    rgba[:, :40, 3] = 0  # left half transparent: composited on white, not on the hidden colours
+    alpha = tmp_path / "alpha.png"
+    Image.fromarray(rgba, mode="RGBA").save(alpha)
+    missing, broken = tmp_path / "missing.jpg", tmp_path / "broken.jpg"
+    broken.write_text("not an image")
+    out = tmp_path / "out"
+
+    with pytest.raises(SystemExit) as exited:
+        main([str(trained.classifier), str(wide), str(missing), str(gray), str(broken), str(alpha), "--out", str(out)])
+    assert exited.value.code == 1  # some images failed
+
+    errors = error_lines(capsys.readouterr().err)
+    assert len(errors) == 2 and str(missing) in errors[0] and str(broken) in errors[1], errors
+    summary = json.loads((out / "summary.json").read_text())
+    assert [e["source"] for e in summary["errors"]] == [str(missing), str(broken)]
+    assert [r["source"] for r in summary["images"]] == [str(wide), str(gray), str(alpha)]
+    assert summary["method"] == "gradcam" and summary["image_size"] == [SIZE, SIZE]
+
+    module = load_checkpoint(trained.classifier).module
+    for path, record in zip([wide, gray, alpha], summary["images"]):
+        written = read_png(out / record["overlay"])
+        assert written.shape == (SIZE, SIZE, 3)  # the preset's crop, whatever the input's size
+        image = preset_image(path)
+        logits = module(image[None]).detach()
+        assert record["target"] == {"kind": "predicted", "class": int(logits.argmax()),
+                                    "name": module.class_names[int(logits.argmax())]}  # no label: predicted class
+        expected = overlay(denormalize(image), GradCAM(module, module.cam_target_layer)(image[None])[0])
+        assert np.abs(written.astype(int) - expected).max() <= 1
+    grid = read_png(out / "grid.png")
+    assert grid.shape[0] > SIZE and grid.shape[1] >= 3 * SIZE  # three captioned tiles
+
+
+def test_dataset_panel_of_an_embedding_net_and_its_reference_cache(trained: Trained, tmp_path: Path,
+                                                                     monkeypatch) -> None:
+    out = tmp_path / "panel"
+    main([str(trained.embedding), "--split", "val", "--num", "5", "--out", str(out)])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["method"] == "embeddingcam" and summary["proxy"] == "normalized_mean" and not summary["errors"]
+    records = summary["images"]
+    assert len(records) == 5 and len({r["true"]["class"] for r in records}) > 1  # spread over several classes
+
+    # Overlays equal EmbeddingCAM run directly with the true class's Normalized Mean Proxy of the train split.
+    module = load_checkpoint(trained.embedding).module
+    train_split = CUBDataset(trained.root, split="train", transform=EvalPreset(SIZE))
+    test_split = CUBDataset(trained.root, split="test", transform=EvalPreset(SIZE))
+    gallery = embeddings_of(module, torch.stack([s["image"] for s in train_split]))
+    proxies = normalized_mean_proxies(gallery, torch.tensor(train_split.labels))
+    images = torch.stack([test_split[r["index"]]["image"] for r in records])
+    labels = torch.tensor([test_split[r["index"]]["label"] for r in records])
+    assert [r["target"]["class"] for r in records] == labels.tolist()
+    assert all(r["target"]["kind"] == "true" for r in records)
+    maps = EmbeddingCAM(module, module.cam_target_layer)(images, proxies[labels])
+    for record, image, cam in zip(records, images, maps):
+        written = read_png(out / record["overlay"])
+        assert np.abs(written.astype(int) - overlay(denormalize(image), cam)).max() <= 1
+
+    # The reference embeddings were cached beside the checkpoint; the next run reads them instead of embedding.
+    caches = list(trained.embedding.parent.glob(f"{trained.embedding.stem}.reference-train-*.pt"))
+    assert len(caches) == 1
+    assert torch.allclose(torch.load(caches[0], weights_only=True)["embeddings"], gallery, atol=1e-5)
+
+    def no_second_pass(*args, **kwargs):
+        raise AssertionError("the cached reference embeddings were not used")
+
+    monkeypatch.setattr(train.reference, "embed", no_second_pass)
+    main([str(trained.embedding), "--num", "2", "--proxy", "single_point", "--out", str(tmp_path / "again")])
+    assert len(json.loads((tmp_path / "again" / "summary.json").read_text())["images"]) == 2
+
+
+def test_reference_cache_follows_the_checkpoint_content_and_the_data_setting(trained: Trained, tmp_path: Path) -> None:
+    checkpoint = tmp_path / "copy.ckpt"
+    shutil.copy(trained.embedding, checkpoint)
+    first = reference_set(load_checkpoint(checkpoint).module, checkpoint, trained.root, image_size=SIZE)
+
+    retrained = torch.load(checkpoint, weights_only=True)
+    retrained["state_dict"]["net.fc.bias"] += 0.5  # same file name, other weights: the cache must not be reused
+    torch.save(retrained, checkpoint)
+    module = load_checkpoint(checkpoint).module
+    second = reference_set(module, checkpoint, trained.root, image_size=SIZE)
+    train_split = CUBDataset(trained.root, split="train", transform=EvalPreset(SIZE))
+    expected = embeddings_of(module, torch.stack([s["image"] for s in train_split]))
+    assert torch.allclose(second.embeddings, expected, atol=1e-5)
+    assert not torch.allclose(first.embeddings, second.embeddings, atol=1e-3)
+    assert len(list(tmp_path.glob("copy.reference-train-*.pt"))) == 1  # replaced, not piled up
+
+    reference_set(module, checkpoint, trained.root, image_size=SIZE // 2)  # another data setting: its own cache
+    assert len(list(tmp_path.glob("copy.reference-train-*.pt"))) == 2
+
+
+def test_wandb_run_gets_the_grid_and_overlays(trained: Trained, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "logged"
+    main([str(trained.classifier), "--num", "2", "--out", str(out), "--wandb"])
+    (run,) = out.glob("wandb/offline-run-*")
+    media = run / "files" / "media" / "images" / "explain"  # wandb.Image copies each logged image here
+    assert len(list(media.glob("grid_*.png"))) == 1 and len(list(media.glob("overlays_*.png"))) == 2
+
+
+class NotATensor:
+    """Pickled into a checkpoint, it must not be unpickled."""
+
+
+def other_model(path: Path, trained: Trained) -> list[str]:
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "hyper_parameters": {"hidden": 3, "dropout": 0.1}}, path)
+    return [str(path)]
+
+
+def foreign_class(path: Path, trained: Trained) -> list[str]:
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "hyper_parameters": {"_class_path": "zoo.Giraffe"}}, path)
+    return [str(path)]
+
+
+def pickled_object(path: Path, trained: Trained) -> list[str]:
+    torch.save({"state_dict": {}, "hyper_parameters": {"arch": "resnet18"}, "extra": NotATensor()}, path)
+    return [str(path)]
+
+
+def weights_of_another_arch(path: Path, trained: Trained) -> list[str]:
+    checkpoint = torch.load(trained.classifier, weights_only=True)
+    checkpoint["hyper_parameters"]["arch"] = "resnet34"
+    torch.save(checkpoint, path)
+    return [str(path)]
+
+
+def corrupt(path: Path, trained: Trained) -> list[str]:
+    path.write_bytes(b"PK\x03\x04 truncated")
+    return [str(path)]
+
+
+@pytest.mark.parametrize(("make", "message"), [
+    (lambda path, trained: [str(path)], "does not exist"),
+    (corrupt, "is not a readable PyTorch file"),
+    (other_model, "is a checkpoint of another model"),
+    (foreign_class, "is a checkpoint of zoo.Giraffe"),
+    (pickled_object, "refusing to unpickle"),
+    (weights_of_another_arch, "does not load as a Classifier"),
+    (lambda path, trained: [str(trained.embedding), "--method", "gradcam"], "--method gradcam does not fit"),
+    (lambda path, trained: [str(trained.classifier), "--query", str(path)], "needs an embedding net"),
+])
+def test_unusable_checkpoints_give_one_clear_line(make, message: str, trained: Trained, tmp_path: Path,
+                                                  capsys) -> None:
+    args = make(tmp_path / "model.ckpt", trained)
+    with pytest.raises(SystemExit) as exited:
+        main([*args, "--num", "1", "--out", str(tmp_path / "out")])
+    assert exited.value.code == 2
+    stderr = capsys.readouterr().err.strip()
+    assert len(stderr.splitlines()) == 1 and stderr.startswith("error:") and message in stderr, stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_retrieval_neighbours_equal_a_brute_force_cosine_search(trained: Trained, tmp_path: Path) -> None:
+    test_split = CUBDataset(trained.root, split="test", transform=EvalPreset(SIZE))
+    query = test_split.image_path(3)
+    out = tmp_path / "retrieval"
+    main([str(trained.embedding), "--query", str(query), "--topk", "5", "--out", str(out)])
+    summary = json.loads((out / "summary.json").read_text())
+
+    module = load_checkpoint(trained.embedding).module
+    train_split = CUBDataset(trained.root, split="train", transform=EvalPreset(SIZE))
+    gallery = embeddings_of(module, torch.stack([s["image"] for s in train_split]))
+    similarity = (embeddings_of(module, preset_image(query)[None]) @ gallery.T)[0]
+    expected = similarity.topk(5)
+    neighbours = summary["neighbours"]
+    assert [n["index"] for n in neighbours] == expected.indices.tolist()
+    assert [n["similarity"] for n in neighbours] == pytest.approx(expected.values.tolist(), abs=1e-5)
+    assert [n["label"] for n in neighbours] == [train_split.labels[i] for i in expected.indices.tolist()]
+    assert neighbours[0]["path"] == str(train_split.image_path(neighbours[0]["index"]))
+    grid = read_png(out / "retrieval.png")
+    assert grid.shape[1] >= 2 * SIZE and grid.shape[0] >= 5 * SIZE  # five rows of (query, neighbour) pairs

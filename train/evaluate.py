@@ -1,0 +1,259 @@
+"""``cubcam evaluate``: how well a checkpoint's explanations localize the birds, over a whole split.
+
+    cubcam evaluate CKPT [--data.root DIR] [--split test] [--out DIR]
+
+Scores GradCAM (classifier) or EmbeddingCAM with both proxy schemes (embedding net) for the true class of every
+image, side by side with a centre-Gaussian baseline on the same images (the score of "the bird is in the middle"):
+MaxBoxAccV2 (mean over IoU 0.3/0.5/0.7 of the best-threshold box accuracy; Choe et al., CVPR 2020), box accuracy at
+IoU 0.5 (best threshold), heatmap ratio (CAM mass inside the GT box) and pointing game (the CAM's peak lies within
+15 px of a visible part), all from ``cams.localization``. Writes ``metrics.json`` (sorted keys, floats
+rounded to 6 decimals: identical between runs) and ``metrics.md``, and prints the table.
+
+Cost: about one plain forward per image. Each batch runs the backbone once with the target layer hooked; every CAM
+(one per proxy scheme) is then a head-only forward and backward from those activations, and only per-threshold hit
+counts and running sums are kept, never the maps. An embedding net's proxies come from its reference split
+(train; test in the zero_shot scheme), whose embeddings are cached beside the checkpoint after the first run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Subset
+from tqdm import tqdm
+
+from cams import minmax_normalize
+from cams.localization import (
+    DEFAULT_IOU_THRESHOLDS,
+    DEFAULT_THRESHOLDS,
+    box_hits,
+    box_iou,
+    boxes_from_map,
+    heatmap_ratio,
+    max_box_acc_from_hits,
+    pointing_game,
+)
+from cams.protocol import features_and_outputs, head_cams
+from train.checkpoint import CheckpointError, load_checkpoint, one_line
+from train.data.cub import CUBDataset
+from train.data.presets import EvalPreset
+from train.explain import SPLITS, spread_indices
+from train.reference import loader, reference_set, reference_split
+
+# A method turns (target-layer activations, outputs, labels, image size) into maps [B, H, W] in [0, 1].
+CAMMethod = Callable[[Tensor, Tensor, Tensor, tuple[int, int]], Tensor]
+
+METHOD_NAMES = {
+    "gradcam": "GradCAM",
+    "embeddingcam_normalized_mean": "EmbeddingCAM (normalized mean proxy)",
+    "embeddingcam_single_point": "EmbeddingCAM (single point proxy)",
+    "centre_gaussian": "centre Gaussian (baseline)",
+}
+METRIC_NAMES = {
+    "max_box_acc": "MaxBoxAccV2",
+    "box_acc_iou50": "box accuracy @ IoU 0.5",
+    "heatmap_ratio": "heatmap ratio (mass in box)",
+    "pointing_game": "pointing game (visible parts)",
+}
+GAUSSIAN_SIGMA = 0.25  # of the image side; the level sets (centred discs) and so the box metrics do not depend on it
+
+
+def centre_gaussian(size: tuple[int, int], sigma: float = GAUSSIAN_SIGMA) -> Tensor:
+    """An isotropic Gaussian centred on the image, min-max normalised to [0, 1]: the "bird in the middle" prior."""
+    ys, xs = (torch.arange(n, dtype=torch.float32) + 0.5 - n / 2 for n in size)
+    scale = sigma * min(size)
+    g = torch.exp(-(ys[:, None] ** 2 + xs[None, :] ** 2) / (2 * scale**2))
+    return minmax_normalize(g[None])[0]
+
+
+class CentreBaseline:
+    """The centre Gaussian and its MaxBoxAccV2 region boxes at every threshold, found once: the map is the same for
+    every image, so per image only the IoUs with its GT box remain (``box_hits`` would redo the regions each time)."""
+
+    def __init__(self, size: tuple[int, int]):
+        self.map = centre_gaussian(size)
+        self.regions = [boxes_from_map(self.map, t) for t in DEFAULT_THRESHOLDS]
+
+    def box_hits(self, boxes: Tensor) -> np.ndarray:
+        """Same as ``box_hits(map.expand(N, H, W), boxes)``: bool [N, T, I]."""
+        gt = np.asarray(boxes, dtype=np.float64)[:, None]
+        best = np.stack([box_iou(r[None], gt).max(1) if len(r) else np.zeros(len(gt)) for r in self.regions], 1)
+        return best[:, :, None] >= np.asarray(DEFAULT_IOU_THRESHOLDS)
+
+
+class Totals:
+    """Running sums of one method's localization scores: hit counts per (threshold, IoU), ratio and pointing sums."""
+
+    def __init__(self) -> None:
+        self.hits: np.ndarray | None = None
+        self.images = 0
+        self.ratio = 0.0
+        self.points = 0.0
+        self.pointed_images = 0
+
+    def update(self, maps: Tensor, boxes: Tensor, parts: Tensor, hits: np.ndarray | None = None) -> None:
+        """Add a batch of maps [B, H, W]; ``hits`` [B, T, I] when already known (the baseline's)."""
+        hits = (box_hits(maps, boxes) if hits is None else hits).sum(0)
+        self.hits = hits if self.hits is None else self.hits + hits
+        self.images += len(maps)
+        self.ratio += float(np.asarray(heatmap_ratio(maps, boxes), dtype=np.float64).sum())
+        pointed = np.asarray(pointing_game(maps, parts=parts), dtype=np.float64)
+        known = ~np.isnan(pointed)  # an image without visible parts has nothing to point at
+        self.points += float(pointed[known].sum())
+        self.pointed_images += int(known.sum())
+
+    def result(self) -> dict[str, float]:
+        scores = {k: float(v) for k, v in max_box_acc_from_hits(self.hits, self.images).items() if np.isscalar(v)}
+        scores["heatmap_ratio"] = self.ratio / self.images
+        scores["pointing_game"] = self.points / self.pointed_images if self.pointed_images else math.nan
+        scores["pointing_game_images"] = self.pointed_images
+        return scores
+
+
+def localization_scores(module: torch.nn.Module, batches: Iterable[dict[str, Tensor]], methods: dict[str, CAMMethod],
+                        device: torch.device, total: int | None = None,
+                        progress: bool = True) -> tuple[dict[str, dict[str, float]], int]:
+    """Every method's scores, and the centre Gaussian's, over all images of ``batches``; and the image count."""
+    totals = {name: Totals() for name in [*methods, "centre_gaussian"]}
+    baseline: CentreBaseline | None = None
+    bar = tqdm(total=total, desc="evaluate", unit="img", file=sys.stderr, disable=not progress, dynamic_ncols=True)
+    with bar:
+        for batch in batches:
+            images = batch["image"].to(device, non_blocking=True)
+            labels = batch["label"].to(device, non_blocking=True)
+            size = tuple(images.shape[-2:])
+            feature_maps, outputs = features_and_outputs(module, images)
+            boxes, parts = batch["box"], batch["parts"]
+            for name, method in methods.items():
+                totals[name].update(method(feature_maps, outputs, labels, size).float().cpu(), boxes, parts)
+            if baseline is None or tuple(baseline.map.shape) != size:
+                baseline = CentreBaseline(size)
+            totals["centre_gaussian"].update(baseline.map.expand(len(images), -1, -1), boxes, parts,
+                                             hits=baseline.box_hits(boxes))
+            bar.update(len(images))
+    return {name: t.result() for name, t in totals.items()}, totals["centre_gaussian"].images
+
+
+def classifier_methods(module: torch.nn.Module, target: str) -> dict[str, CAMMethod]:
+    def gradcam(feature_maps: Tensor, logits: Tensor, labels: Tensor, size: tuple[int, int]) -> Tensor:
+        targets = labels if target == "true" else logits.argmax(1)
+        return head_cams(module, feature_maps, size, targets=targets)
+
+    return {"gradcam": gradcam}
+
+
+def embedding_methods(module: torch.nn.Module, target: str, mean: Tensor, single: Tensor) -> dict[str, CAMMethod]:
+    """EmbeddingCAM with each proxy scheme; "predicted" is the class whose mean proxy is nearest."""
+    def scheme(proxies: Tensor) -> CAMMethod:
+        def embeddingcam(feature_maps: Tensor, embeddings: Tensor, labels: Tensor, size: tuple[int, int]) -> Tensor:
+            p = proxies.to(embeddings.device)
+            targets = labels if target == "true" else (embeddings.float() @ mean.to(embeddings.device).T).argmax(1)
+            return head_cams(module, feature_maps, size, proxies=p[targets])
+
+        return embeddingcam
+
+    return {"embeddingcam_normalized_mean": scheme(mean), "embeddingcam_single_point": scheme(single)}
+
+
+def rounded(value: Any, digits: int = 6) -> Any:
+    """Floats rounded (NaN -> None) all the way down, so that two runs write byte-identical JSON."""
+    if isinstance(value, dict):
+        return {str(k): rounded(v, digits) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [rounded(v, digits) for v in value]
+    if isinstance(value, float):
+        return None if math.isnan(value) else round(value, digits)
+    return value
+
+
+def markdown_table(methods: dict[str, dict[str, float]]) -> str:
+    """Metrics as rows, methods as columns (the baseline last), values in percent."""
+    columns = [m for m in methods if m != "centre_gaussian"] + ["centre_gaussian"]
+    lines = ["| metric | " + " | ".join(METHOD_NAMES.get(m, m) for m in columns) + " |",
+             "|---|" + "---:|" * len(columns)]
+    for key, label in METRIC_NAMES.items():
+        values = [methods[m].get(key) for m in columns]
+        cells = ["n/a" if v is None or math.isnan(v) else f"{100 * v:.2f}" for v in values]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="cubcam evaluate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", type=Path, help="a Lightning checkpoint of a cubcam Classifier or EmbeddingNet")
+    parser.add_argument("--data.root", dest="data_root", default=None,
+                        help="dataset root (default: the one saved in the checkpoint)")
+    parser.add_argument("--data.split_scheme", dest="split_scheme", choices=("official", "zero_shot"), default=None)
+    parser.add_argument("--split", choices=sorted(SPLITS), default="test", help="split to score (val = test)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output folder (default: <checkpoint folder>/<checkpoint name>-evaluate-<split>)")
+    parser.add_argument("--target", choices=("true", "predicted"), default="true", help="class whose CAM is scored")
+    parser.add_argument("--reference-split", choices=("train", "test"), default=None,
+                        help="embedding nets: split whose embeddings give the proxies (default: train; test in "
+                             "the zero_shot scheme)")
+    parser.add_argument("--seed", type=int, default=0, help="draws the single-point proxy of each class")
+    parser.add_argument("--image-size", type=int, default=None, help="default: the checkpoint's data.image_size")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument("--limit", type=int, default=None, help="score only this many images, spread over the split")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no-cache", action="store_true", help="recompute the reference embeddings")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the evaluation; returns what it wrote to metrics.json."""
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    try:
+        ckpt = load_checkpoint(args.checkpoint, map_location=device)
+        root = args.data_root or ckpt.data_hparams.get("root")
+        if root is None or not Path(root).exists():
+            raise CheckpointError(f"dataset {root or '(none saved in the checkpoint)'} not found; pass --data.root")
+        split_scheme = args.split_scheme or ckpt.split_scheme
+        image_size = args.image_size or ckpt.image_size
+        split = SPLITS[args.split]
+        ref_split = reference_split(split_scheme, args.reference_split)
+        dataset = CUBDataset(root, split=split, split_scheme=split_scheme, transform=EvalPreset(image_size))
+    except (CheckpointError, FileNotFoundError, ValueError) as err:
+        print(f"error: {one_line(err)}", file=sys.stderr)
+        raise SystemExit(2) from None
+    module = ckpt.module
+    if args.limit is not None:
+        dataset = Subset(dataset, spread_indices(len(dataset), args.limit))
+
+    report: dict[str, Any] = {"checkpoint": ckpt.path.name, "kind": module.cam_kind, "split": split,
+                              "split_scheme": split_scheme, "image_size": image_size, "target": args.target,
+                              "baseline_sigma": GAUSSIAN_SIGMA}
+    if module.cam_kind == "classifier":
+        methods = classifier_methods(module, args.target)
+    else:
+        reference = reference_set(module, ckpt.path, root, split=ref_split, split_scheme=split_scheme,
+                                  image_size=image_size, batch_size=args.batch_size, num_workers=args.num_workers,
+                                  device=device, cache=not args.no_cache)
+        single, picks = reference.single_point_proxies(args.seed)
+        methods = embedding_methods(module, args.target, reference.mean_proxies(), single)
+        report |= {"reference_split": ref_split, "single_point_seed": args.seed,
+                   "single_point_reference_indices": picks.tolist()}
+
+    batches = loader(dataset, args.batch_size, args.num_workers)
+    scores, num_images = localization_scores(module, batches, methods, device, total=len(dataset))
+    report |= {"num_images": num_images, "methods": scores}
+    report = rounded(report)
+    table = markdown_table(scores)
+    out = args.out or ckpt.path.with_name(f"{ckpt.path.stem}-evaluate-{split}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    heading = f"{ckpt.path.name} on the {split} split ({num_images} images, {image_size} px), in %:\n\n"
+    (out / "metrics.md").write_text(heading + table)
+    print(heading + table + f"\nwrote {out / 'metrics.json'} and {out / 'metrics.md'}")
+    return report

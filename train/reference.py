@@ -1,0 +1,139 @@
+"""The reference split of an embedding net: its embeddings, the class proxies built from them, and kNN retrieval.
+
+EmbeddingCAM needs a proxy to score an embedding against, and retrieval needs a gallery; both come from the
+embeddings of a whole split. One pass over that split costs as much as an evaluation, so the result is cached
+beside the checkpoint (``<ckpt stem>.reference-<split>-<tag>.pt``), keyed by the checkpoint's content hash, the data
+root, the split (and scheme) and the image size: a retrained checkpoint or other data never reuse a stale cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from cams import normalized_mean_proxies, single_point_proxy
+from train.data.cub import CUBDataset
+from train.data.presets import EvalPreset
+
+CACHE_VERSION = 1
+
+
+@dataclass
+class ReferenceSet:
+    """L2-normalised embeddings [N, D] of a split, their labels [N], and the dataset they index."""
+
+    embeddings: Tensor
+    labels: Tensor
+    dataset: CUBDataset
+    split: str
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.dataset.class_names)
+
+    def mean_proxies(self) -> Tensor:
+        """Normalized Mean Proxy of every class of the split, [C, D]."""
+        return normalized_mean_proxies(self.embeddings, self.labels, self.num_classes)
+
+    def single_point_proxies(self, seed: int = 0) -> tuple[Tensor, Tensor]:
+        """Single Point Proxy of every class: the embedding of one of its images, drawn once per class with ``seed``.
+
+        Returns (proxies [C, D], the reference index drawn for each class [C]; -1 and a zero proxy for a class
+        without images).
+        """
+        generator = torch.Generator().manual_seed(seed)
+        picks = torch.full((self.num_classes,), -1, dtype=torch.long)
+        for c in range(self.num_classes):
+            members = (self.labels == c).nonzero()[:, 0]
+            if len(members):
+                picks[c] = members[torch.randint(len(members), (1,), generator=generator)]
+        proxies = torch.zeros(self.num_classes, self.embeddings.shape[1])
+        has = picks >= 0
+        proxies[has] = single_point_proxy(self.embeddings[picks[has]])
+        return proxies, picks
+
+    def nearest(self, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """The ``k`` most cosine-similar reference images of each query: (similarities [Q, k], indices [Q, k])."""
+        if not 1 <= k <= len(self.embeddings):
+            raise ValueError(f"k must lie in [1, {len(self.embeddings)}], got {k}")
+        return (F.normalize(queries.float(), dim=1) @ self.embeddings.T).topk(k, dim=1)
+
+
+def loader(dataset: Dataset, batch_size: int, num_workers: int) -> DataLoader:
+    """A plain, ordered loader: evaluation and reference passes never shuffle."""
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                      persistent_workers=False, pin_memory=torch.cuda.is_available())
+
+
+@torch.inference_mode()
+def embed(module: torch.nn.Module, data: DataLoader, device: torch.device,
+          desc: str = "embedding") -> tuple[Tensor, Tensor]:
+    """(L2-normalised embeddings [N, D], labels [N]) of every image of ``data``, on the CPU, in dataset order."""
+    module.eval()
+    embeddings, labels = [], []
+    for batch in tqdm(data, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True):
+        embeddings.append(F.normalize(module(batch["image"].to(device, non_blocking=True)).float(), dim=1).cpu())
+        labels.append(batch["label"])
+    return torch.cat(embeddings), torch.cat(labels)
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file's content (what makes two checkpoints the same model; an mtime alone can lie)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def cache_file(checkpoint: Path, key: dict) -> Path:
+    """One cache per checkpoint file and data setting; the checkpoint's hash is checked inside, so a retrained
+    ``last.ckpt`` replaces its stale cache instead of piling up new ones."""
+    data = {k: v for k, v in key.items() if k != "checkpoint_sha256"}
+    tag = hashlib.sha1(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
+    return checkpoint.with_name(f"{checkpoint.stem}.reference-{key['split']}-{tag}.pt")
+
+
+def reference_set(module: torch.nn.Module, checkpoint: str | Path, root: str | Path, split: str = "train",
+                  split_scheme: str = "official", image_size: int = 224, batch_size: int = 32, num_workers: int = 0,
+                  device: str | torch.device = "cpu", cache: bool = True) -> ReferenceSet:
+    """Embeddings of ``split`` for the embedding net loaded from ``checkpoint``, from the cache when it matches."""
+    checkpoint = Path(checkpoint)
+    dataset = CUBDataset(root, split=split, split_scheme=split_scheme, transform=EvalPreset(image_size))
+    key = {"version": CACHE_VERSION, "checkpoint_sha256": file_digest(checkpoint), "root": str(Path(root).resolve()),
+           "split": split, "split_scheme": split_scheme, "image_size": int(image_size), "num_images": len(dataset)}
+    path = cache_file(checkpoint, key)
+    if cache and path.is_file():
+        try:
+            stored = torch.load(path, map_location="cpu", weights_only=True)
+            if stored.get("key") == key:
+                return ReferenceSet(stored["embeddings"], stored["labels"], dataset, split)
+        except (RuntimeError, EOFError, OSError, KeyError, AttributeError):
+            pass  # a damaged cache is recomputed and overwritten
+    embeddings, labels = embed(module, loader(dataset, batch_size, num_workers), torch.device(device),
+                               desc=f"reference embeddings ({split})")
+    if cache:
+        try:
+            torch.save({"key": key, "embeddings": embeddings, "labels": labels}, path)
+        except OSError as err:  # a read-only checkpoint folder only costs the next run another pass
+            print(f"warning: could not cache reference embeddings at {path}: {err}", file=sys.stderr)
+    return ReferenceSet(embeddings, labels, dataset, split)
+
+
+def reference_split(split_scheme: str, requested: str | None = None) -> str:
+    """The split whose embeddings make the proxies: the training split by default, but in the zero-shot scheme the
+    test split, whose classes were never trained on (its labels index other classes than the training split's)."""
+    default = "test" if split_scheme == "zero_shot" else "train"
+    if requested is not None and split_scheme == "zero_shot" and requested != default:
+        raise ValueError("in the zero_shot scheme the test classes have no training images: their proxies can only "
+                         "come from the test split (--reference-split test)")
+    return requested or default
