@@ -128,7 +128,7 @@ class Classifier(CUBModule):
 
 
 class EmbeddingNet(CUBModule):
-    """ResNet -> linear -> L2-normalised embedding, trained with a triplet margin loss on mined triplets.
+    """ResNet -> linear -> embedding (compared by cosine), trained with a triplet margin loss on mined triplets.
 
     Train it on m-per-class batches (``data.sampler: m_per_class``) so every batch holds positives. Validation is
     retrieval on the whole validation split (gathered from all ranks): each image queries all others by cosine
