@@ -149,8 +149,10 @@ def test_embedding_net_learns_with_m_per_class_batches(tiny_cub: Path, offline: 
 
     # precision@1 by brute force: each validation image's nearest other image by cosine similarity.
     last = only(list((offline / "runs" / "cubcam").glob("*/checkpoints/last.ckpt")))
+    assert torch.load(last, weights_only=True)["epoch"] == 2  # the final epoch, even where it is not the best
     embeddings, labels = val_outputs(EmbeddingNet.load_from_checkpoint(last), tiny_cub)
-    similarity = embeddings @ embeddings.T
+    unit = torch.nn.functional.normalize(embeddings, dim=1)
+    similarity = unit @ unit.T
     similarity.fill_diagonal_(-torch.inf)
     precision_at_1 = (labels[similarity.argmax(1)] == labels).float().mean().item()
     assert record["metrics"]["val/precision_at_1"] == pytest.approx(precision_at_1, abs=1e-6)

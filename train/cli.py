@@ -48,11 +48,12 @@ class CubCamCLI(LightningCLI):
         trainer = self.trainer
         if not trainer.is_global_zero:
             return
-        if trainer.checkpoint_callback is not None:
-            ckpt = trainer.checkpoint_callback
-            rank_zero_info(f"checkpoints: best {ckpt.best_model_path or '-'} ({ckpt.monitor}="
-                           f"{float(ckpt.best_model_score) if ckpt.best_model_score is not None else '-'}), "
-                           f"last {Path(ckpt.dirpath) / 'last.ckpt' if ckpt.save_last else '-'}")
+        for ckpt in trainer.checkpoint_callbacks:
+            if ckpt.monitor is None:
+                rank_zero_info(f"checkpoint: latest {ckpt.best_model_path or '-'}")
+            else:
+                score = float(ckpt.best_model_score) if ckpt.best_model_score is not None else "-"
+                rank_zero_info(f"checkpoint: best {ckpt.best_model_path or '-'} ({ckpt.monitor}={score})")
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 run_dir = Path(logger.experiment.dir).parent  # <save_dir>/wandb/offline-run-<time>-<id>
