@@ -30,6 +30,7 @@ from callbacks.cam_panel import METRIC_KEYS, PANEL_KEY
 from callbacks.panel_render import GAP
 from callbacks.panel_select import random_subset, spread_over_classes
 from cams import localization
+from cams.figure import save_png
 from cams.protocol import head_cams
 from train.data.datamodule import CUBDataModule
 from train.data.synthetic import make_synthetic_cub
@@ -191,6 +192,28 @@ def test_one_panel_per_epoch_with_boxes_captions_and_metrics(synthetic_cub, offl
     assert grid.shape[1] > 4 * (2 * SIZE + GAP) and grid.std() > 10
 
 
+def test_panel_files_reach_wandb_also_where_it_may_symlink_media(synthetic_cub, offline):
+    """The strips go to W&B as PNG files from a temporary folder; a run that may symlink media gets the arrays
+    instead (a symlink into the deleted folder would dangle). Both runs' images hold the same pixels."""
+    import wandb
+
+    data = data_for(synthetic_cub, "classifier")
+    pixels = {}
+    for symlink in (False, True):
+        logger = wandb_logger(offline / str(symlink), settings=wandb.Settings(allow_media_symlink=symlink))
+        pl.seed_everything(0, verbose=False)
+        trainer_for(offline, 1, [CAMPanel(num_images=4)], logger=logger).validate(
+            module_for("classifier", data), datamodule=data, verbose=False)
+        run_dir = finished_run(logger)
+        rows = panel_rows(run_dir)
+        assert len(rows) == 1
+        media = rows[0][PANEL_KEY]
+        files = [run_dir / "files" / filename for filename in media["filenames"]]
+        assert all(f.is_file() and not f.is_symlink() for f in files)
+        pixels[symlink] = [np.asarray(Image.open(f).convert("RGB")) for f in files]
+    assert all(np.array_equal(a, b) and a.std() > 10 for a, b in zip(pixels[False], pixels[True]))
+
+
 def test_resumed_run_shows_the_same_birds(synthetic_cub, offline):
     data = data_for(synthetic_cub, "classifier")
     first_logger = wandb_logger(offline / "first")
@@ -283,13 +306,16 @@ class FailingWandbLogger(WandbLogger):
         super().log_metrics(metrics, step)
 
 
-def read_only_disk(*args, **kwargs):
-    raise PermissionError("read-only file system")
+def read_only_run_dir(array, path, *args, **kwargs):
+    """The run's folder is read-only (the W&B strips, written to a temporary folder, still get through)."""
+    if "cam_panels" in str(path):
+        raise PermissionError("read-only file system")
+    return save_png(array, path, *args, **kwargs)
 
 
 def test_logging_and_writing_failures_only_warn(synthetic_cub, offline, monkeypatch):
     data = data_for(synthetic_cub, "classifier")
-    monkeypatch.setattr("callbacks.cam_panel.save_png", read_only_disk)
+    monkeypatch.setattr("callbacks.cam_panel.save_png", read_only_run_dir)
     logger = FailingWandbLogger(project="cubcam", save_dir=str(offline), offline=True)
     with pytest.warns(CAMPanelWarning) as caught:
         metrics = trainer_for(offline, 1, [CAMPanel(num_images=4)], logger=logger).validate(
