@@ -155,8 +155,8 @@ def embedding_methods(module: torch.nn.Module, target: str, mean: Tensor, single
     def scheme(proxies: Tensor) -> CAMMethod:
         def embeddingcam(feature_maps: Tensor, embeddings: Tensor, labels: Tensor, size: tuple[int, int]) -> Tensor:
             p = proxies.to(embeddings.device)
-            cosine = torch.nn.functional.normalize(embeddings.float(), dim=1) @ mean.to(embeddings.device).T
-            targets = labels if target == "true" else cosine.argmax(1)
+            targets = labels if target == "true" else \
+                (torch.nn.functional.normalize(embeddings.float(), dim=1) @ mean.to(embeddings.device).T).argmax(1)
             return head_cams(module, feature_maps, size, proxies=p[targets])
 
         return embeddingcam
