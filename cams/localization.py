@@ -41,6 +41,8 @@ ArrayLike = torch.Tensor | np.ndarray | Sequence
 
 DEFAULT_THRESHOLDS = np.arange(0, 1, 0.01)  # the reference's CAM threshold grid (cam_curve_interval=0.01)
 DEFAULT_IOU_THRESHOLDS = (0.3, 0.5, 0.7)
+STACK_PIXELS = 32768  # maps labelled in one pass: enough small maps to amortise the per-call cost, few enough to
+# keep the run arrays in cache (larger stacks measured slower: 128 maps at 224 px 6.7 -> 10.4 ms/map stacked by 16)
 
 
 # --- MaxBoxAccV2 -------------------------------------------------------------------------------------------------
@@ -58,13 +60,13 @@ def box_hits(cams: ArrayLike, boxes: ArrayLike, thresholds: ArrayLike | None = N
     thresholds = _thresholds(thresholds)
     ious = _iou_thresholds(iou_thresholds)
     hits = np.zeros((len(maps), len(thresholds), len(ious)), dtype=bool)
-    for n, (cam, box) in enumerate(zip(maps, gt)):
-        q = _quantize(cam)
-        cuts, level_of = np.unique(_cut(thresholds, q), return_inverse=True)
-        level, regions = _region_boxes(q, cuts)
-        best = np.zeros(len(cuts))
-        np.maximum.at(best, level, box_iou(regions, box))
-        hits[n] = best[level_of][:, None] >= ious[None, :]
+    stack = max(1, STACK_PIXELS // (maps.shape[1] * maps.shape[2]))
+    for start in range(0, len(maps), stack):
+        depth, level_of = _depths(_quantize(maps[start:start + stack]), thresholds)
+        image, level, regions = _region_boxes(depth)
+        best = np.zeros((len(depth), len(thresholds)))  # [n, cut index]; at most T distinct cuts per map
+        np.maximum.at(best, (image, level), box_iou(regions, gt[start + image]))
+        hits[start:start + len(depth)] = np.take_along_axis(best, level_of, 1)[:, :, None] >= ious
     return hits
 
 
@@ -112,8 +114,8 @@ def boxes_from_map(cam: ArrayLike, threshold: float) -> np.ndarray:
     array = _numpy(cam, "cam")
     if array.ndim != 2:
         raise ValueError(f"cam must be one map [H, W], got shape {array.shape}")
-    q = _quantize(_maps(array[None])[0])
-    _, regions = _region_boxes(q, _cut(_thresholds([threshold]), q))
+    depth, _ = _depths(_quantize(_maps(array[None])), _thresholds([threshold]))
+    _, _, regions = _region_boxes(depth)
     return regions[np.lexsort(regions.T[[3, 2, 0, 1]])]
 
 
@@ -192,58 +194,78 @@ def pointing_game(cams: ArrayLike, boxes: ArrayLike | None = None, parts: ArrayL
 # --- regions at every threshold in one pass ------------------------------------------------------------------------
 
 
-def _quantize(cam: np.ndarray) -> np.ndarray:
-    """The reference's 8-bit score map of a min-max normalised map (float64, as it computes)."""
-    low, high = cam.min(), cam.max()
-    unit = (cam - low) / (high - low) if high > low else np.zeros_like(cam)
-    return (unit * 255).astype(np.uint8)
+def _quantize(cams: np.ndarray) -> np.ndarray:
+    """The reference's 8-bit score maps [N, H, W] of min-max normalised maps (float64, as it computes)."""
+    low, high = cams.min((1, 2), keepdims=True), cams.max((1, 2), keepdims=True)
+    span = np.where(high > low, high - low, 1.0)  # a flat map: cams - low is 0, and so is its quantisation
+    return ((cams - low) / span * 255).astype(np.uint8)
 
 
-def _cut(thresholds: np.ndarray, q: np.ndarray) -> np.ndarray:
-    """Integer cut per threshold, as the reference's ``int(threshold * max)``: pixels with q > cut are on."""
-    return (thresholds * int(q.max())).astype(np.int64)
+def _depths(q: np.ndarray, thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each pixel's count of the map's distinct cuts below it, int64 [N, H, W], and each threshold's cut index
+    [N, T]: a pixel is on at cut index j iff its depth > j.
 
-
-def _region_boxes(q: np.ndarray, cuts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """All region and hole boxes of ``q > cuts[j]`` for every j (cuts sorted, unique): (j [R], xywh int64 [R, 4]).
-
-    ``depth`` counts the cuts below each pixel, so the on-set at cut j is ``depth > j``. Its holes are the
-    components of the off-set that do not touch the border. That second pass costs as much as the first, so it
-    runs only over the cuts that have a hole (components > Euler number), usually few.
+    The cut of a threshold is the reference's ``int(threshold * max)`` (pixels with q > cut are on); thresholds
+    that give one map the same cut share a cut index, so each distinct level set is labelled once.
     """
-    depth = np.searchsorted(cuts, np.arange(256), side="left")[q]
-    top = int(depth.max())
+    cuts = (thresholds[None, :] * q.max((1, 2)).astype(np.int64)[:, None]).astype(np.int64)  # [N, T] in 0..255
+    present = np.zeros((len(q), 256), np.int64)
+    np.put_along_axis(present, cuts, 1, 1)
+    below = np.cumsum(present, 1) - present  # [N, v]: distinct cuts < v
+    offset = 256 * np.arange(len(q))
+    return below.ravel()[q + offset[:, None, None]], np.take_along_axis(below, cuts, 1)
+
+
+def _region_boxes(depth: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """All region and hole boxes of ``depth > j`` for every cut index j of every map [N, H, W] at once:
+    (map [R], j [R], xywh int64 [R, 4]).
+
+    The on-set's holes are the components of the off-set that do not touch the map's border. That second pass
+    costs as much as the first, so it runs only over the cuts that have a hole (components > Euler number),
+    usually few.
+    """
+    count, height, width = depth.shape
+    top = int(depth.max(initial=0))
     if top == 0:
-        return np.zeros(0, np.int64), np.zeros((0, 4), np.int64)
-    height, width = q.shape
-    level, x0, y0, x1, y1, euler = _level_set_components(depth, eight=True)
-    levels, boxes = [level - 1], [np.stack([x0, y0, x1 - x0, y1 - y0], 1)]
-    with_holes = np.flatnonzero(np.bincount(level, minlength=top + 1)[1:] > euler[1:])  # cut indices j
-    if len(with_holes):
-        # off at cut with_holes[k] <=> depth <= with_holes[k] <=> k >= s - off_count: level s - k of off_count
-        s = len(with_holes)
-        off_count = (s - np.searchsorted(with_holes, np.arange(top + 1), side="left"))[depth]
-        level, x0, y0, x1, y1, _ = _level_set_components(off_count, eight=False)
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 4), np.int64)
+    image, level, x0, y0, x1, y1, euler = _level_set_components(depth, eight=True)
+    components = np.bincount(image * (top + 1) + level, minlength=count * (top + 1)).reshape(count, top + 1)
+    images, levels, boxes = [image], [level - 1], [np.stack([x0, y0, x1 - x0, y1 - y0], 1)]
+    has_hole = components[:, 1:] > euler[:, 1:]  # [N, j]
+    if has_hole.any():
+        # At cut j a pixel is off iff depth <= j. Count the hole cuts at or above each pixel's depth: level l of
+        # that count is the off-set at the map's l-th highest hole cut.
+        above = np.concatenate([np.cumsum(has_hole[:, ::-1], 1)[:, ::-1], np.zeros((count, 1), np.int64)], 1)
+        off_count = np.take_along_axis(above, depth.reshape(count, -1), 1).reshape(depth.shape)
+        cut_of = np.zeros((count, int(above.max()) + 1), np.int64)
+        n, j = np.nonzero(has_hole)
+        cut_of[n, above[n, j]] = j
+        image, level, x0, y0, x1, y1, _ = _level_set_components(off_count, eight=False)
         inner = (x0 > 0) & (y0 > 0) & (x1 < width) & (y1 < height)  # touching the border: outside, not a hole
-        level, x0, y0, x1, y1 = (v[inner] for v in (level, x0, y0, x1, y1))
-        levels.append(with_holes[s - level])
+        image, level, x0, y0, x1, y1 = (v[inner] for v in (image, level, x0, y0, x1, y1))
+        images.append(image)
+        levels.append(cut_of[image, level])
         boxes.append(np.stack([x0 - 1, y0 - 1, x1 - x0 + 2, y1 - y0 + 2], 1))  # the contour around the hole
-    return np.concatenate(levels), np.concatenate(boxes)
+    return np.concatenate(images), np.concatenate(levels), np.concatenate(boxes)
 
 
 def _level_set_components(depth: np.ndarray, eight: bool) -> tuple[np.ndarray, ...]:
-    """Bounding boxes of the connected components of ``depth >= i`` for every level i = 1 .. depth.max() at once.
+    """Bounding boxes of the connected components of ``depth >= i`` for every level i = 1 .. depth.max() of every
+    map [N, H, W] at once.
 
     Labelling each level separately costs levels x pixels. Instead every level set is cut into horizontal runs
-    (found from the steps of ``depth`` along the rows, so their number is the map's total variation), runs of the
+    (found from the steps of ``depth`` along the rows, so their number is the maps' total variation), runs of the
     same level in neighbouring rows that touch are linked, and one sparse connected-components call labels all
-    levels together. Returns (level, x0, y0, x1, y1) per component (x1, y1 exclusive) and the Euler number
-    (components - holes) of every level, [depth.max() + 1]: runs minus linked pairs (the run graph has one
-    independent cycle per hole).
+    levels together. The maps are stacked into one tall image with an empty row below each, so one labelling
+    serves them all and no region crosses into the next map. Returns (map, level, x0, y0, x1, y1) per component
+    (x1, y1 exclusive, in the map's pixels) and the Euler number (components - holes) of every map's every level,
+    [N, depth.max() + 1]: runs minus linked pairs (the run graph has one independent cycle per hole).
     """
-    height, width = depth.shape
-    padded = np.zeros((height, width + 2), np.int64)
-    padded[:, 1:-1] = depth
+    maps, rows, width = depth.shape[0], depth.shape[1] + 1, depth.shape[2]
+    height = maps * rows
+    padded = np.zeros((maps, rows, width + 2), np.int64)
+    padded[:, :-1, 1:-1] = depth
+    padded = padded.reshape(height, width + 2)
     left, right = padded[:, :-1].ravel(), padded[:, 1:].ravel()  # the two sides of every column boundary
     level, row, start = _crossings(left, right, width + 1)  # a run of level i starts where left < i <= right
     _, _, end = _crossings(right, left, width + 1)  # and ends (exclusive) where right < i <= left
@@ -267,9 +289,12 @@ def _level_set_components(depth: np.ndarray, eight: bool) -> tuple[np.ndarray, .
     np.maximum.at(y1, label, row + 1)
     component_level = np.empty(count, np.int64)
     component_level[label] = level
-    top = int(depth.max())
-    euler = np.bincount(level, minlength=top + 1) - np.bincount(level, weights=partners, minlength=top + 1)
-    return component_level, x0, y0, x1, y1, euler
+    top = int(depth.max(initial=0))
+    slot = level if maps == 1 else row // rows * (top + 1) + level
+    euler = (np.bincount(slot, minlength=maps * (top + 1))
+             - np.bincount(slot, weights=partners, minlength=maps * (top + 1))).reshape(maps, top + 1)
+    image = y0 // rows
+    return image, component_level, x0, y0 - image * rows, x1, y1 - image * rows, euler
 
 
 def _crossings(low: np.ndarray, high: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

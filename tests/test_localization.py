@@ -222,6 +222,27 @@ def test_hits_on_upsampled_cams_equal_the_reference():
     np.testing.assert_array_equal(box_hits(cams, gts, thresholds, ious), expected)
 
 
+
+def test_maps_labelled_together_stay_apart():
+    """box_hits labels small maps in one stacked pass: a region on one map's bottom edge must not join a region on
+    the next map's top edge, and each map keeps its own holes, cuts and ground-truth box."""
+    bottom = np.zeros((6, 7))
+    bottom[3:, 1:6] = 1.0
+    bottom[4, 3] = 0.0  # a hole in the region on the bottom edge
+    top = np.zeros((6, 7))
+    top[:3, 2:5] = 0.6
+    top[0, 6] = 1.0  # a second, brighter region on the top edge
+    full = np.ones((6, 7))
+    full[2, 3] = 0.9  # on everywhere but one pixel at low thresholds: a whole-map region around a hole
+    maps = np.stack([bottom, top, full, bottom[::-1].copy()])
+    gts = np.array([[1.0, 3.0, 5.0, 3.0], [2.0, 0.0, 3.0, 3.0], [0.0, 0.0, 7.0, 6.0], [1.0, 0.0, 5.0, 3.0]])
+    thresholds = np.array([0.0, 0.3, 0.5, 0.7, 0.99])
+    ious = (0.1, 0.5, 0.9)
+    expected = np.concatenate([naive_hits(cam, gt[None], thresholds, ious) for cam, gt in zip(maps, gts)])
+    hits = box_hits(maps, gts, thresholds, ious)
+    np.testing.assert_array_equal(hits, expected)
+    assert hits[:, :, -1].any(1).all()  # every map finds its own box exactly: nothing merged across maps
+
 # --- accuracy from hit counts ------------------------------------------------------------------------------------
 
 
