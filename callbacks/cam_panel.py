@@ -27,6 +27,7 @@ no second backbone pass). A subset because (1) an embedding net's proxies exist 
 are all in, so the feature maps must be kept until the epoch ends, and the whole CUB test set's (5,794 x 2048 x 7 x
 7 floats = 2.3 GB at ResNet-50/224 px, 4x that at output stride 16) would not fit; (2) MaxBoxAccV2 labels connected
 regions at 100 thresholds per image, which over all 5,794 images would cost more than the ~3% budget of an epoch.
+At 224 px and up the labelling runs in threads (training waits at the epoch's end, so its cores are free).
 The subset's CAMs are for the true class (classifier; the WSOL convention) or its proxy (embedding net).
 
 The PNG grid goes to ``<save_dir>/<name>/<version>/cam_panels/epoch_NNN.png`` of the first logger, i.e. beside
@@ -256,6 +257,7 @@ class CAMPanel(pl.Callback):
         proxies = None
         if embeddings is not None and self.proxy == "normalized_mean":
             proxies = normalized_mean_proxies(embeddings[0], embeddings[1])
+        workers = max(1, torch.get_num_threads() // trainer.num_devices)  # the cores this rank's loop uses
         for start in range(0, len(stored.get("index", [])), METRIC_CHUNK):
             part = {key: value[start:start + METRIC_CHUNK] for key, value in stored.items()}
             feature_maps, labels = part["feature_maps"].to(pl_module.device), part["label"].to(pl_module.device)
@@ -268,7 +270,7 @@ class CAMPanel(pl.Callback):
                 maps = head_cams(pl_module, feature_maps, self._image_size,
                                  proxies=single_point_proxy(embeddings[0][neighbours]))
             maps, boxes = maps.float().cpu(), part["box"]
-            values = [localization.box_hits(maps, boxes).reshape(len(maps), -1),
+            values = [localization.box_hits(maps, boxes, workers=workers).reshape(len(maps), -1),
                       localization.heatmap_ratio(maps, boxes)[:, None],
                       localization.pointing_game(maps, boxes=boxes)[:, None], np.ones((len(maps), 1))]
             rows[[slot[int(i)] for i in part["index"]]] = torch.from_numpy(np.concatenate(values, 1).astype(np.float64))

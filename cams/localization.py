@@ -31,6 +31,7 @@ boxes against the OpenCV pipeline itself.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -49,24 +50,40 @@ STACK_PIXELS = 32768  # maps labelled in one pass: enough small maps to amortise
 
 
 def box_hits(cams: ArrayLike, boxes: ArrayLike, thresholds: ArrayLike | None = None,
-             iou_thresholds: ArrayLike = DEFAULT_IOU_THRESHOLDS) -> np.ndarray:
+             iou_thresholds: ArrayLike = DEFAULT_IOU_THRESHOLDS, workers: int = 1) -> np.ndarray:
     """Per image, threshold and IoU threshold: does any region box at that threshold reach that IoU with the GT box?
 
     ``cams`` [N, H, W], ``boxes`` [N, 4] xywh -> bool [N, T, I]. Summed over images (also over batches and ranks)
     this is all :func:`max_box_acc_from_hits` needs, so large evaluations never keep the maps.
+
+    Small maps are labelled several at a time (``STACK_PIXELS``). Maps of that size and up (224 px) are labelled in
+    ``workers`` threads: their array operations are large enough to release the GIL, while on smaller maps the
+    interpreter's share dominates and threads do not pay (``bench/localization_speed.py``).
     """
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+        raise ValueError(f"workers must be a positive integer, got {workers!r}")
     maps = _maps(cams)
     gt = _boxes(boxes, len(maps))
     thresholds = _thresholds(thresholds)
     ious = _iou_thresholds(iou_thresholds)
     hits = np.zeros((len(maps), len(thresholds), len(ious)), dtype=bool)
     stack = max(1, STACK_PIXELS // (maps.shape[1] * maps.shape[2]))
-    for start in range(0, len(maps), stack):
-        depth, level_of = _depths(_quantize(maps[start:start + stack]), thresholds)
-        image, level, regions = _region_boxes(depth)
-        best = np.zeros((len(depth), len(thresholds)))  # [n, cut index]; at most T distinct cuts per map
-        np.maximum.at(best, (image, level), box_iou(regions, gt[start + image]))
-        hits[start:start + len(depth)] = np.take_along_axis(best, level_of, 1)[:, :, None] >= ious
+
+    def label(first: int, stop: int) -> None:
+        for start in range(first, stop, stack):
+            depth, level_of = _depths(_quantize(maps[start:min(start + stack, stop)]), thresholds)
+            image, level, regions = _region_boxes(depth)
+            best = np.zeros((len(depth), len(thresholds)))  # [n, cut index]; at most T distinct cuts per map
+            np.maximum.at(best, (image, level), box_iou(regions, gt[start + image]))
+            hits[start:start + len(depth)] = np.take_along_axis(best, level_of, 1)[:, :, None] >= ious
+
+    workers = min(workers, len(maps)) if stack == 1 else 1
+    if workers <= 1:  # also for no maps at all
+        label(0, len(maps))
+        return hits
+    bounds = np.linspace(0, len(maps), workers + 1).round().astype(int)  # one run of neighbouring maps per thread
+    with ThreadPoolExecutor(workers, thread_name_prefix="box_hits") as pool:
+        list(pool.map(label, bounds[:-1], bounds[1:]))  # list(): re-raises a thread's error here
     return hits
 
 
@@ -99,9 +116,9 @@ def max_box_acc_from_hits(hit_counts: ArrayLike, num_images: int, thresholds: Ar
 
 
 def max_box_acc(cams: ArrayLike, boxes: ArrayLike, thresholds: ArrayLike | None = None,
-                iou_thresholds: ArrayLike = DEFAULT_IOU_THRESHOLDS) -> dict[str, float | np.ndarray]:
+                iou_thresholds: ArrayLike = DEFAULT_IOU_THRESHOLDS, workers: int = 1) -> dict[str, float | np.ndarray]:
     """MaxBoxAccV2 of a set of maps [N, H, W] against their GT boxes [N, 4] (see :func:`max_box_acc_from_hits`)."""
-    hits = box_hits(cams, boxes, thresholds, iou_thresholds)
+    hits = box_hits(cams, boxes, thresholds, iou_thresholds, workers)
     return max_box_acc_from_hits(hits.sum(0), len(hits), thresholds, iou_thresholds)
 
 

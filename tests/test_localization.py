@@ -11,6 +11,7 @@ from scipy import ndimage
 from cams.localization import (
     DEFAULT_IOU_THRESHOLDS,
     DEFAULT_THRESHOLDS,
+    STACK_PIXELS,
     box_hits,
     box_iou,
     boxes_from_map,
@@ -243,6 +244,21 @@ def test_maps_labelled_together_stay_apart():
     np.testing.assert_array_equal(hits, expected)
     assert hits[:, :, -1].any(1).all()  # every map finds its own box exactly: nothing merged across maps
 
+
+def test_large_maps_in_threads_equal_one_thread_and_the_reference():
+    """Maps of STACK_PIXELS and up go to ``workers`` threads, each writing its own rows of the result."""
+    g = torch.Generator().manual_seed(7)
+    cams = F.interpolate(torch.relu(torch.randn(5, 1, 7, 7, generator=g)), size=(184, 180), mode="bilinear")[:, 0]
+    assert 184 * 180 >= STACK_PIXELS  # one map per task: the threaded path
+    gts = torch.tensor([[10.0, 12.0, 90.0, 80.0], [0.0, 0.0, 180.0, 184.0], [60.5, 20.25, 50.0, 100.0],
+                        [5.0, 100.0, 60.0, 70.0], [100.0, 100.0, 70.0, 70.0]])
+    thresholds = np.array([0.05, 0.2, 0.4, 0.6, 0.8])
+    threaded = box_hits(cams, gts, thresholds, workers=3)
+    expected = np.concatenate([naive_hits(cam, gt[None], thresholds) for cam, gt in zip(cams.numpy(), gts.numpy())])
+    np.testing.assert_array_equal(threaded, expected)
+    np.testing.assert_array_equal(box_hits(cams, gts, thresholds), expected)
+    assert 0 < threaded.sum() < threaded.size  # the maps differ: rows in the wrong place would show
+
 # --- accuracy from hit counts ------------------------------------------------------------------------------------
 
 
@@ -378,6 +394,7 @@ def test_maps_are_min_max_normalised_first():
         (lambda: box_hits(np.zeros((1, 4, 4)), [[0.0, 0.0, -1.0, 2.0]]), "w, h >= 0"),
         (lambda: box_hits(np.zeros((1, 4, 4)), np.zeros((1, 4)), thresholds=[1.5]), "thresholds must be"),
         (lambda: box_hits(np.zeros((1, 4, 4)), np.zeros((1, 4)), iou_thresholds=[0.0]), "iou_thresholds must be"),
+        (lambda: box_hits(np.zeros((1, 4, 4)), np.zeros((1, 4)), workers=0), "workers must be a positive integer"),
         (lambda: boxes_from_map(np.zeros((1, 4, 4)), 0.5), r"one map \[H, W\]"),
         (lambda: pointing_game(np.zeros((1, 4, 4)), parts=np.zeros((1, 15))), r"parts must be"),
     ],

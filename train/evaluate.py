@@ -101,7 +101,7 @@ class Totals:
 
     def update(self, maps: Tensor, boxes: Tensor, parts: Tensor, hits: np.ndarray | None = None) -> None:
         """Add a batch of maps [B, H, W]; ``hits`` [B, T, I] when already known (the baseline's)."""
-        hits = (box_hits(maps, boxes) if hits is None else hits).sum(0)
+        hits = (box_hits(maps, boxes, workers=torch.get_num_threads()) if hits is None else hits).sum(0)
         self.hits = hits if self.hits is None else self.hits + hits
         self.images += len(maps)
         self.ratio += float(np.asarray(heatmap_ratio(maps, boxes), dtype=np.float64).sum())
