@@ -10,7 +10,8 @@ bilinearly to the image.
 
     python bench/localization_speed.py [--maps 32] [--workers N]
 
-Targets: box_hits >= 5x faster than the per-threshold baseline; threads >= 1.3x at 224 px on 2 cores.
+Target: box_hits >= 5x faster than the per-threshold baseline. The threads' gain is reported: it depends on the cores,
+and the interpreter's share of the work (about half at 224 px) bounds it.
 """
 
 from __future__ import annotations
