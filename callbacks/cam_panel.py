@@ -27,7 +27,8 @@ no second backbone pass). A subset because (1) an embedding net's proxies exist 
 are all in, so the feature maps must be kept until the epoch ends, and the whole CUB test set's (5,794 x 2048 x 7 x
 7 floats = 2.3 GB at ResNet-50/224 px, 4x that at output stride 16) would not fit; (2) MaxBoxAccV2 labels connected
 regions at 100 thresholds per image, which over all 5,794 images would cost more than the ~3% budget of an epoch.
-At 224 px and up the labelling runs in threads (training waits at the epoch's end, so its cores are free).
+From about 180 px square up the labelling runs in threads (training waits at the epoch's end, so its cores are
+free).
 The subset's CAMs are for the true class (classifier; the WSOL convention) or its proxy (embedding net).
 
 The PNG grid goes to ``<save_dir>/<name>/<version>/cam_panels/epoch_NNN.png`` of the first logger, i.e. beside

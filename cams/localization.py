@@ -56,8 +56,8 @@ def box_hits(cams: ArrayLike, boxes: ArrayLike, thresholds: ArrayLike | None = N
     ``cams`` [N, H, W], ``boxes`` [N, 4] xywh -> bool [N, T, I]. Summed over images (also over batches and ranks)
     this is all :func:`max_box_acc_from_hits` needs, so large evaluations never keep the maps.
 
-    Small maps are labelled several at a time (``STACK_PIXELS``). Maps of that size and up (224 px) are labelled in
-    ``workers`` threads: their array operations are large enough to release the GIL, while on smaller maps the
+    Small maps are labelled several at a time (``STACK_PIXELS``). Maps of that size and up (about 180 px square) go
+    to ``workers`` threads: their array operations are large enough to release the GIL, while on smaller maps the
     interpreter's share dominates and threads do not pay (``bench/localization_speed.py``).
     """
     if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
