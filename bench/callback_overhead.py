@@ -1,4 +1,4 @@
-"""Epoch time with and without ``callbacks.CAMPanel``, in one run.
+"""Epoch time with and without ``cubcam.callbacks.CAMPanel``, in one run.
 
 Scenarios (each: the same module, data and Trainer settings on both sides; W&B offline on both sides):
 
@@ -29,22 +29,22 @@ import time
 from pathlib import Path
 from typing import Any
 
-import train  # noqa: F401  (torchvision guard first)
+import cubcam.train  # noqa: F401  (torchvision guard first)
 import pytorch_lightning as pl
 import torch
 import yaml
 from pytorch_lightning.loggers import WandbLogger
 
-from callbacks import CAMPanel
-from train.data.datamodule import CUBDataModule
-from train.data.synthetic import make_synthetic_cub
-from train.modules import Classifier, EmbeddingNet
+from cubcam.callbacks import CAMPanel
+from cubcam.train.data.datamodule import CUBDataModule
+from cubcam.train.data.synthetic import make_synthetic_cub
+from cubcam.train.modules import Classifier, EmbeddingNet
 
 sys.path.insert(0, str(Path(__file__).parent))
 from train_throughput import EpochTimer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-MODULES = {"train.modules.Classifier": Classifier, "train.modules.EmbeddingNet": EmbeddingNet}
+MODULES = {"cubcam.train.modules.Classifier": Classifier, "cubcam.train.modules.EmbeddingNet": EmbeddingNet}
 
 
 class TimedCAMPanel(CAMPanel):

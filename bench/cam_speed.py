@@ -17,14 +17,14 @@ import statistics
 import time
 from typing import Callable
 
-import cams  # noqa: F401  (torchvision guard first)
+import cubcam.cams  # noqa: F401  (torchvision guard first)
 import torch
 import torchvision
 from captum.attr import LayerGradCam
 from pytorch_grad_cam import GradCAM as PGCGradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-from cams import GradCAM
+from cubcam.cams import GradCAM
 
 
 def main() -> None:

@@ -4,7 +4,7 @@ For each model kind (a Classifier: GradCAM; an EmbeddingNet: EmbeddingCAM with b
 loaded into memory once, then, interleaved ``--repeats`` times so machine noise hits both alike (median reported):
 
 - forward only: ``module(images)`` per batch under ``torch.inference_mode()`` — the floor;
-- evaluate: ``train.evaluate.localization_scores`` on the same batches — the hooked forward, head-only CAMs for
+- evaluate: ``cubcam.train.evaluate.localization_scores`` on the same batches — the hooked forward, head-only CAMs for
   every method, upsampling, and the MaxBoxAccV2 / heatmap-ratio / pointing-game bookkeeping of every method and of
   the centre-Gaussian baseline (what ``cubcam evaluate`` does per batch, minus reading the JPEGs).
 
@@ -28,19 +28,19 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import cams  # noqa: F401  (torchvision guard first)
+import cubcam.cams  # noqa: F401  (torchvision guard first)
 import pytorch_lightning as pl
 import torch
 
-from train.checkpoint import load_checkpoint
-from train.data.cub import CUBDataset
-from train.data.datamodule import CUBDataModule
-from train.data.presets import EvalPreset
-from train.data.synthetic import make_synthetic_cub
-from train.evaluate import classifier_methods, embedding_methods, localization_scores
-from train.evaluate import main as evaluate_main
-from train.modules import Classifier, EmbeddingNet
-from train.reference import loader, reference_set
+from cubcam.train.checkpoint import load_checkpoint
+from cubcam.train.data.cub import CUBDataset
+from cubcam.train.data.datamodule import CUBDataModule
+from cubcam.train.data.presets import EvalPreset
+from cubcam.train.data.synthetic import make_synthetic_cub
+from cubcam.train.evaluate import classifier_methods, embedding_methods, localization_scores
+from cubcam.train.evaluate import main as evaluate_main
+from cubcam.train.modules import Classifier, EmbeddingNet
+from cubcam.train.reference import loader, reference_set
 
 
 def save_checkpoint(module: pl.LightningModule, data: CUBDataModule, path: Path) -> Path:

@@ -1,4 +1,4 @@
-"""MaxBoxAccV2's cost per map: ``cams.localization.box_hits`` against labelling each threshold on its own, in one run.
+"""MaxBoxAccV2's cost per map: ``cubcam.cams.localization.box_hits`` against labelling each threshold on its own, in one run.
 
 The baseline is the reference's procedure (Choe et al., CVPR 2020) with ``scipy.ndimage`` in place of OpenCV: at each
 of the 100 thresholds, label the 8-connected regions and the holes (4-connected, not touching the border) of the
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from cams.localization import DEFAULT_IOU_THRESHOLDS, DEFAULT_THRESHOLDS, box_hits, box_iou
+from cubcam.cams.localization import DEFAULT_IOU_THRESHOLDS, DEFAULT_THRESHOLDS, box_hits, box_iou
 
 SCENARIOS = ((64, 4), (128, 8), (224, 7), (224, 14))  # (image px, CAM grid)
 

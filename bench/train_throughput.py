@@ -1,7 +1,7 @@
-"""Training images/s: our Lightning ``fit`` of ``train.modules.Classifier`` against a plain PyTorch loop, in one run.
+"""Training images/s: our Lightning ``fit`` of ``cubcam.train.modules.Classifier`` against a plain PyTorch loop, in one run.
 
 Both sides share everything but the loop: the same net (same seed), the same DataLoader object (synthetic CUB,
-the training transform), AdamW + cosine schedule from ``train.modules.build_optimizer``, cross-entropy. The
+the training transform), AdamW + cosine schedule from ``cubcam.train.modules.build_optimizer``, cross-entropy. The
 Lightning side is our module's ``training_step`` (with its ``train/loss`` / ``train/acc`` logging) under a Trainer
 without logger, checkpointing, progress bar or validation, which would only add I/O that a plain loop lacks too.
 Runs alternate Lightning, plain, plain, Lightning (ABBA, so drifting machine load hits both alike); the first
@@ -20,15 +20,15 @@ import tempfile
 import time
 from pathlib import Path
 
-import train  # noqa: F401  (torchvision guard first)
+import cubcam.train  # noqa: F401  (torchvision guard first)
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from train.data.datamodule import CUBDataModule
-from train.data.synthetic import make_synthetic_cub
-from train.modules import Classifier, build_optimizer
+from cubcam.train.data.datamodule import CUBDataModule
+from cubcam.train.data.synthetic import make_synthetic_cub
+from cubcam.train.modules import Classifier, build_optimizer
 
 
 class EpochTimer(pl.Callback):

@@ -1,11 +1,11 @@
-"""cubcam's Lightning callbacks. They speak the duck-typed CAM protocol (see ``callbacks.cam_panel``), use ``cams``
+"""cubcam's Lightning callbacks. They speak the duck-typed CAM protocol (see ``cubcam.callbacks.cam_panel``), use ``cams``
 for the maps and figures, and never import ``train``.
 
-    from callbacks import CAMPanel
+    from cubcam.callbacks import CAMPanel
     trainer = pl.Trainer(callbacks=[CAMPanel(num_images=16)], logger=WandbLogger(project="cubcam"))
 """
 
-import cams  # noqa: F401  (installs the torchvision guard before Lightning imports torchvision)
-from callbacks.cam_panel import CAMPanel, CAMPanelWarning
+import cubcam.cams  # noqa: F401  (installs the torchvision guard before Lightning imports torchvision)
+from cubcam.callbacks.cam_panel import CAMPanel, CAMPanelWarning
 
 __all__ = ["CAMPanel", "CAMPanelWarning"]

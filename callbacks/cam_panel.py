@@ -9,7 +9,7 @@ and a ``validation_step`` returning ``{"feature_maps", "output", "labels", "inde
 map-style (``dataset[i]`` a dict with ``image``, ``label``, ``box``; optionally ``mean``/``std``/``class_names``).
 
 The panel's maps come from the feature maps and outputs the validation loop already produced for those birds
-(gathered to rank zero under DDP), through the head alone (``cams.protocol.head_cams``). Only the epoch that chooses
+(gathered to rank zero under DDP), through the head alone (``cubcam.cams.protocol.head_cams``). Only the epoch that chooses
 the panel, and the neighbours of ``proxy="single_point"``, read images from the dataset and run a forward.
 
 How it stays out of training's way (so the trained weights are bit-identical with and without it):
@@ -52,12 +52,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from callbacks.panel_render import Cell, Strip, name, render_strip, wandb_boxes
-from callbacks.panel_select import random_subset, spread_over_classes
-from cams import localization, normalized_mean_proxies, single_point_proxy
-from cams.figure import grid, save_png
-from cams.overlay import IMAGENET_MEAN, IMAGENET_STD, colorize, denormalize
-from cams.protocol import features_and_outputs, head_cams
+from cubcam.callbacks.panel_render import Cell, Strip, name, render_strip, wandb_boxes
+from cubcam.callbacks.panel_select import random_subset, spread_over_classes
+from cubcam.cams import localization, normalized_mean_proxies, single_point_proxy
+from cubcam.cams.figure import grid, save_png
+from cubcam.cams.overlay import IMAGENET_MEAN, IMAGENET_STD, colorize, denormalize
+from cubcam.cams.protocol import features_and_outputs, head_cams
 
 PANEL_KEY = "val/cam_panel"
 METRIC_KEYS = ("val/cam_max_box_acc", "val/cam_box_acc_iou50", "val/cam_heatmap_ratio", "val/cam_pointing_game")
@@ -86,7 +86,7 @@ class CAMPanel(pl.Callback):
         proxy: EmbeddingCAM's proxy: "normalized_mean" (the class's Normalized Mean Proxy over the validation
             embeddings) or "single_point" (the nearest other validation image, shown beside the bird).
         target: the class of the primary map: "true" or "predicted"; the other one is shown too when it differs.
-        colormap, alpha: the heatmap overlay (``cams.overlay``).
+        colormap, alpha: the heatmap overlay (``cubcam.cams.overlay``).
         log_metrics: compute and log the localization metrics.
         metrics_subset: validation images the metrics use (None: 512, or all when fewer).
         seed: seeds the choice of the panel and of the metric subset.

@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
-from cams.figure import as_uint8, cam_box, draw_boxes
-from cams.overlay import overlay
+from cubcam.cams.figure import as_uint8, cam_box, draw_boxes
+from cubcam.cams.overlay import overlay
 
 GAP = 4  # white pixels between the two cells of a strip
 
@@ -42,7 +42,7 @@ class Strip:
 
 
 def render_strip(cells: list[Cell], colormap: str, alpha: float, threshold: float) -> Strip:
-    """Overlay each cell's CAM, box its largest region at ``threshold`` (see ``cams.figure.cam_box``), join the
+    """Overlay each cell's CAM, box its largest region at ``threshold`` (see ``cubcam.cams.figure.cam_box``), join the
     cells left to right with a white gap; box coordinates are shifted into the strip."""
     plain, boxed, gt_boxes, cam_boxes = [], [], [], []
     left = 0

@@ -1,15 +1,15 @@
 """cubcam's explanation engine: GradCAM and EmbeddingCAM for any PyTorch model (PyTorch, NumPy, SciPy only).
 
-    from cams import GradCAM, EmbeddingCAM, normalized_mean_proxies, single_point_proxy, overlay
+    from cubcam.cams import GradCAM, EmbeddingCAM, normalized_mean_proxies, single_point_proxy, overlay
     maps = GradCAM(model, "layer4")(images)              # [B, H, W] in [0, 1], predicted classes
     maps = EmbeddingCAM(net, "layer4")(images, proxies)  # score <embedding, proxy>
 """
 
-from cams import _torchvision_guard  # noqa: F401  (must run before anything imports torchvision)
-from cams import localization
-from cams.engine import EmbeddingCAM, GradCAM, minmax_normalize
-from cams.overlay import overlay
-from cams.proxies import normalized_mean_proxies, single_point_proxy
+from cubcam.cams import _torchvision_guard  # noqa: F401  (must run before anything imports torchvision)
+from cubcam.cams import localization
+from cubcam.cams.engine import EmbeddingCAM, GradCAM, minmax_normalize
+from cubcam.cams.overlay import overlay
+from cubcam.cams.proxies import normalized_mean_proxies, single_point_proxy
 
 __all__ = [
     "EmbeddingCAM",

@@ -1,10 +1,10 @@
 """Figures of CAMs for people: boxes drawn on tiles and captioned grids of tiles, as uint8 arrays (Pillow only).
 
-    from cams.figure import grid, draw_boxes, cam_box, cam_tile, save_png
+    from cubcam.cams.figure import grid, draw_boxes, cam_box, cam_tile, save_png
     save_png(grid(images, captions, cams=maps, boxes=gt_boxes), "panel.png")   # overlays, GT green, CAM red
 
 Shared by the training callback's per-epoch PNG panels and ``cubcam explain``, so both look the same. Boxes are
-``(x, y, w, h)`` in pixels, as CUB's ``bounding_boxes.txt`` and ``cams.localization`` use them.
+``(x, y, w, h)`` in pixels, as CUB's ``bounding_boxes.txt`` and ``cubcam.cams.localization`` use them.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
-from cams.localization import boxes_from_map
-from cams.overlay import overlay
+from cubcam.cams.localization import boxes_from_map
+from cubcam.cams.overlay import overlay
 
 GT_COLOR = (0, 200, 0)  # green: the ground-truth box
 CAM_COLOR = (255, 0, 0)  # red: the box of the CAM's largest region
@@ -28,9 +28,9 @@ BoxLike = Tensor | np.ndarray | Sequence[float]
 
 def cam_box(cam_map: Tensor | np.ndarray, threshold: float = 0.5) -> np.ndarray | None:
     """The CAM's box: the largest (by box area) connected region of the map above ``threshold`` (on its 8-bit
-    quantisation, as ``cams.localization.boxes_from_map`` cuts it), xywh; None if empty.
+    quantisation, as ``cubcam.cams.localization.boxes_from_map`` cuts it), xywh; None if empty.
 
-    The same boxes MaxBoxAccV2 scores (``cams.localization.boxes_from_map``); a figure shows the biggest one.
+    The same boxes MaxBoxAccV2 scores (``cubcam.cams.localization.boxes_from_map``); a figure shows the biggest one.
     """
     boxes = np.asarray(boxes_from_map(cam_map, threshold), dtype=np.float64).reshape(-1, 4)
     if len(boxes) == 0:
@@ -64,7 +64,7 @@ def draw_boxes(tile: np.ndarray, gt_box: BoxLike | None = None, cam_box: BoxLike
 
 def cam_tile(image: Tensor | np.ndarray, cam_map: Tensor | np.ndarray, gt_box: BoxLike | None = None,
              colormap: str = "jet", alpha: float = 0.5, threshold: float = 0.5) -> np.ndarray:
-    """The heatmap over the image (``cams.overlay``) with the GT box (if known) and the CAM's box drawn on it."""
+    """The heatmap over the image (``cubcam.cams.overlay``) with the GT box (if known) and the CAM's box drawn on it."""
     tile = overlay(image, cam_map, colormap=colormap, alpha=alpha)
     cam = torch.as_tensor(cam_map).detach().float().cpu()
     if cam.dim() == 2 and cam.shape != tile.shape[:2]:  # a layer-resolution map: box it at the tile's resolution

@@ -1,6 +1,6 @@
 """How well a CAM localizes the object: MaxBoxAccV2, heatmap ratio and pointing game (NumPy/SciPy, no OpenCV).
 
-    from cams import localization
+    from cubcam.cams import localization
     scores = localization.max_box_acc(maps, boxes)   # {"max_box_acc": ..., "box_acc_iou50": ..., ...}
     hits = localization.box_hits(maps, boxes)        # [N, T, I]: sum over batches, then max_box_acc_from_hits
 

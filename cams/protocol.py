@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cams.engine import EmbeddingCAM, GradCAM, minmax_normalize
+from cubcam.cams.engine import EmbeddingCAM, GradCAM, minmax_normalize
 
 
 def features_and_outputs(module: Any, images: Tensor) -> tuple[Tensor, Tensor]:

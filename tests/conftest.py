@@ -1,10 +1,10 @@
-import cams  # noqa: F401  (installs the torchvision guard before the peer libraries import torchvision)
+import cubcam.cams  # noqa: F401  (installs the torchvision guard before the peer libraries import torchvision)
 
 from pathlib import Path
 
 import pytest
 
-from train.data.synthetic import make_synthetic_cub
+from cubcam.train.data.synthetic import make_synthetic_cub
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ import sys
 import warnings
 from pathlib import Path
 
-import cams  # noqa: F401  (the torchvision guard first, also when run as a script)
+import cubcam.cams  # noqa: F401  (the torchvision guard first, also when run as a script)
 
 import numpy as np
 import pytest
@@ -25,16 +25,16 @@ import torch
 from PIL import Image
 from pytorch_lightning.loggers import CSVLogger, WandbLogger
 
-from callbacks import CAMPanel, CAMPanelWarning
-from callbacks.cam_panel import METRIC_KEYS, PANEL_KEY
-from callbacks.panel_render import GAP
-from callbacks.panel_select import random_subset, spread_over_classes
-from cams import localization
-from cams.figure import save_png
-from cams.protocol import head_cams
-from train.data.datamodule import CUBDataModule
-from train.data.synthetic import make_synthetic_cub
-from train.modules import Classifier, EmbeddingNet
+from cubcam.callbacks import CAMPanel, CAMPanelWarning
+from cubcam.callbacks.cam_panel import METRIC_KEYS, PANEL_KEY
+from cubcam.callbacks.panel_render import GAP
+from cubcam.callbacks.panel_select import random_subset, spread_over_classes
+from cubcam.cams import localization
+from cubcam.cams.figure import save_png
+from cubcam.cams.protocol import head_cams
+from cubcam.train.data.datamodule import CUBDataModule
+from cubcam.train.data.synthetic import make_synthetic_cub
+from cubcam.train.modules import Classifier, EmbeddingNet
 
 sys.path.insert(0, str(Path(__file__).parent))
 from wandb_records import finished_log, history_rows  # noqa: E402
@@ -315,7 +315,7 @@ def read_only_run_dir(array, path, *args, **kwargs):
 
 def test_logging_and_writing_failures_only_warn(synthetic_cub, offline, monkeypatch):
     data = data_for(synthetic_cub, "classifier")
-    monkeypatch.setattr("callbacks.cam_panel.save_png", read_only_run_dir)
+    monkeypatch.setattr("cubcam.callbacks.cam_panel.save_png", read_only_run_dir)
     logger = FailingWandbLogger(project="cubcam", save_dir=str(offline), offline=True)
     with pytest.warns(CAMPanelWarning) as caught:
         metrics = trainer_for(offline, 1, [CAMPanel(num_images=4)], logger=logger).validate(

@@ -1,4 +1,4 @@
-"""train.data on the synthetic CUB: splits and labels against CUB's own files, boxes and parts against the drawn
+"""cubcam.train.data on the synthetic CUB: splits and labels against CUB's own files, boxes and parts against the drawn
 masks after the transforms, grayscale and corrupt images, error messages, determinism, m-per-class batches."""
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ import torch
 from PIL import Image
 from torch.utils.data import DistributedSampler
 
-from cams.overlay import denormalize
-from train.data.cub import CUBDataset, human_name
-from train.data.datamodule import CUBDataModule, DistributedMPerClassSampler
-from train.data.presets import MEAN, PART_NAMES, STD, EvalPreset, TrainPreset, cut_and_resize, load_rgb, to_tensor
-from train.data.synthetic import bird_designs, main as synthetic_main, make_synthetic_cub
+from cubcam.cams.overlay import denormalize
+from cubcam.train.data.cub import CUBDataset, human_name
+from cubcam.train.data.datamodule import CUBDataModule, DistributedMPerClassSampler
+from cubcam.train.data.presets import MEAN, PART_NAMES, STD, EvalPreset, TrainPreset, cut_and_resize, load_rgb, to_tensor
+from cubcam.train.data.synthetic import bird_designs, main as synthetic_main, make_synthetic_cub
 
 SIZE = 48
 
@@ -142,7 +142,7 @@ def test_missing_root_names_the_layout_and_how_to_get_it(tmp_path: Path) -> None
             make()
         message = str(err.value)
         assert "CUB_200_2011" in message and "images.txt" in message and "bounding_boxes.txt" in message
-        assert "download: true" in message and "python -m train.data.synthetic" in message
+        assert "download: true" in message and "python -m cubcam.train.data.synthetic" in message
 
 
 def test_missing_and_corrupt_images_fail_by_name_or_are_skipped_with_a_count(synthetic_cub: Path,

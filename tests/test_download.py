@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-import train.data.datamodule as datamodule
-from train.data.cub import CUBDataset
-from train.data.download import DownloadError, download_cub
+import cubcam.train.data.datamodule as datamodule
+from cubcam.train.data.cub import CUBDataset
+from cubcam.train.data.download import DownloadError, download_cub
 
 
 class Handler(SimpleHTTPRequestHandler):

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cams import EmbeddingCAM, GradCAM, minmax_normalize, normalized_mean_proxies, single_point_proxy
+from cubcam.cams import EmbeddingCAM, GradCAM, minmax_normalize, normalized_mean_proxies, single_point_proxy
 
 
 class SmallNet(nn.Module):

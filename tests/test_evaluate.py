@@ -1,4 +1,4 @@
-"""``cubcam evaluate`` on tiny checkpoints trained on synthetic CUB: its scores equal ``cams.localization`` applied
+"""``cubcam evaluate`` on tiny checkpoints trained on synthetic CUB: its scores equal ``cubcam.cams.localization`` applied
 to maps computed here with the CAM engine through the whole net, its JSON is byte-identical between runs, and a
 trained classifier localizes better than the centre-Gaussian baseline."""
 
@@ -12,12 +12,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cams import EmbeddingCAM, GradCAM, normalized_mean_proxies
-from cams.localization import heatmap_ratio, max_box_acc, pointing_game
-from train.checkpoint import load_checkpoint
-from train.data.cub import CUBDataset
-from train.data.presets import EvalPreset
-from train.evaluate import main
+from cubcam.cams import EmbeddingCAM, GradCAM, normalized_mean_proxies
+from cubcam.cams.localization import heatmap_ratio, max_box_acc, pointing_game
+from cubcam.train.checkpoint import load_checkpoint
+from cubcam.train.data.cub import CUBDataset
+from cubcam.train.data.presets import EvalPreset
+from cubcam.train.evaluate import main
 from trained_checkpoints import SIZE, Trained, trained_checkpoints
 
 

@@ -14,14 +14,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import train.reference
-from cams import EmbeddingCAM, GradCAM, normalized_mean_proxies, overlay
-from cams.overlay import denormalize
-from train.checkpoint import load_checkpoint
-from train.data.cub import CUBDataset
-from train.data.presets import EvalPreset, load_rgb
-from train.explain import main
-from train.reference import reference_set
+import cubcam.train.reference
+from cubcam.cams import EmbeddingCAM, GradCAM, normalized_mean_proxies, overlay
+from cubcam.cams.overlay import denormalize
+from cubcam.train.checkpoint import load_checkpoint
+from cubcam.train.data.cub import CUBDataset
+from cubcam.train.data.presets import EvalPreset, load_rgb
+from cubcam.train.explain import main
+from cubcam.train.reference import reference_set
 from trained_checkpoints import SIZE, Trained, trained_checkpoints
 
 
@@ -122,7 +122,7 @@ def test_dataset_panel_of_an_embedding_net_and_its_reference_cache(trained: Trai
     def no_second_pass(*args, **kwargs):
         raise AssertionError("the cached reference embeddings were not used")
 
-    monkeypatch.setattr(train.reference, "embed", no_second_pass)
+    monkeypatch.setattr(cubcam.train.reference, "embed", no_second_pass)
     main([str(trained.embedding), "--num", "2", "--proxy", "single_point", "--out", str(tmp_path / "again")])
     assert len(json.loads((tmp_path / "again" / "summary.json").read_text())["images"]) == 2
 

@@ -1,4 +1,4 @@
-"""cams.figure: boxes land on the right pixels, grids have the size the layout implies, captions are drawn."""
+"""cubcam.cams.figure: boxes land on the right pixels, grids have the size the layout implies, captions are drawn."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cams.figure import CAM_COLOR, GT_COLOR, cam_box, cam_tile, draw_boxes, grid, save_png
+from cubcam.cams.figure import CAM_COLOR, GT_COLOR, cam_box, cam_tile, draw_boxes, grid, save_png
 
 
 def test_draw_boxes_colours_exactly_the_box_edges():

@@ -1,4 +1,4 @@
-"""Backbones and nets (train.models) and the CAM protocol of the LightningModules (train.modules), no training."""
+"""Backbones and nets (cubcam.train.models) and the CAM protocol of the LightningModules (cubcam.train.modules), no training."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import torch
 import torchvision
 from torch import nn
 
-from train import models
-from train.models import ClassifierNet, EmbeddingNetwork, ResNetBackbone
-from train.modules import Classifier, EmbeddingNet
+from cubcam.train import models
+from cubcam.train.models import ClassifierNet, EmbeddingNetwork, ResNetBackbone
+from cubcam.train.modules import Classifier, EmbeddingNet
 
 
 def torchvision_trunk(resnet: nn.Module) -> nn.Module:

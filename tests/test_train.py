@@ -16,10 +16,10 @@ import pytorch_lightning as pl
 import torch
 import wandb
 
-from train.cli import main
-from train.data.datamodule import CUBDataModule
-from train.data.synthetic import make_synthetic_cub
-from train.modules import Classifier, CUBModule, EmbeddingNet
+from cubcam.train.cli import main
+from cubcam.train.data.datamodule import CUBDataModule
+from cubcam.train.data.synthetic import make_synthetic_cub
+from cubcam.train.modules import Classifier, CUBModule, EmbeddingNet
 from wandb_records import history_rows
 
 REPO = Path(__file__).resolve().parents[1]
@@ -199,8 +199,8 @@ def test_real_cub_configs_run_a_step(config: str, tiny_cub: Path, offline: Path)
 @pytest.mark.parametrize("tool", ["explain", "evaluate"])
 def test_cli_hands_explain_and_evaluate_to_their_modules(tool: str, monkeypatch) -> None:
     calls = []
-    fake = type(sys)(f"train.{tool}")
+    fake = type(sys)(f"cubcam.train.{tool}")
     fake.main = calls.append
-    monkeypatch.setitem(sys.modules, f"train.{tool}", fake)
+    monkeypatch.setitem(sys.modules, f"cubcam.train.{tool}", fake)
     main([tool, "--checkpoint", "x.ckpt", "--out", "y"])
     assert calls == [["--checkpoint", "x.ckpt", "--out", "y"]]

@@ -14,9 +14,9 @@ from typing import Callable
 import pytest
 import pytorch_lightning as pl
 
-from train.data.datamodule import CUBDataModule
-from train.data.synthetic import make_synthetic_cub
-from train.modules import Classifier, EmbeddingNet
+from cubcam.train.data.datamodule import CUBDataModule
+from cubcam.train.data.synthetic import make_synthetic_cub
+from cubcam.train.modules import Classifier, EmbeddingNet
 
 # 8x8 CAMs, as in the demo: with 4x4 (64 px) or 6x6 (96 px) maps the synthetic birds, which fill most of the crop,
 # are boxed barely better than by the centre prior, and whether a few-epoch model beats it depends on the seed.

@@ -1,6 +1,6 @@
-"""``python -m train`` = ``cubcam``."""
+"""``python -m cubcam.train`` = ``cubcam``."""
 
-from train.cli import main
+from cubcam.train.cli import main
 
 if __name__ == "__main__":
     main()

@@ -16,11 +16,11 @@ from typing import Any
 
 import torch
 
-from train.modules import Classifier, CUBModule, EmbeddingNet
+from cubcam.train.modules import Classifier, CUBModule, EmbeddingNet
 
 MODULE_CLASSES: dict[str, type[CUBModule]] = {
-    "train.modules.Classifier": Classifier,
-    "train.modules.EmbeddingNet": EmbeddingNet,
+    "cubcam.train.modules.Classifier": Classifier,
+    "cubcam.train.modules.EmbeddingNet": EmbeddingNet,
 }
 
 

@@ -17,10 +17,10 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities import rank_zero_info
 
-from train.data.datamodule import CUBDataModule
-from train.modules import Classifier, CUBModule, EmbeddingNet  # noqa: F401  (short names for --model)
+from cubcam.train.data.datamodule import CUBDataModule
+from cubcam.train.modules import Classifier, CUBModule, EmbeddingNet  # noqa: F401  (short names for --model)
 
-TOOLS = ("explain", "evaluate")  # subcommands that are not Lightning's; dispatched to train.<name>.main
+TOOLS = ("explain", "evaluate")  # subcommands that are not Lightning's; dispatched to cubcam.train.<name>.main
 
 
 class CubCamCLI(LightningCLI):
@@ -62,10 +62,10 @@ class CubCamCLI(LightningCLI):
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of ``cubcam`` and ``python -m train``."""
+    """Entry point of ``cubcam`` and ``python -m cubcam.train``."""
     args = sys.argv[1:] if argv is None else list(argv)
     if args and args[0] in TOOLS:
-        importlib.import_module(f"train.{args[0]}").main(args[1:])  # imported lazily: training never needs them
+        importlib.import_module(f"cubcam.train.{args[0]}").main(args[1:])  # imported lazily: training never needs them
         return
     CubCamCLI(CUBModule, CUBDataModule, subclass_mode_model=True, save_config_kwargs={"overwrite": True},
               args=argv)  # None: LightningCLI reads sys.argv itself

@@ -6,7 +6,7 @@ Scores GradCAM (classifier) or EmbeddingCAM with both proxy schemes (embedding n
 image, side by side with a centre-Gaussian baseline on the same images (the score of "the bird is in the middle"):
 MaxBoxAccV2 (mean over IoU 0.3/0.5/0.7 of the best-threshold box accuracy; Choe et al., CVPR 2020), box accuracy at
 IoU 0.5 (best threshold), heatmap ratio (CAM mass inside the GT box) and pointing game (the CAM's peak lies within
-15 px of a visible part), all from ``cams.localization``. Writes ``metrics.json`` (sorted keys, floats
+15 px of a visible part), all from ``cubcam.cams.localization``. Writes ``metrics.json`` (sorted keys, floats
 rounded to 6 decimals: identical between runs) and ``metrics.md``, and prints the table.
 
 Cost: about one plain forward per image. Each batch runs the backbone once with the target layer hooked; every CAM
@@ -30,8 +30,8 @@ from torch import Tensor
 from torch.utils.data import Subset
 from tqdm import tqdm
 
-from cams import minmax_normalize
-from cams.localization import (
+from cubcam.cams import minmax_normalize
+from cubcam.cams.localization import (
     DEFAULT_IOU_THRESHOLDS,
     DEFAULT_THRESHOLDS,
     box_hits,
@@ -41,12 +41,12 @@ from cams.localization import (
     max_box_acc_from_hits,
     pointing_game,
 )
-from cams.protocol import features_and_outputs, head_cams
-from train.checkpoint import CheckpointError, load_checkpoint, one_line
-from train.data.cub import CUBDataset
-from train.data.presets import EvalPreset
-from train.explain import SPLITS, spread_indices
-from train.reference import loader, reference_set, reference_split
+from cubcam.cams.protocol import features_and_outputs, head_cams
+from cubcam.train.checkpoint import CheckpointError, load_checkpoint, one_line
+from cubcam.train.data.cub import CUBDataset
+from cubcam.train.data.presets import EvalPreset
+from cubcam.train.explain import SPLITS, spread_indices
+from cubcam.train.reference import loader, reference_set, reference_split
 
 # A method turns (target-layer activations, outputs, labels, image size) into maps [B, H, W] in [0, 1].
 CAMMethod = Callable[[Tensor, Tensor, Tensor, tuple[int, int]], Tensor]

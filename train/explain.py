@@ -26,14 +26,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cams import overlay, single_point_proxy
-from cams.figure import grid, save_png
-from cams.overlay import denormalize
-from cams.protocol import features_and_outputs, head_cams
-from train.checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint, one_line
-from train.data.cub import CUBDataset
-from train.data.presets import EvalPreset, load_rgb
-from train.reference import ReferenceSet, reference_set, reference_split
+from cubcam.cams import overlay, single_point_proxy
+from cubcam.cams.figure import grid, save_png
+from cubcam.cams.overlay import denormalize
+from cubcam.cams.protocol import features_and_outputs, head_cams
+from cubcam.train.checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint, one_line
+from cubcam.train.data.cub import CUBDataset
+from cubcam.train.data.presets import EvalPreset, load_rgb
+from cubcam.train.reference import ReferenceSet, reference_set, reference_split
 
 SPLITS = {"val": "test", "test": "test", "train": "train"}  # CUB has no validation split: val is the test split
 

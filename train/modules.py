@@ -1,6 +1,6 @@
 """The two LightningModules: a CUB classifier and a triplet-loss embedding net.
 
-Both are thin: the networks are plain nn.Modules from ``train.models``, the constructors take plain arguments
+Both are thin: the networks are plain nn.Modules from ``cubcam.train.models``, the constructors take plain arguments
 (``load_from_checkpoint`` works without the CLI), and both speak the duck-typed CAM protocol the callbacks and
 ``cubcam explain`` rely on: ``cam_kind``, ``cam_target_layer``, ``class_names``, ``forward`` and ``forward_head``,
 and a ``validation_step`` that returns the target layer's feature maps so a callback needs no second forward.
@@ -22,7 +22,7 @@ from pytorch_metric_learning.utils.inference import CustomKNN
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from train.models import ClassifierNet, EmbeddingNetwork, ResNetBackbone
+from cubcam.train.models import ClassifierNet, EmbeddingNetwork, ResNetBackbone
 
 RETRIEVAL_METRICS = ("precision_at_1", "mean_average_precision_at_r", "r_precision")
 

@@ -20,9 +20,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from cams import normalized_mean_proxies, single_point_proxy
-from train.data.cub import CUBDataset
-from train.data.presets import EvalPreset
+from cubcam.cams import normalized_mean_proxies, single_point_proxy
+from cubcam.train.data.cub import CUBDataset
+from cubcam.train.data.presets import EvalPreset
 
 CACHE_VERSION = 1
 

@@ -1,7 +1,7 @@
 """CUB-200-2011 in its own file layout: the dataset, its transforms, the Lightning datamodule, the checked download
 and a synthetic stand-in written in the same format (the demo's and the tests' data).
 
-The names below are imported on first use, so ``python -m train.data.synthetic`` does not load Lightning."""
+The names below are imported on first use, so ``python -m cubcam.train.data.synthetic`` does not load Lightning."""
 
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from train.data.presets import MEAN, PART_NAMES, STD, load_rgb, to_tensor
+from cubcam.train.data.presets import MEAN, PART_NAMES, STD, load_rgb, to_tensor
 
 SPLITS = ("train", "test")
 SPLIT_SCHEMES = ("official", "zero_shot")
@@ -35,7 +35,7 @@ LAYOUT = f"""{FOLDER}/
     images/<class folder>/<file>.jpg"""
 HOW_TO_GET_IT = ("Get it with `download: true` in the data config (fetches CUB_200_2011.tgz, 1.1 GB, from Caltech), "
                  "point `root` (or $CUB_ROOT for demo.sh) at an existing copy, or write the synthetic stand-in with "
-                 "`python -m train.data.synthetic --out data/synthetic_cub`.")
+                 "`python -m cubcam.train.data.synthetic --out data/synthetic_cub`.")
 
 Transform = Callable[[Image.Image, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]
 

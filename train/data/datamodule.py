@@ -25,9 +25,9 @@ from pytorch_metric_learning.samplers import MPerClassSampler
 from pytorch_metric_learning.utils import common_functions as pml_common
 from torch.utils.data import DataLoader, DistributedSampler
 
-from train.data.cub import CUBDataset, find_root, split_class_names
-from train.data.download import CUB_MD5, CUB_URL, download_cub
-from train.data.presets import EvalPreset, TrainPreset
+from cubcam.train.data.cub import CUBDataset, find_root, split_class_names
+from cubcam.train.data.download import CUB_MD5, CUB_URL, download_cub
+from cubcam.train.data.presets import EvalPreset, TrainPreset
 
 SAMPLERS = ("random", "m_per_class")
 

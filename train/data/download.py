@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from train.data.cub import FOLDER
+from cubcam.train.data.cub import FOLDER
 
 CUB_URL = "https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz?download=1"
 CUB_MD5 = "97eceeb196236b17998738112f37df78"

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from cams.overlay import IMAGENET_MEAN as MEAN, IMAGENET_STD as STD
+from cubcam.cams.overlay import IMAGENET_MEAN as MEAN, IMAGENET_STD as STD
 
 # CUB's 15 parts in parts/parts.txt order. A horizontal flip turns a left part into the right one.
 PART_NAMES = ("back", "beak", "belly", "breast", "crown", "forehead", "left eye", "left leg", "left wing", "nape",

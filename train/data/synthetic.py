@@ -1,6 +1,6 @@
 """A synthetic CUB-200-2011: the same files and formats, with drawn "birds" whose boxes and parts are exact.
 
-    python -m train.data.synthetic --out data/synthetic_cub --classes 8 --per-class 30 --size 128 --seed 0
+    python -m cubcam.train.data.synthetic --out data/synthetic_cub --classes 8 --per-class 30 --size 128 --seed 0
 
 Why it looks the way it does:
 - every class is one bird design: body, wing and breast in shades of the class's own hue (evenly spaced over the
@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from train.data.presets import PART_NAMES
+from cubcam.train.data.presets import PART_NAMES
 
 Color = tuple[int, int, int]
 _HUE_NAMES = ("Red", "Orange", "Yellow", "Lime", "Green", "Jade", "Cyan", "Azure", "Blue", "Violet", "Purple", "Rose")
@@ -226,7 +226,7 @@ def make_synthetic_cub(out: Path | str, classes: int = 10, per_class: int = 20, 
         "images.txt": images, "image_class_labels.txt": labels, "train_test_split.txt": split,
         "bounding_boxes.txt": boxes, "classes.txt": [f"{c + 1} {f}" for c, f in enumerate(folders)],
         "parts/parts.txt": [f"{p + 1} {name}" for p, name in enumerate(PART_NAMES)], "parts/part_locs.txt": part_locs,
-        "README": [f"Synthetic CUB-200-2011 stand-in written by train.data.synthetic: {classes} classes x "
+        "README": [f"Synthetic CUB-200-2011 stand-in written by cubcam.train.data.synthetic: {classes} classes x "
                    f"{per_class} images, shorter side {size} px, seed {seed}."],
     }
     for relative, lines in files.items():
