@@ -37,7 +37,8 @@ from cubcam.train.data.cub import CUBDataset
 from cubcam.train.data.datamodule import CUBDataModule
 from cubcam.train.data.presets import EvalPreset
 from cubcam.train.data.synthetic import make_synthetic_cub
-from cubcam.train.evaluate import classifier_methods, embedding_methods, localization_scores
+from cubcam.cams.targets import ClassLogits, Target
+from cubcam.train.evaluate import localization_scores
 from cubcam.train.evaluate import main as evaluate_main
 from cubcam.train.modules import Classifier, EmbeddingNet
 from cubcam.train.reference import loader, reference_set
@@ -88,12 +89,11 @@ def main() -> None:
                      class_names=data.class_names)
         ckpt = save_checkpoint(module, data, work / f"{kind}.ckpt")
         module = load_checkpoint(ckpt).module
-        if kind == "classifier":
-            methods = classifier_methods(module, "true")
-        else:
+        targets: dict[str, Target] = {"gradcam": ClassLogits()}
+        if kind == "embedding":
             reference = reference_set(module, ckpt, root, split="train", image_size=args.size, batch_size=args.batch,
                                       cache=False)
-            methods = embedding_methods(module, "true", reference.mean_proxies(), reference.single_point_proxies(0)[0])
+            targets = dict(reference.targets(0))
 
         def forward_only() -> None:
             with torch.inference_mode():
@@ -101,7 +101,7 @@ def main() -> None:
                     module(batch["image"])
 
         def evaluate() -> None:
-            localization_scores(module, batches, methods, torch.device("cpu"), progress=False)
+            localization_scores(module, batches, targets, torch.device("cpu"), n, progress=False)
 
         forward_only(), evaluate()  # warm-up: allocator, thread pools, lazy imports
         times: dict[str, list[float]] = {"forward": [], "evaluate": []}

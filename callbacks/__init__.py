@@ -1,5 +1,5 @@
-"""cubcam's Lightning callbacks. They speak the duck-typed CAM protocol (see ``cubcam.callbacks.cam_panel``), use ``cams``
-for the maps and figures, and never import ``train``.
+"""cubcam's Lightning callbacks. They speak the CAM protocol (``cubcam.cams.protocol``), use ``cubcam.cams`` for the
+maps and figures, and never import ``cubcam.train``.
 
     from cubcam.callbacks import CAMPanel
     trainer = pl.Trainer(callbacks=[CAMPanel(num_images=16)], logger=WandbLogger(project="cubcam"))

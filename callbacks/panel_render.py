@@ -1,9 +1,9 @@
-"""One panel bird as pixels: two cells side by side (its map and a second view), their boxes, W&B box groups.
+"""Rendering: the panel as pixels. A bird is two cells side by side (its map and a second view), with boxes.
 
 A bird is shown as a strip of two cells so every W&B image of a panel has the same size (W&B draws a list of
 differently sized images wrongly): the primary map, then the other class's map when it differs (classifier: true
 vs predicted; embedding net: true class's proxy vs nearest proxy), the single-point neighbour with its own map, or
-else the plain image. Pure NumPy/PIL/torch: nothing here knows Lightning or W&B objects.
+else the plain image. Nothing here knows Lightning or W&B objects: the sinks (``sinks.py``) take a :class:`Panel`.
 """
 
 from __future__ import annotations
@@ -12,10 +12,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from cubcam.cams.figure import as_uint8, cam_box, draw_boxes
+from cubcam.callbacks.measure import EpochTarget
+from cubcam.cams.figure import as_uint8, cam_box, draw_boxes, grid
 from cubcam.cams.overlay import overlay
+from cubcam.cams.protocol import CAMModule, Choice, head_cams
+from cubcam.cams.targets import Proxies
 
 GAP = 4  # white pixels between the two cells of a strip
 
@@ -39,6 +44,74 @@ class Strip:
     boxed: np.ndarray
     gt_boxes: list[tuple[np.ndarray, int]] = field(default_factory=list)  # (x, y, w, h in strip pixels, class)
     cam_boxes: list[tuple[np.ndarray, int]] = field(default_factory=list)
+
+
+@dataclass
+class Panel:
+    """One epoch's panel: a strip and a caption per bird (in panel order), and the names of the classes."""
+
+    epoch: int
+    indices: list[int]
+    strips: list[Strip]
+    captions: list[str]
+    class_names: list[str]
+
+    def grid(self, ncols: int = 4) -> np.ndarray:
+        """The PNG grid: every strip with its boxes drawn, captioned."""
+        return grid([s.boxed for s in self.strips], self.captions, ncols=ncols)
+
+
+@dataclass
+class Style:
+    colormap: str = "jet"
+    alpha: float = 0.5
+    box_threshold: float = 0.5  # where the CAM box is cut: MaxBoxAcc's best IoU-0.5 threshold once measured
+
+
+def class_panel(module: CAMModule, birds: dict[str, Any], target: EpochTarget, choice: Choice, epoch: int,
+                names: list[str], style: Style) -> Panel:
+    """Each bird's map for the ``choice`` class, then for the other one (true vs predicted) where they differ,
+    else the plain image: GradCAM of the class logit, or EmbeddingCAM of the class proxy (predicted: nearest)."""
+    scores = target.target.class_scores(birds["output"]).cpu()
+    labels, predicted = birds["label"].cpu(), scores.argmax(1)
+    primary, other = (labels, predicted) if choice == "true" else (predicted, labels)
+    size = tuple(birds["image"].shape[-2:])
+    device = birds["activations"].device
+    primary_maps, other_maps = (head_cams(module, birds["activations"], size, target.target, rows.to(device)).cpu()
+                                for rows in (primary, other))
+    strips, captions = [], []
+    symbol = target.target.score_name
+    for b, (first, second, true, index) in enumerate(zip(primary.tolist(), other.tolist(), labels.tolist(),
+                                                         birds["index"].tolist())):
+        cells = [Cell(birds["rgb"][b], birds["box"][b], true, primary_maps[b], first),
+                 Cell(birds["rgb"][b], birds["box"][b], true, other_maps[b] if first != second else None, second)]
+        strips.append(render_strip(cells, style.colormap, style.alpha, style.box_threshold))
+        t, p = (first, second) if choice == "true" else (second, first)
+        captions.append(f"#{index}, epoch {epoch}\ntrue: {name(names, t)} ({symbol} {scores[b, t]:.2f})\n"
+                        f"pred: {name(names, p)} ({symbol} {scores[b, p]:.2f})\n"
+                        f"{'maps: true | predicted' if t != p else 'map: true = predicted'}")
+    return Panel(epoch, birds["index"].tolist(), strips, captions, names)
+
+
+def neighbour_panel(module: CAMModule, birds: dict[str, Any], neighbours: dict[str, Any], epoch: int,
+                    names: list[str], style: Style) -> Panel:
+    """Single Point Proxy: each bird against its nearest other validation image, and that neighbour against the
+    bird, side by side (each side's embedding is the other's proxy)."""
+    size = tuple(birds["image"].shape[-2:])
+    device = birds["activations"].device
+    ours, theirs = F.normalize(birds["output"].float(), dim=1), F.normalize(neighbours["output"].float(), dim=1)
+    rows = torch.arange(len(ours), device=device)
+    maps = head_cams(module, birds["activations"], size, Proxies(theirs), rows).cpu()
+    back = head_cams(module, neighbours["activations"], size, Proxies(ours), rows).cpu()
+    similarity = (ours * theirs).sum(1).cpu()
+    strips, captions = [], []
+    for b, (true, other) in enumerate(zip(birds["label"].tolist(), neighbours["label"].tolist())):
+        cells = [Cell(birds["rgb"][b], birds["box"][b], true, maps[b], other),
+                 Cell(neighbours["rgb"][b], neighbours["box"][b], other, back[b], true)]
+        strips.append(render_strip(cells, style.colormap, style.alpha, style.box_threshold))
+        captions.append(f"#{int(birds['index'][b])}, epoch {epoch}\ntrue: {name(names, true)}\nnearest "
+                        f"#{int(neighbours['index'][b])}: {name(names, other)} (cos {similarity[b]:.2f})")
+    return Panel(epoch, birds["index"].tolist(), strips, captions, names)
 
 
 def render_strip(cells: list[Cell], colormap: str, alpha: float, threshold: float) -> Strip:

@@ -7,13 +7,24 @@
 
 from cubcam.cams import _torchvision_guard  # noqa: F401  (must run before anything imports torchvision)
 from cubcam.cams import localization
-from cubcam.cams.engine import EmbeddingCAM, GradCAM, minmax_normalize
+from cubcam.cams.engine import CAM, EmbeddingCAM, GradCAM, minmax_normalize
 from cubcam.cams.overlay import overlay
+from cubcam.cams.protocol import CAMModule, CAMStepOutput, Explanation, explain
 from cubcam.cams.proxies import normalized_mean_proxies, single_point_proxy
+from cubcam.cams.targets import ClassLogits, Method, Proxies, Target
 
 __all__ = [
+    "CAM",
+    "CAMModule",
+    "CAMStepOutput",
+    "ClassLogits",
     "EmbeddingCAM",
+    "Explanation",
     "GradCAM",
+    "Method",
+    "Proxies",
+    "Target",
+    "explain",
     "localization",
     "minmax_normalize",
     "normalized_mean_proxies",

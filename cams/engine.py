@@ -15,11 +15,15 @@ Why this engine is safe to call in the middle of training:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Callable, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from cubcam.cams.targets import ClassLogits, Target, per_image
 
 OutputSelector = Union[str, int, Callable[[Any], Tensor], None]
 ScoreFn = Callable[[Tensor], Tensor]  # model output [B, ...] -> one score per image [B]
@@ -33,8 +37,11 @@ _INFERENCE_MODE_HELP = (
 )
 
 
-class _LayerCAM:
-    """The shared engine: forward with a hook on the target layer, one score per image, gradient to the layer."""
+class CAM:
+    """The shared engine: forward with a hook on the target layer, one score per image (from a
+    :class:`~cubcam.cams.targets.Target`), gradient to the layer. :class:`GradCAM` and :class:`EmbeddingCAM` are
+    this engine with their usual arguments; :meth:`explain` takes any target.
+    """
 
     def __init__(self, model: Callable[[Tensor], Any], target_layer: nn.Module | str | None, output: OutputSelector = None):
         self.model = model
@@ -47,6 +54,12 @@ class _LayerCAM:
             raise TypeError(f"target_layer must be an nn.Module, a dotted module name or None, got {type(target_layer).__name__}")
         self.target_layer = target_layer
 
+    def explain(self, images: Tensor, target: Target, rows: Tensor, *, upsample: bool = True,
+                normalize: bool = True) -> Tensor:
+        """Maps [B, H, W] of image b for row ``rows[b]`` of ``target`` (a class for :class:`ClassLogits`, a proxy
+        for :class:`Proxies`)."""
+        return self._maps(images, lambda output: target.score(output, rows), upsample, normalize)
+
     def _maps(self, images: Tensor, score_fn: ScoreFn, upsample: bool, normalize: bool) -> Tensor:
         if torch.is_inference_mode_enabled():
             raise RuntimeError(_INFERENCE_MODE_HELP)
@@ -54,17 +67,10 @@ class _LayerCAM:
             raise ValueError(f"images must be [B, C, H, W], got shape {tuple(images.shape)}")
         if images.is_inference():
             images = images.clone()  # outside inference mode a clone is a normal tensor that autograd accepts
-        modules = list(self.model.modules()) if isinstance(self.model, nn.Module) else []
-        flags = [m.training for m in modules]
-        try:
-            for m in modules:
-                m.training = False
+        with eval_mode(self.model):
             activations, scores = self._forward(images, score_fn)
             with torch.enable_grad():  # the caller may be inside torch.no_grad()
                 (grads,) = torch.autograd.grad(scores.sum(), activations)
-        finally:
-            for m, flag in zip(modules, flags):
-                m.training = flag
         maps = weighted_activations(activations.detach(), grads)
         if upsample:
             maps = F.interpolate(maps[:, None], size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
@@ -110,7 +116,7 @@ class _LayerCAM:
         return scores
 
 
-class GradCAM(_LayerCAM):
+class GradCAM(CAM):
     """GradCAM of a classifier: the score is the target class's logit.
 
     ``gc(images, targets=None)`` -> maps [B, H, W] in [0, 1]; ``targets=None`` explains the predicted class.
@@ -119,16 +125,15 @@ class GradCAM(_LayerCAM):
     """
 
     def __call__(self, images: Tensor, targets: Tensor | None = None, *, upsample: bool = True, normalize: bool = True) -> Tensor:
+        target = ClassLogits()
+
         def class_score(logits: Tensor) -> Tensor:
-            if logits.dim() != 2:
-                raise ValueError(f"GradCAM needs logits of shape [B, num_classes], got {tuple(logits.shape)}")
-            chosen = logits.argmax(1) if targets is None else _check_targets(targets, logits)
-            return logits.gather(1, chosen[:, None])[:, 0]
+            return target.score(logits, logits.argmax(1) if targets is None else targets)
 
         return self._maps(images, class_score, upsample, normalize)
 
 
-class EmbeddingCAM(_LayerCAM):
+class EmbeddingCAM(CAM):
     """EmbeddingCAM of an embedding network: the score of image b is <y_b, p_b> for its proxy p_b.
 
     ``proxies``: [D] (one proxy for the whole batch) or [B, D] (one per image), e.g. from
@@ -136,17 +141,7 @@ class EmbeddingCAM(_LayerCAM):
     """
 
     def __call__(self, images: Tensor, proxies: Tensor, *, upsample: bool = True, normalize: bool = True) -> Tensor:
-        def proxy_score(embeddings: Tensor) -> Tensor:
-            if embeddings.dim() != 2:
-                raise ValueError(f"EmbeddingCAM needs embeddings of shape [B, D], got {tuple(embeddings.shape)}")
-            p = proxies.to(device=embeddings.device, dtype=embeddings.dtype)
-            if p.dim() == 1:
-                p = p.expand_as(embeddings)
-            if p.shape != embeddings.shape:
-                raise ValueError(f"proxies of shape {tuple(proxies.shape)} do not fit embeddings of shape {tuple(embeddings.shape)}")
-            return (embeddings * p).sum(1)
-
-        return self._maps(images, proxy_score, upsample, normalize)
+        return self.explain(images, *per_image(proxies, images.shape[0]), upsample=upsample, normalize=normalize)
 
 
 def weighted_activations(activations: Tensor, grads: Tensor) -> Tensor:
@@ -177,10 +172,16 @@ def select_output(output: Any, selector: OutputSelector) -> Tensor:
     return output
 
 
-def _check_targets(targets: Tensor, logits: Tensor) -> Tensor:
-    targets = torch.as_tensor(targets, device=logits.device)
-    if targets.shape != logits.shape[:1] or targets.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"targets must be an integer tensor of shape [{logits.shape[0]}], got {targets.dtype} {tuple(targets.shape)}")
-    if targets.numel() and (targets.min() < 0 or targets.max() >= logits.shape[1]):
-        raise ValueError(f"targets must lie in [0, {logits.shape[1]}), got range [{int(targets.min())}, {int(targets.max())}]")
-    return targets.long()
+@contextmanager
+def eval_mode(model: object) -> Iterator[None]:
+    """Every submodule in eval mode for the block (BatchNorm statistics frozen, no dropout draws), each one's own
+    train flag restored afterwards, also when the block raises. A plain callable passes through untouched."""
+    modules = list(model.modules()) if isinstance(model, nn.Module) else []
+    flags = [m.training for m in modules]
+    try:
+        for m in modules:
+            m.training = False
+        yield
+    finally:
+        for m, flag in zip(modules, flags):
+            m.training = flag

@@ -1,47 +1,93 @@
-"""CAMs of a module that speaks cubcam's CAM protocol: ``module.cam_target_layer`` (the layer to explain) and
-``module.forward_head(activations)`` (the rest of the net, from that layer's output).
+"""The CAM protocol: what a module offers so that its CAMs need no second backbone pass, and the one explanation
+step every consumer (the callback, ``cubcam explain``, ``cubcam evaluate``) runs on it.
 
-One backbone forward gives the activations; every map after that runs through the head alone, so any number of
-targets or proxies, and activations kept from a validation loop, cost no further backbone pass.
+A :class:`CAMModule` names its CAM layer (``cam_target_layer``), runs the rest of the net from that layer's output
+(``forward_head``: a pool and a linear layer, or a transformer's last block and its head) and says what its output
+is (``cam_method``: class logits for GradCAM, an embedding for EmbeddingCAM). One backbone forward gives the
+activations; every map after that runs through the head alone, so any number of targets or proxies, and
+activations kept from a validation loop, cost no further backbone pass. A ``validation_step`` that returns a
+:class:`CAMStepOutput` hands the loop's own activations to a callback.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Literal, Protocol, TypedDict
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
-from cubcam.cams.engine import EmbeddingCAM, GradCAM, minmax_normalize
+from cubcam.cams.engine import CAM, eval_mode, minmax_normalize
+from cubcam.cams.targets import Method, Target
+
+Choice = Literal["true", "predicted"]  # which class a map explains
+UNKNOWN_LABEL = -1  # an image without a label (a user's photo) is explained for its predicted class
 
 
-def features_and_outputs(module: Any, images: Tensor) -> tuple[Tensor, Tensor]:
+class CAMModule(Protocol):
+    """A module that can be explained from stored activations (see the module doc)."""
+
+    cam_method: Method
+
+    @property
+    def cam_target_layer(self) -> nn.Module: ...
+
+    def forward_head(self, activations: Tensor) -> Tensor: ...
+
+    def __call__(self, images: Tensor) -> Tensor: ...
+
+    def modules(self) -> Iterator[nn.Module]: ...
+
+    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]: ...
+
+
+class Sample(TypedDict):
+    """One image of a CUB-format dataset, as ``dataset[i]`` returns it (batches hold the same keys, stacked)."""
+
+    image: Tensor  # [3, H, W], normalised
+    label: int
+    box: Tensor  # [4] (x, y, w, h) in the pixels of ``image``
+    parts: Tensor  # [P, 3] (x, y, visible)
+    image_id: int
+    index: int  # position in the dataset
+
+
+class CAMStepOutput(TypedDict):
+    """What a CAM module's ``validation_step`` returns, so that a callback needs no second forward."""
+
+    activations: Tensor  # the CAM layer's output [B, K, h, w] (detached)
+    output: Tensor  # logits or embeddings [B, ...] (detached)
+    label: Tensor  # [B]
+    index: Tensor  # [B] dataset positions
+
+
+def step_output(activations: Tensor, output: Tensor, batch: dict[str, Tensor]) -> CAMStepOutput:
+    return CAMStepOutput(activations=activations.detach(), output=output.detach(), label=batch["label"],
+                         index=batch["index"])
+
+
+def features_and_outputs(module: CAMModule, images: Tensor) -> tuple[Tensor, Tensor]:
     """One eval-mode forward without autograd: (the target layer's activations [B, K, h, w], the outputs).
 
     Every submodule's train/eval flag is restored afterwards (BatchNorm statistics are never updated).
     """
     captured: list[Tensor] = []
     handle = module.cam_target_layer.register_forward_hook(lambda _m, _i, output: captured.append(output))
-    modules = list(module.modules())
-    flags = [m.training for m in modules]
     try:
-        for m in modules:
-            m.training = False
-        with torch.no_grad():
+        with eval_mode(module), torch.no_grad():
             outputs = module(images)
     finally:
         handle.remove()
-        for m, flag in zip(modules, flags):
-            m.training = flag
     if len(captured) != 1:
         raise RuntimeError(f"the CAM target layer ran {len(captured)} times in one forward; expected once")
     return captured[0], outputs
 
 
-def head_cams(module: Any, feature_maps: Tensor, size: tuple[int, int], *, targets: Tensor | None = None,
-              proxies: Tensor | None = None) -> Tensor:
-    """GradCAM (``targets`` [B]) or EmbeddingCAM (``proxies`` [B, D]) maps [B, H, W] in [0, 1] from activations.
+def head_cams(module: CAMModule, activations: Tensor, size: tuple[int, int], target: Target,
+              rows: Tensor) -> Tensor:
+    """Maps [B, H, W] in [0, 1] of image b for row ``rows[b]`` of ``target``, from the CAM layer's activations.
 
     The same maps the engine computes through the whole net: the raw map at the layer's resolution, bilinearly
     upsampled to ``size``, then min-max normalised per image. Safe inside ``torch.inference_mode`` (as in
@@ -49,14 +95,36 @@ def head_cams(module: Any, feature_maps: Tensor, size: tuple[int, int], *, targe
     """
     dtype = next(module.parameters()).dtype  # activations kept from a mixed-precision loop may be half
     with torch.inference_mode(False), torch.enable_grad():
-        features = _normal(feature_maps).to(dtype)
-        if proxies is None:
-            raw = GradCAM(module.forward_head, None)(features, _normal(targets), upsample=False, normalize=False)
-        else:
-            raw = EmbeddingCAM(module.forward_head, None)(features, _normal(proxies), upsample=False, normalize=False)
+        features = _normal(activations).to(dtype)
+        raw = CAM(module.forward_head, None).explain(features, target, _normal(rows), upsample=False,
+                                                      normalize=False)
     return minmax_normalize(F.interpolate(raw[:, None], size=size, mode="bilinear", align_corners=False)[:, 0])
 
 
-def _normal(tensor: Tensor | None) -> Tensor | None:
+@dataclass
+class Explanation:
+    """The explanation of a batch: a map per image, what it explains, and the prediction."""
+
+    maps: Tensor  # [B, H, W] in [0, 1]
+    explained: Tensor  # [B] the class (or proxy row) each map explains
+    predicted: Tensor  # [B] argmax of ``class_scores``
+    class_scores: Tensor  # [B, C] softmax probabilities or cosines to the class proxies
+
+
+def explain(module: CAMModule, activations: Tensor, outputs: Tensor, target: Target, size: tuple[int, int],
+            labels: Tensor | None = None, choice: Choice = "true") -> Explanation:
+    """The one explanation step: maps for the true class (``choice="true"``; images whose label is
+    ``UNKNOWN_LABEL`` fall back to the predicted class) or the predicted one, and the prediction."""
+    class_scores = target.class_scores(outputs)
+    predicted = class_scores.argmax(1)
+    explained = predicted
+    if choice == "true" and labels is not None:
+        labels = labels.to(predicted.device)
+        explained = torch.where(labels == UNKNOWN_LABEL, predicted, labels)
+    maps = head_cams(module, activations, size, target, explained)
+    return Explanation(maps, explained, predicted, class_scores)
+
+
+def _normal(tensor: Tensor) -> Tensor:
     """Autograd cannot save inference tensors for backward: a clone made outside inference mode is a normal one."""
-    return tensor.clone() if tensor is not None and tensor.is_inference() else tensor
+    return tensor.clone() if tensor.is_inference() else tensor

@@ -26,12 +26,14 @@ from PIL import Image
 from pytorch_lightning.loggers import CSVLogger, WandbLogger
 
 from cubcam.callbacks import CAMPanel, CAMPanelWarning
-from cubcam.callbacks.cam_panel import METRIC_KEYS, PANEL_KEY
+from cubcam.callbacks.measure import METRIC_KEYS
+from cubcam.callbacks.sinks import PANEL_KEY
 from cubcam.callbacks.panel_render import GAP
 from cubcam.callbacks.panel_select import random_subset, spread_over_classes
 from cubcam.cams import localization
 from cubcam.cams.figure import save_png
 from cubcam.cams.protocol import head_cams
+from cubcam.cams.targets import ClassLogits
 from cubcam.train.data.datamodule import CUBDataModule
 from cubcam.train.data.synthetic import make_synthetic_cub
 from cubcam.train.modules import Classifier, EmbeddingNet
@@ -124,7 +126,7 @@ def test_bad_arguments_name_the_problem(kwargs, message):
 def test_method_must_fit_the_model(synthetic_cub, tmp_path):
     data = data_for(synthetic_cub, "classifier")
     trainer = trainer_for(tmp_path, 1, [CAMPanel(method="embeddingcam")])
-    with pytest.raises(ValueError, match="embeddingcam.*cam_kind='classifier'"):
+    with pytest.raises(ValueError, match="embeddingcam.*cam_method='gradcam'"):
         trainer.validate(module_for("classifier", data), datamodule=data, verbose=False)
 
 
@@ -156,7 +158,10 @@ def test_one_panel_per_epoch_with_boxes_captions_and_metrics(synthetic_cub, offl
     for epoch, row in enumerate(panels):
         media = row[PANEL_KEY]
         assert media["_type"] == "images/separated" and media["count"] == num
-        assert row["trainer/global_step"] == (epoch + 1) * steps_per_epoch
+        # The panel row carries its epoch and the step of that epoch's val/* metrics (one below global_step).
+        metrics = [r for r in rows if r.get("epoch") == epoch and "val/cam_max_box_acc" in r]
+        assert row["epoch"] == epoch and len(metrics) == 1
+        assert row["trainer/global_step"] == metrics[0]["trainer/global_step"] == (epoch + 1) * steps_per_epoch - 1
         assert panel_indices(row) == panel.panel
         for caption, index in zip(media["captions"], panel.panel):
             assert f"#{index}, epoch {epoch}" in caption
@@ -315,7 +320,7 @@ def read_only_run_dir(array, path, *args, **kwargs):
 
 def test_logging_and_writing_failures_only_warn(synthetic_cub, offline, monkeypatch):
     data = data_for(synthetic_cub, "classifier")
-    monkeypatch.setattr("cubcam.callbacks.cam_panel.save_png", read_only_run_dir)
+    monkeypatch.setattr("cubcam.callbacks.sinks.save_png", read_only_run_dir)
     logger = FailingWandbLogger(project="cubcam", save_dir=str(offline), offline=True)
     with pytest.warns(CAMPanelWarning) as caught:
         metrics = trainer_for(offline, 1, [CAMPanel(num_images=4)], logger=logger).validate(
@@ -323,7 +328,7 @@ def test_logging_and_writing_failures_only_warn(synthetic_cub, offline, monkeypa
     finished_run(logger)
     messages = campanel_warnings(caught)
     assert any("FailingWandbLogger" in m and "No space left on device" in m for m in messages), messages
-    assert any("epoch_000.png" in m and "read-only" in m for m in messages), messages
+    assert any("PNG grid in" in m and "cam_panels" in m and "read-only" in m for m in messages), messages
     assert all(key in metrics[0] for key in METRIC_KEYS)  # validation finished and logged the metrics
 
 
@@ -393,7 +398,7 @@ def test_ddp_logs_one_panel_per_epoch_and_metrics_over_all_ranks(tmp_path):
     with torch.no_grad():
         images = torch.stack([item["image"] for item in batch])
         feature_maps = module.net.forward_features(images)
-    maps = head_cams(module, feature_maps, (SIZE, SIZE), targets=torch.tensor([item["label"] for item in batch]))
+    maps = head_cams(module, feature_maps, (SIZE, SIZE), ClassLogits(), torch.tensor([item["label"] for item in batch]))
     boxes = torch.stack([item["box"] for item in batch])
     expected = localization.max_box_acc(maps, boxes)["max_box_acc"]
     assert metric_rows[-1]["val/cam_max_box_acc"] == pytest.approx(expected, abs=1e-6)

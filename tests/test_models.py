@@ -10,7 +10,7 @@ import torchvision
 from torch import nn
 
 from cubcam.train import models
-from cubcam.train.models import ClassifierNet, EmbeddingNetwork, ResNetBackbone
+from cubcam.train.models import PooledLinearNet, ResNetBackbone
 from cubcam.train.modules import Classifier, EmbeddingNet
 
 
@@ -94,8 +94,8 @@ def test_unreachable_pretrained_download_fails_fast_with_advice(tmp_path, monkey
 def test_nets_split_features_and_head() -> None:
     torch.manual_seed(3)
     x = torch.randn(2, 3, 64, 64)
-    classifier = ClassifierNet(ResNetBackbone("resnet18"), num_classes=5).eval()
-    embedder = EmbeddingNetwork(ResNetBackbone("resnet18"), dim=16).eval()
+    classifier = PooledLinearNet(ResNetBackbone("resnet18"), out_features=5).eval()
+    embedder = PooledLinearNet(ResNetBackbone("resnet18"), out_features=16).eval()
     with torch.no_grad():
         maps = classifier.forward_features(x)
         torch.testing.assert_close(classifier.forward_head(maps), classifier.fc(maps.mean((2, 3))))
@@ -111,7 +111,7 @@ def fake_batch(size: int = 64, n: int = 4) -> dict[str, torch.Tensor]:
             "parts": torch.zeros(n, 15, 3), "image_id": torch.arange(n) + 1, "index": torch.arange(n) + 10}
 
 
-@pytest.mark.parametrize(("module_cls", "kind", "width"), [(Classifier, "classifier", 3), (EmbeddingNet, "embedding", 8)])
+@pytest.mark.parametrize(("module_cls", "kind", "width"), [(Classifier, "gradcam", 3), (EmbeddingNet, "embeddingcam", 8)])
 def test_validation_step_returns_the_target_layer_maps_from_one_pass(module_cls, kind: str, width: int) -> None:
     kwargs = {"num_classes": 3} if module_cls is Classifier else {"num_classes": 3, "embedding_dim": 8}
     module = module_cls(arch="resnet18", output_stride=16, **kwargs).eval()
@@ -126,13 +126,13 @@ def test_validation_step_returns_the_target_layer_maps_from_one_pass(module_cls,
     finally:
         handle.remove()
     assert len(captured) == 2  # one trunk pass in validation_step, one for `direct`
-    assert module.cam_kind == kind and module.cam_target_layer is module.net.backbone.layer4
-    torch.testing.assert_close(out["feature_maps"], captured[0])
-    assert out["feature_maps"].shape == (4, 512, 4, 4) and not out["feature_maps"].requires_grad
+    assert module.cam_method == kind and module.cam_target_layer is module.net.backbone.layer4
+    torch.testing.assert_close(out["activations"], captured[0])
+    assert out["activations"].shape == (4, 512, 4, 4) and not out["activations"].requires_grad
     assert out["output"].shape == (4, width)
     torch.testing.assert_close(out["output"], direct)
-    torch.testing.assert_close(module.forward_head(out["feature_maps"]), direct)
-    assert torch.equal(out["labels"], batch["label"]) and torch.equal(out["index"], batch["index"])
+    torch.testing.assert_close(module.forward_head(out["activations"]), direct)
+    assert torch.equal(out["label"], batch["label"]) and torch.equal(out["index"], batch["index"])
     assert module.class_names == ["class 0", "class 1", "class 2"]
 
 

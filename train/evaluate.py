@@ -5,8 +5,9 @@
 Scores GradCAM (classifier) or EmbeddingCAM with both proxy schemes (embedding net) for the true class of every
 image, side by side with a centre-Gaussian baseline on the same images (the score of "the bird is in the middle"):
 MaxBoxAccV2 (mean over IoU 0.3/0.5/0.7 of the best-threshold box accuracy; Choe et al., CVPR 2020), box accuracy at
-IoU 0.5 (best threshold), heatmap ratio (CAM mass inside the GT box) and pointing game (the CAM's peak lies within
-15 px of a visible part), all from ``cubcam.cams.localization``. Writes ``metrics.json`` (sorted keys, floats
+IoU 0.5 (best threshold), heatmap ratio (CAM mass inside the GT box), pointing game (the CAM's peak lies in the GT
+box, as the training callback's ``val/cam_pointing_game``) and ``pointing_game_parts`` (the peak lies within 15 px
+of a visible part), all through ``cubcam.cams.localization.LocalizationAccumulator``, the callback's accumulator. Writes ``metrics.json`` (sorted keys, floats
 rounded to 6 decimals: identical between runs) and ``metrics.md``, and prints the table.
 
 Cost: about one plain forward per image. Each batch runs the backbone once with the target layer hooked; every CAM
@@ -22,7 +23,7 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -31,25 +32,14 @@ from torch.utils.data import Subset
 from tqdm import tqdm
 
 from cubcam.cams import minmax_normalize
-from cubcam.cams.localization import (
-    DEFAULT_IOU_THRESHOLDS,
-    DEFAULT_THRESHOLDS,
-    box_hits,
-    box_iou,
-    boxes_from_map,
-    heatmap_ratio,
-    max_box_acc_from_hits,
-    pointing_game,
-)
-from cubcam.cams.protocol import features_and_outputs, head_cams
+from cubcam.cams.localization import DEFAULT_IOU_THRESHOLDS, DEFAULT_THRESHOLDS, LocalizationAccumulator, box_iou, boxes_from_map
+from cubcam.cams.protocol import CAMModule, Choice, explain, features_and_outputs
+from cubcam.cams.targets import ClassLogits, Target
 from cubcam.train.checkpoint import CheckpointError, load_checkpoint, one_line
 from cubcam.train.data.cub import CUBDataset
 from cubcam.train.data.presets import EvalPreset
 from cubcam.train.explain import SPLITS, spread_indices
 from cubcam.train.reference import loader, reference_set, reference_split
-
-# A method turns (target-layer activations, outputs, labels, image size) into maps [B, H, W] in [0, 1].
-CAMMethod = Callable[[Tensor, Tensor, Tensor, tuple[int, int]], Tensor]
 
 METHOD_NAMES = {
     "gradcam": "GradCAM",
@@ -61,7 +51,8 @@ METRIC_NAMES = {
     "max_box_acc": "MaxBoxAccV2",
     "box_acc_iou50": "box accuracy @ IoU 0.5",
     "heatmap_ratio": "heatmap ratio (mass in box)",
-    "pointing_game": "pointing game (visible parts)",
+    "pointing_game": "pointing game (peak in box)",
+    "pointing_game_parts": "pointing game (visible parts)",
 }
 GAUSSIAN_SIGMA = 0.25  # of the image side; the level sets (centred discs) and so the box metrics do not depend on it
 
@@ -89,79 +80,38 @@ class CentreBaseline:
         return best[:, :, None] >= np.asarray(DEFAULT_IOU_THRESHOLDS)
 
 
-class Totals:
-    """Running sums of one method's localization scores: hit counts per (threshold, IoU), ratio and pointing sums."""
+def localization_scores(module: CAMModule, batches: Iterable[dict[str, Tensor]], targets: dict[str, Target],
+                        device: torch.device, total: int, choice: Choice = "true",
+                        progress: bool = True) -> tuple[dict[str, dict[str, Any]], int]:
+    """Every target's scores, and the centre Gaussian's, over the ``total`` images of ``batches`` (in order); and
+    the image count.
 
-    def __init__(self) -> None:
-        self.hits: np.ndarray | None = None
-        self.images = 0
-        self.ratio = 0.0
-        self.points = 0.0
-        self.pointed_images = 0
-
-    def update(self, maps: Tensor, boxes: Tensor, parts: Tensor, hits: np.ndarray | None = None) -> None:
-        """Add a batch of maps [B, H, W]; ``hits`` [B, T, I] when already known (the baseline's)."""
-        hits = (box_hits(maps, boxes, workers=torch.get_num_threads()) if hits is None else hits).sum(0)
-        self.hits = hits if self.hits is None else self.hits + hits
-        self.images += len(maps)
-        self.ratio += float(np.asarray(heatmap_ratio(maps, boxes), dtype=np.float64).sum())
-        pointed = np.asarray(pointing_game(maps, parts=parts), dtype=np.float64)
-        known = ~np.isnan(pointed)  # an image without visible parts has nothing to point at
-        self.points += float(pointed[known].sum())
-        self.pointed_images += int(known.sum())
-
-    def result(self) -> dict[str, float]:
-        scores = {k: float(v) for k, v in max_box_acc_from_hits(self.hits, self.images).items() if np.isscalar(v)}
-        scores["heatmap_ratio"] = self.ratio / self.images
-        scores["pointing_game"] = self.points / self.pointed_images if self.pointed_images else math.nan
-        scores["pointing_game_images"] = self.pointed_images
-        return scores
-
-
-def localization_scores(module: torch.nn.Module, batches: Iterable[dict[str, Tensor]], methods: dict[str, CAMMethod],
-                        device: torch.device, total: int | None = None,
-                        progress: bool = True) -> tuple[dict[str, dict[str, float]], int]:
-    """Every method's scores, and the centre Gaussian's, over all images of ``batches``; and the image count."""
-    totals = {name: Totals() for name in [*methods, "centre_gaussian"]}
+    Each batch runs the backbone once (``features_and_outputs``); each target's maps are then one explanation step
+    from those activations, scored by one :class:`LocalizationAccumulator` per method (the callback's too).
+    """
+    workers = torch.get_num_threads()
+    accumulators = {name: LocalizationAccumulator(total, workers=workers) for name in [*targets, "centre_gaussian"]}
     baseline: CentreBaseline | None = None
+    seen = 0
     bar = tqdm(total=total, desc="evaluate", unit="img", file=sys.stderr, disable=not progress, dynamic_ncols=True)
     with bar:
         for batch in batches:
             images = batch["image"].to(device, non_blocking=True)
-            labels = batch["label"].to(device, non_blocking=True)
-            size = tuple(images.shape[-2:])
-            feature_maps, outputs = features_and_outputs(module, images)
+            size = (images.shape[-2], images.shape[-1])
+            activations, outputs = features_and_outputs(module, images)
+            slots = range(seen, seen + len(images))
             boxes, parts = batch["box"], batch["parts"]
-            for name, method in methods.items():
-                totals[name].update(method(feature_maps, outputs, labels, size).float().cpu(), boxes, parts)
+            for name, target in targets.items():
+                step = explain(module, activations, outputs, target, size, batch["label"], choice)
+                accumulators[name].update(slots, step.maps.float().cpu(), boxes, parts)
             if baseline is None or tuple(baseline.map.shape) != size:
                 baseline = CentreBaseline(size)
-            totals["centre_gaussian"].update(baseline.map.expand(len(images), -1, -1), boxes, parts,
-                                             hits=baseline.box_hits(boxes))
+            accumulators["centre_gaussian"].update(slots, baseline.map.expand(len(images), -1, -1), boxes, parts,
+                                                   hits=baseline.box_hits(boxes))
+            seen += len(images)
             bar.update(len(images))
-    return {name: t.result() for name, t in totals.items()}, totals["centre_gaussian"].images
-
-
-def classifier_methods(module: torch.nn.Module, target: str) -> dict[str, CAMMethod]:
-    def gradcam(feature_maps: Tensor, logits: Tensor, labels: Tensor, size: tuple[int, int]) -> Tensor:
-        targets = labels if target == "true" else logits.argmax(1)
-        return head_cams(module, feature_maps, size, targets=targets)
-
-    return {"gradcam": gradcam}
-
-
-def embedding_methods(module: torch.nn.Module, target: str, mean: Tensor, single: Tensor) -> dict[str, CAMMethod]:
-    """EmbeddingCAM with each proxy scheme; "predicted" is the class whose mean proxy is nearest."""
-    def scheme(proxies: Tensor) -> CAMMethod:
-        def embeddingcam(feature_maps: Tensor, embeddings: Tensor, labels: Tensor, size: tuple[int, int]) -> Tensor:
-            p = proxies.to(embeddings.device)
-            targets = labels if target == "true" else \
-                (torch.nn.functional.normalize(embeddings.float(), dim=1) @ mean.to(embeddings.device).T).argmax(1)
-            return head_cams(module, feature_maps, size, proxies=p[targets])
-
-        return embeddingcam
-
-    return {"embeddingcam_normalized_mean": scheme(mean), "embeddingcam_single_point": scheme(single)}
+    scores = {name: {k: v for k, v in acc.compute().items() if np.isscalar(v)} for name, acc in accumulators.items()}
+    return scores, seen
 
 
 def rounded(value: Any, digits: int = 6) -> Any:
@@ -232,22 +182,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.limit is not None:
         dataset = Subset(dataset, spread_indices(len(dataset), args.limit))
 
-    report: dict[str, Any] = {"checkpoint": ckpt.path.name, "kind": module.cam_kind, "split": split,
+    report: dict[str, Any] = {"checkpoint": ckpt.path.name, "method": module.cam_method, "split": split,
                               "split_scheme": split_scheme, "image_size": image_size, "target": args.target,
                               "baseline_sigma": GAUSSIAN_SIGMA}
-    if module.cam_kind == "classifier":
-        methods = classifier_methods(module, args.target)
-    else:
+    targets: dict[str, Target] = {"gradcam": ClassLogits()}
+    if module.cam_method == "embeddingcam":
         reference = reference_set(module, ckpt.path, root, split=ref_split, split_scheme=split_scheme,
                                   image_size=image_size, batch_size=args.batch_size, num_workers=args.num_workers,
                                   device=device, cache=not args.no_cache)
-        single, picks = reference.single_point_proxies(args.seed)
-        methods = embedding_methods(module, args.target, reference.mean_proxies(), single)
+        targets = dict(reference.targets(args.seed))
         report |= {"reference_split": ref_split, "single_point_seed": args.seed,
-                   "single_point_reference_indices": picks.tolist()}
+                   "single_point_reference_indices": reference.single_point_proxies(args.seed)[1].tolist()}
 
     batches = loader(dataset, args.batch_size, args.num_workers)
-    scores, num_images = localization_scores(module, batches, methods, device, total=len(dataset))
+    scores, num_images = localization_scores(module, batches, targets, device, len(dataset), args.target)
     report |= {"num_images": num_images, "methods": scores}
     report = rounded(report)
     table = markdown_table(scores)

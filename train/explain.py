@@ -29,7 +29,8 @@ from torch import Tensor
 from cubcam.cams import overlay, single_point_proxy
 from cubcam.cams.figure import grid, save_png
 from cubcam.cams.overlay import denormalize
-from cubcam.cams.protocol import features_and_outputs, head_cams
+from cubcam.cams.protocol import UNKNOWN_LABEL, CAMModule, Choice, explain, features_and_outputs, head_cams
+from cubcam.cams.targets import ClassLogits, Method, Proxies, Target
 from cubcam.train.checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint, one_line
 from cubcam.train.data.cub import CUBDataset
 from cubcam.train.data.presets import EvalPreset, load_rgb
@@ -78,47 +79,36 @@ def dataset_item(dataset: CUBDataset, index: int, split: str) -> Item:
 
 @dataclass
 class Explainer:
-    """What a run of ``explain`` needs to turn images into maps and captions."""
+    """What a run of ``explain`` needs to turn images into maps and records: one step of
+    ``cubcam.cams.protocol.explain`` per batch."""
 
-    module: torch.nn.Module
-    method: str  # "gradcam" | "embeddingcam"
-    target: str  # "true" | "predicted"
+    module: CAMModule
+    target: Target  # class logits, or the reference split's class proxies
+    choice: Choice  # "true" (where an image has a label) or "predicted"
     class_names: list[str]
     device: torch.device
-    proxies: Tensor | None = None  # [C, D]: the class proxies an embedding is explained against
-    mean_proxies: Tensor | None = None  # [C, D]: what "predicted" means for an embedding net (the nearest class)
 
     def __call__(self, items: list[Item]) -> tuple[Tensor, list[dict[str, Any]]]:
         images = torch.stack([item.image for item in items]).to(self.device)
-        feature_maps, outputs = features_and_outputs(self.module, images)
-        if self.method == "gradcam":
-            scores = outputs.float().softmax(1)
-        else:
-            scores = F.normalize(outputs.float(), dim=1) @ self.mean_proxies.to(self.device).T  # cosine to classes
-        predicted = scores.argmax(1)
-        targets = torch.tensor([item.label if self.target == "true" and item.label is not None else int(p)
-                                for item, p in zip(items, predicted)], device=self.device)
-        size = tuple(images.shape[-2:])
-        if self.method == "gradcam":
-            maps = head_cams(self.module, feature_maps, size, targets=targets)
-        else:
-            maps = head_cams(self.module, feature_maps, size, proxies=self.proxies.to(self.device)[targets])
+        activations, outputs = features_and_outputs(self.module, images)
+        labels = torch.tensor([UNKNOWN_LABEL if item.label is None else item.label for item in items])
+        step = explain(self.module, activations, outputs, self.target, (images.shape[-2], images.shape[-1]), labels,
+                       self.choice)
         records = []
-        for item, t, p, row in zip(items, targets.tolist(), predicted.tolist(), scores):
-            kind = "true" if self.target == "true" and item.label is not None else "predicted"
+        for item, t, p, row in zip(items, step.explained.tolist(), step.predicted.tolist(), step.class_scores):
+            kind = "true" if self.choice == "true" and item.label is not None else "predicted"
             records.append({"source": item.source, **item.extra,
                             "target": {"kind": kind, "class": t, "name": self.class_names[t]},
                             "predicted": {"class": p, "name": self.class_names[p], "score": round(float(row[p]), 4)},
                             "true": None if item.label is None else {"class": item.label,
                                                                       "name": self.class_names[item.label]}})
-        return maps.cpu(), records
+        return step.maps.cpu(), records
 
 
-def caption(record: dict[str, Any], method: str) -> str:
+def caption(record: dict[str, Any], score_name: str) -> str:
     """A user image: its file name and the prediction; a dataset image: true and predicted class."""
-    score = "p" if method == "gradcam" else "cos"
     first = f"true: {record['true']['name']}" if record["true"] is not None else Path(record["source"]).name
-    return f"{first}\npred: {record['predicted']['name']} ({score} {record['predicted']['score']:.2f})"
+    return f"{first}\npred: {record['predicted']['name']} ({score_name} {record['predicted']['score']:.2f})"
 
 
 # --- main ----------------------------------------------------------------------------------------------------------
@@ -162,10 +152,11 @@ def fail(message: str) -> NoReturn:
     raise SystemExit(2)
 
 
-def resolve_method(module: torch.nn.Module, requested: str) -> str:
-    wanted = {"classifier": "gradcam", "embedding": "embeddingcam"}[module.cam_kind]
+def resolve_method(module: CAMModule, requested: str) -> Method:
+    wanted = module.cam_method
     if requested not in ("auto", wanted):
-        raise CheckpointError(f"--method {requested} does not fit this {module.cam_kind} checkpoint; use {wanted}")
+        raise CheckpointError(f"--method {requested} does not fit this checkpoint ({type(module).__name__}); "
+                              f"use {wanted}")
     return wanted
 
 
@@ -243,12 +234,12 @@ def explain_images(ckpt: LoadedCheckpoint, method: str, reference: ReferenceSet 
             records.append(record)
             tiles.append(denormalize(item.image))
             maps_all.append(cam)
-            captions.append(caption(record, method))
+            captions.append(caption(record, explainer.target.score_name))
     boxes = [item.box if item.box is not None and bool((item.box[2:] > 0).all()) else None for item in items]
     if items:  # GT box green (dataset images), the CAM's box red, as in the training callback's panels
         save_png(grid(tiles, captions, ncols=4, cams=maps_all, boxes=boxes, colormap=args.colormap, alpha=args.alpha),
                  args.out / "grid.png")
-    summary = {"checkpoint": str(ckpt.path), "kind": ckpt.module.cam_kind, "method": method,
+    summary = {"checkpoint": str(ckpt.path), "method": method,
                "proxy": args.proxy if method == "embeddingcam" else None, "target": args.target,
                "image_size": [preset.size, preset.size], "images": records, "errors": errors,
                "grid": "grid.png" if items else None}
@@ -259,14 +250,13 @@ def explain_images(ckpt: LoadedCheckpoint, method: str, reference: ReferenceSet 
     return len(errors)
 
 
-def make_explainer(ckpt: LoadedCheckpoint, method: str, reference: ReferenceSet | None, args: argparse.Namespace,
+def make_explainer(ckpt: LoadedCheckpoint, method: Method, reference: ReferenceSet | None, args: argparse.Namespace,
                    class_names: list[str]) -> Explainer:
     device = torch.device(args.device)
-    if method == "gradcam":
-        return Explainer(ckpt.module, method, args.target, list(class_names), device)
-    mean = reference.mean_proxies()
-    proxies = mean if args.proxy == "normalized_mean" else reference.single_point_proxies(args.seed)[0]
-    return Explainer(ckpt.module, method, args.target, list(reference.dataset.class_names), device, proxies, mean)
+    if reference is None:
+        return Explainer(ckpt.module, ClassLogits(), args.target, list(class_names), device)
+    target = reference.targets(args.seed)[f"{method}_{args.proxy}"]
+    return Explainer(ckpt.module, target, args.target, list(reference.dataset.class_names), device)
 
 
 def explain_retrieval(ckpt: LoadedCheckpoint, reference: ReferenceSet, args: argparse.Namespace,
@@ -287,10 +277,11 @@ def explain_retrieval(ckpt: LoadedCheckpoint, reference: ReferenceSet, args: arg
     neighbours = torch.stack([reference.dataset[int(i)]["image"] for i in indices[0]]).to(device)
     neighbour_features, _ = features_and_outputs(module, neighbours)
     size = tuple(query.shape[-2:])
+    rows = torch.arange(k, device=device)
     query_maps = head_cams(module, query_features.expand(k, -1, -1, -1).contiguous(), size,
-                           proxies=single_point_proxy(reference.embeddings[indices[0]]).to(device))
+                           Proxies(single_point_proxy(reference.embeddings[indices[0]]).to(device)), rows)
     neighbour_maps = head_cams(module, neighbour_features, size,
-                               proxies=single_point_proxy(query_embedding[0]).expand(k, -1).to(device))
+                               Proxies(single_point_proxy(query_embedding[0]).expand(k, -1).to(device)), rows)
     query_rgb = denormalize(query)
     tiles, maps, captions, records = [], [], [], []
     for rank, (i, sim) in enumerate(zip(indices[0].tolist(), similarity[0].tolist()), start=1):

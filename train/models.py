@@ -1,4 +1,4 @@
-"""Plain nn.Module parts of the two models: a torchvision ResNet trunk and the classifier / embedding heads.
+"""Plain nn.Module parts of the two models: a torchvision ResNet trunk and the pooled linear head both share.
 
 The nets follow timm's split ``forward_features`` (trunk, ends at the CAM target layer) / ``forward_head``
 (pool -> head), so a CAM can be computed either through the whole net or from stored feature maps alone.
@@ -106,38 +106,22 @@ class ResNetBackbone(nn.Module):
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
 
-class ClassifierNet(nn.Module):
-    """Backbone -> global average pool -> linear logits."""
+class PooledLinearNet(nn.Module):
+    """Backbone -> global average pool -> linear: the net of both modules, logits for the ``Classifier``
+    (``out_features`` = classes) and the raw embedding ``y`` for the ``EmbeddingNet`` (``out_features`` = its
+    dimension; not normalised).
 
-    def __init__(self, backbone: ResNetBackbone, num_classes: int):
-        super().__init__()
-        self.backbone = backbone
-        self.fc = nn.Linear(backbone.num_features, num_classes)
-
-    def forward_features(self, x: Tensor) -> Tensor:
-        return self.backbone(x)
-
-    def forward_head(self, feature_maps: Tensor) -> Tensor:
-        return self.fc(feature_maps.mean(dim=(2, 3)))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))
-
-
-class EmbeddingNetwork(nn.Module):
-    """Backbone -> global average pool -> linear -> ``dim``-d embedding ``y``, not normalised.
-
-    Everything that compares embeddings (the triplet loss and miner, retrieval, the proxies) L2-normalises them,
-    so training sees the unit sphere either way. The raw ``y`` is what EmbeddingCAM should score, as GradCAM scores
-    raw logits: ``y . p = |y| cos(y, p)`` has the gradient ``p``, which never vanishes, while the cosine's gradient
-    goes to zero (and its direction to noise) as a confident image's cosine nears 1. Measured on the demo's embedding
-    net: MaxBoxAccV2 63.9% from the raw score against 38.9% from the cosine (centre baseline 44.1%).
+    Why the embedding stays raw: everything that compares embeddings (the triplet loss and miner, retrieval, the
+    proxies) L2-normalises them, so training sees the unit sphere either way, while EmbeddingCAM should score ``y``
+    as GradCAM scores raw logits: ``y . p = |y| cos(y, p)`` has the gradient ``p``, which never vanishes, where the
+    cosine's gradient goes to zero (and its direction to noise) as a confident image's cosine nears 1 (README,
+    "What EmbeddingCAM scores").
     """
 
-    def __init__(self, backbone: ResNetBackbone, dim: int = 128):
+    def __init__(self, backbone: ResNetBackbone, out_features: int):
         super().__init__()
         self.backbone = backbone
-        self.fc = nn.Linear(backbone.num_features, dim)
+        self.fc = nn.Linear(backbone.num_features, out_features)
 
     def forward_features(self, x: Tensor) -> Tensor:
         return self.backbone(x)

@@ -1,16 +1,17 @@
 """The two LightningModules: a CUB classifier and a triplet-loss embedding net.
 
-Both are thin: the networks are plain nn.Modules from ``cubcam.train.models``, the constructors take plain arguments
-(``load_from_checkpoint`` works without the CLI), and both speak the duck-typed CAM protocol the callbacks and
-``cubcam explain`` rely on: ``cam_kind``, ``cam_target_layer``, ``class_names``, ``forward`` and ``forward_head``,
-and a ``validation_step`` that returns the target layer's feature maps so a callback needs no second forward.
+Both are thin: the network is a plain nn.Module from ``cubcam.train.models``, the constructors take plain arguments
+(``load_from_checkpoint`` works without the CLI), and both speak the CAM protocol (``cubcam.cams.protocol``) the
+callback, ``cubcam explain`` and ``cubcam evaluate`` rely on: ``cam_method``, ``cam_target_layer``,
+``forward_head``, and a ``validation_step`` that returns a ``CAMStepOutput`` (the CAM layer's activations with the
+outputs), so a callback needs no second forward. ``monitor`` is what ``BestCheckpoint`` keeps the best epoch by.
 """
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import pytorch_lightning as pl
 import torch
@@ -22,9 +23,13 @@ from pytorch_metric_learning.utils.inference import CustomKNN
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from cubcam.train.models import ClassifierNet, EmbeddingNetwork, ResNetBackbone
+from cubcam.cams.distributed import gather_unique
+from cubcam.cams.protocol import CAMStepOutput, step_output
+from cubcam.cams.targets import Method
+from cubcam.train.models import PooledLinearNet, ResNetBackbone
 
 RETRIEVAL_METRICS = ("precision_at_1", "mean_average_precision_at_r", "r_precision")
+Miner = Literal["all", "hard", "semihard", "easy"]  # pytorch-metric-learning's TripletMarginMiner types
 
 
 def default_class_names(class_names: list[str] | None, num_classes: int | None) -> list[str]:
@@ -37,7 +42,7 @@ def default_class_names(class_names: list[str] | None, num_classes: int | None) 
     return [f"class {i}" for i in range(num_classes or 0)]
 
 
-def build_optimizer(net: ClassifierNet | EmbeddingNetwork, lr: float, weight_decay: float, backbone_lr_factor: float,
+def build_optimizer(net: PooledLinearNet, lr: float, weight_decay: float, backbone_lr_factor: float,
                     total_steps: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
     """AdamW (the pretrained trunk at ``lr * backbone_lr_factor``) with a per-step cosine decay to zero."""
     backbone = list(net.backbone.parameters())
@@ -53,12 +58,13 @@ def build_optimizer(net: ClassifierNet | EmbeddingNetwork, lr: float, weight_dec
 class CUBModule(pl.LightningModule):
     """What both models share: the CAM protocol, the optimiser and the schedule.
 
-    Subclasses set ``net`` (a ClassifierNet or EmbeddingNetwork) and ``class_names``, and call
-    ``save_hyperparameters()`` with at least ``lr``, ``weight_decay`` and ``backbone_lr_factor``.
+    Subclasses set ``net`` and ``class_names``, and call ``save_hyperparameters()`` with at least ``lr``,
+    ``weight_decay`` and ``backbone_lr_factor``.
     """
 
-    cam_kind: str
-    net: ClassifierNet | EmbeddingNetwork
+    cam_method: ClassVar[Method]
+    monitor: ClassVar[tuple[str, Literal["min", "max"]]]  # the validation score that picks the best checkpoint
+    net: PooledLinearNet
     class_names: list[str]
 
     @property
@@ -72,14 +78,9 @@ class CUBModule(pl.LightningModule):
         return self.net.forward_head(feature_maps)
 
     def _cam_outputs(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """(target-layer feature maps, outputs) from one pass: the head runs on the maps the trunk produced."""
-        feature_maps = self.net.forward_features(batch["image"])
-        return feature_maps, self.net.forward_head(feature_maps)
-
-    @staticmethod
-    def _step_output(batch: dict[str, Tensor], feature_maps: Tensor, output: Tensor) -> dict[str, Tensor]:
-        return {"feature_maps": feature_maps.detach(), "output": output.detach(), "labels": batch["label"],
-                "index": batch["index"]}
+        """(CAM-layer activations, outputs) from one pass: the head runs on the maps the trunk produced."""
+        activations = self.net.forward_features(batch["image"])
+        return activations, self.net.forward_head(activations)
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
@@ -96,7 +97,8 @@ class CUBModule(pl.LightningModule):
 class Classifier(CUBModule):
     """ResNet classifier trained with cross-entropy; logs ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc``."""
 
-    cam_kind = "classifier"
+    cam_method = "gradcam"
+    monitor = ("val/acc", "max")
 
     def __init__(self, arch: str = "resnet18", pretrained: bool = False, weights_path: str | Path | None = None,
                  output_stride: int = 32, num_classes: int = 200, class_names: list[str] | None = None,
@@ -104,7 +106,7 @@ class Classifier(CUBModule):
                  label_smoothing: float = 0.0):
         super().__init__()
         self.save_hyperparameters()
-        self.net = ClassifierNet(ResNetBackbone(arch, pretrained, weights_path, output_stride), num_classes)
+        self.net = PooledLinearNet(ResNetBackbone(arch, pretrained, weights_path, output_stride), num_classes)
         self.class_names = default_class_names(class_names, num_classes)
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -118,13 +120,13 @@ class Classifier(CUBModule):
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=batch_size)
         return loss
 
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
-        feature_maps, logits = self._cam_outputs(batch)
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> CAMStepOutput:
+        activations, logits = self._cam_outputs(batch)
         batch_size = len(logits)
         self.val_acc(logits, batch["label"])
         self.log("val/loss", F.cross_entropy(logits, batch["label"]), sync_dist=True, batch_size=batch_size)
         self.log("val/acc", self.val_acc, prog_bar=True, batch_size=batch_size)
-        return self._step_output(batch, feature_maps, logits)
+        return step_output(activations, logits, batch)
 
 
 class EmbeddingNet(CUBModule):
@@ -136,15 +138,16 @@ class EmbeddingNet(CUBModule):
     ``num_classes``/``class_names`` describe the training classes (for captions; the loss does not need them).
     """
 
-    cam_kind = "embedding"
+    cam_method = "embeddingcam"
+    monitor = ("val/precision_at_1", "max")
 
     def __init__(self, arch: str = "resnet18", pretrained: bool = False, weights_path: str | Path | None = None,
                  output_stride: int = 32, embedding_dim: int = 128, num_classes: int | None = None,
-                 class_names: list[str] | None = None, margin: float = 0.2, miner: str = "semihard",
+                 class_names: list[str] | None = None, margin: float = 0.2, miner: Miner = "semihard",
                  lr: float = 1e-3, weight_decay: float = 1e-4, backbone_lr_factor: float = 1.0):
         super().__init__()
         self.save_hyperparameters()
-        self.net = EmbeddingNetwork(ResNetBackbone(arch, pretrained, weights_path, output_stride), embedding_dim)
+        self.net = PooledLinearNet(ResNetBackbone(arch, pretrained, weights_path, output_stride), embedding_dim)
         self.class_names = default_class_names(class_names, num_classes)
         self.miner = miners.TripletMarginMiner(margin=margin, type_of_triplets=miner)
         self.loss_fn = losses.TripletMarginLoss(margin=margin)
@@ -165,33 +168,19 @@ class EmbeddingNet(CUBModule):
     def on_validation_epoch_start(self) -> None:
         self._val_embeddings, self._val_labels, self._val_index = [], [], []
 
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
-        feature_maps, embeddings = self._cam_outputs(batch)
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> CAMStepOutput:
+        activations, embeddings = self._cam_outputs(batch)
         self._val_embeddings.append(embeddings.detach())
         self._val_labels.append(batch["label"])
         self._val_index.append(batch["index"])
-        return self._step_output(batch, feature_maps, embeddings)
+        return step_output(activations, embeddings, batch)
 
     def on_validation_epoch_end(self) -> None:
         if not self._val_embeddings:
             return
-        embeddings, labels, index = (self._gather(torch.cat(parts)) for parts in
-                                     (self._val_embeddings, self._val_labels, self._val_index))
-        # A distributed sampler pads ranks with repeated images: keep each dataset index once.
-        index, order = index.sort(stable=True)
-        first = torch.ones_like(index, dtype=torch.bool)
-        first[1:] = index[1:] != index[:-1]
-        embeddings, labels = embeddings[order][first], labels[order][first]
+        _, embeddings, labels = gather_unique(self.all_gather, self.trainer.world_size,
+                                              torch.cat(self._val_index), torch.cat(self._val_embeddings),
+                                              torch.cat(self._val_labels))
         metrics = self.retrieval.get_accuracy(embeddings, labels)
         for name in RETRIEVAL_METRICS:
             self.log(f"val/{name}", float(metrics[name]), prog_bar=name == "precision_at_1", sync_dist=True)
-
-    def _gather(self, local: Tensor) -> Tensor:
-        """All ranks' rows (ranks may hold different counts: pad to the longest, gather, trim)."""
-        if self.trainer.world_size == 1:
-            return local
-        counts = self.all_gather(torch.tensor(len(local), device=local.device))
-        padded = torch.zeros((int(counts.max()), *local.shape[1:]), dtype=local.dtype, device=local.device)
-        padded[: len(local)] = local
-        gathered = self.all_gather(padded)
-        return torch.cat([rows[: int(n)] for rows, n in zip(gathered, counts)])

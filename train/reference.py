@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from cubcam.cams import normalized_mean_proxies, single_point_proxy
+from cubcam.cams.targets import Proxies
 from cubcam.train.data.cub import CUBDataset
 from cubcam.train.data.presets import EvalPreset
 
@@ -60,6 +61,13 @@ class ReferenceSet:
         has = picks >= 0
         proxies[has] = single_point_proxy(self.embeddings[picks[has]])
         return proxies, picks
+
+    def targets(self, seed: int = 0) -> dict[str, Proxies]:
+        """EmbeddingCAM's targets from this split, by name: every class's Normalized Mean Proxy, or one of its
+        images' embedding (Single Point Proxy, drawn with ``seed``). Both predict the nearest mean proxy's class."""
+        mean = self.mean_proxies()
+        return {"embeddingcam_normalized_mean": Proxies(mean),
+                "embeddingcam_single_point": Proxies(self.single_point_proxies(seed)[0], classes=mean)}
 
     def nearest(self, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
         """The ``k`` most cosine-similar reference images of each query: (similarities [Q, k], indices [Q, k])."""

@@ -1,0 +1,106 @@
+"""Collecting: what one validation epoch hands the CAM panel, batch by batch, and gathered from every rank.
+
+An :class:`EpochCollector` lives for one validation epoch: the callback makes a new one when the epoch starts and
+drops it when the epoch ends, so nothing here depends on the phase the callback is in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+
+from cubcam.cams.distributed import gather_unique
+from cubcam.cams.protocol import CAMModule, CAMStepOutput, features_and_outputs
+
+STEP_KEYS = tuple(CAMStepOutput.__annotations__)
+
+
+@dataclass
+class Outputs:
+    """Every validation image's output (logits or embedding), label and dataset index, sorted by index."""
+
+    index: Tensor
+    output: Tensor
+    label: Tensor
+
+
+@dataclass
+class EpochCollector:
+    """The rows of one validation epoch the panel and the metrics need (on this rank, detached).
+
+    ``panel`` and ``subset`` are dataset indices (the panel is None until chosen). Outputs are kept for every image
+    (small: logits or embeddings), since the panel is chosen from the labels seen and an embedding net's proxies
+    come from all embeddings; activations only for the panel and the metric subset.
+    """
+
+    panel: list[int] | None
+    subset: list[int]
+    outputs: list[tuple[Tensor, Tensor, Tensor]] = field(default_factory=list)  # (output, label, index)
+    panel_rows: list[dict[str, Tensor]] = field(default_factory=list)
+    subset_rows: list[dict[str, Tensor]] = field(default_factory=list)
+    image_size: tuple[int, int] = (0, 0)
+
+    def add(self, step: CAMStepOutput, batch: dict[str, Tensor]) -> None:
+        """One validation batch: its step output and the batch (for the images and boxes)."""
+        index, label = step["index"].detach(), step["label"].detach()
+        self.outputs.append((step["output"].detach().float(), label, index))
+        self.image_size = (int(batch["image"].shape[-2]), int(batch["image"].shape[-1]))
+        if self.panel is not None:  # kept even when empty: its shapes let every rank join the gather
+            self.panel_rows.append(_rows(self.panel, index, {
+                "index": index, "image": batch["image"], "box": batch["box"], "label": label,
+                "activations": step["activations"], "output": step["output"]}))
+        if self.subset:
+            rows = _rows(self.subset, index, {"index": index, "activations": step["activations"],
+                                              "box": batch["box"], "label": label})
+            if len(rows["index"]):
+                self.subset_rows.append(rows)
+
+    def gathered_outputs(self, trainer: pl.Trainer, device: torch.device) -> Outputs:
+        """All ranks' outputs, each dataset index once (a collective: every rank must call it)."""
+        if not self.outputs:
+            raise RuntimeError("the validation loop produced no batches")
+        output, label, index = (torch.cat(parts).to(device) for parts in zip(*self.outputs))
+        index, output, label = gather_unique(trainer.strategy.all_gather, trainer.world_size, index, output, label)
+        return Outputs(index.cpu(), output.cpu(), label.cpu())
+
+    def gathered_panel(self, trainer: pl.Trainer, device: torch.device) -> dict[str, Tensor] | None:
+        """The panel birds' rows in panel order, from all ranks (a collective); None if the epoch skipped a bird
+        (e.g. ``limit_val_batches``)."""
+        if self.panel is None or not self.panel_rows:
+            return None
+        keys = list(self.panel_rows[0])
+        columns = [torch.cat([rows[key] for rows in self.panel_rows]).to(device) for key in keys]
+        captured = dict(zip(keys, gather_unique(trainer.strategy.all_gather, trainer.world_size, *columns)))
+        where = {int(i): row for row, i in enumerate(captured["index"].tolist())}
+        if any(i not in where for i in self.panel):
+            return None
+        order = torch.tensor([where[i] for i in self.panel], device=device)
+        return {key: value[order] for key, value in captured.items()}
+
+    def subset_columns(self) -> dict[str, Tensor]:
+        """This rank's metric-subset rows (activations, boxes, labels, index), concatenated; empty dict if none."""
+        if not self.subset_rows:
+            return {}
+        return {key: torch.cat([part[key] for part in self.subset_rows]) for key in self.subset_rows[0]}
+
+
+def load_birds(dataset: Any, indices: list[int], module: CAMModule, device: torch.device) -> dict[str, Tensor]:
+    """The panel's columns for images read from the dataset and run through the module here (the epoch that
+    chooses the panel, or one that skipped a bird, and the single-point neighbours)."""
+    items = [dataset[i] for i in indices]
+    images = torch.stack([item["image"] for item in items]).to(device)
+    activations, outputs = features_and_outputs(module, images)
+    return {"index": torch.tensor(indices, device=device), "image": images,
+            "box": torch.stack([item["box"] for item in items]).to(device),
+            "label": torch.tensor([int(item["label"]) for item in items], device=device),
+            "activations": activations, "output": outputs}
+
+
+def _rows(wanted: list[int], index: Tensor, columns: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The rows of a batch whose dataset index is in ``wanted``, detached, on the CPU (possibly none)."""
+    rows = torch.isin(index, torch.tensor(wanted, dtype=index.dtype, device=index.device)).nonzero()[:, 0]
+    return {key: value.detach()[rows.to(value.device)].cpu() for key, value in columns.items()}
