@@ -376,7 +376,7 @@ def test_ddp_logs_one_panel_per_epoch_and_metrics_over_all_ranks(tmp_path):
     # 15 validation images: DistributedSampler pads rank 1 with a repeat of image 0, which must count once.
     root = make_synthetic_cub(tmp_path / "cub", classes=3, per_class=10, size=SIZE, seed=1).parent
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true",
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
+           "PYTHONPATH": os.environ.get("PYTHONPATH", "")}  # the installed cubcam only, never the checkout
     done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "ddp", str(tmp_path), str(root)],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

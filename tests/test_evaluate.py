@@ -136,3 +136,25 @@ def test_bad_settings_give_one_clear_line(extra: list[str], message: str, traine
     stderr = capsys.readouterr().err.strip()
     assert len(stderr.splitlines()) == 1 and stderr.startswith("error:") and message in stderr, stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_the_callback_and_evaluate_report_the_same_scores_on_the_same_images(classifier_runs, trained: Trained,
+                                                                              tmp_path) -> None:
+    """One accumulator, one explanation step: CAMPanel's val/cam_* over the whole validation split (the test
+    split) equal evaluate's on the same checkpoint, also the pointing game (the peak inside the GT box)."""
+    import pytorch_lightning as pl
+
+    from cubcam.callbacks import CAMPanel
+    from cubcam.callbacks.measure import METRIC_KEYS
+    from cubcam.train.data.datamodule import CUBDataModule
+
+    module = load_checkpoint(trained.classifier).module
+    data = CUBDataModule(root=str(trained.root), image_size=SIZE, batch_size=BATCH, num_workers=0)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=str(tmp_path), callbacks=[CAMPanel(num_images=4)])
+    logged = trainer.validate(module, datamodule=data, verbose=False)[0]
+    report = classifier_runs[0]["methods"]["gradcam"]
+    assert len(data.val_dataset) == classifier_runs[0]["num_images"]  # the subset is the whole split here
+    for key, name in METRIC_KEYS.items():
+        assert logged[key] == pytest.approx(report[name], abs=1e-6), key
+    assert CAMPanel().metrics_subset >= len(data.val_dataset)

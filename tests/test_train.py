@@ -16,7 +16,9 @@ import pytorch_lightning as pl
 import torch
 import wandb
 
+from cubcam.train.checkpoint import load_checkpoint
 from cubcam.train.cli import main
+from cubcam.train.evaluate import main as evaluate_main
 from cubcam.train.data.datamodule import CUBDataModule
 from cubcam.train.data.synthetic import make_synthetic_cub
 from cubcam.train.modules import Classifier, CUBModule, EmbeddingNet
@@ -132,7 +134,31 @@ def test_classifier_learns_resumes_at_the_next_epoch_and_reloads(tiny_cub: Path,
     main(fit_args(["demo/classifier.yaml"], tiny_cub, offline, "resumed", "--trainer.max_epochs", str(epochs + 1),
                   "--ckpt_path", str(last)))
     assert read_record(offline / "resumed")["epochs"] == [epochs]  # only the missing epoch ran
-    assert torch.load(last, weights_only=True)["epoch"] == epochs  # a second run's config save did not fail either
+    checkpoint = torch.load(last, weights_only=True)
+    assert checkpoint["epoch"] == epochs  # a second run's config save did not fail either
+    # The callbacks' state keys are those written before BestCheckpoint and the namespace existed (read off a
+    # checkpoint of that code), so older runs resume their best score and their panel.
+    assert sorted(checkpoint["callbacks"]) == sorted([
+        "CAMPanel{'num_images': 16, 'method': 'auto', 'proxy': 'normalized_mean'}",
+        "ModelCheckpoint{'monitor': 'val/acc', 'mode': 'max', 'every_n_train_steps': 0, 'every_n_epochs': 1, "
+        "'train_time_interval': None}",
+        "ModelCheckpoint{'monitor': None, 'mode': 'min', 'every_n_train_steps': 0, 'every_n_epochs': 1, "
+        "'train_time_interval': None}"])
+    assert len(list(last.parent.glob("best-epoch=*.ckpt"))) == 1  # BestCheckpoint, by the module's val/acc
+
+    # A checkpoint saved before cubcam was one namespace names its class train.modules.Classifier (the only
+    # difference from today's, checked on one): fit --ckpt_path resumes it, and explain/evaluate load it.
+    assert checkpoint["hyper_parameters"]["_class_path"] == "cubcam.train.modules.Classifier"
+    checkpoint["hyper_parameters"]["_class_path"] = "train.modules.Classifier"
+    legacy = offline / "legacy.ckpt"
+    torch.save(checkpoint, legacy)
+    main(fit_args(["demo/classifier.yaml"], tiny_cub, offline, "legacy", "--trainer.max_epochs", str(epochs + 2),
+                  "--ckpt_path", str(legacy)))
+    assert read_record(offline / "legacy")["epochs"] == [epochs + 1]
+    assert type(load_checkpoint(legacy).module) is Classifier
+    report = evaluate_main([str(legacy), "--data.root", str(tiny_cub), "--limit", "8", "--num-workers", "0",
+                            "--out", str(offline / "legacy-eval")])
+    assert report["num_images"] == 8 and report["method"] == "gradcam"
 
 
 @pytest.mark.slow
@@ -166,11 +192,11 @@ def test_embedding_net_learns_with_m_per_class_batches(tiny_cub: Path, offline: 
 @pytest.mark.slow
 def test_ddp_two_cpu_processes_get_m_per_class_batches(tiny_cub: Path, tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline",
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), str(REPO), os.environ.get("PYTHONPATH", "")])}
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
     args = fit_args(["demo/embedding.yaml", "trainer/ddp.yaml"], tiny_cub, tmp_path, "record",
                     "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.max_epochs", "1",
                     "--data.m_per_class", str(M), wandb=False)
-    done = subprocess.run([sys.executable, "-m", "train", *args], cwd=tmp_path, env=env, capture_output=True,
+    done = subprocess.run([sys.executable, "-P", "-m", "cubcam.train", *args], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [read_record(tmp_path / "record", rank) for rank in (0, 1)]

@@ -22,6 +22,14 @@ MODULE_CLASSES: dict[str, type[CUBModule]] = {
     "cubcam.train.modules.Classifier": Classifier,
     "cubcam.train.modules.EmbeddingNet": EmbeddingNet,
 }
+# Class paths saved before cubcam became one namespace (its folders were top-level packages then).
+LEGACY_CLASS_PATHS = {"train.modules.Classifier": "cubcam.train.modules.Classifier",
+                      "train.modules.EmbeddingNet": "cubcam.train.modules.EmbeddingNet"}
+
+
+def current_class_path(class_path: str) -> str:
+    """A saved class path as it is named today (old checkpoints name ``train.modules.Classifier``)."""
+    return LEGACY_CLASS_PATHS.get(class_path, class_path)
 
 
 class CheckpointError(ValueError):
@@ -82,6 +90,7 @@ def module_class(hparams: dict[str, Any], path: str | Path = "checkpoint") -> ty
     """
     class_path = hparams.get("_class_path")
     if class_path is not None:
+        class_path = current_class_path(class_path)
         if class_path not in MODULE_CLASSES:
             raise CheckpointError(f"{path} is a checkpoint of {class_path}, not of a cubcam Classifier or EmbeddingNet")
         return MODULE_CLASSES[class_path]
@@ -102,10 +111,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not isinstance(hparams, dict) or not hparams:
         raise CheckpointError(f"{path} has no saved hyper-parameters; is it a cubcam checkpoint?")
     cls = module_class(hparams, path)
+    renamed = {"_class_path": current_class_path(hparams["_class_path"])} if "_class_path" in hparams else {}
     data_hparams = dict(checkpoint.get("datamodule_hyper_parameters") or {})
     del checkpoint  # the memory map; load_from_checkpoint reads the file itself
     try:
-        module = cls.load_from_checkpoint(path, map_location=map_location, weights_only=True)
+        module = cls.load_from_checkpoint(path, map_location=map_location, weights_only=True, **renamed)
     except (RuntimeError, KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"{path} does not load as a {cls.__name__}: {one_line(err)}") from err
     return LoadedCheckpoint(path=path, module=module.eval(), data_hparams=data_hparams)

@@ -3,24 +3,37 @@
     cubcam fit --config configs/demo/classifier.yaml
     cubcam fit --config configs/embedding.yaml --config configs/trainer/ddp.yaml
     cubcam fit --config configs/demo/classifier.yaml --ckpt_path runs/cubcam/<run>/checkpoints/last.ckpt  # resume
+    cubcam fit --config configs/demo/classifier.yaml --model.init_args.arch resnet34
     cubcam explain ... / cubcam evaluate ...   (see ``cubcam explain --help``)
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import sys
 from pathlib import Path
+from typing import Any
 
-from jsonargparse import Namespace
+import torch
+from jsonargparse import DefaultHelpFormatter, Namespace
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities import rank_zero_info
 
+from cubcam.train.checkpoint import current_class_path
 from cubcam.train.data.datamodule import CUBDataModule
 from cubcam.train.modules import Classifier, CUBModule, EmbeddingNet  # noqa: F401  (short names for --model)
 
-TOOLS = ("explain", "evaluate")  # subcommands that are not Lightning's; dispatched to cubcam.train.<name>.main
+TOOLS = {  # subcommands that are not Lightning's; dispatched to cubcam.train.<name>.main
+    "explain": "what a checkpoint looks at: your images, a dataset panel, a retrieval (cubcam explain --help)",
+    "evaluate": "localization scores of a checkpoint's maps over a split (cubcam evaluate --help)",
+}
+EPILOG = "inspection tools:\n" + "\n".join(f"  cubcam {name:<9} {text}" for name, text in TOOLS.items())
+
+
+class _HelpWithTools(DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """jsonargparse's help, with the epilog (the tools) printed as written."""
 
 
 class CubCamCLI(LightningCLI):
@@ -29,14 +42,43 @@ class CubCamCLI(LightningCLI):
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
         parser.link_arguments("data.class_names", "model.init_args.class_names", apply_on="instantiate")
 
+    def _parse_ckpt_path(self) -> None:
+        """Lightning's own (a checkpoint's hyper-parameters become the model config), with the class paths of
+        checkpoints saved before cubcam became one namespace (``train.modules.Classifier``) renamed, so that
+        ``fit --ckpt_path`` resumes them."""
+        if not self.config.get("subcommand"):
+            return
+        ckpt_path = self.config[self.config.subcommand].get("ckpt_path")
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        hparams: dict[str, Any] = torch.load(ckpt_path, weights_only=True, map_location="cpu").get(
+            "hyper_parameters", {})
+        hparams.pop("_instantiator", None)
+        if not hparams:
+            return
+        if "_class_path" in hparams:
+            hparams = {"class_path": current_class_path(hparams.pop("_class_path")), "dict_kwargs": hparams}
+        try:
+            self.config = self.parser.parse_object({self.config.subcommand: {"model": hparams}}, self.config)
+        except SystemExit:
+            sys.stderr.write(f"error: the hyper-parameters saved in {ckpt_path} do not parse as a cubcam model\n")
+            raise
+
     def before_instantiate_classes(self) -> None:
-        """``fit --ckpt_path <save_dir>/<project>/<run id>/checkpoints/last.ckpt`` continues that W&B run (and so
-        writes to that checkpoint folder) unless a run id is given: resuming should not scatter one training."""
-        config = self.config.get(self.subcommand) if self.subcommand == "fit" else None
-        if config is None or not config.get("ckpt_path"):
+        """W&B: ``fit --ckpt_path <save_dir>/<project>/<run id>/checkpoints/last.ckpt`` continues that run (and so
+        writes to that checkpoint folder) unless a run id is given, and a run without a name is named after its
+        model, e.g. ``classifier-resnet18``, so that an ``--model.init_args.arch`` override shows in the runs table."""
+        config = self.config.get(self.subcommand) if self.subcommand else None
+        if config is None:
             return
         logger = config.trainer.logger
         if not isinstance(logger, Namespace) or not str(logger.class_path).endswith("WandbLogger"):
+            return
+        if logger.init_args.get("name") is None:
+            model = config.model
+            kind = str(model.class_path).rsplit(".", 1)[-1].lower()
+            logger.init_args.name = f"{kind}-{model.init_args.get('arch')}"
+        if self.subcommand != "fit" or not config.get("ckpt_path"):
             return
         ckpt = Path(config.ckpt_path)
         if logger.init_args.get("id") is None and ckpt.parent.name == "checkpoints" \
@@ -68,4 +110,4 @@ def main(argv: list[str] | None = None) -> None:
         importlib.import_module(f"cubcam.train.{args[0]}").main(args[1:])  # imported lazily: training never needs them
         return
     CubCamCLI(CUBModule, CUBDataModule, subclass_mode_model=True, save_config_kwargs={"overwrite": True},
-              args=argv)  # None: LightningCLI reads sys.argv itself
+              parser_kwargs={"epilog": EPILOG, "formatter_class": _HelpWithTools}, args=argv)  # None: LightningCLI reads sys.argv itself

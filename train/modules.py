@@ -88,6 +88,11 @@ class CUBModule(pl.LightningModule):
                                                int(self.trainer.estimated_stepping_batches))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def on_train_epoch_start(self) -> None:
+        # What Lightning's LearningRateMonitor logs, without its need for a logger (the demo may run with none).
+        for name, group in zip(("backbone", "head"), self.trainer.optimizers[0].param_groups):
+            self.log(f"train/lr_{name}", float(group["lr"]), on_step=False, on_epoch=True)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # The checkpoint holds the trained weights: loading it must not download or read the ImageNet ones again.
         checkpoint["hyper_parameters"] = {**checkpoint.get("hyper_parameters", {}), "pretrained": False,
