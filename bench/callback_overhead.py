@@ -29,19 +29,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-import cubcam.train  # noqa: F401  (torchvision guard first)
 import pytorch_lightning as pl
 import torch
 import yaml
 from pytorch_lightning.loggers import WandbLogger
 
+import cubcam.train  # noqa: F401  (torchvision guard first)
 from cubcam.callbacks import CAMPanel
 from cubcam.train.data.datamodule import CUBDataModule
 from cubcam.train.data.synthetic import make_synthetic_cub
 from cubcam.train.modules import Classifier, EmbeddingNet
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_throughput import EpochTimer  # noqa: E402
+from train_throughput import EpochTimer
 
 REPO = Path(__file__).resolve().parents[1]
 MODULES = {"cubcam.train.modules.Classifier": Classifier, "cubcam.train.modules.EmbeddingNet": EmbeddingNet}
@@ -88,19 +88,36 @@ def demo_config(kind: str) -> dict[str, Any]:
     return yaml.safe_load((REPO / "configs" / "demo" / f"{kind}.yaml").read_text())
 
 
-def run(config: dict[str, Any], root: Path, work: Path, epochs: int, with_panel: bool,
-        data_overrides: dict[str, Any], trainer_overrides: dict[str, Any]) -> tuple[list[float], TimedCAMPanel | None]:
+def run(
+    config: dict[str, Any],
+    root: Path,
+    work: Path,
+    epochs: int,
+    with_panel: bool,
+    data_overrides: dict[str, Any],
+    trainer_overrides: dict[str, Any],
+) -> tuple[list[float], TimedCAMPanel | None]:
     """Epoch seconds (warm-up dropped) of one fit, and its timed callback (None without)."""
     pl.seed_everything(0, verbose=False)
     data = CUBDataModule(**{**config["data"], "root": str(root), **data_overrides})
-    module = MODULES[config["model"]["class_path"]](**config["model"]["init_args"], num_classes=data.num_classes,
-                                                    class_names=data.class_names)
+    module = MODULES[config["model"]["class_path"]](
+        **config["model"]["init_args"], num_classes=data.num_classes, class_names=data.class_names
+    )
     timer = EpochTimer()
     panel = TimedCAMPanel() if with_panel else None
     logger = WandbLogger(project="cubcam-bench", save_dir=str(work), offline=True)
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, logger=logger, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                         callbacks=[panel, timer] if panel else [timer], **trainer_overrides)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=epochs,
+        logger=logger,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[panel, timer] if panel else [timer],
+        **trainer_overrides,
+    )
     trainer.fit(module, datamodule=data)
     logger.experiment.finish()
     return timer.seconds[1:], panel
@@ -126,8 +143,9 @@ def scenario(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     inside: dict[str, list[float]] = {"all": [], "metrics": [], "panel": []}
     metric_images = 0
     for side in ("without", "with", "with", "without"):
-        seconds, panel = run(config, root, work / "runs", args.epochs, side == "with", data_overrides,
-                             trainer_overrides)
+        seconds, panel = run(
+            config, root, work / "runs", args.epochs, side == "with", data_overrides, trainer_overrides
+        )
         results[side] += seconds
         if panel is not None:  # warm-up epochs dropped, as for the epoch times
             inside["all"] += panel.seconds[1:]
@@ -136,23 +154,37 @@ def scenario(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
             metric_images = panel.metric_images
     data = CUBDataModule(**{**config["data"], "root": str(root), **data_overrides})
     data.setup("fit")
-    return {"name": name, "train": len(data.train_dataset), "val": len(data.val_dataset),
-            "size": data.hparams.image_size, "results": results, "inside": inside, "metric_images": metric_images}
+    return {
+        "name": name,
+        "train": len(data.train_dataset),
+        "val": len(data.val_dataset),
+        "size": data.hparams.image_size,
+        "results": results,
+        "inside": inside,
+        "metric_images": metric_images,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=3, help="per run; the first is warm-up")
-    parser.add_argument("--scenarios", nargs="+", default=["demo-classifier", "demo-embedding", "cub-val-embedding"],
-                        choices=["demo-classifier", "demo-embedding", "cub-val-embedding"])
+    parser.add_argument(
+        "--scenarios",
+        nargs="+",
+        default=["demo-classifier", "demo-embedding", "cub-val-embedding"],
+        choices=["demo-classifier", "demo-embedding", "cub-val-embedding"],
+    )
     parser.add_argument("--cub-size", type=int, default=64, help="image size of the CUB-sized validation set")
     parser.add_argument("--work", type=Path, default=None, help="keep datasets and runs here (default: a temp dir)")
     args = parser.parse_args()
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("WANDB_SILENT", "true")
 
-    print(f"{torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs; epochs per run {args.epochs} "
-          f"(first = warm-up), ABBA order", flush=True)
+    print(
+        f"{torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs; epochs per run {args.epochs} "
+        f"(first = warm-up), ABBA order",
+        flush=True,
+    )
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
         for name in args.scenarios:
@@ -160,15 +192,17 @@ def main() -> None:
             without, with_ = statistics.median(r["results"]["without"]), statistics.median(r["results"]["with"])
             rest = [a - m - p for a, m, p in zip(*(r["inside"][part] for part in ("all", "metrics", "panel")))]
             inside, metrics, panel = (statistics.median(r["inside"][part]) for part in ("all", "metrics", "panel"))
-            print(f"{r['name']}: {r['train']} train / {r['val']} val images at {r['size']} px\n"
-                  f"  epoch without {without:7.2f} s  ({', '.join(f'{s:.2f}' for s in r['results']['without'])})\n"
-                  f"  epoch with    {with_:7.2f} s  ({', '.join(f'{s:.2f}' for s in r['results']['with'])})\n"
-                  f"  overhead {100 * (with_ / without - 1):+.1f}% of the epoch; time inside the callback "
-                  f"{inside:.3f} s = {100 * inside / without:.1f}%  (target <= 3%)\n"
-                  f"  inside: metrics {metrics:.3f} s over {r['metric_images']} images "
-                  f"({1000 * metrics / max(r['metric_images'], 1):.2f} ms each), panel {panel:.3f} s, "
-                  f"the rest {statistics.median(rest):.3f} s; within 3% from epochs of {inside / 0.03:.1f} s",
-                  flush=True)
+            print(
+                f"{r['name']}: {r['train']} train / {r['val']} val images at {r['size']} px\n"
+                f"  epoch without {without:7.2f} s  ({', '.join(f'{s:.2f}' for s in r['results']['without'])})\n"
+                f"  epoch with    {with_:7.2f} s  ({', '.join(f'{s:.2f}' for s in r['results']['with'])})\n"
+                f"  overhead {100 * (with_ / without - 1):+.1f}% of the epoch; time inside the callback "
+                f"{inside:.3f} s = {100 * inside / without:.1f}%  (target <= 3%)\n"
+                f"  inside: metrics {metrics:.3f} s over {r['metric_images']} images "
+                f"({1000 * metrics / max(r['metric_images'], 1):.2f} ms each), panel {panel:.3f} s, "
+                f"the rest {statistics.median(rest):.3f} s; within 3% from epochs of {inside / 0.03:.1f} s",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -15,15 +15,15 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
-import cubcam.cams  # noqa: F401  (torchvision guard first)
 import torch
 import torchvision
 from captum.attr import LayerGradCam
 from pytorch_grad_cam import GradCAM as PGCGradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
+import cubcam.cams  # noqa: F401  (torchvision guard first)
 from cubcam.cams import GradCAM
 
 
@@ -72,7 +72,10 @@ def main() -> None:
 
     median = {name: statistics.median(t) for name, t in times.items()}
     forward, ours_s = median["plain forward (no_grad)"], median["cubcam GradCAM"]
-    print(f"{args.arch}, {args.batch} images at {args.size} px, CPU threads={torch.get_num_threads()}, median of {args.repeats}")
+    print(
+        f"{args.arch}, {args.batch} images at {args.size} px, CPU threads={torch.get_num_threads()}, "
+        f"median of {args.repeats}"
+    )
     print(f"{'method':<28}{'s/panel':>10}{'vs forward':>12}{'ours vs it':>12}")
     for name, seconds in median.items():
         print(f"{name:<28}{seconds:>10.3f}{seconds / forward:>11.2f}x{ours_s / seconds:>11.2f}x")

@@ -25,19 +25,19 @@ import io
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
-import cubcam.cams  # noqa: F401  (torchvision guard first)
 import pytorch_lightning as pl
 import torch
 
+import cubcam.cams  # noqa: F401  (torchvision guard first)
+from cubcam.cams.targets import ClassLogits, Target
 from cubcam.train.checkpoint import load_checkpoint
 from cubcam.train.data.cub import CUBDataset
 from cubcam.train.data.datamodule import CUBDataModule
 from cubcam.train.data.presets import EvalPreset
 from cubcam.train.data.synthetic import make_synthetic_cub
-from cubcam.cams.targets import ClassLogits, Target
 from cubcam.train.evaluate import localization_scores
 from cubcam.train.evaluate import main as evaluate_main
 from cubcam.train.modules import Classifier, EmbeddingNet
@@ -46,9 +46,17 @@ from cubcam.train.reference import loader, reference_set
 
 def save_checkpoint(module: pl.LightningModule, data: CUBDataModule, path: Path) -> Path:
     """A checkpoint as ``cubcam fit`` writes it (datamodule hyper-parameters included), without training."""
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=0, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                         limit_val_batches=0)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
     trainer.fit(module, datamodule=data)
     trainer.save_checkpoint(path)
     return path
@@ -78,21 +86,27 @@ def main() -> None:
     split = CUBDataset(root, split="test", transform=EvalPreset(args.size))
     batches = list(loader(split, args.batch, 0))  # in memory: both sides time compute, not JPEG decoding
     n = len(split)
-    print(f"{args.arch} (output stride {args.output_stride}), {n} test images at {args.size} px, batch {args.batch}, "
-          f"CPU threads={torch.get_num_threads()}, median of {args.repeats}")
-    print(f"{'model':<11}{'forward img/s':>15}{'evaluate img/s':>16}{'ratio':>8}   "
-          f"{'cubcam evaluate end to end (cold / warm) vs forward+JPEG img/s':<40}")
+    print(
+        f"{args.arch} (output stride {args.output_stride}), {n} test images at {args.size} px, batch {args.batch}, "
+        f"CPU threads={torch.get_num_threads()}, median of {args.repeats}"
+    )
+    print(
+        f"{'model':<11}{'forward img/s':>15}{'evaluate img/s':>16}{'ratio':>8}   "
+        f"{'cubcam evaluate end to end (cold / warm) vs forward+JPEG img/s':<40}"
+    )
 
     kinds = {"classifier": Classifier, "embedding": EmbeddingNet}
     for kind, cls in kinds.items():
-        module = cls(arch=args.arch, output_stride=args.output_stride, num_classes=data.num_classes,
-                     class_names=data.class_names)
+        module = cls(
+            arch=args.arch, output_stride=args.output_stride, num_classes=data.num_classes, class_names=data.class_names
+        )
         ckpt = save_checkpoint(module, data, work / f"{kind}.ckpt")
         module = load_checkpoint(ckpt).module
         targets: dict[str, Target] = {"gradcam": ClassLogits()}
         if kind == "embedding":
-            reference = reference_set(module, ckpt, root, split="train", image_size=args.size, batch_size=args.batch,
-                                      cache=False)
+            reference = reference_set(
+                module, ckpt, root, split="train", image_size=args.size, batch_size=args.batch, cache=False
+            )
             targets = dict(reference.targets(0))
 
         def forward_only() -> None:
@@ -117,14 +131,25 @@ def main() -> None:
 
         def end_to_end() -> None:
             with contextlib.redirect_stdout(io.StringIO()):
-                evaluate_main([str(ckpt), "--out", str(work / f"{kind}-eval"), "--num-workers", "0",
-                               "--batch-size", str(args.batch)])
+                evaluate_main(
+                    [
+                        str(ckpt),
+                        "--out",
+                        str(work / f"{kind}-eval"),
+                        "--num-workers",
+                        "0",
+                        "--batch-size",
+                        str(args.batch),
+                    ]
+                )
 
         cold = timed(end_to_end)  # the embedding net embeds and caches its reference split here
         warm = statistics.median(timed(end_to_end) for _ in range(args.repeats))
         disk = statistics.median(timed(forward_from_disk) for _ in range(args.repeats))
-        print(f"{kind:<11}{forward_ips:>15.1f}{evaluate_ips:>16.1f}{evaluate_ips / forward_ips:>7.2f}x   "
-              f"{n / cold:.1f} / {n / warm:.1f} vs {n / disk:.1f} ({(n / warm) / (n / disk):.2f}x warm)")
+        print(
+            f"{kind:<11}{forward_ips:>15.1f}{evaluate_ips:>16.1f}{evaluate_ips / forward_ips:>7.2f}x   "
+            f"{n / cold:.1f} / {n / warm:.1f} vs {n / disk:.1f} ({(n / warm) / (n / disk):.2f}x warm)"
+        )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""MaxBoxAccV2's cost per map: ``cubcam.cams.localization.box_hits`` against labelling each threshold on its own, in one run.
+"""MaxBoxAccV2's cost per map: ``cubcam.cams.localization.box_hits`` against labelling each threshold on its own,
+in one run.
 
 The baseline is the reference's procedure (Choe et al., CVPR 2020) with ``scipy.ndimage`` in place of OpenCV: at each
 of the 100 thresholds, label the 8-connected regions and the holes (4-connected, not touching the border) of the
@@ -88,11 +89,16 @@ def main() -> None:
         threaded, threaded_hits = best_of(args.repeats, lambda: box_hits(maps, boxes, workers=args.workers))
         if not (np.array_equal(hits, reference) and np.array_equal(threaded_hits, reference)):
             raise SystemExit(f"{size} px: box_hits differs from the per-threshold baseline")
-        ms = {name: 1000 * seconds / args.maps for name, seconds in
-              (("per-threshold", per_threshold), ("box_hits", serial), ("threads", threaded))}
-        print(f"{size} px, {grid}x{grid} grid: per-threshold {ms['per-threshold']:6.2f} | box_hits "
-              f"{ms['box_hits']:5.2f} ({per_threshold / serial:4.1f}x) | {args.workers} workers {ms['threads']:5.2f} "
-              f"({serial / threaded:.2f}x of one)", flush=True)
+        ms = {
+            name: 1000 * seconds / args.maps
+            for name, seconds in (("per-threshold", per_threshold), ("box_hits", serial), ("threads", threaded))
+        }
+        print(
+            f"{size} px, {grid}x{grid} grid: per-threshold {ms['per-threshold']:6.2f} | box_hits "
+            f"{ms['box_hits']:5.2f} ({per_threshold / serial:4.1f}x) | {args.workers} workers {ms['threads']:5.2f} "
+            f"({serial / threaded:.2f}x of one)",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Training images/s: our Lightning ``fit`` of ``cubcam.train.modules.Classifier`` against a plain PyTorch loop, in one run.
+"""Training images/s: our Lightning ``fit`` of ``cubcam.train.modules.Classifier`` against a plain PyTorch loop,
+in one run.
 
 Both sides share everything but the loop: the same net (same seed), the same DataLoader object (synthetic CUB,
 the training transform), AdamW + cosine schedule from ``cubcam.train.modules.build_optimizer``, cross-entropy. The
@@ -20,12 +21,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import cubcam.train  # noqa: F401  (torchvision guard first)
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+import cubcam.train  # noqa: F401  (torchvision guard first)
 from cubcam.train.data.datamodule import CUBDataModule
 from cubcam.train.data.synthetic import make_synthetic_cub
 from cubcam.train.modules import Classifier, build_optimizer
@@ -48,9 +49,18 @@ def lightning_epochs(args: argparse.Namespace, loader: DataLoader, num_classes: 
     torch.manual_seed(0)
     module = Classifier(arch=args.arch, num_classes=num_classes, output_stride=args.output_stride)
     timer = EpochTimer()
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=args.epochs, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         limit_val_batches=0, num_sanity_val_steps=0, callbacks=[timer])
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=args.epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        callbacks=[timer],
+    )
     trainer.fit(module, train_dataloaders=loader)
     return timer.seconds[1:]
 
@@ -59,8 +69,9 @@ def plain_epochs(args: argparse.Namespace, loader: DataLoader, num_classes: int)
     torch.manual_seed(0)
     module = Classifier(arch=args.arch, num_classes=num_classes, output_stride=args.output_stride)
     net, hp = module.net.train(), module.hparams
-    optimizer, scheduler = build_optimizer(net, hp.lr, hp.weight_decay, hp.backbone_lr_factor,
-                                           args.epochs * len(loader))
+    optimizer, scheduler = build_optimizer(
+        net, hp.lr, hp.weight_decay, hp.backbone_lr_factor, args.epochs * len(loader)
+    )
     seconds = []
     for _ in range(args.epochs):
         start = time.perf_counter()
@@ -88,8 +99,9 @@ def main() -> None:
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
-        root = args.root or make_synthetic_cub(Path(tmp) / "cub", classes=args.classes, per_class=args.per_class,
-                                               size=args.size, seed=0)
+        root = args.root or make_synthetic_cub(
+            Path(tmp) / "cub", classes=args.classes, per_class=args.per_class, size=args.size, seed=0
+        )
         data = CUBDataModule(root=str(root), image_size=args.size, batch_size=args.batch, num_workers=args.workers)
         data.setup("fit")
         loader = data.train_dataloader()
@@ -99,8 +111,10 @@ def main() -> None:
             run = lightning_epochs if name == "lightning" else plain_epochs
             results[name] += [images / s for s in run(args, loader, data.num_classes)]
 
-    print(f"{args.arch} at {args.size} px, batch {args.batch}, {images} training images, "
-          f"{torch.get_num_threads()} threads, {args.workers} loader workers")
+    print(
+        f"{args.arch} at {args.size} px, batch {args.batch}, {images} training images, "
+        f"{torch.get_num_threads()} threads, {args.workers} loader workers"
+    )
     median = {name: statistics.median(rates) for name, rates in results.items()}
     for name, rates in results.items():
         print(f"  {name:<10} {median[name]:7.1f} img/s  (epochs: {', '.join(f'{r:.1f}' for r in rates)})")

@@ -25,19 +25,21 @@ How it stays out of training's way (so the trained weights are bit-identical wit
   draws from the random stream training uses; the panel and the metric subset come from its own seeded generator.
 
 Localization metrics (``val/cam_max_box_acc`` = MaxBoxAccV2, ``val/cam_box_acc_iou50``, ``val/cam_heatmap_ratio``,
-``val/cam_pointing_game``: the map's peak inside the GT box) are computed over a fixed, seeded subset of the validation set (``metrics_subset``,
-default 512 images or all when fewer), from the feature maps the validation loop already produced (head-only CAMs:
-no second backbone pass). A subset because (1) an embedding net's proxies exist only once the epoch's embeddings
-are all in, so the feature maps must be kept until the epoch ends, and the whole CUB test set's (5,794 x 2048 x 7 x
-7 floats = 2.3 GB at ResNet-50/224 px, 4x that at output stride 16) would not fit; (2) MaxBoxAccV2 labels connected
+``val/cam_pointing_game``: the map's peak inside the GT box) are computed over a fixed, seeded subset of the
+validation set (``metrics_subset``, default 512 images or all when fewer), from the activations the validation
+loop already produced (head-only CAMs: no second backbone pass). A subset because (1) an embedding net's proxies
+exist only once the epoch's embeddings are all in, so the activations must be kept until the epoch ends, and the
+whole CUB test set's (5,794 x 2048 x 7 x 7 floats = 2.3 GB at ResNet-50/224 px, 4x that at output stride 16) would
+not fit; (2) MaxBoxAccV2 labels connected
 regions at 100 thresholds per image, which over all 5,794 images would cost more than the ~3% budget of an epoch.
 From about 180 px square up the labelling runs in threads (training waits at the epoch's end, so its cores are
 free).
 The subset's CAMs are for the true class (classifier; the WSOL convention) or its proxy (embedding net).
 
-The panel row in W&B carries ``epoch`` and sits at the step of the epoch's ``val/*`` metrics. The PNG grid goes to ``<save_dir>/<name>/<version>/cam_panels/epoch_NNN.png`` of the first logger, i.e. beside
-Lightning's ``checkpoints/`` folder (for W&B: ``<save_dir>/<project>/<run id>/``), or
-``<default_root_dir>/cam_panels/`` without a logger. Writing or logging that fails is a warning, never an error.
+The panel row in W&B carries ``epoch`` and sits at the step of the epoch's ``val/*`` metrics. The PNG grid goes to
+``<save_dir>/<name>/<version>/cam_panels/epoch_NNN.png`` of the first logger, i.e. beside Lightning's
+``checkpoints/`` folder (for W&B: ``<save_dir>/<project>/<run id>/``), or ``<default_root_dir>/cam_panels/``
+without a logger. Writing or logging that fails is a warning, never an error.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ import random
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Literal
+from typing import Any, Literal, cast, get_args
 
 import numpy as np
 import pytorch_lightning as pl
@@ -62,6 +64,7 @@ from cubcam.cams.overlay import IMAGENET_MEAN, IMAGENET_STD, colorize, denormali
 from cubcam.cams.protocol import CAMModule, CAMStepOutput, Choice
 from cubcam.cams.targets import Method
 
+MethodArg = Literal["auto", "gradcam", "embeddingcam"]  # "auto": the module's cam_method
 DEFAULT_METRICS_SUBSET = 512
 CAM_BOX_THRESHOLD = 0.5  # where the panel's CAM box is cut until the metrics find the best IoU-0.5 threshold
 
@@ -93,19 +96,31 @@ class CAMPanel(pl.Callback):
             output that is not a ``CAMStepOutput``; a validation dataset that is not map-style.
     """
 
-    def __init__(self, num_images: int = 16, every_n_epochs: int = 1, method: Literal["auto"] | Method = "auto",
-                 proxy: ProxyScheme = "normalized_mean", target: Choice = "true", colormap: str = "jet",
-                 alpha: float = 0.5, log_metrics: bool = True, metrics_subset: int | None = None, seed: int = 0):
+    def __init__(
+        self,
+        num_images: int = 16,
+        every_n_epochs: int = 1,
+        method: MethodArg = "auto",
+        proxy: ProxyScheme = "normalized_mean",
+        target: Choice = "true",
+        colormap: str = "jet",
+        alpha: float = 0.5,
+        log_metrics: bool = True,
+        metrics_subset: int | None = None,
+        seed: int = 0,
+    ):
         for arg, value in (("num_images", num_images), ("every_n_epochs", every_n_epochs)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"CAMPanel: {arg} must be a positive integer, got {value!r}")
         if metrics_subset is not None and (not isinstance(metrics_subset, int) or metrics_subset < 1):
             raise ValueError(f"CAMPanel: metrics_subset must be None or a positive integer, got {metrics_subset!r}")
-        for arg, value, choices in (("method", method, ("auto", "gradcam", "embeddingcam")),
-                                    ("proxy", proxy, ("normalized_mean", "single_point")),
-                                    ("target", target, ("true", "predicted"))):
-            if value not in choices:
-                raise ValueError(f"CAMPanel: {arg} must be one of {choices}, got {value!r}")
+        for arg, mode, modes in (
+            ("method", method, MethodArg),
+            ("proxy", proxy, ProxyScheme),
+            ("target", target, Choice),
+        ):
+            if mode not in get_args(modes):  # the Literal types are the one list of the modes
+                raise ValueError(f"CAMPanel: {arg} must be one of {get_args(modes)}, got {mode!r}")
         if not 0.0 <= float(alpha) <= 1.0:
             raise ValueError(f"CAMPanel: alpha must lie in [0, 1], got {alpha!r}")
         colorize(np.zeros(1), colormap)  # raises ValueError naming the known colormaps
@@ -136,15 +151,19 @@ class CAMPanel(pl.Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         method = getattr(pl_module, "cam_method", None)
-        if method not in ("gradcam", "embeddingcam"):
-            raise TypeError(f"CAMPanel needs a module that speaks the CAM protocol (cam_method 'gradcam' or "
-                            f"'embeddingcam'), got {type(pl_module).__name__} with cam_method={method!r}")
+        if method not in get_args(Method):
+            raise TypeError(
+                f"CAMPanel needs a module that speaks the CAM protocol (cam_method 'gradcam' or "
+                f"'embeddingcam'), got {type(pl_module).__name__} with cam_method={method!r}"
+            )
         for attribute in ("cam_target_layer", "forward_head"):
             if not hasattr(pl_module, attribute):
                 raise TypeError(f"CAMPanel: {type(pl_module).__name__} lacks {attribute!r} (the CAM protocol)")
         if self.method not in ("auto", method):
-            raise ValueError(f"CAMPanel: method={self.method!r} does not fit a module with cam_method={method!r} "
-                             f"(use {method!r} or 'auto')")
+            raise ValueError(
+                f"CAMPanel: method={self.method!r} does not fit a module with cam_method={method!r} "
+                f"(use {method!r} or 'auto')"
+            )
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._epoch = None
@@ -154,27 +173,38 @@ class CAMPanel(pl.Callback):
         if self.panel is not None and max(self.panel) >= size:
             _warn(f"the saved panel does not fit a validation set of {size} images; choosing a new one")
             self.panel = None
-        if self.log_metrics and (self.subset is None or max(self.subset, default=-1) >= size
-                                 or len(self.subset) != min(self.metrics_subset, size)):
+        if self.log_metrics and (
+            self.subset is None
+            or max(self.subset, default=-1) >= size
+            or len(self.subset) != min(self.metrics_subset, size)
+        ):
             self.subset = random_subset(size, self.metrics_subset, self._generator(1))
         self._epoch = EpochCollector(self.panel, (self.subset or []) if self.log_metrics else [])
 
-    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                                batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
         if self._epoch is None or dataloader_idx != 0:
             return
         if not isinstance(outputs, dict) or any(key not in outputs for key in STEP_KEYS):
-            raise TypeError(f"CAMPanel: validation_step must return a CAMStepOutput dict with keys {STEP_KEYS} "
-                            f"(the CAM protocol), got {type(outputs).__name__}"
-                            + (f" with keys {sorted(outputs)}" if isinstance(outputs, dict) else ""))
-        step: CAMStepOutput = outputs  # type: ignore[assignment]  (checked above)
-        self._epoch.add(step, batch)
+            raise TypeError(
+                f"CAMPanel: validation_step must return a CAMStepOutput dict with keys {STEP_KEYS} "
+                f"(the CAM protocol), got {type(outputs).__name__}"
+                + (f" with keys {sorted(outputs)}" if isinstance(outputs, dict) else "")
+            )
+        self._epoch.add(cast(CAMStepOutput, outputs), batch)  # its keys are checked above
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         collected, self._epoch = self._epoch, None
         if collected is None:
             return
-        module: CAMModule = pl_module  # type: ignore[assignment]  (checked in setup)
+        module = cast(CAMModule, pl_module)  # checked in setup
         device = pl_module.device
         with _isolated(device):
             # Collectives first, on every rank in the same order; rank zero alone renders and logs afterwards.
@@ -182,19 +212,28 @@ class CAMPanel(pl.Callback):
             captured = collected.gathered_panel(trainer, device)
             if self.panel is None and len(outputs.index):
                 self.panel = self._choose_panel(outputs)
-            target = epoch_target(module.cam_method, self.proxy, outputs,
-                                  len(_class_names(_val_dataset(trainer), pl_module)))
+            target = epoch_target(
+                module.cam_method, self.proxy, outputs, len(_class_names(_val_dataset(trainer), pl_module))
+            )
             style = Style(self.colormap, self.alpha, CAM_BOX_THRESHOLD)
             if self.log_metrics and self.subset:
                 workers = max(1, torch.get_num_threads() // trainer.num_devices)  # the cores this rank's loop uses
-                scores = measure(module, collected.subset_columns(), target, self.subset, collected.image_size,
-                                 device, workers, lambda rows: trainer.strategy.reduce(rows, reduce_op="sum"))
+                scores = measure(
+                    module,
+                    collected.subset_columns(),
+                    target,
+                    self.subset,
+                    collected.image_size,
+                    device,
+                    workers,
+                    lambda rows: trainer.strategy.reduce(rows, reduce_op="sum"),
+                )
                 if scores is None:
                     _warn("no image of the metric subset was validated this epoch; CAM metrics skipped")
                 else:
                     for key, name in METRIC_KEYS.items():
-                        pl_module.log(key, float(scores[name]), sync_dist=True)  # type: ignore[arg-type]
-                    style.box_threshold = float(scores["best_threshold_iou50"])  # type: ignore[arg-type]
+                        pl_module.log(key, float(scores[name]), sync_dist=True)
+                    style.box_threshold = float(scores["best_threshold_iou50"])
             if trainer.is_global_zero:
                 self._render_and_log(trainer, module, captured, target, style)
 
@@ -210,8 +249,14 @@ class CAMPanel(pl.Callback):
         chosen = spread_over_classes(outputs.label.tolist(), self.num_images, self._generator(0))
         return outputs.index[chosen].tolist()
 
-    def _render_and_log(self, trainer: pl.Trainer, module: CAMModule, captured: dict[str, Tensor] | None,
-                        target: EpochTarget, style: Style) -> None:
+    def _render_and_log(
+        self,
+        trainer: pl.Trainer,
+        module: CAMModule,
+        captured: dict[str, Tensor] | None,
+        target: EpochTarget,
+        style: Style,
+    ) -> None:
         epoch = trainer.current_epoch
         try:
             panel = self._render(trainer, module, captured, target, style)
@@ -225,21 +270,28 @@ class CAMPanel(pl.Callback):
             except Exception as err:
                 _warn(f"could not log the panel of epoch {epoch} to {sink.name}: {type(err).__name__}: {err}")
 
-    def _render(self, trainer: pl.Trainer, module: CAMModule, captured: dict[str, Tensor] | None,
-                target: EpochTarget, style: Style) -> Panel:
+    def _render(
+        self,
+        trainer: pl.Trainer,
+        module: CAMModule,
+        captured: dict[str, Tensor] | None,
+        target: EpochTarget,
+        style: Style,
+    ) -> Panel:
         if not self.panel:
             raise RuntimeError("no panel was chosen (the validation run saw no images)")
         dataset = _val_dataset(trainer)
         device = next(module.parameters()).device
-        birds: dict[str, Any] = dict(captured) if captured is not None else load_birds(dataset, self.panel, module,
-                                                                                       device)
+        birds: dict[str, Any] = (
+            dict(captured) if captured is not None else load_birds(dataset, self.panel, module, device)
+        )
         birds["rgb"] = _to_rgb(dataset, birds["image"])
         birds["box"] = birds["box"].cpu()
         names = _class_names(dataset, module)
         if not target.neighbours:
             return class_panel(module, birds, target, self.target, trainer.current_epoch, names, style)
         rows = target.rows(birds["index"].cpu(), birds["label"].cpu())
-        neighbours = load_birds(dataset, target.outputs.index[rows].tolist(), module, device)
+        neighbours: dict[str, Any] = load_birds(dataset, target.outputs.index[rows].tolist(), module, device)
         neighbours["rgb"], neighbours["box"] = _to_rgb(dataset, neighbours["image"]), neighbours["box"].cpu()
         return neighbour_panel(module, birds, neighbours, trainer.current_epoch, names, style)
 
@@ -255,8 +307,9 @@ def _val_dataset(trainer: pl.Trainer) -> Any:
 
 def _to_rgb(dataset: Any, images: Tensor) -> list[np.ndarray]:
     """Normalised images back to uint8 [H, W, 3] with the dataset's mean/std (ImageNet's if it has none)."""
-    return list(denormalize(images.cpu(), getattr(dataset, "mean", IMAGENET_MEAN),
-                            getattr(dataset, "std", IMAGENET_STD)))
+    return list(
+        denormalize(images.cpu(), getattr(dataset, "mean", IMAGENET_MEAN), getattr(dataset, "std", IMAGENET_STD))
+    )
 
 
 def _class_names(dataset: Any, module: Any) -> list[str]:

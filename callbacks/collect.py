@@ -50,12 +50,26 @@ class EpochCollector:
         self.outputs.append((step["output"].detach().float(), label, index))
         self.image_size = (int(batch["image"].shape[-2]), int(batch["image"].shape[-1]))
         if self.panel is not None:  # kept even when empty: its shapes let every rank join the gather
-            self.panel_rows.append(_rows(self.panel, index, {
-                "index": index, "image": batch["image"], "box": batch["box"], "label": label,
-                "activations": step["activations"], "output": step["output"]}))
+            self.panel_rows.append(
+                _rows(
+                    self.panel,
+                    index,
+                    {
+                        "index": index,
+                        "image": batch["image"],
+                        "box": batch["box"],
+                        "label": label,
+                        "activations": step["activations"],
+                        "output": step["output"],
+                    },
+                )
+            )
         if self.subset:
-            rows = _rows(self.subset, index, {"index": index, "activations": step["activations"],
-                                              "box": batch["box"], "label": label})
+            rows = _rows(
+                self.subset,
+                index,
+                {"index": index, "activations": step["activations"], "box": batch["box"], "label": label},
+            )
             if len(rows["index"]):
                 self.subset_rows.append(rows)
 
@@ -94,10 +108,14 @@ def load_birds(dataset: Any, indices: list[int], module: CAMModule, device: torc
     items = [dataset[i] for i in indices]
     images = torch.stack([item["image"] for item in items]).to(device)
     activations, outputs = features_and_outputs(module, images)
-    return {"index": torch.tensor(indices, device=device), "image": images,
-            "box": torch.stack([item["box"] for item in items]).to(device),
-            "label": torch.tensor([int(item["label"]) for item in items], device=device),
-            "activations": activations, "output": outputs}
+    return {
+        "index": torch.tensor(indices, device=device),
+        "image": images,
+        "box": torch.stack([item["box"] for item in items]).to(device),
+        "label": torch.tensor([int(item["label"]) for item in items], device=device),
+        "activations": activations,
+        "output": outputs,
+    }
 
 
 def _rows(wanted: list[int], index: Tensor, columns: dict[str, Tensor]) -> dict[str, Tensor]:

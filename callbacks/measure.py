@@ -6,9 +6,11 @@ target (class logits, or proxies built from this epoch's embeddings) and how eac
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -67,9 +69,16 @@ def nearest_other(outputs: Outputs, index: Tensor) -> Tensor:
     return similarity.argmax(1)
 
 
-def measure(module: CAMModule, columns: dict[str, Tensor], target: EpochTarget, subset: list[int],
-            size: tuple[int, int], device: torch.device, workers: int,
-            reduce_sum: Callable[[Tensor], Tensor]) -> dict[str, float | object] | None:
+def measure(
+    module: CAMModule,
+    columns: dict[str, Tensor],
+    target: EpochTarget,
+    subset: list[int],
+    size: tuple[int, int],
+    device: torch.device,
+    workers: int,
+    reduce_sum: Callable[[Tensor], Tensor],
+) -> dict[str, float | np.ndarray] | None:
     """The localization scores of the metric subset over all ranks (every rank must call it: it reduces).
 
     ``columns`` are this rank's subset rows (``EpochCollector.subset_columns``); the maps are the true class's (the
@@ -78,7 +87,7 @@ def measure(module: CAMModule, columns: dict[str, Tensor], target: EpochTarget, 
     accumulator = LocalizationAccumulator(len(subset), workers=workers)
     slot = {index: s for s, index in enumerate(subset)}
     for start in range(0, len(columns.get("index", [])), METRIC_CHUNK):
-        part = {key: value[start:start + METRIC_CHUNK] for key, value in columns.items()}
+        part = {key: value[start : start + METRIC_CHUNK] for key, value in columns.items()}
         rows = target.rows(part["index"], part["label"])
         maps = head_cams(module, part["activations"].to(device), size, target.target, rows.to(device))
         accumulator.update([slot[int(i)] for i in part["index"]], maps.float().cpu(), part["box"])

@@ -68,8 +68,15 @@ class Style:
     box_threshold: float = 0.5  # where the CAM box is cut: MaxBoxAcc's best IoU-0.5 threshold once measured
 
 
-def class_panel(module: CAMModule, birds: dict[str, Any], target: EpochTarget, choice: Choice, epoch: int,
-                names: list[str], style: Style) -> Panel:
+def class_panel(
+    module: CAMModule,
+    birds: dict[str, Any],
+    target: EpochTarget,
+    choice: Choice,
+    epoch: int,
+    names: list[str],
+    style: Style,
+) -> Panel:
     """Each bird's map for the ``choice`` class, then for the other one (true vs predicted) where they differ,
     else the plain image: GradCAM of the class logit, or EmbeddingCAM of the class proxy (predicted: nearest)."""
     scores = target.target.class_scores(birds["output"]).cpu()
@@ -77,24 +84,31 @@ def class_panel(module: CAMModule, birds: dict[str, Any], target: EpochTarget, c
     primary, other = (labels, predicted) if choice == "true" else (predicted, labels)
     size = tuple(birds["image"].shape[-2:])
     device = birds["activations"].device
-    primary_maps, other_maps = (head_cams(module, birds["activations"], size, target.target, rows.to(device)).cpu()
-                                for rows in (primary, other))
+    primary_maps, other_maps = (
+        head_cams(module, birds["activations"], size, target.target, rows.to(device)).cpu() for rows in (primary, other)
+    )
     strips, captions = [], []
     symbol = target.target.score_name
-    for b, (first, second, true, index) in enumerate(zip(primary.tolist(), other.tolist(), labels.tolist(),
-                                                         birds["index"].tolist())):
-        cells = [Cell(birds["rgb"][b], birds["box"][b], true, primary_maps[b], first),
-                 Cell(birds["rgb"][b], birds["box"][b], true, other_maps[b] if first != second else None, second)]
+    for b, (first, second, true, index) in enumerate(
+        zip(primary.tolist(), other.tolist(), labels.tolist(), birds["index"].tolist())
+    ):
+        cells = [
+            Cell(birds["rgb"][b], birds["box"][b], true, primary_maps[b], first),
+            Cell(birds["rgb"][b], birds["box"][b], true, other_maps[b] if first != second else None, second),
+        ]
         strips.append(render_strip(cells, style.colormap, style.alpha, style.box_threshold))
         t, p = (first, second) if choice == "true" else (second, first)
-        captions.append(f"#{index}, epoch {epoch}\ntrue: {name(names, t)} ({symbol} {scores[b, t]:.2f})\n"
-                        f"pred: {name(names, p)} ({symbol} {scores[b, p]:.2f})\n"
-                        f"{'maps: true | predicted' if t != p else 'map: true = predicted'}")
+        captions.append(
+            f"#{index}, epoch {epoch}\ntrue: {name(names, t)} ({symbol} {scores[b, t]:.2f})\n"
+            f"pred: {name(names, p)} ({symbol} {scores[b, p]:.2f})\n"
+            f"{'maps: true | predicted' if t != p else 'map: true = predicted'}"
+        )
     return Panel(epoch, birds["index"].tolist(), strips, captions, names)
 
 
-def neighbour_panel(module: CAMModule, birds: dict[str, Any], neighbours: dict[str, Any], epoch: int,
-                    names: list[str], style: Style) -> Panel:
+def neighbour_panel(
+    module: CAMModule, birds: dict[str, Any], neighbours: dict[str, Any], epoch: int, names: list[str], style: Style
+) -> Panel:
     """Single Point Proxy: each bird against its nearest other validation image, and that neighbour against the
     bird, side by side (each side's embedding is the other's proxy)."""
     size = tuple(birds["image"].shape[-2:])
@@ -106,11 +120,15 @@ def neighbour_panel(module: CAMModule, birds: dict[str, Any], neighbours: dict[s
     similarity = (ours * theirs).sum(1).cpu()
     strips, captions = [], []
     for b, (true, other) in enumerate(zip(birds["label"].tolist(), neighbours["label"].tolist())):
-        cells = [Cell(birds["rgb"][b], birds["box"][b], true, maps[b], other),
-                 Cell(neighbours["rgb"][b], neighbours["box"][b], other, back[b], true)]
+        cells = [
+            Cell(birds["rgb"][b], birds["box"][b], true, maps[b], other),
+            Cell(neighbours["rgb"][b], neighbours["box"][b], other, back[b], true),
+        ]
         strips.append(render_strip(cells, style.colormap, style.alpha, style.box_threshold))
-        captions.append(f"#{int(birds['index'][b])}, epoch {epoch}\ntrue: {name(names, true)}\nnearest "
-                        f"#{int(neighbours['index'][b])}: {name(names, other)} (cos {similarity[b]:.2f})")
+        captions.append(
+            f"#{int(birds['index'][b])}, epoch {epoch}\ntrue: {name(names, true)}\nnearest "
+            f"#{int(neighbours['index'][b])}: {name(names, other)} (cos {similarity[b]:.2f})"
+        )
     return Panel(epoch, birds["index"].tolist(), strips, captions, names)
 
 
@@ -139,10 +157,20 @@ def wandb_boxes(strip: Strip, class_names: list[str]) -> dict[str, Any]:
     ``class_labels``; both groups are always present (possibly with no boxes), so the UI toggles stay put."""
     groups = {}
     for group, boxes in (("ground_truth", strip.gt_boxes), ("cam", strip.cam_boxes)):
-        data = [{"position": {"minX": int(round(x)), "maxX": int(round(x + w)), "minY": int(round(y)),
-                              "maxY": int(round(y + h))},
-                 "domain": "pixel", "class_id": int(c), "box_caption": f"{group}: {name(class_names, c)}"}
-                for (x, y, w, h), c in boxes]
+        data = [
+            {
+                "position": {
+                    "minX": round(x),
+                    "maxX": round(x + w),
+                    "minY": round(y),
+                    "maxY": round(y + h),
+                },
+                "domain": "pixel",
+                "class_id": int(c),
+                "box_caption": f"{group}: {name(class_names, c)}",
+            }
+            for (x, y, w, h), c in boxes
+        ]
         # All names, the same dict for every image: W&B keeps one class_labels table per key in the run config.
         labels = {c: name(class_names, c) for c in range(max([len(class_names)] + [int(c) + 1 for _, c in boxes]))}
         groups[group] = {"box_data": data, "class_labels": labels}

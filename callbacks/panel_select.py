@@ -20,8 +20,10 @@ def spread_over_classes(labels: Sequence[int], num: int, generator: torch.Genera
     for index, label in enumerate(labels):
         by_class.setdefault(int(label), []).append(index)
     classes = sorted(by_class)
-    queues = [[by_class[classes[c]][i] for i in torch.randperm(len(by_class[classes[c]]), generator=generator)]
-              for c in torch.randperm(len(classes), generator=generator).tolist()]
+    queues = [
+        [by_class[classes[c]][i] for i in torch.randperm(len(by_class[classes[c]]), generator=generator)]
+        for c in torch.randperm(len(classes), generator=generator).tolist()
+    ]
     chosen: list[int] = []
     for depth in range(max((len(q) for q in queues), default=0)):
         chosen += [q[depth] for q in queues if depth < len(q)]

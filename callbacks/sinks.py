@@ -46,8 +46,10 @@ class WandbSink:
         import wandb
 
         def log(sources: list[Any]) -> None:
-            images = [wandb.Image(source, caption=caption, boxes=wandb_boxes(strip, panel.class_names))
-                      for source, strip, caption in zip(sources, panel.strips, panel.captions)]
+            images = [
+                wandb.Image(source, caption=caption, boxes=wandb_boxes(strip, panel.class_names))
+                for source, strip, caption in zip(sources, panel.strips, panel.captions)
+            ]
             self.logger.log_metrics({PANEL_KEY: images, "epoch": panel.epoch}, step=step)
 
         if getattr(self.logger.experiment.settings, "allow_media_symlink", False):
@@ -70,8 +72,9 @@ class PngSink:
 
 def sinks_for(trainer: pl.Trainer) -> list[PanelSink]:
     """A sink per logger that can show images, and the PNG grid."""
-    sinks: list[PanelSink] = [WandbSink(logger) for logger in trainer.loggers
-                              if "wandb" in type(logger).__name__.lower()]
+    sinks: list[PanelSink] = [
+        WandbSink(logger) for logger in trainer.loggers if "wandb" in type(logger).__name__.lower()
+    ]
     return [*sinks, PngSink(run_dir(trainer) / "cam_panels")]
 
 

@@ -1,12 +1,14 @@
 """cubcam's explanation engine: GradCAM and EmbeddingCAM for any PyTorch model (PyTorch, NumPy, SciPy only).
 
-    from cubcam.cams import GradCAM, EmbeddingCAM, normalized_mean_proxies, single_point_proxy, overlay
-    maps = GradCAM(model, "layer4")(images)              # [B, H, W] in [0, 1], predicted classes
-    maps = EmbeddingCAM(net, "layer4")(images, proxies)  # score <embedding, proxy>
+from cubcam.cams import GradCAM, EmbeddingCAM, normalized_mean_proxies, single_point_proxy, overlay
+maps = GradCAM(model, "layer4")(images)              # [B, H, W] in [0, 1], predicted classes
+maps = EmbeddingCAM(net, "layer4")(images, proxies)  # score <embedding, proxy>
 """
 
-from cubcam.cams import _torchvision_guard  # noqa: F401  (must run before anything imports torchvision)
-from cubcam.cams import localization
+from cubcam.cams import (
+    _torchvision_guard,  # noqa: F401  (must run before anything imports torchvision)
+    localization,
+)
 from cubcam.cams.engine import CAM, EmbeddingCAM, GradCAM, minmax_normalize
 from cubcam.cams.overlay import overlay
 from cubcam.cams.protocol import CAMModule, CAMStepOutput, Explanation, explain

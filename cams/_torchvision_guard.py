@@ -9,6 +9,7 @@ and never calls torchvision's compiled ops.  This module only uses torch and mus
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import sys
 from pathlib import Path
@@ -42,10 +43,8 @@ def install() -> None:
         return
     _library = torch.library.Library("torchvision", "FRAGMENT")
     for schema in _SCHEMAS:
-        try:
+        with contextlib.suppress(RuntimeError):  # already declared elsewhere
             _library.define(schema)
-        except RuntimeError:  # already declared elsewhere
-            pass
 
 
 install()

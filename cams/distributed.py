@@ -7,7 +7,7 @@ without ``cams`` knowing Lightning.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor

@@ -15,9 +15,9 @@ Why this engine is safe to call in the middle of training:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Callable, Union
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from cubcam.cams.targets import ClassLogits, Target, per_image
 
-OutputSelector = Union[str, int, Callable[[Any], Tensor], None]
+OutputSelector = str | int | Callable[[Any], Tensor] | None
 ScoreFn = Callable[[Tensor], Tensor]  # model output [B, ...] -> one score per image [B]
 
 _INFERENCE_MODE_HELP = (
@@ -43,7 +43,9 @@ class CAM:
     this engine with their usual arguments; :meth:`explain` takes any target.
     """
 
-    def __init__(self, model: Callable[[Tensor], Any], target_layer: nn.Module | str | None, output: OutputSelector = None):
+    def __init__(
+        self, model: Callable[[Tensor], Any], target_layer: nn.Module | str | None, output: OutputSelector = None
+    ):
         self.model = model
         self.output = output
         if isinstance(target_layer, str):
@@ -51,11 +53,14 @@ class CAM:
                 raise TypeError("target_layer given by name needs model to be an nn.Module")
             target_layer = model.get_submodule(target_layer)  # raises AttributeError naming the missing part
         if target_layer is not None and not isinstance(target_layer, nn.Module):
-            raise TypeError(f"target_layer must be an nn.Module, a dotted module name or None, got {type(target_layer).__name__}")
+            raise TypeError(
+                f"target_layer must be an nn.Module, a dotted module name or None, got {type(target_layer).__name__}"
+            )
         self.target_layer = target_layer
 
-    def explain(self, images: Tensor, target: Target, rows: Tensor, *, upsample: bool = True,
-                normalize: bool = True) -> Tensor:
+    def explain(
+        self, images: Tensor, target: Target, rows: Tensor, *, upsample: bool = True, normalize: bool = True
+    ) -> Tensor:
         """Maps [B, H, W] of image b for row ``rows[b]`` of ``target`` (a class for :class:`ClassLogits`, a proxy
         for :class:`Proxies`)."""
         return self._maps(images, lambda output: target.score(output, rows), upsample, normalize)
@@ -91,7 +96,10 @@ class CAM:
             if not isinstance(output, Tensor) or output.dim() != 4:
                 raise TypeError(f"target layer {type(module).__name__} must output a [B, K, h, w] tensor")
             if captured:
-                raise RuntimeError(f"target layer {type(module).__name__} ran more than once in one forward; pick a module that runs once")
+                raise RuntimeError(
+                    f"target layer {type(module).__name__} ran more than once in one forward; "
+                    f"pick a module that runs once"
+                )
             leaf = output.detach().requires_grad_(True)
             captured.append(leaf)
             torch.set_grad_enabled(True)  # record the graph from here on; the no_grad block below restores the mode
@@ -102,7 +110,9 @@ class CAM:
             with torch.no_grad():
                 output = self.model(images)
                 if not captured:
-                    raise RuntimeError(f"target layer {type(self.target_layer).__name__} did not run during the forward pass")
+                    raise RuntimeError(
+                        f"target layer {type(self.target_layer).__name__} did not run during the forward pass"
+                    )
                 scores = self._score(output, score_fn)
         finally:
             handle.remove()
@@ -112,7 +122,10 @@ class CAM:
         output = select_output(output, self.output)
         scores = score_fn(output)
         if not scores.requires_grad:
-            raise RuntimeError("the score does not depend on the target layer's activations; is the target layer part of the forward path?")
+            raise RuntimeError(
+                "the score does not depend on the target layer's activations; "
+                "is the target layer part of the forward path?"
+            )
         return scores
 
 
@@ -124,7 +137,9 @@ class GradCAM(CAM):
     ``target_layer=None`` means the model is a head whose input already is the layer's activation map.
     """
 
-    def __call__(self, images: Tensor, targets: Tensor | None = None, *, upsample: bool = True, normalize: bool = True) -> Tensor:
+    def __call__(
+        self, images: Tensor, targets: Tensor | None = None, *, upsample: bool = True, normalize: bool = True
+    ) -> Tensor:
         target = ClassLogits()
 
         def class_score(logits: Tensor) -> Tensor:
@@ -166,9 +181,14 @@ def select_output(output: Any, selector: OutputSelector) -> Tensor:
         try:
             output = output[selector]
         except (KeyError, IndexError, TypeError) as err:
-            raise KeyError(f"output selector {selector!r} does not fit the model output of type {type(output).__name__}") from err
+            raise KeyError(
+                f"output selector {selector!r} does not fit the model output of type {type(output).__name__}"
+            ) from err
     if not isinstance(output, Tensor):
-        raise TypeError(f"the model returned {type(output).__name__}; pass output= (a key, an index or a callable) to pick the tensor to explain")
+        raise TypeError(
+            f"the model returned {type(output).__name__}; "
+            f"pass output= (a key, an index or a callable) to pick the tensor to explain"
+        )
     return output
 
 

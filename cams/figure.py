@@ -38,8 +38,9 @@ def cam_box(cam_map: Tensor | np.ndarray, threshold: float = 0.5) -> np.ndarray 
     return boxes[int(np.argmax(boxes[:, 2] * boxes[:, 3]))]
 
 
-def draw_boxes(tile: np.ndarray, gt_box: BoxLike | None = None, cam_box: BoxLike | None = None,
-               width: int = 2) -> np.ndarray:
+def draw_boxes(
+    tile: np.ndarray, gt_box: BoxLike | None = None, cam_box: BoxLike | None = None, width: int = 2
+) -> np.ndarray:
     """A copy of the uint8 [H, W, 3] tile with the GT box (green) and the CAM box (red) outlined; either may be None
     (or empty: w or h <= 0).
 
@@ -52,8 +53,10 @@ def draw_boxes(tile: np.ndarray, gt_box: BoxLike | None = None, cam_box: BoxLike
     for box, color in ((gt_box, GT_COLOR), (cam_box, CAM_COLOR)):
         if box is None:
             continue
-        x, y, w, h = (float(v) for v in np.asarray(box.detach().cpu() if isinstance(box, Tensor) else box,
-                                                    dtype=np.float64).reshape(4))
+        x, y, w, h = (
+            float(v)
+            for v in np.asarray(box.detach().cpu() if isinstance(box, Tensor) else box, dtype=np.float64).reshape(4)
+        )
         if w <= 0 or h <= 0:  # e.g. a GT box the centre crop cut away
             continue
         x0, y0 = round(x), round(y)
@@ -62,8 +65,14 @@ def draw_boxes(tile: np.ndarray, gt_box: BoxLike | None = None, cam_box: BoxLike
     return np.asarray(image)
 
 
-def cam_tile(image: Tensor | np.ndarray, cam_map: Tensor | np.ndarray, gt_box: BoxLike | None = None,
-             colormap: str = "jet", alpha: float = 0.5, threshold: float = 0.5) -> np.ndarray:
+def cam_tile(
+    image: Tensor | np.ndarray,
+    cam_map: Tensor | np.ndarray,
+    gt_box: BoxLike | None = None,
+    colormap: str = "jet",
+    alpha: float = 0.5,
+    threshold: float = 0.5,
+) -> np.ndarray:
     """The heatmap over the image (``cubcam.cams.overlay``) with the GT box (if known) and the CAM's box drawn on it."""
     tile = overlay(image, cam_map, colormap=colormap, alpha=alpha)
     cam = torch.as_tensor(cam_map).detach().float().cpu()
@@ -72,10 +81,18 @@ def cam_tile(image: Tensor | np.ndarray, cam_map: Tensor | np.ndarray, gt_box: B
     return draw_boxes(tile, gt_box, cam_box(cam, threshold))
 
 
-def grid(tiles: Sequence[np.ndarray | Tensor], captions: Sequence[str] | None = None, ncols: int = 4,
-         cams: Sequence[Tensor | np.ndarray] | None = None, boxes: Sequence[BoxLike | None] | None = None,
-         colormap: str = "jet", alpha: float = 0.5, threshold: float = 0.5, pad: int = 4,
-         font_size: int | None = None) -> np.ndarray:
+def grid(
+    tiles: Sequence[np.ndarray | Tensor],
+    captions: Sequence[str] | None = None,
+    ncols: int = 4,
+    cams: Sequence[Tensor | np.ndarray] | None = None,
+    boxes: Sequence[BoxLike | None] | None = None,
+    colormap: str = "jet",
+    alpha: float = 0.5,
+    threshold: float = 0.5,
+    pad: int = 4,
+    font_size: int | None = None,
+) -> np.ndarray:
     """Tiles in rows of ``ncols`` on white, each with its caption (may hold newlines; wrapped to the tile) below.
 
     With ``cams`` the tiles are the plain images and each becomes :func:`cam_tile` (overlay, CAM box in red, and
@@ -90,8 +107,10 @@ def grid(tiles: Sequence[np.ndarray | Tensor], captions: Sequence[str] | None = 
         if items is not None and len(items) != len(tiles):
             raise ValueError(f"got {len(tiles)} tiles but {len(items)} {name}")
     if cams is not None:
-        tiles = [cam_tile(t, m, None if boxes is None else boxes[i], colormap, alpha, threshold)
-                 for i, (t, m) in enumerate(zip(tiles, cams))]
+        tiles = [
+            cam_tile(t, m, None if boxes is None else boxes[i], colormap, alpha, threshold)
+            for i, (t, m) in enumerate(zip(tiles, cams))
+        ]
     elif boxes is not None:
         tiles = [draw_boxes(as_uint8(t), box) for t, box in zip(tiles, boxes)]
     arrays = [_check_tile(as_uint8(t)) for t in tiles]
@@ -149,7 +168,7 @@ def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
 
 
 def _line_height(font: ImageFont.FreeTypeFont | ImageFont.ImageFont) -> int:
-    left, top, right, bottom = font.getbbox("Ag|")
+    _left, _top, _right, bottom = font.getbbox("Ag|")
     return int(bottom) + 2
 
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Literal
 
 import numpy as np
 import torch
@@ -49,8 +50,13 @@ STACK_PIXELS = 32768  # maps labelled in one pass: enough small maps to amortise
 # --- MaxBoxAccV2 -------------------------------------------------------------------------------------------------
 
 
-def box_hits(cams: ArrayLike, boxes: ArrayLike, thresholds: ArrayLike | None = None,
-             iou_thresholds: ArrayLike = DEFAULT_IOU_THRESHOLDS, workers: int = 1) -> np.ndarray:
+def box_hits(
+    cams: ArrayLike,
+    boxes: ArrayLike,
+    thresholds: ArrayLike | None = None,
+    iou_thresholds: ArrayLike = DEFAULT_IOU_THRESHOLDS,
+    workers: int = 1,
+) -> np.ndarray:
     """Per image, threshold and IoU threshold: does any region box at that threshold reach that IoU with the GT box?
 
     ``cams`` [N, H, W], ``boxes`` [N, 4] xywh -> bool [N, T, I]. Summed over images (also over batches and ranks)
@@ -71,11 +77,11 @@ def box_hits(cams: ArrayLike, boxes: ArrayLike, thresholds: ArrayLike | None = N
 
     def label(first: int, stop: int) -> None:
         for start in range(first, stop, stack):
-            depth, level_of = _depths(_quantize(maps[start:min(start + stack, stop)]), thresholds)
+            depth, level_of = _depths(_quantize(maps[start : min(start + stack, stop)]), thresholds)
             image, level, regions = _region_boxes(depth)
             best = np.zeros((len(depth), len(thresholds)))  # [n, cut index]; at most T distinct cuts per map
             np.maximum.at(best, (image, level), box_iou(regions, gt[start + image]))
-            hits[start:start + len(depth)] = np.take_along_axis(best, level_of, 1)[:, :, None] >= ious
+            hits[start : start + len(depth)] = np.take_along_axis(best, level_of, 1)[:, :, None] >= ious
 
     workers = min(workers, len(maps)) if stack == 1 else 1
     if workers <= 1:  # also for no maps at all
@@ -87,8 +93,12 @@ def box_hits(cams: ArrayLike, boxes: ArrayLike, thresholds: ArrayLike | None = N
     return hits
 
 
-def max_box_acc_from_hits(hit_counts: ArrayLike, num_images: int, thresholds: ArrayLike | None = None,
-                          iou_thresholds: ArrayLike = DEFAULT_IOU_THRESHOLDS) -> dict[str, float | np.ndarray]:
+def max_box_acc_from_hits(
+    hit_counts: ArrayLike,
+    num_images: int,
+    thresholds: ArrayLike | None = None,
+    iou_thresholds: ArrayLike = DEFAULT_IOU_THRESHOLDS,
+) -> dict[str, float | np.ndarray]:
     """MaxBoxAccV2 from hit counts [T, I] (``box_hits(...).sum(0)``, summed over batches) of ``num_images`` images.
 
     Returns fractions in [0, 1]: ``max_box_acc`` (mean over the IoU thresholds of the best-threshold accuracy),
@@ -100,11 +110,15 @@ def max_box_acc_from_hits(hit_counts: ArrayLike, num_images: int, thresholds: Ar
     ious = _iou_thresholds(iou_thresholds)
     counts = _numpy(hit_counts, "hit_counts")
     if counts.shape != (len(thresholds), len(ious)):
-        raise ValueError(f"hit_counts must be [T, I] = [{len(thresholds)}, {len(ious)}] for these thresholds, "
-                         f"got shape {counts.shape}")
+        raise ValueError(
+            f"hit_counts must be [T, I] = [{len(thresholds)}, {len(ious)}] for these thresholds, "
+            f"got shape {counts.shape}"
+        )
     if num_images <= 0 or (counts < 0).any() or (counts > num_images).any():
-        raise ValueError(f"need num_images > 0 and 0 <= hit_counts <= num_images, got {num_images} images and "
-                         f"counts in [{counts.min()}, {counts.max()}]")
+        raise ValueError(
+            f"need num_images > 0 and 0 <= hit_counts <= num_images, got {num_images} images and "
+            f"counts in [{counts.min()}, {counts.max()}]"
+        )
     accuracy = counts / num_images
     best = accuracy.argmax(0)
     scores: dict[str, float | np.ndarray] = {"max_box_acc": float(accuracy.max(0).mean())}
@@ -115,8 +129,13 @@ def max_box_acc_from_hits(hit_counts: ArrayLike, num_images: int, thresholds: Ar
     return scores
 
 
-def max_box_acc(cams: ArrayLike, boxes: ArrayLike, thresholds: ArrayLike | None = None,
-                iou_thresholds: ArrayLike = DEFAULT_IOU_THRESHOLDS, workers: int = 1) -> dict[str, float | np.ndarray]:
+def max_box_acc(
+    cams: ArrayLike,
+    boxes: ArrayLike,
+    thresholds: ArrayLike | None = None,
+    iou_thresholds: ArrayLike = DEFAULT_IOU_THRESHOLDS,
+    workers: int = 1,
+) -> dict[str, float | np.ndarray]:
     """MaxBoxAccV2 of a set of maps [N, H, W] against their GT boxes [N, 4] (see :func:`max_box_acc_from_hits`)."""
     hits = box_hits(cams, boxes, thresholds, iou_thresholds, workers)
     return max_box_acc_from_hits(hits.sum(0), len(hits), thresholds, iou_thresholds)
@@ -169,8 +188,9 @@ def heatmap_ratio(cams: ArrayLike, boxes: ArrayLike) -> np.ndarray:
     return np.divide(inside, total, out=np.zeros_like(total), where=total > 0)
 
 
-def pointing_game(cams: ArrayLike, boxes: ArrayLike | None = None, parts: ArrayLike | None = None,
-                  radius: float = 15.0) -> np.ndarray:
+def pointing_game(
+    cams: ArrayLike, boxes: ArrayLike | None = None, parts: ArrayLike | None = None, radius: float = 15.0
+) -> np.ndarray:
     """Does each map point at the object? float [N]: 1.0 hit, 0.0 miss, NaN when there is nothing to point at.
 
     Give ``boxes`` [N, 4] xywh (hit: the maximum lies in the box) or ``parts`` [N, P, 3] (x, y, visible), as the
@@ -192,6 +212,7 @@ def pointing_game(cams: ArrayLike, boxes: ArrayLike | None = None, parts: ArrayL
         in_cols = (xs >= gt[:, 0:1]) & (xs <= gt[:, 0:1] + gt[:, 2:3])
         qualifies = in_rows[:, :, None] & in_cols[:, None, :]
         return (maxima.any((1, 2)) & ~(maxima & ~qualifies).any((1, 2))).astype(np.float64)
+    assert parts is not None  # one of the two was given
     points = _numpy(parts, "parts")
     if points.ndim != 3 or points.shape[0] != n or points.shape[2] != 3 or not np.isfinite(points).all():
         raise ValueError(f"parts must be finite [N, P, 3] (x, y, visible) with N = {n}, got shape {points.shape}")
@@ -227,8 +248,14 @@ class LocalizationAccumulator:
     ``num_images``.
     """
 
-    def __init__(self, num_slots: int, thresholds: ArrayLike | None = None,
-                 iou_thresholds: ArrayLike = DEFAULT_IOU_THRESHOLDS, workers: int = 1, radius: float = 15.0):
+    def __init__(
+        self,
+        num_slots: int,
+        thresholds: ArrayLike | None = None,
+        iou_thresholds: ArrayLike = DEFAULT_IOU_THRESHOLDS,
+        workers: int = 1,
+        radius: float = 15.0,
+    ):
         if not isinstance(num_slots, int) or num_slots < 0:
             raise ValueError(f"num_slots must be a non-negative integer, got {num_slots!r}")
         self.thresholds = _thresholds(thresholds)
@@ -238,8 +265,14 @@ class LocalizationAccumulator:
         # columns: hits | heatmap ratio | pointing game (box) | pointing game (parts) | has visible parts | count
         self.rows = torch.zeros(num_slots, self.num_hits + 5, dtype=torch.float64)
 
-    def update(self, slots: ArrayLike, maps: ArrayLike, boxes: ArrayLike, parts: ArrayLike | None = None,
-               hits: np.ndarray | None = None) -> None:
+    def update(
+        self,
+        slots: ArrayLike,
+        maps: ArrayLike,
+        boxes: ArrayLike,
+        parts: ArrayLike | None = None,
+        hits: np.ndarray | None = None,
+    ) -> None:
         """Add maps [B, H, W] of the images in ``slots`` [B] with their GT boxes [B, 4] (and parts [B, P, 3]);
         ``hits`` [B, T, I] when already known (a fixed baseline map's)."""
         index = torch.as_tensor(np.asarray(slots, dtype=np.int64))
@@ -249,7 +282,7 @@ class LocalizationAccumulator:
         if hits is None:
             hits = box_hits(cams, boxes, self.thresholds, self.iou_thresholds, self.workers)
         values = np.zeros((len(cams), self.rows.shape[1]))
-        values[:, :self.num_hits] = hits.reshape(len(cams), -1)
+        values[:, : self.num_hits] = hits.reshape(len(cams), -1)
         values[:, self.num_hits] = heatmap_ratio(cams, boxes)
         values[:, self.num_hits + 1] = pointing_game(cams, boxes=boxes)
         if parts is not None:
@@ -371,7 +404,7 @@ def _level_set_components(depth: np.ndarray, eight: bool) -> tuple[np.ndarray, .
     below = key + width + 1
     # Touching runs in the row below: 8-connected if they overlap after growing by one pixel, 4-connected if they
     # overlap. Within a (level, row) group runs are disjoint and sorted, so the partners form one slice.
-    side = ("left", "right") if eight else ("right", "left")
+    side: tuple[Literal["left", "right"], Literal["left", "right"]] = ("left", "right") if eight else ("right", "left")
     first = np.searchsorted(key + end, below + start, side[0])
     partners = np.clip(np.searchsorted(key + start, below + end, side[1]) - first, 0, None)
     _, partner = _expand(first, partners)
@@ -388,8 +421,9 @@ def _level_set_components(depth: np.ndarray, eight: bool) -> tuple[np.ndarray, .
     component_level[label] = level
     top = int(depth.max(initial=0))
     slot = level if maps == 1 else row // rows * (top + 1) + level
-    euler = (np.bincount(slot, minlength=maps * (top + 1))
-             - np.bincount(slot, weights=partners, minlength=maps * (top + 1))).reshape(maps, top + 1)
+    euler = (
+        np.bincount(slot, minlength=maps * (top + 1)) - np.bincount(slot, weights=partners, minlength=maps * (top + 1))
+    ).reshape(maps, top + 1)
     image = y0 // rows
     return image, component_level, x0, y0 - image * rows, x1, y1 - image * rows, euler
 

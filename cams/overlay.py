@@ -33,10 +33,16 @@ def colorize(cam_map: np.ndarray, colormap: str = "jet") -> np.ndarray:
     if colormap not in _COLORMAPS:
         raise ValueError(f"unknown colormap {colormap!r}; choose one of {sorted(_COLORMAPS)}")
     values = np.clip(cam_map, 0.0, 1.0)
-    return np.stack([np.interp(values, *zip(*knots)) for knots in _COLORMAPS[colormap]], axis=-1)
+    channels = []
+    for knots in _COLORMAPS[colormap]:
+        positions, levels = (np.asarray(column, dtype=np.float64) for column in zip(*knots))
+        channels.append(np.interp(values, positions, levels))
+    return np.stack(channels, axis=-1)
 
 
-def overlay(image: Tensor | np.ndarray, cam_map: Tensor | np.ndarray, colormap: str = "jet", alpha: float = 0.5) -> np.ndarray:
+def overlay(
+    image: Tensor | np.ndarray, cam_map: Tensor | np.ndarray, colormap: str = "jet", alpha: float = 0.5
+) -> np.ndarray:
     """Blend a heatmap over an image: ``(1 - alpha) * image + alpha * colormap(map)`` as uint8 [H, W, 3].
 
     ``image``: float [3, H, W] in [0, 1] (a de-normalised tensor) or uint8 [H, W, 3] / [H, W].
@@ -54,7 +60,9 @@ def overlay(image: Tensor | np.ndarray, cam_map: Tensor | np.ndarray, colormap: 
     return np.rint(np.clip(blended, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
-def denormalize(image: Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> np.ndarray:
+def denormalize(
+    image: Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+) -> np.ndarray:
     """Normalised Tensor[3, H, W] or [B, 3, H, W] -> uint8 numpy [H, W, 3] or [B, H, W, 3]: what a model saw, as
     pixels to overlay a map on."""
     if image.dim() not in (3, 4) or image.shape[-3] != 3:

@@ -11,9 +11,9 @@ activations kept from a validation loop, cost no further backbone pass. A ``vali
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Literal, Protocol, TypedDict
+from typing import Any, Literal, Protocol, TypedDict
 
 import torch
 import torch.nn.functional as F
@@ -29,14 +29,15 @@ UNKNOWN_LABEL = -1  # an image without a label (a user's photo) is explained for
 class CAMModule(Protocol):
     """A module that can be explained from stored activations (see the module doc)."""
 
-    cam_method: Method
+    @property
+    def cam_method(self) -> Method: ...  # a class attribute does: cam_method = "gradcam"
 
     @property
     def cam_target_layer(self) -> nn.Module: ...
 
     def forward_head(self, activations: Tensor) -> Tensor: ...
 
-    def __call__(self, images: Tensor) -> Tensor: ...
+    __call__: Callable[..., Any]  # module(images) -> outputs (an nn.Module's call)
 
     def modules(self) -> Iterator[nn.Module]: ...
 
@@ -64,8 +65,9 @@ class CAMStepOutput(TypedDict):
 
 
 def step_output(activations: Tensor, output: Tensor, batch: dict[str, Tensor]) -> CAMStepOutput:
-    return CAMStepOutput(activations=activations.detach(), output=output.detach(), label=batch["label"],
-                         index=batch["index"])
+    return CAMStepOutput(
+        activations=activations.detach(), output=output.detach(), label=batch["label"], index=batch["index"]
+    )
 
 
 def features_and_outputs(module: CAMModule, images: Tensor) -> tuple[Tensor, Tensor]:
@@ -85,8 +87,7 @@ def features_and_outputs(module: CAMModule, images: Tensor) -> tuple[Tensor, Ten
     return captured[0], outputs
 
 
-def head_cams(module: CAMModule, activations: Tensor, size: tuple[int, int], target: Target,
-              rows: Tensor) -> Tensor:
+def head_cams(module: CAMModule, activations: Tensor, size: tuple[int, int], target: Target, rows: Tensor) -> Tensor:
     """Maps [B, H, W] in [0, 1] of image b for row ``rows[b]`` of ``target``, from the CAM layer's activations.
 
     The same maps the engine computes through the whole net: the raw map at the layer's resolution, bilinearly
@@ -96,8 +97,7 @@ def head_cams(module: CAMModule, activations: Tensor, size: tuple[int, int], tar
     dtype = next(module.parameters()).dtype  # activations kept from a mixed-precision loop may be half
     with torch.inference_mode(False), torch.enable_grad():
         features = _normal(activations).to(dtype)
-        raw = CAM(module.forward_head, None).explain(features, target, _normal(rows), upsample=False,
-                                                      normalize=False)
+        raw = CAM(module.forward_head, None).explain(features, target, _normal(rows), upsample=False, normalize=False)
     return minmax_normalize(F.interpolate(raw[:, None], size=size, mode="bilinear", align_corners=False)[:, 0])
 
 
@@ -111,8 +111,15 @@ class Explanation:
     class_scores: Tensor  # [B, C] softmax probabilities or cosines to the class proxies
 
 
-def explain(module: CAMModule, activations: Tensor, outputs: Tensor, target: Target, size: tuple[int, int],
-            labels: Tensor | None = None, choice: Choice = "true") -> Explanation:
+def explain(
+    module: CAMModule,
+    activations: Tensor,
+    outputs: Tensor,
+    target: Target,
+    size: tuple[int, int],
+    labels: Tensor | None = None,
+    choice: Choice = "true",
+) -> Explanation:
     """The one explanation step: maps for the true class (``choice="true"``; images whose label is
     ``UNKNOWN_LABEL`` fall back to the predicted class) or the predicted one, and the prediction."""
     class_scores = target.class_scores(outputs)

@@ -14,7 +14,9 @@ def normalized_mean_proxies(embeddings: Tensor, labels: Tensor, num_classes: int
     zero row, so its score, and hence its map, is zero rather than a made-up direction.
     """
     if embeddings.dim() != 2 or labels.shape != embeddings.shape[:1]:
-        raise ValueError(f"need embeddings [N, D] and labels [N], got {tuple(embeddings.shape)} and {tuple(labels.shape)}")
+        raise ValueError(
+            f"need embeddings [N, D] and labels [N], got {tuple(embeddings.shape)} and {tuple(labels.shape)}"
+        )
     labels = labels.long().to(embeddings.device)
     if num_classes is None:
         num_classes = int(labels.max()) + 1 if labels.numel() else 0

@@ -75,8 +75,9 @@ class Proxies:
         if outputs.dim() != 2:
             raise ValueError(f"EmbeddingCAM needs embeddings of shape [B, D], got {tuple(outputs.shape)}")
         if self.table.shape[1] != outputs.shape[1]:
-            raise ValueError(f"proxies of dimension {self.table.shape[1]} do not fit embeddings of shape "
-                             f"{tuple(outputs.shape)}")
+            raise ValueError(
+                f"proxies of dimension {self.table.shape[1]} do not fit embeddings of shape {tuple(outputs.shape)}"
+            )
         rows = check_rows(rows, outputs.shape[0], len(self.table), "proxy rows").to(outputs.device)
         proxies = self.table.to(device=outputs.device, dtype=outputs.dtype)[rows]
         return (outputs * proxies).sum(1)
@@ -91,8 +92,9 @@ def per_image(proxies: Tensor, batch: int) -> tuple[Proxies, Tensor]:
     if proxies.dim() == 1:
         return Proxies(proxies[None]), torch.zeros(batch, dtype=torch.long, device=proxies.device)
     if proxies.dim() != 2 or proxies.shape[0] != batch:
-        raise ValueError(f"proxies of shape {tuple(proxies.shape)} do not fit a batch of {batch} images "
-                         f"(give [D] or [{batch}, D])")
+        raise ValueError(
+            f"proxies of shape {tuple(proxies.shape)} do not fit a batch of {batch} images (give [D] or [{batch}, D])"
+        )
     return Proxies(proxies), torch.arange(batch, device=proxies.device)
 
 

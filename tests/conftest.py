@@ -1,9 +1,8 @@
-import cubcam.cams  # noqa: F401  (installs the torchvision guard before the peer libraries import torchvision)
-
 from pathlib import Path
 
 import pytest
 
+import cubcam.cams  # noqa: F401  (installs the torchvision guard before the peer libraries import torchvision)
 from cubcam.train.data.synthetic import make_synthetic_cub
 
 

@@ -16,8 +16,6 @@ import sys
 import warnings
 from pathlib import Path
 
-import cubcam.cams  # noqa: F401  (the torchvision guard first, also when run as a script)
-
 import numpy as np
 import pytest
 import pytorch_lightning as pl
@@ -25,11 +23,12 @@ import torch
 from PIL import Image
 from pytorch_lightning.loggers import CSVLogger, WandbLogger
 
+import cubcam.cams  # noqa: F401  (the torchvision guard first, also when run as a script)
 from cubcam.callbacks import CAMPanel, CAMPanelWarning
 from cubcam.callbacks.measure import METRIC_KEYS
-from cubcam.callbacks.sinks import PANEL_KEY
 from cubcam.callbacks.panel_render import GAP
 from cubcam.callbacks.panel_select import random_subset, spread_over_classes
+from cubcam.callbacks.sinks import PANEL_KEY
 from cubcam.cams import localization
 from cubcam.cams.figure import save_png
 from cubcam.cams.protocol import head_cams
@@ -39,7 +38,7 @@ from cubcam.train.data.synthetic import make_synthetic_cub
 from cubcam.train.modules import Classifier, EmbeddingNet
 
 sys.path.insert(0, str(Path(__file__).parent))
-from wandb_records import finished_log, history_rows  # noqa: E402
+from wandb_records import finished_log, history_rows
 
 SIZE = 64  # image_size: 4x4 CAMs at output stride 16
 
@@ -58,9 +57,18 @@ def module_for(kind: str, data: CUBDataModule, **kwargs) -> pl.LightningModule:
 
 
 def trainer_for(work: Path, epochs: int, callbacks: list[pl.Callback], logger=False, **kwargs) -> pl.Trainer:
-    options = dict(max_epochs=epochs, accelerator="cpu", devices=1, logger=logger, default_root_dir=str(work),
-                   enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                   num_sanity_val_steps=0, deterministic=True)
+    options = dict(
+        max_epochs=epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=logger,
+        default_root_dir=str(work),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        deterministic=True,
+    )
     return pl.Trainer(**{**options, **kwargs}, callbacks=callbacks)
 
 
@@ -114,10 +122,19 @@ def test_panel_spreads_over_classes_deterministically_without_the_global_rng():
     assert random_subset(5, 512, torch.Generator()) == [0, 1, 2, 3, 4]
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"num_images": 0}, "num_images"), ({"every_n_epochs": 1.5}, "every_n_epochs"), ({"method": "lime"}, "method"),
-    ({"proxy": "mean"}, "proxy"), ({"target": "both"}, "target"), ({"alpha": 2}, "alpha"),
-    ({"colormap": "viridis"}, "colormap"), ({"metrics_subset": 0}, "metrics_subset")])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"num_images": 0}, "num_images"),
+        ({"every_n_epochs": 1.5}, "every_n_epochs"),
+        ({"method": "lime"}, "method"),
+        ({"proxy": "mean"}, "proxy"),
+        ({"target": "both"}, "target"),
+        ({"alpha": 2}, "alpha"),
+        ({"colormap": "viridis"}, "colormap"),
+        ({"metrics_subset": 0}, "metrics_subset"),
+    ],
+)
 def test_bad_arguments_name_the_problem(kwargs, message):
     with pytest.raises(ValueError, match=message):
         CAMPanel(**kwargs)
@@ -133,8 +150,9 @@ def test_method_must_fit_the_model(synthetic_cub, tmp_path):
 # --- what a run logs ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind, proxy", [("classifier", "normalized_mean"), ("embedding", "normalized_mean"),
-                                         ("embedding", "single_point")])
+@pytest.mark.parametrize(
+    "kind, proxy", [("classifier", "normalized_mean"), ("embedding", "normalized_mean"), ("embedding", "single_point")]
+)
 def test_one_panel_per_epoch_with_boxes_captions_and_metrics(synthetic_cub, offline, kind, proxy):
     epochs, num = 2, 6
     data = data_for(synthetic_cub, kind)
@@ -208,7 +226,8 @@ def test_panel_files_reach_wandb_also_where_it_may_symlink_media(synthetic_cub, 
         logger = wandb_logger(offline / str(symlink), settings=wandb.Settings(allow_media_symlink=symlink))
         pl.seed_everything(0, verbose=False)
         trainer_for(offline, 1, [CAMPanel(num_images=4)], logger=logger).validate(
-            module_for("classifier", data), datamodule=data, verbose=False)
+            module_for("classifier", data), datamodule=data, verbose=False
+        )
         run_dir = finished_run(logger)
         rows = panel_rows(run_dir)
         assert len(rows) == 1
@@ -223,8 +242,9 @@ def test_resumed_run_shows_the_same_birds(synthetic_cub, offline):
     data = data_for(synthetic_cub, "classifier")
     first_logger = wandb_logger(offline / "first")
     ckpt = pl.callbacks.ModelCheckpoint(dirpath=offline / "ckpt", save_last=True)
-    first = trainer_for(offline, 1, [CAMPanel(num_images=4, seed=0), ckpt], logger=first_logger,
-                        enable_checkpointing=True)
+    first = trainer_for(
+        offline, 1, [CAMPanel(num_images=4, seed=0), ckpt], logger=first_logger, enable_checkpointing=True
+    )
     first.fit(module_for("classifier", data), datamodule=data)
     before = panel_indices(panel_rows(finished_run(first_logger))[0])
 
@@ -324,7 +344,8 @@ def test_logging_and_writing_failures_only_warn(synthetic_cub, offline, monkeypa
     logger = FailingWandbLogger(project="cubcam", save_dir=str(offline), offline=True)
     with pytest.warns(CAMPanelWarning) as caught:
         metrics = trainer_for(offline, 1, [CAMPanel(num_images=4)], logger=logger).validate(
-            module_for("classifier", data), datamodule=data, verbose=False)
+            module_for("classifier", data), datamodule=data, verbose=False
+        )
     finished_run(logger)
     messages = campanel_warnings(caught)
     assert any("FailingWandbLogger" in m and "No space left on device" in m for m in messages), messages
@@ -336,7 +357,8 @@ def test_other_loggers_get_the_png_in_their_log_dir(synthetic_cub, tmp_path):
     data = data_for(synthetic_cub, "classifier")
     logger = CSVLogger(tmp_path, name="csv")
     trainer_for(tmp_path, 1, [CAMPanel(num_images=4)], logger=logger).validate(
-        module_for("classifier", data), datamodule=data, verbose=False)
+        module_for("classifier", data), datamodule=data, verbose=False
+    )
     png = Path(logger.log_dir) / "cam_panels" / "epoch_000.png"
     assert png.is_file() and np.asarray(Image.open(png)).std() > 10
 
@@ -365,8 +387,15 @@ def ddp_main(out: str, root: str) -> None:
     data = data_for(Path(root), "classifier")
     logger = wandb_logger(Path(out))
     ckpt = pl.callbacks.ModelCheckpoint(dirpath=Path(out) / "ckpt", save_last=True)
-    trainer = trainer_for(Path(out), 2, [CAMPanel(num_images=4), ckpt], logger=logger, strategy="ddp", devices=2,
-                          enable_checkpointing=True)
+    trainer = trainer_for(
+        Path(out),
+        2,
+        [CAMPanel(num_images=4), ckpt],
+        logger=logger,
+        strategy="ddp",
+        devices=2,
+        enable_checkpointing=True,
+    )
     trainer.fit(module_for("classifier", data), datamodule=data)
     if trainer.is_global_zero:
         (Path(out) / "run_dir.txt").write_text(str(finished_run(logger)))
@@ -375,10 +404,21 @@ def ddp_main(out: str, root: str) -> None:
 def test_ddp_logs_one_panel_per_epoch_and_metrics_over_all_ranks(tmp_path):
     # 15 validation images: DistributedSampler pads rank 1 with a repeat of image 0, which must count once.
     root = make_synthetic_cub(tmp_path / "cub", classes=3, per_class=10, size=SIZE, seed=1).parent
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true",
-           "PYTHONPATH": os.environ.get("PYTHONPATH", "")}  # the installed cubcam only, never the checkout
-    done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "ddp", str(tmp_path), str(root)],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        "PYTHONPATH": os.environ.get("PYTHONPATH", ""),
+    }  # the installed cubcam only, never the checkout
+    done = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "ddp", str(tmp_path), str(root)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     run_dir = Path((tmp_path / "run_dir.txt").read_text())
     rows = history_rows(finished_log(run_dir))
@@ -408,11 +448,14 @@ def test_ddp_logs_one_panel_per_epoch_and_metrics_over_all_ranks(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("kind", "quality", "floor", "lr", "margin"), [
-    ("classifier", "val/acc", 0.6, 2e-3, 0.1),            # chance 0.25; 0.78-0.84 by thread count; CAM +0.20
-    # A triplet net from scratch wants the lower lr. CAM +0.125 over the blob; scoring the cosine instead: +0.01.
-    ("embedding", "val/precision_at_1", 0.6, 5e-4, 0.06),
-])
+@pytest.mark.parametrize(
+    ("kind", "quality", "floor", "lr", "margin"),
+    [
+        ("classifier", "val/acc", 0.6, 2e-3, 0.1),  # chance 0.25; 0.78-0.84 by thread count; CAM +0.20
+        # A triplet net from scratch wants the lower lr. CAM +0.125 over the blob; scoring the cosine instead: +0.01.
+        ("embedding", "val/precision_at_1", 0.6, 5e-4, 0.06),
+    ],
+)
 def test_trained_maps_find_the_birds_better_than_a_centred_blob(tmp_path, kind, quality, floor, lr, margin):
     """The file's slow tests (10-20 s each): 8 epochs on 32 images at 96 px (6x6 maps), validated once.
 

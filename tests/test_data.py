@@ -16,8 +16,18 @@ from torch.utils.data import DistributedSampler
 from cubcam.cams.overlay import denormalize
 from cubcam.train.data.cub import CUBDataset, human_name
 from cubcam.train.data.datamodule import CUBDataModule, DistributedMPerClassSampler
-from cubcam.train.data.presets import MEAN, PART_NAMES, STD, EvalPreset, TrainPreset, cut_and_resize, load_rgb, to_tensor
-from cubcam.train.data.synthetic import bird_designs, main as synthetic_main, make_synthetic_cub
+from cubcam.train.data.presets import (
+    MEAN,
+    PART_NAMES,
+    STD,
+    EvalPreset,
+    TrainPreset,
+    cut_and_resize,
+    load_rgb,
+    to_tensor,
+)
+from cubcam.train.data.synthetic import bird_designs, make_synthetic_cub
+from cubcam.train.data.synthetic import main as synthetic_main
 
 SIZE = 48
 
@@ -90,14 +100,14 @@ def test_transformed_box_and_parts_stay_on_the_bird(synthetic_cub: Path, preset)
         slack = 1.5  # interpolation blurs the mask's edge by a pixel
         assert x0 - slack <= bird_box[0] and y0 - slack <= bird_box[1]  # the box covers every bird pixel
         assert bird_box[2] <= x0 + w + slack and bird_box[3] <= y0 + h + slack
-        if 0 < x0 and 0 < y0 and x0 + w < SIZE and y0 + h < SIZE:  # a bird cut by the crop may not touch its box
+        if x0 > 0 and y0 > 0 and x0 + w < SIZE and y0 + h < SIZE:  # a bird cut by the crop may not touch its box
             np.testing.assert_allclose([x0, y0, x0 + w, y0 + h], bird_box, atol=slack)  # ... else it is tight
             whole += 1
         visible = parts[:, 2] == 1
         assert (parts[~visible] == 0).all()
         assert not (visible[PART_NAMES.index("left eye")] and visible[PART_NAMES.index("right eye")])  # side view
         for x, y, _ in parts[visible].tolist():
-            near = bird[max(0, int(y) - 2):int(y) + 3, max(0, int(x) - 2):int(x) + 3]
+            near = bird[max(0, int(y) - 2) : int(y) + 3, max(0, int(x) - 2) : int(x) + 3]
             assert near.any(), (index, x, y)
         flips += bool(visible[PART_NAMES.index("left eye")])
     assert 0 < flips < len(dataset)  # birds face both ways
@@ -145,8 +155,9 @@ def test_missing_root_names_the_layout_and_how_to_get_it(tmp_path: Path) -> None
         assert "download: true" in message and "python -m cubcam.train.data.synthetic" in message
 
 
-def test_missing_and_corrupt_images_fail_by_name_or_are_skipped_with_a_count(synthetic_cub: Path,
-                                                                             tmp_path: Path) -> None:
+def test_missing_and_corrupt_images_fail_by_name_or_are_skipped_with_a_count(
+    synthetic_cub: Path, tmp_path: Path
+) -> None:
     root = copy_of(synthetic_cub, tmp_path)
     dataset = CUBDataset(root, "train")
     missing, truncated, garbage = (dataset.image_path(i) for i in (1, 4, 9))
@@ -196,8 +207,15 @@ def test_synthetic_set_is_deterministic_and_written_in_cub_format(tmp_path: Path
     assert files(tmp_path / "a") == files(tmp_path / "b")
     assert files(tmp_path / "a") != files(tmp_path / "c")
     names = {str(p.relative_to(first)) for p in first.rglob("*.txt")}
-    assert names == {"images.txt", "image_class_labels.txt", "train_test_split.txt", "classes.txt",
-                     "bounding_boxes.txt", "parts/parts.txt", "parts/part_locs.txt"}
+    assert names == {
+        "images.txt",
+        "image_class_labels.txt",
+        "train_test_split.txt",
+        "classes.txt",
+        "bounding_boxes.txt",
+        "parts/parts.txt",
+        "parts/part_locs.txt",
+    }
     assert len((first / "parts" / "part_locs.txt").read_text().splitlines()) == 12 * 15
     sizes = {Image.open(p).size for p in first.rglob("*.jpg")}
     assert min(min(s) for s in sizes) == 40 and len(sizes) > 1  # shorter side = size, aspect ratios vary
@@ -246,8 +264,9 @@ def test_denormalize_inverts_to_tensor() -> None:
 
 
 def test_m_per_class_batches_per_rank(synthetic_cub: Path) -> None:
-    data = CUBDataModule(root=str(synthetic_cub), image_size=32, batch_size=4, num_workers=0, sampler="m_per_class",
-                         m_per_class=2)
+    data = CUBDataModule(
+        root=str(synthetic_cub), image_size=32, batch_size=4, num_workers=0, sampler="m_per_class", m_per_class=2
+    )
     data.setup("fit")
     torch.manual_seed(3)
     loader = data.train_dataloader()
@@ -261,7 +280,7 @@ def test_m_per_class_batches_per_rank(synthetic_cub: Path) -> None:
     assert [len(d) for d in drawn] == [len(labels) // 2] * 2 and drawn[0] != drawn[1]
     for indices in drawn:
         for start in range(0, len(indices), 4):
-            assert set(Counter(labels[i] for i in indices[start:start + 4]).values()) == {2}
+            assert set(Counter(labels[i] for i in indices[start : start + 4]).values()) == {2}
     assert list(ranks[0]) == drawn[0]  # reproducible within an epoch ...
     ranks[0].set_epoch(1)
     assert list(ranks[0]) != drawn[0]  # ... and new in the next

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
@@ -23,12 +24,12 @@ from cubcam.train.data.download import DownloadError, download_cub
 class Handler(SimpleHTTPRequestHandler):
     """Serves the folder; ``/cut/<file>`` promises the whole file but sends only half of it."""
 
-    requests: list[str] = []
+    requests: ClassVar[list[str]] = []
 
     def do_GET(self) -> None:
         Handler.requests.append(self.path)
         if self.path.startswith("/cut/"):
-            body = (Path(self.directory) / self.path[len("/cut/"):]).read_bytes()
+            body = (Path(self.directory) / self.path[len("/cut/") :]).read_bytes()
             self.send_response(200)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
@@ -61,8 +62,10 @@ def server(synthetic_cub: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     try:
-        yield (f"http://127.0.0.1:{httpd.server_address[1]}",
-               {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in served.iterdir()})
+        yield (
+            f"http://127.0.0.1:{httpd.server_address[1]}",
+            {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in served.iterdir()},
+        )
     finally:
         httpd.shutdown()
         httpd.server_close()
@@ -72,8 +75,9 @@ def contents(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) if folder.exists() else []
 
 
-def test_download_checks_extracts_and_is_not_repeated(server: tuple[str, dict[str, str]], synthetic_cub: Path,
-                                                       tmp_path: Path) -> None:
+def test_download_checks_extracts_and_is_not_repeated(
+    server: tuple[str, dict[str, str]], synthetic_cub: Path, tmp_path: Path
+) -> None:
     base, md5s = server
     md5 = md5s["CUB_200_2011.tgz"]
     root = tmp_path / "data" / "cub"  # parents are created
@@ -87,8 +91,9 @@ def test_download_checks_extracts_and_is_not_repeated(server: tuple[str, dict[st
     assert Handler.requests == ["/CUB_200_2011.tgz"]  # present: not fetched again
 
 
-def test_datamodule_downloads_before_it_reads_the_classes(server: tuple[str, dict[str, str]], tmp_path: Path,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_datamodule_downloads_before_it_reads_the_classes(
+    server: tuple[str, dict[str, str]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     base, md5s = server
     monkeypatch.setattr(datamodule, "CUB_MD5", md5s["CUB_200_2011.tgz"])
     data = datamodule.CUBDataModule(root=str(tmp_path), download=True, url=f"{base}/CUB_200_2011.tgz")
@@ -96,14 +101,19 @@ def test_datamodule_downloads_before_it_reads_the_classes(server: tuple[str, dic
     assert (tmp_path / "CUB_200_2011" / "images.txt").is_file()
 
 
-@pytest.mark.parametrize(("path", "md5", "message"), [
-    ("/CUB_200_2011.tgz", "0" * 32, "MD5 [0-9a-f]{32}, expected 0{32}"),
-    ("/missing.tgz", None, "could not download CUB-200-2011 from .*/missing.tgz \\(HTTP 404"),
-    ("/cut/CUB_200_2011.tgz", None, "connection closed after"),
-    ("/evil.tgz", None, "cannot extract"),  # a member named ../escaped.txt
-], ids=["md5-mismatch", "http-404", "cut-connection", "unsafe-archive"])
-def test_failed_download_leaves_nothing(server: tuple[str, dict[str, str]], tmp_path: Path, path: str,
-                                        md5: str | None, message: str) -> None:
+@pytest.mark.parametrize(
+    ("path", "md5", "message"),
+    [
+        ("/CUB_200_2011.tgz", "0" * 32, "MD5 [0-9a-f]{32}, expected 0{32}"),
+        ("/missing.tgz", None, "could not download CUB-200-2011 from .*/missing.tgz \\(HTTP 404"),
+        ("/cut/CUB_200_2011.tgz", None, "connection closed after"),
+        ("/evil.tgz", None, "cannot extract"),  # a member named ../escaped.txt
+    ],
+    ids=["md5-mismatch", "http-404", "cut-connection", "unsafe-archive"],
+)
+def test_failed_download_leaves_nothing(
+    server: tuple[str, dict[str, str]], tmp_path: Path, path: str, md5: str | None, message: str
+) -> None:
     base, md5s = server
     root = tmp_path / "root"
     with pytest.raises(DownloadError, match=message):

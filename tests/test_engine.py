@@ -92,7 +92,10 @@ def test_tiny_network_matches_hand_computed_formula():
 
     A = conv(x).detach()
     expected = torch.stack(
-        [torch.relu(sum(2 * weight[t, k] * A[b, k].mean() / 15 * A[b, k] for k in range(3))) for b, t in enumerate(targets.tolist())]
+        [
+            torch.relu(sum(2 * weight[t, k] * A[b, k].mean() / 15 * A[b, k] for k in range(3)))
+            for b, t in enumerate(targets.tolist())
+        ]
     )
     torch.testing.assert_close(raw, expected, atol=1e-6, rtol=1e-5)
 
@@ -169,14 +172,19 @@ def test_embeddingcam_with_one_hot_proxies_on_logits_is_gradcam(net, images):
     proxies = F.one_hot(targets, 5).float()
     for kwargs in ({}, {"upsample": False, "normalize": False}):
         torch.testing.assert_close(
-            EmbeddingCAM(net, "features")(images, proxies, **kwargs), GradCAM(net, "features")(images, targets, **kwargs), atol=1e-5, rtol=1e-5
+            EmbeddingCAM(net, "features")(images, proxies, **kwargs),
+            GradCAM(net, "features")(images, targets, **kwargs),
+            atol=1e-5,
+            rtol=1e-5,
         )
 
 
 def test_embeddingcam_on_penultimate_features_with_fc_rows_is_gradcam(net, images):
     targets = torch.tensor([2, 2, 4, 0])
     embedder = Penultimate(net)
-    raw_ec = EmbeddingCAM(embedder, "net.features")(images, net.fc.weight[targets].detach(), upsample=False, normalize=False)
+    raw_ec = EmbeddingCAM(embedder, "net.features")(
+        images, net.fc.weight[targets].detach(), upsample=False, normalize=False
+    )
     raw_gc = GradCAM(net, "features")(images, targets, upsample=False, normalize=False)
     torch.testing.assert_close(raw_ec, raw_gc, atol=1e-5, rtol=1e-5)
 
@@ -296,7 +304,10 @@ def test_works_under_no_grad_and_refuses_inference_mode(net, images):
         inference_images = images.clone()
         with pytest.raises(RuntimeError, match=r"inference_mode\(False\)"):
             gc(inference_images)
-        with torch.inference_mode(False), torch.enable_grad():  # the documented way out, inference tensor input included
+        with (
+            torch.inference_mode(False),
+            torch.enable_grad(),
+        ):  # the documented way out, inference tensor input included
             torch.testing.assert_close(gc(inference_images), expected)
 
 

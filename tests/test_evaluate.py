@@ -1,5 +1,5 @@
-"""``cubcam evaluate`` on tiny checkpoints trained on synthetic CUB: its scores equal ``cubcam.cams.localization`` applied
-to maps computed here with the CAM engine through the whole net, its JSON is byte-identical between runs, and a
+"""``cubcam evaluate`` on tiny checkpoints trained on synthetic CUB: its scores equal ``cubcam.cams.localization``
+applied to maps computed here with the CAM engine through the whole net, its JSON is byte-identical between runs, and a
 trained classifier localizes better than the centre-Gaussian baseline."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from trained_checkpoints import SIZE, Trained, trained_checkpoints
 
 from cubcam.cams import EmbeddingCAM, GradCAM, normalized_mean_proxies
 from cubcam.cams.localization import heatmap_ratio, max_box_acc, pointing_game
@@ -18,7 +19,6 @@ from cubcam.train.checkpoint import load_checkpoint
 from cubcam.train.data.cub import CUBDataset
 from cubcam.train.data.presets import EvalPreset
 from cubcam.train.evaluate import main
-from trained_checkpoints import SIZE, Trained, trained_checkpoints
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,7 @@ def run(checkpoint: Path, out: Path, *extra: str) -> tuple[dict, bytes]:
 def batched(fn, *tensors: torch.Tensor) -> torch.Tensor:
     """``fn`` on consecutive batches of ``BATCH`` rows, concatenated (the maps are quantised to 8 bits for
     MaxBoxAccV2, so even a last-bit difference from another batch size could move a box)."""
-    return torch.cat([fn(*(t[i:i + BATCH] for t in tensors)) for i in range(0, len(tensors[0]), BATCH)])
+    return torch.cat([fn(*(t[i : i + BATCH] for t in tensors)) for i in range(0, len(tensors[0]), BATCH)])
 
 
 def expected_scores(maps: torch.Tensor, split: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -76,8 +76,9 @@ def classifier_runs(trained: Trained, tmp_path_factory) -> tuple[dict, bytes, by
     return first, first_bytes, second_bytes
 
 
-def test_classifier_scores_equal_cams_localization_on_the_same_maps(classifier_runs, trained: Trained,
-                                                                      test_split) -> None:
+def test_classifier_scores_equal_cams_localization_on_the_same_maps(
+    classifier_runs, trained: Trained, test_split
+) -> None:
     report = classifier_runs[0]
     assert report["num_images"] == len(test_split["label"]) and report["method"] == "gradcam"
     assert set(report["methods"]) == {"gradcam", "centre_gaussian"}
@@ -103,8 +104,9 @@ def test_trained_classifier_localizes_better_than_the_centre_baseline(classifier
     assert gradcam["max_box_acc"] > baseline["max_box_acc"], methods
 
 
-def test_embedding_scores_equal_cams_localization_for_both_proxies(trained: Trained, tmp_path: Path,
-                                                                   test_split) -> None:
+def test_embedding_scores_equal_cams_localization_for_both_proxies(
+    trained: Trained, tmp_path: Path, test_split
+) -> None:
     report, _ = run(trained.embedding, tmp_path / "embedding", "--no-cache")  # reference embedded in batches of 8
     assert set(report["methods"]) == {"embeddingcam_normalized_mean", "embeddingcam_single_point", "centre_gaussian"}
     assert report["reference_split"] == "train"
@@ -116,20 +118,26 @@ def test_embedding_scores_equal_cams_localization_for_both_proxies(trained: Trai
     labels = torch.tensor(train_split.labels)
     picks = torch.tensor(report["single_point_reference_indices"])
     assert (labels[picks] == torch.arange(len(picks))).all()  # one image of each class
-    proxies = {"embeddingcam_normalized_mean": normalized_mean_proxies(gallery, labels),
-               "embeddingcam_single_point": gallery[picks]}
+    proxies = {
+        "embeddingcam_normalized_mean": normalized_mean_proxies(gallery, labels),
+        "embeddingcam_single_point": gallery[picks],
+    }
     cam = EmbeddingCAM(module, module.cam_target_layer)
     for name, proxy in proxies.items():
         maps = batched(cam, test_split["image"], proxy[test_split["label"]])
         assert_scores(report["methods"][name], expected_scores(maps, test_split))
 
 
-@pytest.mark.parametrize(("extra", "message"), [
-    (["--data.root", "{tmp}/nowhere"], "nowhere not found; pass --data.root"),
-    (["--data.split_scheme", "zero_shot", "--reference-split", "train"], "only come from the test split"),
-])
-def test_bad_settings_give_one_clear_line(extra: list[str], message: str, trained: Trained, tmp_path: Path,
-                                          capsys) -> None:
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--data.root", "{tmp}/nowhere"], "nowhere not found; pass --data.root"),
+        (["--data.split_scheme", "zero_shot", "--reference-split", "train"], "only come from the test split"),
+    ],
+)
+def test_bad_settings_give_one_clear_line(
+    extra: list[str], message: str, trained: Trained, tmp_path: Path, capsys
+) -> None:
     with pytest.raises(SystemExit) as exited:
         main([str(trained.embedding), "--out", str(tmp_path / "out"), *(e.format(tmp=tmp_path) for e in extra)])
     assert exited.value.code == 2
@@ -138,8 +146,9 @@ def test_bad_settings_give_one_clear_line(extra: list[str], message: str, traine
     assert not (tmp_path / "out").exists()
 
 
-def test_the_callback_and_evaluate_report_the_same_scores_on_the_same_images(classifier_runs, trained: Trained,
-                                                                              tmp_path) -> None:
+def test_the_callback_and_evaluate_report_the_same_scores_on_the_same_images(
+    classifier_runs, trained: Trained, tmp_path
+) -> None:
     """One accumulator, one explanation step: CAMPanel's val/cam_* over the whole validation split (the test
     split) equal evaluate's on the same checkpoint, also the pointing game (the peak inside the GT box)."""
     import pytorch_lightning as pl
@@ -150,8 +159,14 @@ def test_the_callback_and_evaluate_report_the_same_scores_on_the_same_images(cla
 
     module = load_checkpoint(trained.classifier).module
     data = CUBDataModule(root=str(trained.root), image_size=SIZE, batch_size=BATCH, num_workers=0)
-    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-                         default_root_dir=str(tmp_path), callbacks=[CAMPanel(num_images=4)])
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+        callbacks=[CAMPanel(num_images=4)],
+    )
     logged = trainer.validate(module, datamodule=data, verbose=False)[0]
     report = classifier_runs[0]["methods"]["gradcam"]
     assert len(data.val_dataset) == classifier_runs[0]["num_images"]  # the subset is the whole split here

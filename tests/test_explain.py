@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from trained_checkpoints import SIZE, Trained, trained_checkpoints
 
 import cubcam.train.reference
 from cubcam.cams import EmbeddingCAM, GradCAM, normalized_mean_proxies, overlay
@@ -22,7 +23,6 @@ from cubcam.train.data.cub import CUBDataset
 from cubcam.train.data.presets import EvalPreset, load_rgb
 from cubcam.train.explain import main
 from cubcam.train.reference import reference_set
-from trained_checkpoints import SIZE, Trained, trained_checkpoints
 
 
 @pytest.fixture(scope="module")
@@ -82,16 +82,20 @@ def test_user_images_of_any_size_and_mode_beside_bad_ones(trained: Trained, tmp_
         assert written.shape == (SIZE, SIZE, 3)  # the preset's crop, whatever the input's size
         image = preset_image(path)
         logits = module(image[None]).detach()
-        assert record["target"] == {"kind": "predicted", "class": int(logits.argmax()),
-                                    "name": module.class_names[int(logits.argmax())]}  # no label: predicted class
+        assert record["target"] == {
+            "kind": "predicted",
+            "class": int(logits.argmax()),
+            "name": module.class_names[int(logits.argmax())],
+        }  # no label: predicted class
         expected = overlay(denormalize(image), GradCAM(module, module.cam_target_layer)(image[None])[0])
         assert np.abs(written.astype(int) - expected).max() <= 1
     grid = read_png(out / "grid.png")
     assert grid.shape[0] > SIZE and grid.shape[1] >= 3 * SIZE  # three captioned tiles
 
 
-def test_dataset_panel_of_an_embedding_net_and_its_reference_cache(trained: Trained, tmp_path: Path,
-                                                                     monkeypatch) -> None:
+def test_dataset_panel_of_an_embedding_net_and_its_reference_cache(
+    trained: Trained, tmp_path: Path, monkeypatch
+) -> None:
     out = tmp_path / "panel"
     main([str(trained.embedding), "--split", "val", "--num", "5", "--out", str(out)])
     summary = json.loads((out / "summary.json").read_text())
@@ -188,18 +192,20 @@ def corrupt(path: Path, trained: Trained) -> list[str]:
     return [str(path)]
 
 
-@pytest.mark.parametrize(("make", "message"), [
-    (lambda path, trained: [str(path)], "does not exist"),
-    (corrupt, "is not a readable PyTorch file"),
-    (other_model, "is a checkpoint of another model"),
-    (foreign_class, "is a checkpoint of zoo.Giraffe"),
-    (pickled_object, "refusing to unpickle"),
-    (weights_of_another_arch, "does not load as a Classifier"),
-    (lambda path, trained: [str(trained.embedding), "--method", "gradcam"], "--method gradcam does not fit"),
-    (lambda path, trained: [str(trained.classifier), "--query", str(path)], "needs an embedding net"),
-])
-def test_unusable_checkpoints_give_one_clear_line(make, message: str, trained: Trained, tmp_path: Path,
-                                                  capsys) -> None:
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda path, trained: [str(path)], "does not exist"),
+        (corrupt, "is not a readable PyTorch file"),
+        (other_model, "is a checkpoint of another model"),
+        (foreign_class, "is a checkpoint of zoo.Giraffe"),
+        (pickled_object, "refusing to unpickle"),
+        (weights_of_another_arch, "does not load as a Classifier"),
+        (lambda path, trained: [str(trained.embedding), "--method", "gradcam"], "--method gradcam does not fit"),
+        (lambda path, trained: [str(trained.classifier), "--query", str(path)], "needs an embedding net"),
+    ],
+)
+def test_unusable_checkpoints_give_one_clear_line(make, message: str, trained: Trained, tmp_path: Path, capsys) -> None:
     args = make(tmp_path / "model.ckpt", trained)
     with pytest.raises(SystemExit) as exited:
         main([*args, "--num", "1", "--out", str(tmp_path / "out")])

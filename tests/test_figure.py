@@ -49,16 +49,16 @@ def test_grid_layout_and_captions(tmp_path):
     pad = 4
     plain = grid(tiles, ncols=3, pad=pad)
     assert plain.dtype == np.uint8 and plain.shape == (pad + 2 * (30 + pad), pad + 3 * (40 + pad), 3)
-    assert (plain[pad:pad + 30, pad + 44:pad + 84] == 60).all()  # second tile, first row
-    assert (plain[pad + 34:pad + 64, pad + 44:pad + 84] == 240).all()  # fifth tile, second row
-    assert (plain[pad + 34:, pad + 88:] == 255).all()  # the empty sixth cell stays white
+    assert (plain[pad : pad + 30, pad + 44 : pad + 84] == 60).all()  # second tile, first row
+    assert (plain[pad + 34 : pad + 64, pad + 44 : pad + 84] == 240).all()  # fifth tile, second row
+    assert (plain[pad + 34 :, pad + 88 :] == 255).all()  # the empty sixth cell stays white
 
     captioned = grid(tiles, [f"bird {k}\nline two" for k in range(5)], ncols=3, pad=pad)
     caption_h = (captioned.shape[0] - pad) // 2 - 30 - pad
     assert caption_h > 2 * 8  # two lines of text
-    region = captioned[pad + 30:pad + 30 + caption_h, pad:pad + 40]
+    region = captioned[pad + 30 : pad + 30 + caption_h, pad : pad + 40]
     assert (region < 128).any() and (region == 255).any()  # dark text on white
-    assert (captioned[pad:pad + 30, pad:pad + 40] == 0).all()  # the text stays off the tile
+    assert (captioned[pad : pad + 30, pad : pad + 40] == 0).all()  # the text stays off the tile
 
     path = save_png(captioned, tmp_path / "sub" / "grid.png")
     np.testing.assert_array_equal(np.asarray(Image.open(path).convert("RGB")), captioned)

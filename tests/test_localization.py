@@ -36,8 +36,10 @@ def naive_boxes(cam: np.ndarray, threshold: float) -> list[tuple[int, int, int, 
     border) grown by the one-pixel contour around them. Sorted xywh tuples."""
     on = reference_on_mask(cam, threshold)
     h, w = on.shape
-    boxes = [(s[1].start, s[0].start, s[1].stop - s[1].start, s[0].stop - s[0].start)
-             for s in ndimage.find_objects(ndimage.label(on, np.ones((3, 3)))[0])]
+    boxes = [
+        (s[1].start, s[0].start, s[1].stop - s[1].start, s[0].stop - s[0].start)
+        for s in ndimage.find_objects(ndimage.label(on, np.ones((3, 3)))[0])
+    ]
     for s in ndimage.find_objects(ndimage.label(~on)[0]):
         if s[0].start > 0 and s[1].start > 0 and s[0].stop < h and s[1].stop < w:
             boxes.append((s[1].start - 1, s[0].start - 1, s[1].stop - s[1].start + 2, s[0].stop - s[0].start + 2))
@@ -167,7 +169,7 @@ def test_iou_boundaries_with_continuous_pixel_boxes(gt, expected):
 def test_iou_of_exactly_03_and_07_is_a_hit(length, expected):
     """A run of 3 (or 7) pixels inside a 10 x 1 box: IoU 3 / 10 = 0.3 (7 / 10 = 0.7) in floating point too."""
     cam = np.zeros((1, 4, 12))
-    cam[0, 1, 1:1 + length] = 1.0
+    cam[0, 1, 1 : 1 + length] = 1.0
     gts = np.array([[1.0, 1.0, 10.0, 1.0], [1.0, 1.0, 10.0, 1.001]])  # exactly, and just below
     hits = box_hits(np.repeat(cam, 2, 0), gts, thresholds=[0.5])[:, 0]
     assert tuple(hits[0]) == expected
@@ -208,7 +210,9 @@ def test_hits_equal_the_per_threshold_reference():
     maps = random_maps(rng, 24)
     for cam in maps:
         h, w = cam.shape
-        gts = np.stack([rng.uniform(0, w / 2, 6), rng.uniform(0, h / 2, 6), rng.uniform(0.5, w, 6), rng.uniform(0.5, h, 6)], 1)
+        gts = np.stack(
+            [rng.uniform(0, w / 2, 6), rng.uniform(0, h / 2, 6), rng.uniform(0.5, w, 6), rng.uniform(0.5, h, 6)], 1
+        )
         np.testing.assert_array_equal(box_hits(np.broadcast_to(cam, (len(gts), h, w)), gts), naive_hits(cam, gts))
 
 
@@ -219,9 +223,10 @@ def test_hits_on_upsampled_cams_equal_the_reference():
     gts = torch.tensor([[10.0, 12.0, 30.0, 25.0], [0.0, 0.0, 56.0, 56.0], [30.5, 2.25, 20.0, 40.0]])
     thresholds = np.array([0.0, 0.1, 0.1001, 0.25, 0.5, 0.75, 0.9])
     ious = (0.1, 0.3, 0.5, 0.7, 0.9)
-    expected = np.concatenate([naive_hits(cam, gt[None], thresholds, ious) for cam, gt in zip(cams.numpy(), gts.numpy())])
+    expected = np.concatenate(
+        [naive_hits(cam, gt[None], thresholds, ious) for cam, gt in zip(cams.numpy(), gts.numpy())]
+    )
     np.testing.assert_array_equal(box_hits(cams, gts, thresholds, ious), expected)
-
 
 
 def test_maps_labelled_together_stay_apart():
@@ -249,15 +254,23 @@ def test_large_maps_in_threads_equal_one_thread_and_the_reference():
     """Maps of STACK_PIXELS and up go to ``workers`` threads, each writing its own rows of the result."""
     g = torch.Generator().manual_seed(7)
     cams = F.interpolate(torch.relu(torch.randn(5, 1, 7, 7, generator=g)), size=(184, 180), mode="bilinear")[:, 0]
-    assert 184 * 180 >= STACK_PIXELS  # one map per task: the threaded path
-    gts = torch.tensor([[10.0, 12.0, 90.0, 80.0], [0.0, 0.0, 180.0, 184.0], [60.5, 20.25, 50.0, 100.0],
-                        [5.0, 100.0, 60.0, 70.0], [100.0, 100.0, 70.0, 70.0]])
+    assert STACK_PIXELS <= 184 * 180  # one map per task: the threaded path
+    gts = torch.tensor(
+        [
+            [10.0, 12.0, 90.0, 80.0],
+            [0.0, 0.0, 180.0, 184.0],
+            [60.5, 20.25, 50.0, 100.0],
+            [5.0, 100.0, 60.0, 70.0],
+            [100.0, 100.0, 70.0, 70.0],
+        ]
+    )
     thresholds = np.array([0.05, 0.2, 0.4, 0.6, 0.8])
     threaded = box_hits(cams, gts, thresholds, workers=3)
     expected = np.concatenate([naive_hits(cam, gt[None], thresholds) for cam, gt in zip(cams.numpy(), gts.numpy())])
     np.testing.assert_array_equal(threaded, expected)
     np.testing.assert_array_equal(box_hits(cams, gts, thresholds), expected)
     assert 0 < threaded.sum() < threaded.size  # the maps differ: rows in the wrong place would show
+
 
 # --- accuracy from hit counts ------------------------------------------------------------------------------------
 

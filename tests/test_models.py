@@ -1,4 +1,5 @@
-"""Backbones and nets (cubcam.train.models) and the CAM protocol of the LightningModules (cubcam.train.modules), no training."""
+"""Backbones and nets (cubcam.train.models) and the CAM protocol of the LightningModules (cubcam.train.modules),
+no training."""
 
 from __future__ import annotations
 
@@ -18,9 +19,15 @@ def torchvision_trunk(resnet: nn.Module) -> nn.Module:
     return nn.Sequential(*list(resnet.children())[:-2])  # minus avgpool and fc
 
 
-@pytest.mark.parametrize(("arch", "size", "stride", "grid"), [
-    ("resnet18", 128, 16, 8), ("resnet18", 224, 32, 7), ("resnet18", 224, 16, 14), ("resnet34", 64, 16, 4),
-])
+@pytest.mark.parametrize(
+    ("arch", "size", "stride", "grid"),
+    [
+        ("resnet18", 128, 16, 8),
+        ("resnet18", 224, 32, 7),
+        ("resnet18", 224, 16, 14),
+        ("resnet34", 64, 16, 4),
+    ],
+)
 def test_backbone_grid_follows_output_stride(arch: str, size: int, stride: int, grid: int) -> None:
     backbone = ResNetBackbone(arch, output_stride=stride)
     maps = backbone(torch.randn(1, 3, size, size))
@@ -107,11 +114,19 @@ def test_nets_split_features_and_head() -> None:
 
 
 def fake_batch(size: int = 64, n: int = 4) -> dict[str, torch.Tensor]:
-    return {"image": torch.randn(n, 3, size, size), "label": torch.arange(n) % 2, "box": torch.zeros(n, 4),
-            "parts": torch.zeros(n, 15, 3), "image_id": torch.arange(n) + 1, "index": torch.arange(n) + 10}
+    return {
+        "image": torch.randn(n, 3, size, size),
+        "label": torch.arange(n) % 2,
+        "box": torch.zeros(n, 4),
+        "parts": torch.zeros(n, 15, 3),
+        "image_id": torch.arange(n) + 1,
+        "index": torch.arange(n) + 10,
+    }
 
 
-@pytest.mark.parametrize(("module_cls", "kind", "width"), [(Classifier, "gradcam", 3), (EmbeddingNet, "embeddingcam", 8)])
+@pytest.mark.parametrize(
+    ("module_cls", "kind", "width"), [(Classifier, "gradcam", 3), (EmbeddingNet, "embeddingcam", 8)]
+)
 def test_validation_step_returns_the_target_layer_maps_from_one_pass(module_cls, kind: str, width: int) -> None:
     kwargs = {"num_classes": 3} if module_cls is Classifier else {"num_classes": 3, "embedding_dim": 8}
     module = module_cls(arch="resnet18", output_stride=16, **kwargs).eval()

@@ -21,8 +21,15 @@ def run(args: list[str], cwd: Path, timeout: float = 240) -> subprocess.Complete
 
 
 def test_no_top_level_modules_are_installed(tmp_path: Path) -> None:
-    done = run([sys.executable, "-P", "-c", "import importlib.util as u; "
-                "print([n for n in ('cams', 'train', 'callbacks') if u.find_spec(n)])"], tmp_path)
+    done = run(
+        [
+            sys.executable,
+            "-P",
+            "-c",
+            "import importlib.util as u; print([n for n in ('cams', 'train', 'callbacks') if u.find_spec(n)])",
+        ],
+        tmp_path,
+    )
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr
 
 
@@ -32,7 +39,8 @@ def users_project(tmp_path: Path, synthetic_cub: Path) -> Path:
     (tmp_path / "callbacks").mkdir()
     (tmp_path / "callbacks" / "__init__.py").write_text("USERS_OWN = 'callbacks of the user'\n")
     (tmp_path / "train.py").write_text("print('the user train.py ran')\n")
-    (tmp_path / "fit.py").write_text(textwrap.dedent(f"""
+    (tmp_path / "fit.py").write_text(
+        textwrap.dedent(f"""
         from cubcam.callbacks import CAMPanel  # first: its torchvision guard (README, environment notes)
         import pytorch_lightning as pl
         from callbacks import USERS_OWN
@@ -46,7 +54,8 @@ def users_project(tmp_path: Path, synthetic_cub: Path) -> Path:
                              enable_checkpointing=False, enable_progress_bar=False, default_root_dir="out")
         trainer.fit(module, datamodule=data)
         print(USERS_OWN, "| panel", panel.panel, "| metric", float(trainer.callback_metrics["val/cam_max_box_acc"]))
-    """))
+    """)
+    )
     return tmp_path
 
 
@@ -61,13 +70,30 @@ def test_cubcam_runs_in_a_project_with_its_own_callbacks_and_train(users_project
 
 
 def test_the_wheel_holds_only_the_cubcam_namespace(tmp_path: Path) -> None:
-    done = run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                str(tmp_path), str(REPO)], tmp_path)
+    done = run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(REPO),
+        ],
+        tmp_path,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     (wheel,) = tmp_path.glob("cubcam-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     packages = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")}
     assert packages == {"cubcam"}
-    for module in ("cubcam/cams/engine.py", "cubcam/callbacks/cam_panel.py", "cubcam/train/cli.py",
-                   "cubcam/train/data/cub.py"):
+    for module in (
+        "cubcam/cams/engine.py",
+        "cubcam/callbacks/cam_panel.py",
+        "cubcam/train/cli.py",
+        "cubcam/train/data/cub.py",
+    ):
         assert module in names

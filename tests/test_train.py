@@ -15,14 +15,14 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import wandb
+from wandb_records import history_rows
 
 from cubcam.train.checkpoint import load_checkpoint
 from cubcam.train.cli import main
-from cubcam.train.evaluate import main as evaluate_main
 from cubcam.train.data.datamodule import CUBDataModule
 from cubcam.train.data.synthetic import make_synthetic_cub
+from cubcam.train.evaluate import main as evaluate_main
 from cubcam.train.modules import Classifier, CUBModule, EmbeddingNet
-from wandb_records import history_rows
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE, BATCH, M = 64, 8, 4
@@ -45,8 +45,11 @@ class Recorder(pl.Callback):
 
     def on_fit_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
-        record = {"epochs": self.epochs, "batches": self.batches,
-                  "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()}}
+        record = {
+            "epochs": self.epochs,
+            "batches": self.batches,
+            "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
+        }
         (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
 
 
@@ -63,10 +66,22 @@ def fit_args(configs: list[str], root: Path, work: Path, record: str, *extra: st
     args = ["fit"]
     for config in configs:
         args += ["--config", str(REPO / "configs" / config)]
-    args += ["--data.root", str(root), "--data.image_size", str(SIZE), "--data.batch_size", str(BATCH),
-             "--data.num_workers", "0", "--trainer.enable_progress_bar", "false",
-             "--trainer.enable_model_summary", "false",
-             "--trainer.callbacks+=test_train.Recorder", f"--trainer.callbacks.out={work / record}"]
+    args += [
+        "--data.root",
+        str(root),
+        "--data.image_size",
+        str(SIZE),
+        "--data.batch_size",
+        str(BATCH),
+        "--data.num_workers",
+        "0",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.enable_model_summary",
+        "false",
+        "--trainer.callbacks+=test_train.Recorder",
+        f"--trainer.callbacks.out={work / record}",
+    ]
     if wandb:
         args += ["--trainer.logger.init_args.save_dir", str(work / "runs")]
     else:
@@ -131,19 +146,32 @@ def test_classifier_learns_resumes_at_the_next_epoch_and_reloads(tiny_cub: Path,
     logits, labels = val_outputs(Classifier.load_from_checkpoint(last), tiny_cub)
     assert (logits.argmax(1) == labels).float().mean().item() == pytest.approx(first["metrics"]["val/acc"], abs=1e-6)
 
-    main(fit_args(["demo/classifier.yaml"], tiny_cub, offline, "resumed", "--trainer.max_epochs", str(epochs + 1),
-                  "--ckpt_path", str(last)))
+    main(
+        fit_args(
+            ["demo/classifier.yaml"],
+            tiny_cub,
+            offline,
+            "resumed",
+            "--trainer.max_epochs",
+            str(epochs + 1),
+            "--ckpt_path",
+            str(last),
+        )
+    )
     assert read_record(offline / "resumed")["epochs"] == [epochs]  # only the missing epoch ran
     checkpoint = torch.load(last, weights_only=True)
     assert checkpoint["epoch"] == epochs  # a second run's config save did not fail either
     # The callbacks' state keys are those written before BestCheckpoint and the namespace existed (read off a
     # checkpoint of that code), so older runs resume their best score and their panel.
-    assert sorted(checkpoint["callbacks"]) == sorted([
-        "CAMPanel{'num_images': 16, 'method': 'auto', 'proxy': 'normalized_mean'}",
-        "ModelCheckpoint{'monitor': 'val/acc', 'mode': 'max', 'every_n_train_steps': 0, 'every_n_epochs': 1, "
-        "'train_time_interval': None}",
-        "ModelCheckpoint{'monitor': None, 'mode': 'min', 'every_n_train_steps': 0, 'every_n_epochs': 1, "
-        "'train_time_interval': None}"])
+    assert sorted(checkpoint["callbacks"]) == sorted(
+        [
+            "CAMPanel{'num_images': 16, 'method': 'auto', 'proxy': 'normalized_mean'}",
+            "ModelCheckpoint{'monitor': 'val/acc', 'mode': 'max', 'every_n_train_steps': 0, 'every_n_epochs': 1, "
+            "'train_time_interval': None}",
+            "ModelCheckpoint{'monitor': None, 'mode': 'min', 'every_n_train_steps': 0, 'every_n_epochs': 1, "
+            "'train_time_interval': None}",
+        ]
+    )
     assert len(list(last.parent.glob("best-epoch=*.ckpt"))) == 1  # BestCheckpoint, by the module's val/acc
 
     # A checkpoint saved before cubcam was one namespace names its class train.modules.Classifier (the only
@@ -152,19 +180,50 @@ def test_classifier_learns_resumes_at_the_next_epoch_and_reloads(tiny_cub: Path,
     checkpoint["hyper_parameters"]["_class_path"] = "train.modules.Classifier"
     legacy = offline / "legacy.ckpt"
     torch.save(checkpoint, legacy)
-    main(fit_args(["demo/classifier.yaml"], tiny_cub, offline, "legacy", "--trainer.max_epochs", str(epochs + 2),
-                  "--ckpt_path", str(legacy)))
+    main(
+        fit_args(
+            ["demo/classifier.yaml"],
+            tiny_cub,
+            offline,
+            "legacy",
+            "--trainer.max_epochs",
+            str(epochs + 2),
+            "--ckpt_path",
+            str(legacy),
+        )
+    )
     assert read_record(offline / "legacy")["epochs"] == [epochs + 1]
     assert type(load_checkpoint(legacy).module) is Classifier
-    report = evaluate_main([str(legacy), "--data.root", str(tiny_cub), "--limit", "8", "--num-workers", "0",
-                            "--out", str(offline / "legacy-eval")])
+    report = evaluate_main(
+        [
+            str(legacy),
+            "--data.root",
+            str(tiny_cub),
+            "--limit",
+            "8",
+            "--num-workers",
+            "0",
+            "--out",
+            str(offline / "legacy-eval"),
+        ]
+    )
     assert report["num_images"] == 8 and report["method"] == "gradcam"
 
 
 @pytest.mark.slow
 def test_embedding_net_learns_with_m_per_class_batches(tiny_cub: Path, offline: Path) -> None:
-    main(fit_args(["demo/embedding.yaml"], tiny_cub, offline, "record", "--trainer.max_epochs", "3",
-                  "--data.m_per_class", str(M)))
+    main(
+        fit_args(
+            ["demo/embedding.yaml"],
+            tiny_cub,
+            offline,
+            "record",
+            "--trainer.max_epochs",
+            "3",
+            "--data.m_per_class",
+            str(M),
+        )
+    )
     record = read_record(offline / "record")
     assert record["epochs"] == [0, 1, 2]
     wandb.teardown()
@@ -191,13 +250,35 @@ def test_embedding_net_learns_with_m_per_class_batches(tiny_cub: Path, offline: 
 
 @pytest.mark.slow
 def test_ddp_two_cpu_processes_get_m_per_class_batches(tiny_cub: Path, tmp_path: Path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline",
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
-    args = fit_args(["demo/embedding.yaml", "trainer/ddp.yaml"], tiny_cub, tmp_path, "record",
-                    "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.max_epochs", "1",
-                    "--data.m_per_class", str(M), wandb=False)
-    done = subprocess.run([sys.executable, "-P", "-m", "cubcam.train", *args], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=300)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "WANDB_MODE": "offline",
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
+    }
+    args = fit_args(
+        ["demo/embedding.yaml", "trainer/ddp.yaml"],
+        tiny_cub,
+        tmp_path,
+        "record",
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.devices",
+        "2",
+        "--trainer.max_epochs",
+        "1",
+        "--data.m_per_class",
+        str(M),
+        wandb=False,
+    )
+    done = subprocess.run(
+        [sys.executable, "-P", "-m", "cubcam.train", *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [read_record(tmp_path / "record", rank) for rank in (0, 1)]
     for record in ranks:
@@ -215,8 +296,20 @@ def test_ddp_two_cpu_processes_get_m_per_class_batches(tiny_cub: Path, tmp_path:
 @pytest.mark.parametrize("config", ["classifier.yaml", "embedding.yaml"])
 def test_real_cub_configs_run_a_step(config: str, tiny_cub: Path, offline: Path) -> None:
     """The full-size configs, unchanged but for the data, the weights (no network here) and a one-batch run."""
-    main(fit_args([config], tiny_cub, offline, "record", "--data.download", "false",
-                  "--model.init_args.pretrained", "false", "--trainer.fast_dev_run", "1"))
+    main(
+        fit_args(
+            [config],
+            tiny_cub,
+            offline,
+            "record",
+            "--data.download",
+            "false",
+            "--model.init_args.pretrained",
+            "false",
+            "--trainer.fast_dev_run",
+            "1",
+        )
+    )
     record = read_record(offline / "record")
     assert record["epochs"] == [0] and len(record["batches"]) == 1
     assert "val/acc" in record["metrics"] or "val/precision_at_1" in record["metrics"]

@@ -7,9 +7,9 @@ hyper-parameters exactly as ``cubcam fit`` writes them. Built once per pytest se
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import pytorch_lightning as pl
@@ -38,9 +38,18 @@ _built: dict[str, Trained] = {}
 def fit(make: Callable[[], pl.LightningModule], data: CUBDataModule, epochs: int, path: Path) -> Path:
     pl.seed_everything(0, verbose=False)  # before the module exists: its initial weights are part of the run
     module = make()
-    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                         num_sanity_val_steps=0, deterministic=True)
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        deterministic=True,
+    )
     trainer.fit(module, datamodule=data)
     trainer.save_checkpoint(path)
     return path
@@ -56,10 +65,17 @@ def trained_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Trained:
         names = dict(num_classes=data.num_classes, class_names=data.class_names)
         _built["trained"] = Trained(
             root=root,
-            classifier=fit(lambda: Classifier(arch="resnet18", output_stride=16, lr=2e-3, **names), data,
-                           EPOCHS["classifier"], base / "classifier.ckpt"),
-            embedding=fit(lambda: EmbeddingNet(arch="resnet18", output_stride=16, embedding_dim=32, lr=2e-3, **names),
-                          CUBDataModule(**common, sampler="m_per_class", m_per_class=4), EPOCHS["embedding"],
-                          base / "embedding.ckpt"),
+            classifier=fit(
+                lambda: Classifier(arch="resnet18", output_stride=16, lr=2e-3, **names),
+                data,
+                EPOCHS["classifier"],
+                base / "classifier.ckpt",
+            ),
+            embedding=fit(
+                lambda: EmbeddingNet(arch="resnet18", output_stride=16, embedding_dim=32, lr=2e-3, **names),
+                CUBDataModule(**common, sampler="m_per_class", m_per_class=4),
+                EPOCHS["embedding"],
+                base / "embedding.ckpt",
+            ),
         )
     return _built["trained"]

@@ -44,7 +44,7 @@ def read_payloads(path: str | Path) -> Iterator[bytes]:
             offset += room
             continue
         start = offset + CHUNK_HEADER.size
-        chunk = data[start:start + length]
+        chunk = data[start : start + length]
         if len(chunk) != length or zlib.crc32(chunk, zlib.crc32(bytes([kind]))) != crc:
             raise ValueError(f"{path}: corrupt chunk at byte {offset}")
         offset = start + length

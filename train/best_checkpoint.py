@@ -25,8 +25,14 @@ class BestCheckpoint(ModelCheckpoint):
         TypeError: at ``setup``, when neither ``monitor`` nor the module's ``monitor`` says what is best.
     """
 
-    def __init__(self, monitor: str | None = None, mode: Literal["min", "max"] | None = None, filename: str = "best-{epoch}",
-                 save_top_k: int = 1, **kwargs: Any):
+    def __init__(
+        self,
+        monitor: str | None = None,
+        mode: Literal["min", "max"] | None = None,
+        filename: str = "best-{epoch}",
+        save_top_k: int = 1,
+        **kwargs: Any,
+    ):
         super().__init__(monitor=monitor, mode=mode or "max", filename=filename, save_top_k=save_top_k, **kwargs)
         self._explicit_mode = mode is not None
 
@@ -34,8 +40,10 @@ class BestCheckpoint(ModelCheckpoint):
         if self.monitor is None:
             monitor = getattr(pl_module, "monitor", None)
             if not (isinstance(monitor, tuple) and len(monitor) == 2):
-                raise TypeError(f"BestCheckpoint: give monitor=..., or a module with a monitor attribute such as "
-                                f"('val/acc', 'max'); {type(pl_module).__name__} has none")
+                raise TypeError(
+                    f"BestCheckpoint: give monitor=..., or a module with a monitor attribute such as "
+                    f"('val/acc', 'max'); {type(pl_module).__name__} has none"
+                )
             key, mode = monitor
             self.monitor = key
             if not self._explicit_mode:

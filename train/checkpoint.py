@@ -23,8 +23,10 @@ MODULE_CLASSES: dict[str, type[CUBModule]] = {
     "cubcam.train.modules.EmbeddingNet": EmbeddingNet,
 }
 # Class paths saved before cubcam became one namespace (its folders were top-level packages then).
-LEGACY_CLASS_PATHS = {"train.modules.Classifier": "cubcam.train.modules.Classifier",
-                      "train.modules.EmbeddingNet": "cubcam.train.modules.EmbeddingNet"}
+LEGACY_CLASS_PATHS = {
+    "train.modules.Classifier": "cubcam.train.modules.Classifier",
+    "train.modules.EmbeddingNet": "cubcam.train.modules.EmbeddingNet",
+}
 
 
 def current_class_path(class_path: str) -> str:
@@ -72,8 +74,10 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as err:
         if "weights only" in str(err).lower() or "weights_only" in str(err):
-            raise CheckpointError(f"checkpoint {path} holds Python objects other than tensors and plain containers; "
-                                  f"refusing to unpickle them (weights_only=True)") from err
+            raise CheckpointError(
+                f"checkpoint {path} holds Python objects other than tensors and plain containers; "
+                f"refusing to unpickle them (weights_only=True)"
+            ) from err
         raise CheckpointError(f"checkpoint {path} is not a readable PyTorch file ({one_line(err)})") from err
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as err:
         raise CheckpointError(f"checkpoint {path} is not a readable PyTorch file ({one_line(err)})") from err
@@ -98,8 +102,10 @@ def module_class(hparams: dict[str, Any], path: str | Path = "checkpoint") -> ty
     fitting = [cls for cls in MODULE_CLASSES.values() if names <= set(inspect.signature(cls.__init__).parameters)]
     if len(fitting) != 1:
         shown = ", ".join(sorted(names)[:8]) or "none"
-        raise CheckpointError(f"{path} is a checkpoint of another model: its hyper-parameters ({shown}) fit "
-                              f"{'neither' if not fitting else 'both'} Classifier and EmbeddingNet")
+        raise CheckpointError(
+            f"{path} is a checkpoint of another model: its hyper-parameters ({shown}) fit "
+            f"{'neither' if not fitting else 'both'} Classifier and EmbeddingNet"
+        )
     return fitting[0]
 
 

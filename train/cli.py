@@ -1,10 +1,10 @@
 """``cubcam``: LightningCLI for training (fit/validate/test/predict) plus the ``explain`` and ``evaluate`` tools.
 
-    cubcam fit --config configs/demo/classifier.yaml
-    cubcam fit --config configs/embedding.yaml --config configs/trainer/ddp.yaml
-    cubcam fit --config configs/demo/classifier.yaml --ckpt_path runs/cubcam/<run>/checkpoints/last.ckpt  # resume
-    cubcam fit --config configs/demo/classifier.yaml --model.init_args.arch resnet34
-    cubcam explain ... / cubcam evaluate ...   (see ``cubcam explain --help``)
+cubcam fit --config configs/demo/classifier.yaml
+cubcam fit --config configs/embedding.yaml --config configs/trainer/ddp.yaml
+cubcam fit --config configs/demo/classifier.yaml --ckpt_path runs/cubcam/<run>/checkpoints/last.ckpt  # resume
+cubcam fit --config configs/demo/classifier.yaml --model.init_args.arch resnet34
+cubcam explain ... / cubcam evaluate ...   (see ``cubcam explain --help``)
 """
 
 from __future__ import annotations
@@ -52,7 +52,8 @@ class CubCamCLI(LightningCLI):
         if not ckpt_path or not Path(ckpt_path).is_file():
             return
         hparams: dict[str, Any] = torch.load(ckpt_path, weights_only=True, map_location="cpu").get(
-            "hyper_parameters", {})
+            "hyper_parameters", {}
+        )
         hparams.pop("_instantiator", None)
         if not hparams:
             return
@@ -81,8 +82,11 @@ class CubCamCLI(LightningCLI):
         if self.subcommand != "fit" or not config.get("ckpt_path"):
             return
         ckpt = Path(config.ckpt_path)
-        if logger.init_args.get("id") is None and ckpt.parent.name == "checkpoints" \
-                and ckpt.parent.parent.parent.name == logger.init_args.get("project"):
+        if (
+            logger.init_args.get("id") is None
+            and ckpt.parent.name == "checkpoints"
+            and ckpt.parent.parent.parent.name == logger.init_args.get("project")
+        ):
             logger.init_args.id = ckpt.parent.parent.name
 
     def after_fit(self) -> None:
@@ -109,5 +113,11 @@ def main(argv: list[str] | None = None) -> None:
     if args and args[0] in TOOLS:
         importlib.import_module(f"cubcam.train.{args[0]}").main(args[1:])  # imported lazily: training never needs them
         return
-    CubCamCLI(CUBModule, CUBDataModule, subclass_mode_model=True, save_config_kwargs={"overwrite": True},
-              parser_kwargs={"epilog": EPILOG, "formatter_class": _HelpWithTools}, args=argv)  # None: LightningCLI reads sys.argv itself
+    CubCamCLI(
+        CUBModule,
+        CUBDataModule,
+        subclass_mode_model=True,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"epilog": EPILOG, "formatter_class": _HelpWithTools},
+        args=argv,
+    )  # None: LightningCLI reads sys.argv itself

@@ -7,12 +7,13 @@ image, side by side with a centre-Gaussian baseline on the same images (the scor
 MaxBoxAccV2 (mean over IoU 0.3/0.5/0.7 of the best-threshold box accuracy; Choe et al., CVPR 2020), box accuracy at
 IoU 0.5 (best threshold), heatmap ratio (CAM mass inside the GT box), pointing game (the CAM's peak lies in the GT
 box, as the training callback's ``val/cam_pointing_game``) and ``pointing_game_parts`` (the peak lies within 15 px
-of a visible part), all through ``cubcam.cams.localization.LocalizationAccumulator``, the callback's accumulator. Writes ``metrics.json`` (sorted keys, floats
-rounded to 6 decimals: identical between runs) and ``metrics.md``, and prints the table.
+of a visible part), all through ``cubcam.cams.localization.LocalizationAccumulator``, the callback's accumulator.
+Writes ``metrics.json`` (sorted keys, floats rounded to 6 decimals: identical between runs) and ``metrics.md``, and
+prints the table.
 
 Cost: about one plain forward per image. Each batch runs the backbone once with the target layer hooked; every CAM
-(one per proxy scheme) is then a head-only forward and backward from those activations, and only per-threshold hit
-counts and running sums are kept, never the maps. An embedding net's proxies come from its reference split
+(one per proxy scheme) is then a head-only forward and backward from those activations, and only the per-image
+results (one small row per image) are kept, never the maps. An embedding net's proxies come from its reference split
 (train; test in the zero_shot scheme), whose embeddings are cached beside the checkpoint after the first run.
 """
 
@@ -22,8 +23,9 @@ import argparse
 import json
 import math
 import sys
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,7 +34,13 @@ from torch.utils.data import Subset
 from tqdm import tqdm
 
 from cubcam.cams import minmax_normalize
-from cubcam.cams.localization import DEFAULT_IOU_THRESHOLDS, DEFAULT_THRESHOLDS, LocalizationAccumulator, box_iou, boxes_from_map
+from cubcam.cams.localization import (
+    DEFAULT_IOU_THRESHOLDS,
+    DEFAULT_THRESHOLDS,
+    LocalizationAccumulator,
+    box_iou,
+    boxes_from_map,
+)
 from cubcam.cams.protocol import CAMModule, Choice, explain, features_and_outputs
 from cubcam.cams.targets import ClassLogits, Target
 from cubcam.train.checkpoint import CheckpointError, load_checkpoint, one_line
@@ -80,9 +88,15 @@ class CentreBaseline:
         return best[:, :, None] >= np.asarray(DEFAULT_IOU_THRESHOLDS)
 
 
-def localization_scores(module: CAMModule, batches: Iterable[dict[str, Tensor]], targets: dict[str, Target],
-                        device: torch.device, total: int, choice: Choice = "true",
-                        progress: bool = True) -> tuple[dict[str, dict[str, Any]], int]:
+def localization_scores(
+    module: CAMModule,
+    batches: Iterable[dict[str, Tensor]],
+    targets: dict[str, Target],
+    device: torch.device,
+    total: int,
+    choice: Choice = "true",
+    progress: bool = True,
+) -> tuple[dict[str, dict[str, Any]], int]:
     """Every target's scores, and the centre Gaussian's, over the ``total`` images of ``batches`` (in order); and
     the image count.
 
@@ -106,8 +120,9 @@ def localization_scores(module: CAMModule, batches: Iterable[dict[str, Tensor]],
                 accumulators[name].update(slots, step.maps.float().cpu(), boxes, parts)
             if baseline is None or tuple(baseline.map.shape) != size:
                 baseline = CentreBaseline(size)
-            accumulators["centre_gaussian"].update(slots, baseline.map.expand(len(images), -1, -1), boxes, parts,
-                                                   hits=baseline.box_hits(boxes))
+            accumulators["centre_gaussian"].update(
+                slots, baseline.map.expand(len(images), -1, -1), boxes, parts, hits=baseline.box_hits(boxes)
+            )
             seen += len(images)
             bar.update(len(images))
     scores = {name: {k: v for k, v in acc.compute().items() if np.isscalar(v)} for name, acc in accumulators.items()}
@@ -128,8 +143,10 @@ def rounded(value: Any, digits: int = 6) -> Any:
 def markdown_table(methods: dict[str, dict[str, float]]) -> str:
     """Metrics as rows, methods as columns (the baseline last), values in percent."""
     columns = [m for m in methods if m != "centre_gaussian"] + ["centre_gaussian"]
-    lines = ["| metric | " + " | ".join(METHOD_NAMES.get(m, m) for m in columns) + " |",
-             "|---|" + "---:|" * len(columns)]
+    lines = [
+        "| metric | " + " | ".join(METHOD_NAMES.get(m, m) for m in columns) + " |",
+        "|---|" + "---:|" * len(columns),
+    ]
     for key, label in METRIC_NAMES.items():
         values = [methods[m].get(key) for m in columns]
         cells = ["n/a" if v is None or math.isnan(v) else f"{100 * v:.2f}" for v in values]
@@ -138,19 +155,28 @@ def markdown_table(methods: dict[str, dict[str, float]]) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="cubcam evaluate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="cubcam evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("checkpoint", type=Path, help="a Lightning checkpoint of a cubcam Classifier or EmbeddingNet")
-    parser.add_argument("--data.root", dest="data_root", default=None,
-                        help="dataset root (default: the one saved in the checkpoint)")
+    parser.add_argument(
+        "--data.root", dest="data_root", default=None, help="dataset root (default: the one saved in the checkpoint)"
+    )
     parser.add_argument("--data.split_scheme", dest="split_scheme", choices=("official", "zero_shot"), default=None)
     parser.add_argument("--split", choices=sorted(SPLITS), default="test", help="split to score (val = test)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="output folder (default: <checkpoint folder>/<checkpoint name>-evaluate-<split>)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output folder (default: <checkpoint folder>/<checkpoint name>-evaluate-<split>)",
+    )
     parser.add_argument("--target", choices=("true", "predicted"), default="true", help="class whose CAM is scored")
-    parser.add_argument("--reference-split", choices=("train", "test"), default=None,
-                        help="embedding nets: split whose embeddings give the proxies (default: train; test in "
-                             "the zero_shot scheme)")
+    parser.add_argument(
+        "--reference-split",
+        choices=("train", "test"),
+        default=None,
+        help="embedding nets: split whose embeddings give the proxies (default: train; test in the zero_shot scheme)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="draws the single-point proxy of each class")
     parser.add_argument("--image-size", type=int, default=None, help="default: the checkpoint's data.image_size")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -182,17 +208,35 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.limit is not None:
         dataset = Subset(dataset, spread_indices(len(dataset), args.limit))
 
-    report: dict[str, Any] = {"checkpoint": ckpt.path.name, "method": module.cam_method, "split": split,
-                              "split_scheme": split_scheme, "image_size": image_size, "target": args.target,
-                              "baseline_sigma": GAUSSIAN_SIGMA}
+    report: dict[str, Any] = {
+        "checkpoint": ckpt.path.name,
+        "method": module.cam_method,
+        "split": split,
+        "split_scheme": split_scheme,
+        "image_size": image_size,
+        "target": args.target,
+        "baseline_sigma": GAUSSIAN_SIGMA,
+    }
     targets: dict[str, Target] = {"gradcam": ClassLogits()}
     if module.cam_method == "embeddingcam":
-        reference = reference_set(module, ckpt.path, root, split=ref_split, split_scheme=split_scheme,
-                                  image_size=image_size, batch_size=args.batch_size, num_workers=args.num_workers,
-                                  device=device, cache=not args.no_cache)
+        reference = reference_set(
+            module,
+            ckpt.path,
+            root,
+            split=ref_split,
+            split_scheme=split_scheme,
+            image_size=image_size,
+            batch_size=args.batch_size,
+            num_workers=args.num_workers,
+            device=device,
+            cache=not args.no_cache,
+        )
         targets = dict(reference.targets(args.seed))
-        report |= {"reference_split": ref_split, "single_point_seed": args.seed,
-                   "single_point_reference_indices": reference.single_point_proxies(args.seed)[1].tolist()}
+        report |= {
+            "reference_split": ref_split,
+            "single_point_seed": args.seed,
+            "single_point_reference_indices": reference.single_point_proxies(args.seed)[1].tolist(),
+        }
 
     batches = loader(dataset, args.batch_size, args.num_workers)
     scores, num_images = localization_scores(module, batches, targets, device, len(dataset), args.target)

@@ -23,7 +23,6 @@ from typing import Any, NoReturn
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from cubcam.cams import overlay, single_point_proxy
@@ -70,8 +69,13 @@ def spread_indices(total: int, num: int) -> list[int]:
 
 def dataset_item(dataset: CUBDataset, index: int, split: str) -> Item:
     sample = dataset[index]
-    return Item(source=f"{split}[{index}]", image=sample["image"], label=int(sample["label"]), box=sample["box"],
-                extra={"index": index, "image_id": int(sample["image_id"]), "path": str(dataset.image_path(index))})
+    return Item(
+        source=f"{split}[{index}]",
+        image=sample["image"],
+        label=int(sample["label"]),
+        box=sample["box"],
+        extra={"index": index, "image_id": int(sample["image_id"]), "path": str(dataset.image_path(index))},
+    )
 
 
 # --- explanation ---------------------------------------------------------------------------------------------------
@@ -92,16 +96,21 @@ class Explainer:
         images = torch.stack([item.image for item in items]).to(self.device)
         activations, outputs = features_and_outputs(self.module, images)
         labels = torch.tensor([UNKNOWN_LABEL if item.label is None else item.label for item in items])
-        step = explain(self.module, activations, outputs, self.target, (images.shape[-2], images.shape[-1]), labels,
-                       self.choice)
+        step = explain(
+            self.module, activations, outputs, self.target, (images.shape[-2], images.shape[-1]), labels, self.choice
+        )
         records = []
         for item, t, p, row in zip(items, step.explained.tolist(), step.predicted.tolist(), step.class_scores):
             kind = "true" if self.choice == "true" and item.label is not None else "predicted"
-            records.append({"source": item.source, **item.extra,
-                            "target": {"kind": kind, "class": t, "name": self.class_names[t]},
-                            "predicted": {"class": p, "name": self.class_names[p], "score": round(float(row[p]), 4)},
-                            "true": None if item.label is None else {"class": item.label,
-                                                                      "name": self.class_names[item.label]}})
+            records.append(
+                {
+                    "source": item.source,
+                    **item.extra,
+                    "target": {"kind": kind, "class": t, "name": self.class_names[t]},
+                    "predicted": {"class": p, "name": self.class_names[p], "score": round(float(row[p]), 4)},
+                    "true": None if item.label is None else {"class": item.label, "name": self.class_names[item.label]},
+                }
+            )
         return step.maps.cpu(), records
 
 
@@ -115,25 +124,39 @@ def caption(record: dict[str, Any], score_name: str) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="cubcam explain", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="cubcam explain", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("checkpoint", type=Path, help="a Lightning checkpoint of a cubcam Classifier or EmbeddingNet")
     parser.add_argument("images", nargs="*", type=Path, help="image files to explain (default: a dataset panel)")
     parser.add_argument("--out", type=Path, required=True, help="output folder (created)")
     parser.add_argument("--split", choices=sorted(SPLITS), default="val", help="panel split (val = CUB's test split)")
     parser.add_argument("--num", type=int, default=16, help="panel size, spread over the split")
     parser.add_argument("--method", choices=("auto", "gradcam", "embeddingcam"), default="auto")
-    parser.add_argument("--proxy", choices=("normalized_mean", "single_point"), default="normalized_mean",
-                        help="EmbeddingCAM proxy of a class: mean of its reference embeddings, or one of them")
-    parser.add_argument("--target", choices=("true", "predicted"), default="true",
-                        help="class to explain; your own images have no label and always use the predicted class")
+    parser.add_argument(
+        "--proxy",
+        choices=("normalized_mean", "single_point"),
+        default="normalized_mean",
+        help="EmbeddingCAM proxy of a class: mean of its reference embeddings, or one of them",
+    )
+    parser.add_argument(
+        "--target",
+        choices=("true", "predicted"),
+        default="true",
+        help="class to explain; your own images have no label and always use the predicted class",
+    )
     parser.add_argument("--query", type=Path, help="retrieval explanation of this image (embedding nets)")
     parser.add_argument("--topk", type=int, default=5, help="neighbours shown with --query")
-    parser.add_argument("--reference-split", choices=("train", "test"), default=None,
-                        help="split whose embeddings give the proxies and the retrieval gallery "
-                             "(default: train; test in the zero_shot scheme)")
-    parser.add_argument("--data.root", dest="data_root", default=None,
-                        help="dataset root (default: the one saved in the checkpoint)")
+    parser.add_argument(
+        "--reference-split",
+        choices=("train", "test"),
+        default=None,
+        help="split whose embeddings give the proxies and the retrieval gallery "
+        "(default: train; test in the zero_shot scheme)",
+    )
+    parser.add_argument(
+        "--data.root", dest="data_root", default=None, help="dataset root (default: the one saved in the checkpoint)"
+    )
     parser.add_argument("--data.split_scheme", dest="split_scheme", choices=("official", "zero_shot"), default=None)
     parser.add_argument("--image-size", type=int, default=None, help="default: the checkpoint's data.image_size")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -155,17 +178,26 @@ def fail(message: str) -> NoReturn:
 def resolve_method(module: CAMModule, requested: str) -> Method:
     wanted = module.cam_method
     if requested not in ("auto", wanted):
-        raise CheckpointError(f"--method {requested} does not fit this checkpoint ({type(module).__name__}); "
-                              f"use {wanted}")
+        raise CheckpointError(
+            f"--method {requested} does not fit this checkpoint ({type(module).__name__}); use {wanted}"
+        )
     return wanted
 
 
 def load_reference(ckpt: LoadedCheckpoint, args: argparse.Namespace, root: str) -> ReferenceSet:
     split_scheme = args.split_scheme or ckpt.split_scheme
-    return reference_set(ckpt.module, ckpt.path, root, split=reference_split(split_scheme, args.reference_split),
-                         split_scheme=split_scheme, image_size=args.image_size or ckpt.image_size,
-                         batch_size=args.batch_size, num_workers=args.num_workers, device=args.device,
-                         cache=not args.no_cache)
+    return reference_set(
+        ckpt.module,
+        ckpt.path,
+        root,
+        split=reference_split(split_scheme, args.reference_split),
+        split_scheme=split_scheme,
+        image_size=args.image_size or ckpt.image_size,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        device=args.device,
+        cache=not args.no_cache,
+    )
 
 
 def image_error(path: Path, err: Exception) -> str:
@@ -184,14 +216,26 @@ def main(argv: list[str] | None = None) -> None:
             raise CheckpointError("--query explains a retrieval, which needs an embedding net checkpoint")
         root = args.data_root or ckpt.data_hparams.get("root")
         if (method == "embeddingcam" or not args.images) and (root is None or not Path(root).exists()):
-            needs = "an embedding net's class proxies (its reference split)" if method == "embeddingcam" else \
-                "a dataset panel"
-            raise CheckpointError(f"{needs} needs the dataset, but {root or 'no data root saved in the checkpoint'} "
-                                  f"does not exist; pass --data.root")
+            needs = (
+                "an embedding net's class proxies (its reference split)"
+                if method == "embeddingcam"
+                else "a dataset panel"
+            )
+            raise CheckpointError(
+                f"{needs} needs the dataset, but {root or 'no data root saved in the checkpoint'} "
+                f"does not exist; pass --data.root"
+            )
         reference = load_reference(ckpt, args, root) if method == "embeddingcam" else None
-        panel = None if args.images or args.query else CUBDataset(
-            root, split=SPLITS[args.split], split_scheme=args.split_scheme or ckpt.split_scheme,
-            transform=EvalPreset(args.image_size or ckpt.image_size))
+        panel = (
+            None
+            if args.images or args.query
+            else CUBDataset(
+                root,
+                split=SPLITS[args.split],
+                split_scheme=args.split_scheme or ckpt.split_scheme,
+                transform=EvalPreset(args.image_size or ckpt.image_size),
+            )
+        )
     except (CheckpointError, FileNotFoundError, ValueError) as err:
         fail(str(err))
     preset = EvalPreset(args.image_size or ckpt.image_size)
@@ -204,8 +248,14 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(1)
 
 
-def explain_images(ckpt: LoadedCheckpoint, method: str, reference: ReferenceSet | None, args: argparse.Namespace,
-                   preset: EvalPreset, panel: CUBDataset | None) -> int:
+def explain_images(
+    ckpt: LoadedCheckpoint,
+    method: str,
+    reference: ReferenceSet | None,
+    args: argparse.Namespace,
+    preset: EvalPreset,
+    panel: CUBDataset | None,
+) -> int:
     """Overlays, grid and summary for user images or a dataset panel; returns the number of images that failed."""
     items: list[Item] = []
     errors: list[dict[str, str]] = []
@@ -224,7 +274,7 @@ def explain_images(ckpt: LoadedCheckpoint, method: str, reference: ReferenceSet 
     records: list[dict[str, Any]] = []
     tiles, maps_all, captions = [], [], []
     for start in range(0, len(items), args.batch_size):
-        chunk = items[start:start + args.batch_size]
+        chunk = items[start : start + args.batch_size]
         maps, chunk_records = explainer(chunk)
         for n, (item, cam, record) in enumerate(zip(chunk, maps, chunk_records), start=start):
             tile = overlay(denormalize(item.image), cam, colormap=args.colormap, alpha=args.alpha)
@@ -237,12 +287,20 @@ def explain_images(ckpt: LoadedCheckpoint, method: str, reference: ReferenceSet 
             captions.append(caption(record, explainer.target.score_name))
     boxes = [item.box if item.box is not None and bool((item.box[2:] > 0).all()) else None for item in items]
     if items:  # GT box green (dataset images), the CAM's box red, as in the training callback's panels
-        save_png(grid(tiles, captions, ncols=4, cams=maps_all, boxes=boxes, colormap=args.colormap, alpha=args.alpha),
-                 args.out / "grid.png")
-    summary = {"checkpoint": str(ckpt.path), "method": method,
-               "proxy": args.proxy if method == "embeddingcam" else None, "target": args.target,
-               "image_size": [preset.size, preset.size], "images": records, "errors": errors,
-               "grid": "grid.png" if items else None}
+        save_png(
+            grid(tiles, captions, ncols=4, cams=maps_all, boxes=boxes, colormap=args.colormap, alpha=args.alpha),
+            args.out / "grid.png",
+        )
+    summary = {
+        "checkpoint": str(ckpt.path),
+        "method": method,
+        "proxy": args.proxy if method == "embeddingcam" else None,
+        "target": args.target,
+        "image_size": [preset.size, preset.size],
+        "images": records,
+        "errors": errors,
+        "grid": "grid.png" if items else None,
+    }
     write_json(args.out / "summary.json", summary)
     print(f"explained {len(records)} image(s) into {args.out}" + (f"; {len(errors)} failed" if errors else ""))
     if args.wandb:
@@ -250,8 +308,13 @@ def explain_images(ckpt: LoadedCheckpoint, method: str, reference: ReferenceSet 
     return len(errors)
 
 
-def make_explainer(ckpt: LoadedCheckpoint, method: Method, reference: ReferenceSet | None, args: argparse.Namespace,
-                   class_names: list[str]) -> Explainer:
+def make_explainer(
+    ckpt: LoadedCheckpoint,
+    method: Method,
+    reference: ReferenceSet | None,
+    args: argparse.Namespace,
+    class_names: list[str],
+) -> Explainer:
     device = torch.device(args.device)
     if reference is None:
         return Explainer(ckpt.module, ClassLogits(), args.target, list(class_names), device)
@@ -259,8 +322,9 @@ def make_explainer(ckpt: LoadedCheckpoint, method: Method, reference: ReferenceS
     return Explainer(ckpt.module, target, args.target, list(reference.dataset.class_names), device)
 
 
-def explain_retrieval(ckpt: LoadedCheckpoint, reference: ReferenceSet, args: argparse.Namespace,
-                      preset: EvalPreset) -> int:
+def explain_retrieval(
+    ckpt: LoadedCheckpoint, reference: ReferenceSet, args: argparse.Namespace, preset: EvalPreset
+) -> int:
     """The query's ``topk`` nearest reference images, each pair explained both ways with a Single Point Proxy: the
     query's map scores <query, neighbour>, the neighbour's map scores <neighbour, query>. Writes ``retrieval.png``."""
     module, device = ckpt.module, torch.device(args.device)
@@ -268,8 +332,15 @@ def explain_retrieval(ckpt: LoadedCheckpoint, reference: ReferenceSet, args: arg
         query = load_user_image(args.query, preset)
     except (OSError, ValueError) as err:
         message = image_error(args.query, err)
-        write_json(args.out / "summary.json", {"checkpoint": str(ckpt.path), "query": str(args.query), "neighbours": [],
-                                               "errors": [{"source": str(args.query), "error": message}]})
+        write_json(
+            args.out / "summary.json",
+            {
+                "checkpoint": str(ckpt.path),
+                "query": str(args.query),
+                "neighbours": [],
+                "errors": [{"source": str(args.query), "error": message}],
+            },
+        )
         return 1
     k = min(args.topk, len(reference.embeddings))
     query_features, query_embedding = features_and_outputs(module, query[None].to(device))
@@ -278,10 +349,16 @@ def explain_retrieval(ckpt: LoadedCheckpoint, reference: ReferenceSet, args: arg
     neighbour_features, _ = features_and_outputs(module, neighbours)
     size = tuple(query.shape[-2:])
     rows = torch.arange(k, device=device)
-    query_maps = head_cams(module, query_features.expand(k, -1, -1, -1).contiguous(), size,
-                           Proxies(single_point_proxy(reference.embeddings[indices[0]]).to(device)), rows)
-    neighbour_maps = head_cams(module, neighbour_features, size,
-                               Proxies(single_point_proxy(query_embedding[0]).expand(k, -1).to(device)), rows)
+    query_maps = head_cams(
+        module,
+        query_features.expand(k, -1, -1, -1).contiguous(),
+        size,
+        Proxies(single_point_proxy(reference.embeddings[indices[0]]).to(device)),
+        rows,
+    )
+    neighbour_maps = head_cams(
+        module, neighbour_features, size, Proxies(single_point_proxy(query_embedding[0]).expand(k, -1).to(device)), rows
+    )
     query_rgb = denormalize(query)
     tiles, maps, captions, records = [], [], [], []
     for rank, (i, sim) in enumerate(zip(indices[0].tolist(), similarity[0].tolist()), start=1):
@@ -290,13 +367,29 @@ def explain_retrieval(ckpt: LoadedCheckpoint, reference: ReferenceSet, args: arg
         tiles += [query_rgb, denormalize(neighbours[rank - 1].cpu())]
         maps += [query_maps[rank - 1].cpu(), neighbour_maps[rank - 1].cpu()]
         captions += [f"query vs #{rank}", f"#{rank}: {name}\ncos {sim:.3f}"]
-        records.append({"rank": rank, "index": i, "image_id": int(reference.dataset[i]["image_id"]),
-                        "path": str(reference.dataset.image_path(i)), "label": label, "name": name,
-                        "similarity": round(sim, 6)})
-    save_png(grid(tiles, captions, ncols=2, cams=maps, colormap=args.colormap, alpha=args.alpha),
-             args.out / "retrieval.png")
-    summary = {"checkpoint": str(ckpt.path), "query": str(args.query), "reference_split": reference.split,
-               "topk": k, "neighbours": records, "grid": "retrieval.png", "errors": []}
+        records.append(
+            {
+                "rank": rank,
+                "index": i,
+                "image_id": int(reference.dataset[i]["image_id"]),
+                "path": str(reference.dataset.image_path(i)),
+                "label": label,
+                "name": name,
+                "similarity": round(sim, 6),
+            }
+        )
+    save_png(
+        grid(tiles, captions, ncols=2, cams=maps, colormap=args.colormap, alpha=args.alpha), args.out / "retrieval.png"
+    )
+    summary = {
+        "checkpoint": str(ckpt.path),
+        "query": str(args.query),
+        "reference_split": reference.split,
+        "topk": k,
+        "neighbours": records,
+        "grid": "retrieval.png",
+        "errors": [],
+    }
     write_json(args.out / "summary.json", summary)
     print(f"query {args.query}: {k} nearest neighbours in the {reference.split} split -> {args.out / 'retrieval.png'}")
     for r in records:
@@ -314,8 +407,12 @@ def log_to_wandb(args: argparse.Namespace, summary: dict[str, Any], images: list
     """One W&B run (``job_type=explain``) with the grid and every overlay; WANDB_MODE=offline keeps it local."""
     import wandb  # only here: explaining without --wandb never starts it
 
-    run = wandb.init(project="cubcam", job_type="explain", dir=str(args.out),
-                     config={k: v for k, v in summary.items() if not isinstance(v, (list, dict))})
+    run = wandb.init(
+        project="cubcam",
+        job_type="explain",
+        dir=str(args.out),
+        config={k: v for k, v in summary.items() if not isinstance(v, (list, dict))},
+    )
     try:
         logged = {"explain/overlays": [wandb.Image(str(p), caption=c) for p, c in zip(images, captions)]}
         if summary.get("grid"):

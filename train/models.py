@@ -72,8 +72,13 @@ class ResNetBackbone(nn.Module):
     128 px, i.e. CAMs with twice the resolution for the same weights.
     """
 
-    def __init__(self, arch: str = "resnet18", pretrained: bool = False, weights_path: str | Path | None = None,
-                 output_stride: int = 32):
+    def __init__(
+        self,
+        arch: str = "resnet18",
+        pretrained: bool = False,
+        weights_path: str | Path | None = None,
+        output_stride: int = 32,
+    ):
         super().__init__()
         if arch not in ARCHS:
             raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
@@ -84,14 +89,18 @@ class ResNetBackbone(nn.Module):
         resnet = getattr(torchvision.models, arch)(weights=None)
         if output_stride == 16:
             dilate_last_stage(resnet.layer4)
-        state = load_state_dict_file(weights_path) if weights_path is not None else (
-            imagenet_state_dict(arch) if pretrained else None)
+        state = (
+            load_state_dict_file(weights_path)
+            if weights_path is not None
+            else (imagenet_state_dict(arch) if pretrained else None)
+        )
         if state is not None:
             missing, unexpected = resnet.load_state_dict(state, strict=False)
             missing = [k for k in missing if not k.startswith("fc.")]  # a trunk-only file is fine
             if missing or unexpected:
-                raise ValueError(f"weights do not fit torchvision's {arch}: missing {missing[:5]}, "
-                                 f"unexpected {unexpected[:5]}")
+                raise ValueError(
+                    f"weights do not fit torchvision's {arch}: missing {missing[:5]}, unexpected {unexpected[:5]}"
+                )
         self.conv1, self.bn1, self.relu, self.maxpool = resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4
         self.num_features: int = resnet.fc.in_features

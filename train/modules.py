@@ -42,16 +42,19 @@ def default_class_names(class_names: list[str] | None, num_classes: int | None) 
     return [f"class {i}" for i in range(num_classes or 0)]
 
 
-def build_optimizer(net: PooledLinearNet, lr: float, weight_decay: float, backbone_lr_factor: float,
-                    total_steps: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+def build_optimizer(
+    net: PooledLinearNet, lr: float, weight_decay: float, backbone_lr_factor: float, total_steps: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
     """AdamW (the pretrained trunk at ``lr * backbone_lr_factor``) with a per-step cosine decay to zero."""
     backbone = list(net.backbone.parameters())
     head = [p for name, p in net.named_parameters() if not name.startswith("backbone.")]
-    optimizer = torch.optim.AdamW([{"params": backbone, "lr": lr * backbone_lr_factor}, {"params": head, "lr": lr}],
-                                  weight_decay=weight_decay)
+    optimizer = torch.optim.AdamW(
+        [{"params": backbone, "lr": lr * backbone_lr_factor}, {"params": head, "lr": lr}], weight_decay=weight_decay
+    )
     total = max(1, total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
+        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+    )
     return optimizer, scheduler
 
 
@@ -84,8 +87,9 @@ class CUBModule(pl.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        optimizer, scheduler = build_optimizer(self.net, hp.lr, hp.weight_decay, hp.backbone_lr_factor,
-                                               int(self.trainer.estimated_stepping_batches))
+        optimizer, scheduler = build_optimizer(
+            self.net, hp.lr, hp.weight_decay, hp.backbone_lr_factor, int(self.trainer.estimated_stepping_batches)
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_train_epoch_start(self) -> None:
@@ -95,8 +99,11 @@ class CUBModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # The checkpoint holds the trained weights: loading it must not download or read the ImageNet ones again.
-        checkpoint["hyper_parameters"] = {**checkpoint.get("hyper_parameters", {}), "pretrained": False,
-                                          "weights_path": None}
+        checkpoint["hyper_parameters"] = {
+            **checkpoint.get("hyper_parameters", {}),
+            "pretrained": False,
+            "weights_path": None,
+        }
 
 
 class Classifier(CUBModule):
@@ -105,10 +112,19 @@ class Classifier(CUBModule):
     cam_method = "gradcam"
     monitor = ("val/acc", "max")
 
-    def __init__(self, arch: str = "resnet18", pretrained: bool = False, weights_path: str | Path | None = None,
-                 output_stride: int = 32, num_classes: int = 200, class_names: list[str] | None = None,
-                 lr: float = 1e-3, weight_decay: float = 1e-4, backbone_lr_factor: float = 1.0,
-                 label_smoothing: float = 0.0):
+    def __init__(
+        self,
+        arch: str = "resnet18",
+        pretrained: bool = False,
+        weights_path: str | Path | None = None,
+        output_stride: int = 32,
+        num_classes: int = 200,
+        class_names: list[str] | None = None,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-4,
+        backbone_lr_factor: float = 1.0,
+        label_smoothing: float = 0.0,
+    ):
         super().__init__()
         self.save_hyperparameters()
         self.net = PooledLinearNet(ResNetBackbone(arch, pretrained, weights_path, output_stride), num_classes)
@@ -146,17 +162,30 @@ class EmbeddingNet(CUBModule):
     cam_method = "embeddingcam"
     monitor = ("val/precision_at_1", "max")
 
-    def __init__(self, arch: str = "resnet18", pretrained: bool = False, weights_path: str | Path | None = None,
-                 output_stride: int = 32, embedding_dim: int = 128, num_classes: int | None = None,
-                 class_names: list[str] | None = None, margin: float = 0.2, miner: Miner = "semihard",
-                 lr: float = 1e-3, weight_decay: float = 1e-4, backbone_lr_factor: float = 1.0):
+    def __init__(
+        self,
+        arch: str = "resnet18",
+        pretrained: bool = False,
+        weights_path: str | Path | None = None,
+        output_stride: int = 32,
+        embedding_dim: int = 128,
+        num_classes: int | None = None,
+        class_names: list[str] | None = None,
+        margin: float = 0.2,
+        miner: Miner = "semihard",
+        lr: float = 1e-3,
+        weight_decay: float = 1e-4,
+        backbone_lr_factor: float = 1.0,
+    ):
         super().__init__()
         self.save_hyperparameters()
         self.net = PooledLinearNet(ResNetBackbone(arch, pretrained, weights_path, output_stride), embedding_dim)
         self.class_names = default_class_names(class_names, num_classes)
         self.miner = miners.TripletMarginMiner(margin=margin, type_of_triplets=miner)
         self.loss_fn = losses.TripletMarginLoss(margin=margin)
-        self.retrieval = AccuracyCalculator(include=RETRIEVAL_METRICS, knn_func=CustomKNN(CosineSimilarity(), batch_size=1024))
+        self.retrieval = AccuracyCalculator(
+            include=RETRIEVAL_METRICS, knn_func=CustomKNN(CosineSimilarity(), batch_size=1024)
+        )
         self._val_embeddings: list[Tensor] = []
         self._val_labels: list[Tensor] = []
         self._val_index: list[Tensor] = []
@@ -183,9 +212,13 @@ class EmbeddingNet(CUBModule):
     def on_validation_epoch_end(self) -> None:
         if not self._val_embeddings:
             return
-        _, embeddings, labels = gather_unique(self.all_gather, self.trainer.world_size,
-                                              torch.cat(self._val_index), torch.cat(self._val_embeddings),
-                                              torch.cat(self._val_labels))
+        _, embeddings, labels = gather_unique(
+            self.all_gather,
+            self.trainer.world_size,
+            torch.cat(self._val_index),
+            torch.cat(self._val_embeddings),
+            torch.cat(self._val_labels),
+        )
         metrics = self.retrieval.get_accuracy(embeddings, labels)
         for name in RETRIEVAL_METRICS:
             self.log(f"val/{name}", float(metrics[name]), prog_bar=name == "precision_at_1", sync_dist=True)

@@ -66,8 +66,10 @@ class ReferenceSet:
         """EmbeddingCAM's targets from this split, by name: every class's Normalized Mean Proxy, or one of its
         images' embedding (Single Point Proxy, drawn with ``seed``). Both predict the nearest mean proxy's class."""
         mean = self.mean_proxies()
-        return {"embeddingcam_normalized_mean": Proxies(mean),
-                "embeddingcam_single_point": Proxies(self.single_point_proxies(seed)[0], classes=mean)}
+        return {
+            "embeddingcam_normalized_mean": Proxies(mean),
+            "embeddingcam_single_point": Proxies(self.single_point_proxies(seed)[0], classes=mean),
+        }
 
     def nearest(self, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
         """The ``k`` most cosine-similar reference images of each query: (similarities [Q, k], indices [Q, k])."""
@@ -78,13 +80,20 @@ class ReferenceSet:
 
 def loader(dataset: Dataset, batch_size: int, num_workers: int) -> DataLoader:
     """A plain, ordered loader: evaluation and reference passes never shuffle."""
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                      persistent_workers=False, pin_memory=torch.cuda.is_available())
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        persistent_workers=False,
+        pin_memory=torch.cuda.is_available(),
+    )
 
 
 @torch.inference_mode()
-def embed(module: torch.nn.Module, data: DataLoader, device: torch.device,
-          desc: str = "embedding") -> tuple[Tensor, Tensor]:
+def embed(
+    module: torch.nn.Module, data: DataLoader, device: torch.device, desc: str = "embedding"
+) -> tuple[Tensor, Tensor]:
     """(L2-normalised embeddings [N, D], labels [N]) of every image of ``data``, on the CPU, in dataset order."""
     module.eval()
     embeddings, labels = [], []
@@ -111,14 +120,30 @@ def cache_file(checkpoint: Path, key: dict) -> Path:
     return checkpoint.with_name(f"{checkpoint.stem}.reference-{key['split']}-{tag}.pt")
 
 
-def reference_set(module: torch.nn.Module, checkpoint: str | Path, root: str | Path, split: str = "train",
-                  split_scheme: str = "official", image_size: int = 224, batch_size: int = 32, num_workers: int = 0,
-                  device: str | torch.device = "cpu", cache: bool = True) -> ReferenceSet:
+def reference_set(
+    module: torch.nn.Module,
+    checkpoint: str | Path,
+    root: str | Path,
+    split: str = "train",
+    split_scheme: str = "official",
+    image_size: int = 224,
+    batch_size: int = 32,
+    num_workers: int = 0,
+    device: str | torch.device = "cpu",
+    cache: bool = True,
+) -> ReferenceSet:
     """Embeddings of ``split`` for the embedding net loaded from ``checkpoint``, from the cache when it matches."""
     checkpoint = Path(checkpoint)
     dataset = CUBDataset(root, split=split, split_scheme=split_scheme, transform=EvalPreset(image_size))
-    key = {"version": CACHE_VERSION, "checkpoint_sha256": file_digest(checkpoint), "root": str(Path(root).resolve()),
-           "split": split, "split_scheme": split_scheme, "image_size": int(image_size), "num_images": len(dataset)}
+    key = {
+        "version": CACHE_VERSION,
+        "checkpoint_sha256": file_digest(checkpoint),
+        "root": str(Path(root).resolve()),
+        "split": split,
+        "split_scheme": split_scheme,
+        "image_size": int(image_size),
+        "num_images": len(dataset),
+    }
     path = cache_file(checkpoint, key)
     if cache and path.is_file():
         try:
@@ -127,8 +152,9 @@ def reference_set(module: torch.nn.Module, checkpoint: str | Path, root: str | P
                 return ReferenceSet(stored["embeddings"], stored["labels"], dataset, split)
         except (RuntimeError, EOFError, OSError, KeyError, AttributeError):
             pass  # a damaged cache is recomputed and overwritten
-    embeddings, labels = embed(module, loader(dataset, batch_size, num_workers), torch.device(device),
-                               desc=f"reference embeddings ({split})")
+    embeddings, labels = embed(
+        module, loader(dataset, batch_size, num_workers), torch.device(device), desc=f"reference embeddings ({split})"
+    )
     if cache:
         try:
             torch.save({"key": key, "embeddings": embeddings, "labels": labels}, path)
@@ -142,6 +168,8 @@ def reference_split(split_scheme: str, requested: str | None = None) -> str:
     test split, whose classes were never trained on (its labels index other classes than the training split's)."""
     default = "test" if split_scheme == "zero_shot" else "train"
     if requested is not None and split_scheme == "zero_shot" and requested != default:
-        raise ValueError("in the zero_shot scheme the test classes have no training images: their proxies can only "
-                         "come from the test split (--reference-split test)")
+        raise ValueError(
+            "in the zero_shot scheme the test classes have no training images: their proxies can only "
+            "come from the test split (--reference-split test)"
+        )
     return requested or default

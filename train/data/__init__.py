@@ -8,8 +8,12 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_EXPORTS = {"CUBDataset": "cub", "CUBDataModule": "datamodule", "download_cub": "download",
-            "make_synthetic_cub": "synthetic"}
+_EXPORTS = {
+    "CUBDataset": "cub",
+    "CUBDataModule": "datamodule",
+    "download_cub": "download",
+    "make_synthetic_cub": "synthetic",
+}
 __all__ = sorted(_EXPORTS)
 
 

@@ -14,9 +14,10 @@ warning gives their count.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,9 +34,11 @@ LAYOUT = f"""{FOLDER}/
     images.txt  image_class_labels.txt  train_test_split.txt  classes.txt  bounding_boxes.txt
     parts/parts.txt  parts/part_locs.txt
     images/<class folder>/<file>.jpg"""
-HOW_TO_GET_IT = ("Get it with `download: true` in the data config (fetches CUB_200_2011.tgz, 1.1 GB, from Caltech), "
-                 "point `root` (or $CUB_ROOT for demo.sh) at an existing copy, or write the synthetic stand-in with "
-                 "`python -m cubcam.train.data.synthetic --out data/synthetic_cub`.")
+HOW_TO_GET_IT = (
+    "Get it with `download: true` in the data config (fetches CUB_200_2011.tgz, 1.1 GB, from Caltech), "
+    "point `root` (or $CUB_ROOT for demo.sh) at an existing copy, or write the synthetic stand-in with "
+    "`python -m cubcam.train.data.synthetic --out data/synthetic_cub`."
+)
 
 Transform = Callable[[Image.Image, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]
 
@@ -46,8 +49,10 @@ def find_root(root: str | Path) -> Path:
     for candidate in (root / FOLDER, root):
         if (candidate / "images.txt").is_file():
             return candidate
-    raise FileNotFoundError(f"no CUB-200-2011 dataset at {root}: expected {root / FOLDER}/images.txt or "
-                            f"{root}/images.txt, in this layout:\n{LAYOUT}\n{HOW_TO_GET_IT}")
+    raise FileNotFoundError(
+        f"no CUB-200-2011 dataset at {root}: expected {root / FOLDER}/images.txt or "
+        f"{root}/images.txt, in this layout:\n{LAYOUT}\n{HOW_TO_GET_IT}"
+    )
 
 
 def _rows(path: Path, columns: int, numeric: bool = True) -> list[list[Any]] | np.ndarray:
@@ -91,8 +96,9 @@ def human_name(folder: str) -> str:
 def split_class_ids(num_classes: int, split: str, split_scheme: str) -> list[int]:
     """The 1-based class ids a split holds, in label order."""
     if split not in SPLITS or split_scheme not in SPLIT_SCHEMES:
-        raise ValueError(f"split must be one of {SPLITS} and split_scheme one of {SPLIT_SCHEMES}, "
-                         f"got {split!r}, {split_scheme!r}")
+        raise ValueError(
+            f"split must be one of {SPLITS} and split_scheme one of {SPLIT_SCHEMES}, got {split!r}, {split_scheme!r}"
+        )
     if split_scheme == "official":
         return list(range(1, num_classes + 1))
     half = num_classes // 2
@@ -114,8 +120,14 @@ class CUBDataset(Dataset):
     image keeps its size and is only normalised with ImageNet's statistics.
     """
 
-    def __init__(self, root: str | Path, split: str = "train", split_scheme: str = "official",
-                 transform: Transform | None = None, skip_bad_images: bool = False):
+    def __init__(
+        self,
+        root: str | Path,
+        split: str = "train",
+        split_scheme: str = "official",
+        transform: Transform | None = None,
+        skip_bad_images: bool = False,
+    ):
         self.root = find_root(root)
         self.split, self.split_scheme, self.transform = split, split_scheme, transform
         self.mean = tuple(getattr(transform, "mean", MEAN))
@@ -126,17 +138,25 @@ class CUBDataset(Dataset):
         label_of_class = {c: label for label, c in enumerate(class_ids)}
 
         table = self._read_tables(folders)
-        wanted = [i for i, (_, class_id, is_train) in table["images"].items()
-                  if class_id in label_of_class and (split_scheme == "zero_shot" or is_train == (split == "train"))]
+        wanted = [
+            i
+            for i, (_, class_id, is_train) in table["images"].items()
+            if class_id in label_of_class and (split_scheme == "zero_shot" or is_train == (split == "train"))
+        ]
         paths = {i: self.root / "images" / table["images"][i][0] for i in wanted}
         bad = self._bad_images(paths, check_decoding=skip_bad_images)
         if bad and not skip_bad_images:
             first = next(iter(bad.items()))
-            raise FileNotFoundError(f"{len(bad)} image file(s) of the {split} split are missing, e.g. {first[0]} "
-                                    f"(image id {first[1]}); restore them or pass skip_bad_images=True")
+            raise FileNotFoundError(
+                f"{len(bad)} image file(s) of the {split} split are missing, e.g. {first[0]} "
+                f"(image id {first[1]}); restore them or pass skip_bad_images=True"
+            )
         if bad:
-            warnings.warn(f"skipped {len(bad)} unreadable image(s) of {len(wanted)} in the {split} split of "
-                          f"{self.root}, e.g. {next(iter(bad))}", stacklevel=2)
+            warnings.warn(
+                f"skipped {len(bad)} unreadable image(s) of {len(wanted)} in the {split} split of "
+                f"{self.root}, e.g. {next(iter(bad))}",
+                stacklevel=2,
+            )
             wanted = [i for i in wanted if paths[i] not in bad]
         if not wanted:
             raise ValueError(f"the {split} split ({split_scheme}) of {self.root} holds no images")
@@ -152,38 +172,47 @@ class CUBDataset(Dataset):
         rows = row_of[locs[:, 0].long()]
         keep = (rows >= 0) & (locs[:, 4] > 0)
         self._parts[rows[keep], locs[keep, 1].long() - 1] = torch.cat(
-            [locs[keep, 2:4].float(), torch.ones(int(keep.sum()), 1)], 1)
+            [locs[keep, 2:4].float(), torch.ones(int(keep.sum()), 1)], 1
+        )
 
     def _read_tables(self, folders: list[str]) -> dict[str, Any]:
         """Join CUB's files on image id; an id missing from one of them, a label outside ``classes.txt`` or an image
         stored under another class's folder is an error: nothing gets silently mislabelled."""
         root = self.root
         paths = {r[0]: r[1] for r in _rows(root / "images.txt", 2, numeric=False)}
-        tables = {name: {int(r[0]): r[1:].tolist() for r in _rows(root / name, columns)}
-                  for name, columns in (("image_class_labels.txt", 2), ("train_test_split.txt", 2),
-                                        ("bounding_boxes.txt", 5))}
+        tables = {
+            name: {int(r[0]): r[1:].tolist() for r in _rows(root / name, columns)}
+            for name, columns in (("image_class_labels.txt", 2), ("train_test_split.txt", 2), ("bounding_boxes.txt", 5))
+        }
         for name, table in tables.items():
             if table.keys() != paths.keys():
                 missing = sorted(paths.keys() - table.keys()) or sorted(table.keys() - paths.keys())
-                raise ValueError(f"{root / name} and {root / 'images.txt'} list different image ids "
-                                 f"(e.g. {missing[:5]})")
+                raise ValueError(
+                    f"{root / name} and {root / 'images.txt'} list different image ids (e.g. {missing[:5]})"
+                )
         part_names = [r[1] for r in _rows(root / "parts" / "parts.txt", 2, numeric=False)]
         if part_names != list(PART_NAMES):
             raise ValueError(f"{root / 'parts' / 'parts.txt'} must list CUB's 15 parts {PART_NAMES}, got {part_names}")
         parts = torch.from_numpy(_rows(root / "parts" / "part_locs.txt", 5))  # image id, part id, x, y, visible
-        if not (torch.isin(parts[:, 1], torch.arange(1.0, len(PART_NAMES) + 1)).all()
-                and torch.isin(parts[:, 0], torch.tensor(list(paths), dtype=parts.dtype)).all()):
+        if not (
+            torch.isin(parts[:, 1], torch.arange(1.0, len(PART_NAMES) + 1)).all()
+            and torch.isin(parts[:, 0], torch.tensor(list(paths), dtype=parts.dtype)).all()
+        ):
             raise ValueError(f"{root / 'parts' / 'part_locs.txt'} refers to unknown images or parts")
 
         images = {}
         for image_id, path in paths.items():
             class_id = int(tables["image_class_labels.txt"][image_id][0])
             if not 1 <= class_id <= len(folders):
-                raise ValueError(f"{root / 'image_class_labels.txt'}: image {image_id} has class {class_id}, but "
-                                 f"classes.txt lists classes 1..{len(folders)}")
+                raise ValueError(
+                    f"{root / 'image_class_labels.txt'}: image {image_id} has class {class_id}, but "
+                    f"classes.txt lists classes 1..{len(folders)}"
+                )
             if path.split("/", 1)[0] != folders[class_id - 1]:
-                raise ValueError(f"image {image_id} ({path}) is labelled class {class_id} ({folders[class_id - 1]}) "
-                                 f"in image_class_labels.txt but stored in another class's folder")
+                raise ValueError(
+                    f"image {image_id} ({path}) is labelled class {class_id} ({folders[class_id - 1]}) "
+                    f"in image_class_labels.txt but stored in another class's folder"
+                )
             images[image_id] = (path, class_id, bool(tables["train_test_split.txt"][image_id][0]))
         return {"images": images, "boxes": tables["bounding_boxes.txt"], "parts": parts}
 
@@ -208,12 +237,20 @@ class CUBDataset(Dataset):
             tensor, box, parts = self.transform(image, box, parts)
         else:
             tensor = to_tensor(image, self.mean, self.std)
-        return {"image": tensor, "label": self.labels[index], "box": box, "parts": parts,
-                "image_id": self.image_ids[index], "index": index}
+        return {
+            "image": tensor,
+            "label": self.labels[index],
+            "box": box,
+            "parts": parts,
+            "image_id": self.image_ids[index],
+            "index": index,
+        }
 
     def __repr__(self) -> str:
-        return (f"CUBDataset({str(self.root)!r}, split={self.split!r}, split_scheme={self.split_scheme!r}, "
-                f"{len(self)} images, {len(self.class_names)} classes, transform={self.transform!r})")
+        return (
+            f"CUBDataset({str(self.root)!r}, split={self.split!r}, split_scheme={self.split_scheme!r}, "
+            f"{len(self)} images, {len(self.class_names)} classes, transform={self.transform!r})"
+        )
 
 
 def _decodes(path: Path) -> bool:

@@ -37,8 +37,7 @@ class DistributedMPerClassSampler(DistributedSampler):
     (rounded down to whole batches) per epoch in m-per-class batches, drawn from a generator seeded with
     (seed, rank, epoch): reproducible, different on every rank and every epoch, and the same after a resume."""
 
-    def __init__(self, labels: list[int], m: int, batch_size: int, num_replicas: int = 1, rank: int = 0,
-                 seed: int = 0):
+    def __init__(self, labels: list[int], m: int, batch_size: int, num_replicas: int = 1, rank: int = 0, seed: int = 0):
         super().__init__(labels, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
         self.labels = list(labels)
         self.m, self.batch_size = m, batch_size
@@ -68,15 +67,26 @@ class CUBDataModule(pl.LightningDataModule):
     classes the model is trained on) read ``classes.txt`` only, so the CLI can size the model before ``setup``.
     """
 
-    def __init__(self, root: str = "data/synthetic_cub", split_scheme: str = "official", image_size: int = 224,
-                 batch_size: int = 32, num_workers: int = 2, sampler: str = "random", m_per_class: int = 4,
-                 download: bool = False, url: str = CUB_URL, skip_bad_images: bool = False):
+    def __init__(
+        self,
+        root: str = "data/synthetic_cub",
+        split_scheme: str = "official",
+        image_size: int = 224,
+        batch_size: int = 32,
+        num_workers: int = 2,
+        sampler: str = "random",
+        m_per_class: int = 4,
+        download: bool = False,
+        url: str = CUB_URL,
+        skip_bad_images: bool = False,
+    ):
         super().__init__()
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
         if sampler == "m_per_class" and (m_per_class < 1 or batch_size % m_per_class):
-            raise ValueError(f"sampler m_per_class needs batch_size ({batch_size}) to be a multiple of m_per_class "
-                             f"({m_per_class})")
+            raise ValueError(
+                f"sampler m_per_class needs batch_size ({batch_size}) to be a multiple of m_per_class ({m_per_class})"
+            )
         self.save_hyperparameters()
         self.train_dataset: CUBDataset | None = None
         self.val_dataset: CUBDataset | None = None
@@ -102,8 +112,9 @@ class CUBDataModule(pl.LightningDataModule):
         hp = self.hparams
         root = self._root()
         if stage in (None, "fit") and self.train_dataset is None:
-            self.train_dataset = CUBDataset(root, "train", hp.split_scheme, TrainPreset(hp.image_size),
-                                            hp.skip_bad_images)
+            self.train_dataset = CUBDataset(
+                root, "train", hp.split_scheme, TrainPreset(hp.image_size), hp.skip_bad_images
+            )
             self._check_m_per_class(self.train_dataset)
         if self.val_dataset is None:
             self.val_dataset = CUBDataset(root, "test", hp.split_scheme, EvalPreset(hp.image_size), hp.skip_bad_images)
@@ -111,16 +122,25 @@ class CUBDataModule(pl.LightningDataModule):
     def _check_m_per_class(self, dataset: CUBDataset) -> None:
         hp = self.hparams
         if len(dataset) < hp.batch_size:
-            raise ValueError(f"the training split holds {len(dataset)} images, fewer than one batch "
-                             f"(batch_size {hp.batch_size})")
+            raise ValueError(
+                f"the training split holds {len(dataset)} images, fewer than one batch (batch_size {hp.batch_size})"
+            )
         if hp.sampler == "m_per_class" and len(set(dataset.labels)) * hp.m_per_class < hp.batch_size:
-            raise ValueError(f"batch_size {hp.batch_size} needs {hp.batch_size // hp.m_per_class} classes of "
-                             f"{hp.m_per_class} images, but the training split has {len(set(dataset.labels))} classes")
+            raise ValueError(
+                f"batch_size {hp.batch_size} needs {hp.batch_size // hp.m_per_class} classes of "
+                f"{hp.m_per_class} images, but the training split has {len(set(dataset.labels))} classes"
+            )
 
     def _loader(self, dataset: CUBDataset, **kwargs: Any) -> DataLoader:
         workers = self.hparams.num_workers
-        return DataLoader(dataset, batch_size=self.hparams.batch_size, num_workers=workers,
-                          persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(), **kwargs)
+        return DataLoader(
+            dataset,
+            batch_size=self.hparams.batch_size,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            **kwargs,
+        )
 
     def train_dataloader(self) -> DataLoader:
         if self.hparams.sampler == "random":
@@ -128,9 +148,13 @@ class CUBDataModule(pl.LightningDataModule):
             return self._loader(self.train_dataset, shuffle=True, drop_last=True)
         trainer = self.trainer
         sampler = DistributedMPerClassSampler(
-            self.train_dataset.labels, self.hparams.m_per_class, self.hparams.batch_size,
-            num_replicas=trainer.world_size if trainer else 1, rank=trainer.global_rank if trainer else 0,
-            seed=torch.initial_seed() % 2**63)  # seed_everything(k) makes this k on every rank
+            self.train_dataset.labels,
+            self.hparams.m_per_class,
+            self.hparams.batch_size,
+            num_replicas=trainer.world_size if trainer else 1,
+            rank=trainer.global_rank if trainer else 0,
+            seed=torch.initial_seed() % 2**63,
+        )  # seed_everything(k) makes this k on every rank
         return self._loader(self.train_dataset, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:

@@ -47,8 +47,10 @@ def download_cub(root: str | Path, url: str = CUB_URL, md5: str = CUB_MD5) -> Pa
         archive = workdir / "CUB_200_2011.tgz"
         digest = _fetch(url, archive)
         if digest != md5.lower():
-            raise DownloadError(f"{url} sent a file with MD5 {digest}, expected {md5}: a corrupt or different "
-                                f"archive. Nothing was written to {root}; retry, or download it by hand")
+            raise DownloadError(
+                f"{url} sent a file with MD5 {digest}, expected {md5}: a corrupt or different "
+                f"archive. Nothing was written to {root}; retry, or download it by hand"
+            )
         extracted = workdir / "extracted"
         _extract(archive, extracted)
         archive.unlink()  # free 1.1 GB before the rename
@@ -72,8 +74,15 @@ def _fetch(url: str, path: Path) -> str:
     try:
         with urllib.request.urlopen(url, timeout=TIMEOUT_S) as response, open(path, "wb") as file:
             total = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"downloading {FOLDER}.tgz",
-                      file=sys.stderr, dynamic_ncols=True) as bar:
+            with tqdm(
+                total=total,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc=f"downloading {FOLDER}.tgz",
+                file=sys.stderr,
+                dynamic_ncols=True,
+            ) as bar:
                 while chunk := response.read(CHUNK):
                     file.write(chunk)
                     digest.update(chunk)
@@ -86,7 +95,8 @@ def _fetch(url: str, path: Path) -> str:
         raise DownloadError(
             f"could not download CUB-200-2011 from {url} ({reason}). Without network access, download "
             f"CUB_200_2011.tgz elsewhere, extract it and point data.root (or $CUB_ROOT for demo.sh) at the folder "
-            f"holding {FOLDER}/, or pass another url") from err
+            f"holding {FOLDER}/, or pass another url"
+        ) from err
     return digest.hexdigest()
 
 

@@ -10,21 +10,38 @@ the pixels (torchvision's compiled ops may not load here); the random draws use 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
 
-from cubcam.cams.overlay import IMAGENET_MEAN as MEAN, IMAGENET_STD as STD
+from cubcam.cams.overlay import IMAGENET_MEAN as MEAN
+from cubcam.cams.overlay import IMAGENET_STD as STD
 
 # CUB's 15 parts in parts/parts.txt order. A horizontal flip turns a left part into the right one.
-PART_NAMES = ("back", "beak", "belly", "breast", "crown", "forehead", "left eye", "left leg", "left wing", "nape",
-              "right eye", "right leg", "right wing", "tail", "throat")
-FLIPPED_PARTS = [PART_NAMES.index(name.replace("left", "@").replace("right", "left").replace("@", "right"))
-                 for name in PART_NAMES]
+PART_NAMES = (
+    "back",
+    "beak",
+    "belly",
+    "breast",
+    "crown",
+    "forehead",
+    "left eye",
+    "left leg",
+    "left wing",
+    "nape",
+    "right eye",
+    "right leg",
+    "right wing",
+    "tail",
+    "throat",
+)
+FLIPPED_PARTS = [
+    PART_NAMES.index(name.replace("left", "@").replace("right", "left").replace("@", "right")) for name in PART_NAMES
+]
 
 Region = tuple[float, float, float, float]  # left, top, right, bottom in the original image's pixels
 
@@ -60,8 +77,9 @@ def to_tensor(image: Image.Image, mean: Sequence[float] = MEAN, std: Sequence[fl
     return pixels.sub_(torch.tensor(mean).view(3, 1, 1)).div_(torch.tensor(std).view(3, 1, 1))
 
 
-def cut_and_resize(image: Image.Image, box: Tensor, parts: Tensor, region: Region, size: int,
-                   flip: bool = False) -> tuple[Image.Image, Tensor, Tensor]:
+def cut_and_resize(
+    image: Image.Image, box: Tensor, parts: Tensor, region: Region, size: int, flip: bool = False
+) -> tuple[Image.Image, Tensor, Tensor]:
     """Cut ``region`` out of ``image`` and resize it to ``size`` x ``size`` (optionally mirrored), carrying the
     box (x, y, w, h; clipped to the output, empty -> zero size) and the parts ([15, 3] x, y, visible; a part that
     leaves the output becomes invisible, and invisible parts are (0, 0, 0))."""
@@ -91,8 +109,9 @@ class EvalPreset:
     """Resize the shorter side to ``size * resize_ratio``, centre-crop ``size`` x ``size``, normalise (the
     torchvision-references evaluation transform), carrying box and parts."""
 
-    def __init__(self, size: int, resize_ratio: float = 256 / 224, mean: Sequence[float] = MEAN,
-                 std: Sequence[float] = STD):
+    def __init__(
+        self, size: int, resize_ratio: float = 256 / 224, mean: Sequence[float] = MEAN, std: Sequence[float] = STD
+    ):
         if size <= 0 or resize_ratio < 1:
             raise ValueError(f"need size > 0 and resize_ratio >= 1, got size={size}, resize_ratio={resize_ratio}")
         self.size, self.resize_ratio, self.mean, self.std = size, resize_ratio, tuple(mean), tuple(std)
@@ -122,8 +141,14 @@ class TrainPreset(EvalPreset):
     and aspect, so training images look like evaluation images: in the tests' 16-step trainings on the synthetic
     set that was worth ~0.25 of validation accuracy over RandomResizedCrop."""
 
-    def __init__(self, size: int, resize_ratio: float = 256 / 224, flip_prob: float = 0.5,
-                 mean: Sequence[float] = MEAN, std: Sequence[float] = STD):
+    def __init__(
+        self,
+        size: int,
+        resize_ratio: float = 256 / 224,
+        flip_prob: float = 0.5,
+        mean: Sequence[float] = MEAN,
+        std: Sequence[float] = STD,
+    ):
         super().__init__(size, resize_ratio, mean, std)
         self.flip_prob = flip_prob
 

@@ -73,16 +73,28 @@ def bird_designs(classes: int, seed: int = 0) -> list[BirdDesign]:
     beak_colors = [(250, 190, 20), (40, 35, 30), (230, 110, 40), (200, 200, 190)]
     designs, names = [], set()
     for c in range(classes):
-        name = (f"{_HUE_NAMES[int(head_hue[c] * 12) % 12]}_headed_{_HUE_NAMES[int(hues[c] * 12) % 12]}_"
-                f"{_KINDS[min(int((aspect[c] - 1.2) / 1.1 * len(_KINDS)), len(_KINDS) - 1)]}")
+        name = (
+            f"{_HUE_NAMES[int(head_hue[c] * 12) % 12]}_headed_{_HUE_NAMES[int(hues[c] * 12) % 12]}_"
+            f"{_KINDS[min(int((aspect[c] - 1.2) / 1.1 * len(_KINDS)), len(_KINDS) - 1)]}"
+        )
         if name in names:
             name = f"{name}_{c + 1}"
         names.add(name)
-        designs.append(BirdDesign(
-            name=name, body=_rgb(hues[c], 0.95, 0.95), head=_rgb(head_hue[c], 0.75, 0.95),
-            wing=_rgb(hues[c], 0.9, 0.5), breast=_rgb(hues[c], 0.4, 1.0),
-            beak=beak_colors[c % len(beak_colors)], aspect=float(aspect[c]), head_radius=float(head[c]),
-            beak_length=float(beak[c]), tail_length=float(tail[c]), tail_spread=float(fan[c])))
+        designs.append(
+            BirdDesign(
+                name=name,
+                body=_rgb(hues[c], 0.95, 0.95),
+                head=_rgb(head_hue[c], 0.75, 0.95),
+                wing=_rgb(hues[c], 0.9, 0.5),
+                breast=_rgb(hues[c], 0.4, 1.0),
+                beak=beak_colors[c % len(beak_colors)],
+                aspect=float(aspect[c]),
+                head_radius=float(head[c]),
+                beak_length=float(beak[c]),
+                tail_length=float(tail[c]),
+                tail_spread=float(fan[c]),
+            )
+        )
     return designs
 
 
@@ -96,33 +108,53 @@ def _bird_shapes(d: BirdDesign) -> tuple[list[tuple[np.ndarray, Color]], dict[st
     in drawing order and the visible parts' locations."""
     a, r = d.aspect, d.head_radius
     hx, hy = 0.78 * a, -0.8  # head centre
-    beak = np.array([[hx + 0.8 * r, hy - 0.28 * r], [hx + r + d.beak_length, hy + 0.05 * r],
-                     [hx + 0.8 * r, hy + 0.3 * r]])
+    beak = np.array(
+        [[hx + 0.8 * r, hy - 0.28 * r], [hx + r + d.beak_length, hy + 0.05 * r], [hx + 0.8 * r, hy + 0.3 * r]]
+    )
     tail_end = -a - d.tail_length
-    tail = np.array([[-0.7 * a, -0.35], [tail_end, -0.45 - d.tail_spread], [tail_end, 0.05 + d.tail_spread],
-                     [-0.7 * a, 0.25]])
-    legs = [np.array([[x - 0.07, 0.8], [x + 0.07, 0.8], [x + 0.07 + 0.15, 1.6], [x - 0.07 + 0.15, 1.6]])
-            for x in (0.15 * a, -0.2 * a)]  # near (right) leg in front, far (left) leg behind
+    tail = np.array(
+        [[-0.7 * a, -0.35], [tail_end, -0.45 - d.tail_spread], [tail_end, 0.05 + d.tail_spread], [-0.7 * a, 0.25]]
+    )
+    legs = [
+        np.array([[x - 0.07, 0.8], [x + 0.07, 0.8], [x + 0.07 + 0.15, 1.6], [x - 0.07 + 0.15, 1.6]])
+        for x in (0.15 * a, -0.2 * a)
+    ]  # near (right) leg in front, far (left) leg behind
     wing = _ellipse(-0.12 * a, -0.12, 0.62 * a, 0.5)
     wing[:, 1] += 0.25 * (wing[:, 0] + 0.12 * a) / a  # tilt the wing down towards the tail
     eye = _ellipse(hx + 0.38 * r, hy - 0.18 * r, 0.17 * r, 0.17 * r, 12)
-    shapes = [(legs[1], (70, 60, 50)), (tail, d.wing), (_ellipse(0, 0, a, 1.0), d.body),
-              (_ellipse(0.45 * a, 0.3, 0.45 * a, 0.6), d.breast), (legs[0], (70, 60, 50)), (wing, d.wing),
-              (_ellipse(hx, hy, r, r), d.head), (beak, d.beak), (eye, (15, 15, 20))]
+    shapes = [
+        (legs[1], (70, 60, 50)),
+        (tail, d.wing),
+        (_ellipse(0, 0, a, 1.0), d.body),
+        (_ellipse(0.45 * a, 0.3, 0.45 * a, 0.6), d.breast),
+        (legs[0], (70, 60, 50)),
+        (wing, d.wing),
+        (_ellipse(hx, hy, r, r), d.head),
+        (beak, d.beak),
+        (eye, (15, 15, 20)),
+    ]
     on_body = lambda x: np.sqrt(max(0.0, 1 - (x / a) ** 2))  # noqa: E731  (body outline half-height at x)
     parts = {
-        "back": (-0.2 * a, -0.95 * on_body(-0.2 * a)), "beak": tuple(beak.mean(0)), "belly": (0.0, 0.8),
-        "breast": (0.6 * a, 0.35), "crown": (hx, hy - 0.92 * r),
-        "forehead": (hx + 0.7 * r, hy - 0.62 * r), "right eye": (hx + 0.38 * r, hy - 0.18 * r),
-        "right leg": tuple(legs[0][2:].mean(0)), "left leg": tuple(legs[1][2:].mean(0)),
-        "right wing": (-0.12 * a, -0.12), "nape": (hx - 0.85 * r, hy + 0.3 * r),
-        "tail": (0.5 * (tail_end - 0.7 * a), -0.1), "throat": (hx + 0.5 * r, hy + 0.8 * r),
+        "back": (-0.2 * a, -0.95 * on_body(-0.2 * a)),
+        "beak": tuple(beak.mean(0)),
+        "belly": (0.0, 0.8),
+        "breast": (0.6 * a, 0.35),
+        "crown": (hx, hy - 0.92 * r),
+        "forehead": (hx + 0.7 * r, hy - 0.62 * r),
+        "right eye": (hx + 0.38 * r, hy - 0.18 * r),
+        "right leg": tuple(legs[0][2:].mean(0)),
+        "left leg": tuple(legs[1][2:].mean(0)),
+        "right wing": (-0.12 * a, -0.12),
+        "nape": (hx - 0.85 * r, hy + 0.3 * r),
+        "tail": (0.5 * (tail_end - 0.7 * a), -0.1),
+        "throat": (hx + 0.5 * r, hy + 0.8 * r),
     }
     return shapes, {name: np.array(xy, dtype=float) for name, xy in parts.items()}
 
 
-def draw_bird_image(design: BirdDesign, palette: list[Color], rng: np.random.Generator,
-                    size: int) -> tuple[Image.Image, Image.Image, np.ndarray]:
+def draw_bird_image(
+    design: BirdDesign, palette: list[Color], rng: np.random.Generator, size: int
+) -> tuple[Image.Image, Image.Image, np.ndarray]:
     """One picture: cluttered background, the bird on top. Returns (RGB image, bird mask "L", parts [15, 3])."""
     long_side = round(size * rng.uniform(1.0, 4 / 3))
     width, height = (long_side, size) if rng.random() < 0.75 else (size, long_side)
@@ -163,8 +195,9 @@ def draw_bird_image(design: BirdDesign, palette: list[Color], rng: np.random.Gen
 def _background(palette: list[Color], rng: np.random.Generator, width: int, height: int) -> Image.Image:
     """A noisy gradient between two random muted colours, with 4-9 distractor shapes (ellipses, boxes, triangles,
     bars) in colours of the birds' palettes."""
-    top, bottom = (np.array(_rgb(rng.random(), rng.uniform(0.05, 0.25), rng.uniform(0.35, 0.85)), dtype=float)
-                   for _ in range(2))
+    top, bottom = (
+        np.array(_rgb(rng.random(), rng.uniform(0.05, 0.25), rng.uniform(0.35, 0.85)), dtype=float) for _ in range(2)
+    )
     t = np.linspace(0, 1, height)[:, None, None]
     pixels = (1 - t) * top + t * bottom + rng.normal(0, 10, (height, width, 3))
     image = Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
@@ -187,8 +220,7 @@ def _background(palette: list[Color], rng: np.random.Generator, width: int, heig
     return image
 
 
-def make_synthetic_cub(out: Path | str, classes: int = 10, per_class: int = 20, size: int = 128,
-                       seed: int = 0) -> Path:
+def make_synthetic_cub(out: Path | str, classes: int = 10, per_class: int = 20, size: int = 128, seed: int = 0) -> Path:
     """Write ``<out>/CUB_200_2011/`` (and ``<out>/segmentations/``) in CUB's exact format; returns the
     ``CUB_200_2011`` folder. Deterministic for a seed; overwrites a previous synthetic set in the same place."""
     if classes < 2 or per_class < 2 or size < 32:
@@ -218,16 +250,24 @@ def make_synthetic_cub(out: Path | str, classes: int = 10, per_class: int = 20, 
             labels.append(f"{image_id} {c + 1}")
             split.append(f"{image_id} {int(k % 2 == 0)}")
             boxes.append(f"{image_id} {x0:.1f} {y0:.1f} {x1 - x0:.1f} {y1 - y0:.1f}")
-            part_locs += [f"{image_id} {p + 1} {x:.1f} {y:.1f} {int(v)}" if v else f"{image_id} {p + 1} 0.0 0.0 0"
-                          for p, (x, y, v) in enumerate(locations)]
+            part_locs += [
+                f"{image_id} {p + 1} {x:.1f} {y:.1f} {int(v)}" if v else f"{image_id} {p + 1} 0.0 0.0 0"
+                for p, (x, y, v) in enumerate(locations)
+            ]
 
     (root / "parts").mkdir(exist_ok=True)
     files = {
-        "images.txt": images, "image_class_labels.txt": labels, "train_test_split.txt": split,
-        "bounding_boxes.txt": boxes, "classes.txt": [f"{c + 1} {f}" for c, f in enumerate(folders)],
-        "parts/parts.txt": [f"{p + 1} {name}" for p, name in enumerate(PART_NAMES)], "parts/part_locs.txt": part_locs,
-        "README": [f"Synthetic CUB-200-2011 stand-in written by cubcam.train.data.synthetic: {classes} classes x "
-                   f"{per_class} images, shorter side {size} px, seed {seed}."],
+        "images.txt": images,
+        "image_class_labels.txt": labels,
+        "train_test_split.txt": split,
+        "bounding_boxes.txt": boxes,
+        "classes.txt": [f"{c + 1} {f}" for c, f in enumerate(folders)],
+        "parts/parts.txt": [f"{p + 1} {name}" for p, name in enumerate(PART_NAMES)],
+        "parts/part_locs.txt": part_locs,
+        "README": [
+            f"Synthetic CUB-200-2011 stand-in written by cubcam.train.data.synthetic: {classes} classes x "
+            f"{per_class} images, shorter side {size} px, seed {seed}."
+        ],
     }
     for relative, lines in files.items():
         (root / relative).write_text("\n".join(lines) + "\n")
