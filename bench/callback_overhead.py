@@ -20,6 +20,10 @@ Target: <= 3% overhead.
 
 from __future__ import annotations
 
+import cubcam.train  # noqa: F401  (the torchvision guard: before anything imports torchvision)
+
+# isort: split
+
 import argparse
 import os
 import statistics
@@ -34,7 +38,6 @@ import torch
 import yaml
 from pytorch_lightning.loggers import WandbLogger
 
-import cubcam.train  # noqa: F401  (torchvision guard first)
 from cubcam.callbacks import CAMPanel
 from cubcam.train.data.datamodule import CUBDataModule
 from cubcam.train.data.synthetic import make_synthetic_cub

@@ -12,6 +12,10 @@ Targets: ours <= 0.5x pytorch-grad-cam and <= 1.3x one plain forward.
 
 from __future__ import annotations
 
+import cubcam.cams  # noqa: F401  (the torchvision guard: before anything imports torchvision)
+
+# isort: split
+
 import argparse
 import statistics
 import time
@@ -23,7 +27,6 @@ from captum.attr import LayerGradCam
 from pytorch_grad_cam import GradCAM as PGCGradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-import cubcam.cams  # noqa: F401  (torchvision guard first)
 from cubcam.cams import GradCAM
 
 

@@ -19,6 +19,10 @@ Target: evaluate >= 0.7x the forward-only throughput.
 
 from __future__ import annotations
 
+import cubcam.cams  # noqa: F401  (the torchvision guard: before anything imports torchvision)
+
+# isort: split
+
 import argparse
 import contextlib
 import io
@@ -31,7 +35,6 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 
-import cubcam.cams  # noqa: F401  (torchvision guard first)
 from cubcam.cams.targets import ClassLogits, Target
 from cubcam.train.checkpoint import load_checkpoint
 from cubcam.train.data.cub import CUBDataset

@@ -15,6 +15,10 @@ Target: Lightning >= 0.95x the plain loop.
 
 from __future__ import annotations
 
+import cubcam.train  # noqa: F401  (the torchvision guard: before anything imports torchvision)
+
+# isort: split
+
 import argparse
 import statistics
 import tempfile
@@ -26,7 +30,6 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-import cubcam.train  # noqa: F401  (torchvision guard first)
 from cubcam.train.data.datamodule import CUBDataModule
 from cubcam.train.data.synthetic import make_synthetic_cub
 from cubcam.train.modules import Classifier, build_optimizer

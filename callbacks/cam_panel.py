@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import random
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Literal, cast, get_args
 
@@ -235,7 +235,7 @@ class CAMPanel(pl.Callback):
                         pl_module.log(key, float(scores[name]), sync_dist=True)
                     style.box_threshold = float(scores["best_threshold_iou50"])
             if trainer.is_global_zero:
-                self._render_and_log(trainer, module, captured, target, style)
+                self._render_and_log(trainer, lambda: self._render(trainer, module, captured, target, style))
 
     # --- rendering and logging (rank zero) -----------------------------------------------------------------------
 
@@ -249,17 +249,11 @@ class CAMPanel(pl.Callback):
         chosen = spread_over_classes(outputs.label.tolist(), self.num_images, self._generator(0))
         return outputs.index[chosen].tolist()
 
-    def _render_and_log(
-        self,
-        trainer: pl.Trainer,
-        module: CAMModule,
-        captured: dict[str, Tensor] | None,
-        target: EpochTarget,
-        style: Style,
-    ) -> None:
+    def _render_and_log(self, trainer: pl.Trainer, render: Callable[[], Panel]) -> None:
+        """Render the panel and hand it to every sink; a failure of either is one warning, never the run's end."""
         epoch = trainer.current_epoch
         try:
-            panel = self._render(trainer, module, captured, target, style)
+            panel = render()
         except Exception as err:  # a figure must never end a training run
             _warn(f"could not render the panel of epoch {epoch}: {type(err).__name__}: {err}")
             return

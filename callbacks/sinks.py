@@ -33,7 +33,7 @@ class WandbSink:
     that also carries ``epoch`` at the epoch's step.
 
     Each strip goes to W&B as a PNG written here at compression level 1: W&B encodes arrays at Pillow's default
-    level 6, three times slower, and that encoding was a third of the callback's time on the demo. W&B copies the
+    level 6, several times slower, a large share of the callback's time (README, Benchmarks). W&B copies the
     files while logging, so they can go with their temporary folder; only where the run may symlink media (the
     ``allow_media_symlink`` setting) does W&B get the arrays.
     """

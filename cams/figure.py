@@ -137,8 +137,8 @@ def grid(
 def save_png(array: np.ndarray, path: str | Path, compress_level: int = 1) -> Path:
     """Write a uint8 [H, W, 3] array as a PNG (parent folders created); returns the path.
 
-    Compression level 1 (Pillow's default is 6): about 3x faster to write and ~10% larger for these figures,
-    the better trade for a file written every epoch of a training run.
+    Compression level 1 (Pillow's default is 6): much faster to write and only slightly larger for these figures,
+    the better trade for a file written every epoch of a training run (figures: README, Benchmarks).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

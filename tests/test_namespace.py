@@ -15,21 +15,15 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run(args: list[str], cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
+def python(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    """This interpreter (the one cubcam is installed in) run in ``cwd``, with nothing added to its path."""
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONPATH": ""}
-    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=240)
 
 
 def test_no_top_level_modules_are_installed(tmp_path: Path) -> None:
-    done = run(
-        [
-            sys.executable,
-            "-P",
-            "-c",
-            "import importlib.util as u; print([n for n in ('cams', 'train', 'callbacks') if u.find_spec(n)])",
-        ],
-        tmp_path,
-    )
+    probe = "import importlib.util as u; print([n for n in ('cams', 'train', 'callbacks') if u.find_spec(n)])"
+    done = python(tmp_path, "-P", "-c", probe)
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr
 
 
@@ -60,30 +54,18 @@ def users_project(tmp_path: Path, synthetic_cub: Path) -> Path:
 
 
 def test_cubcam_runs_in_a_project_with_its_own_callbacks_and_train(users_project: Path) -> None:
-    done = run([sys.executable, "fit.py"], users_project)
+    done = python(users_project, "fit.py")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "callbacks of the user | panel [" in done.stdout
     assert (users_project / "out" / "cam_panels" / "epoch_000.png").is_file()
-    cli = run([sys.executable, "-m", "cubcam.train", "--help"], users_project)  # not the user's train.py
+    cli = python(users_project, "-m", "cubcam.train", "--help")  # not the user's train.py
     assert cli.returncode == 0 and "the user train.py ran" not in cli.stdout
     assert "cubcam explain" in cli.stdout and "cubcam evaluate" in cli.stdout
 
 
 def test_the_wheel_holds_only_the_cubcam_namespace(tmp_path: Path) -> None:
-    done = run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--no-deps",
-            "--no-build-isolation",
-            "-q",
-            "-w",
-            str(tmp_path),
-            str(REPO),
-        ],
-        tmp_path,
+    done = python(
+        tmp_path, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(REPO)
     )
     assert done.returncode == 0, done.stderr[-3000:]
     (wheel,) = tmp_path.glob("cubcam-*.whl")
