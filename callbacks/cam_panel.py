@@ -56,10 +56,11 @@ import torch
 from torch import Tensor
 
 from cubcam.callbacks.collect import STEP_KEYS, EpochCollector, Outputs, load_birds
+from cubcam.callbacks.evolution import Evolution
 from cubcam.callbacks.measure import METRIC_KEYS, EpochTarget, ProxyScheme, epoch_target, measure
 from cubcam.callbacks.panel_render import Panel, Style, class_panel, neighbour_panel
 from cubcam.callbacks.panel_select import random_subset, spread_over_classes
-from cubcam.callbacks.sinks import metrics_step, sinks_for
+from cubcam.callbacks.sinks import PanelSink, metrics_step, sink_factories
 from cubcam.cams.overlay import IMAGENET_MEAN, IMAGENET_STD, colorize, denormalize
 from cubcam.cams.protocol import CAMModule, CAMStepOutput, Choice
 from cubcam.cams.targets import Method
@@ -134,7 +135,9 @@ class CAMPanel(pl.Callback):
         # Chosen once and saved in checkpoints (dataset indices):
         self.panel: list[int] | None = None
         self.subset: list[int] | None = None
+        self.evolution = Evolution()  # the panel's thumbnails at every panel epoch (saved in checkpoints)
         self._epoch: EpochCollector | None = None  # this validation epoch's rows, while one is collected
+        self._sinks: list[PanelSink] | None = None  # made on the first panel of a run
 
     @property
     def state_key(self) -> str:
@@ -142,14 +145,16 @@ class CAMPanel(pl.Callback):
         return self._generate_state_key(num_images=self.num_images, method=self.method, proxy=self.proxy)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"panel": self.panel, "subset": self.subset}
+        return {"panel": self.panel, "subset": self.subset, "evolution": self.evolution.state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.panel, self.subset = state_dict.get("panel"), state_dict.get("subset")
+        self.evolution.load_state_dict(state_dict.get("evolution") or {})
 
     # --- hooks ---------------------------------------------------------------------------------------------------
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._sinks = None
         method = getattr(pl_module, "cam_method", None)
         if method not in get_args(Method):
             raise TypeError(
@@ -249,20 +254,43 @@ class CAMPanel(pl.Callback):
         chosen = spread_over_classes(outputs.label.tolist(), self.num_images, self._generator(0))
         return outputs.index[chosen].tolist()
 
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The CAM evolution: every panel epoch of the run (a resumed one's too), to every sink."""
+        if not trainer.is_global_zero or not len(self.evolution):
+            return
+        step = metrics_step(trainer)
+        for sink in self._sinks_of(trainer):
+            try:
+                sink.log_evolution(self.evolution, step)
+            except Exception as err:
+                _warn(f"could not log the CAM evolution to {sink.name}: {type(err).__name__}: {err}")
+
     def _render_and_log(self, trainer: pl.Trainer, render: Callable[[], Panel]) -> None:
         """Render the panel and hand it to every sink; a failure of either is one warning, never the run's end."""
         epoch = trainer.current_epoch
         try:
             panel = render()
+            self.evolution.add(panel)
         except Exception as err:  # a figure must never end a training run
             _warn(f"could not render the panel of epoch {epoch}: {type(err).__name__}: {err}")
             return
         step = metrics_step(trainer)
-        for sink in sinks_for(trainer):
+        for sink in self._sinks_of(trainer):
             try:
                 sink.log_panel(panel, step)
             except Exception as err:
                 _warn(f"could not log the panel of epoch {epoch} to {sink.name}: {type(err).__name__}: {err}")
+
+    def _sinks_of(self, trainer: pl.Trainer) -> list[PanelSink]:
+        """The run's sinks, made once; a logger whose sink cannot be made is warned about and left out."""
+        if self._sinks is None:
+            self._sinks = []
+            for name, make in sink_factories(trainer, list(METRIC_KEYS) if self.log_metrics else []):
+                try:
+                    self._sinks.append(make())
+                except Exception as err:
+                    _warn(f"cannot log the panel to {name}: {type(err).__name__}: {err}")
+        return self._sinks
 
     def _render(
         self,

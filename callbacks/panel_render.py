@@ -9,7 +9,7 @@ else the plain image. Nothing here knows Lightning or W&B objects: the sinks (``
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
@@ -18,6 +18,7 @@ from torch import Tensor
 
 from cubcam.callbacks.measure import EpochTarget
 from cubcam.cams.figure import as_uint8, cam_box, draw_boxes, grid
+from cubcam.cams.localization import box_iou, heatmap_ratio, pointing_game
 from cubcam.cams.overlay import overlay
 from cubcam.cams.protocol import CAMModule, Choice, head_cams
 from cubcam.cams.targets import Proxies
@@ -46,15 +47,33 @@ class Strip:
     cam_boxes: list[tuple[np.ndarray, int]] = field(default_factory=list)
 
 
+class BirdRow(TypedDict):
+    """One panel bird's numbers, for the per-epoch table (W&B ``val/cam_table``): how its primary map localizes."""
+
+    index: int  # dataset index
+    true: str
+    predicted: str  # the predicted class (embedding nets: the nearest proxy's; single point: the neighbour's)
+    score: float  # its probability or cosine
+    cam_box_iou: float  # IoU of the primary map's CAM box with the GT box (0 without a box)
+    heatmap_ratio: float  # share of the primary map's mass inside the GT box
+    peak_in_box: bool  # the primary map's peak lies inside the GT box
+
+
 @dataclass
 class Panel:
-    """One epoch's panel: a strip and a caption per bird (in panel order), and the names of the classes."""
+    """One epoch's panel: a strip, a caption and a row of numbers per bird (in panel order), the class names."""
 
     epoch: int
     indices: list[int]
     strips: list[Strip]
     captions: list[str]
     class_names: list[str]
+    rows: list[BirdRow]
+    cell_width: int  # of one cell of a strip: the primary map is ``strip.boxed[:, :cell_width]``
+
+    def primary_cells(self) -> list[np.ndarray]:
+        """Each bird's primary map with its boxes, as drawn in the PNG: what the CAM evolution shows."""
+        return [strip.boxed[:, : self.cell_width] for strip in self.strips]
 
     def grid(self, ncols: int = 4) -> np.ndarray:
         """The PNG grid: every strip with its boxes drawn, captioned."""
@@ -103,7 +122,9 @@ def class_panel(
             f"pred: {name(names, p)} ({symbol} {scores[b, p]:.2f})\n"
             f"{'maps: true | predicted' if t != p else 'map: true = predicted'}"
         )
-    return Panel(epoch, birds["index"].tolist(), strips, captions, names)
+    truth = [name(names, t) for t in labels.tolist()]
+    preds = [(name(names, p), float(scores[b, p])) for b, p in enumerate(predicted.tolist())]
+    return _panel(epoch, birds, strips, captions, names, primary_maps, truth, preds, style)
 
 
 def neighbour_panel(
@@ -129,7 +150,43 @@ def neighbour_panel(
             f"#{int(birds['index'][b])}, epoch {epoch}\ntrue: {name(names, true)}\nnearest "
             f"#{int(neighbours['index'][b])}: {name(names, other)} (cos {similarity[b]:.2f})"
         )
-    return Panel(epoch, birds["index"].tolist(), strips, captions, names)
+    truth = [name(names, t) for t in birds["label"].tolist()]
+    preds = [(name(names, o), float(c)) for o, c in zip(neighbours["label"].tolist(), similarity.tolist())]
+    return _panel(epoch, birds, strips, captions, names, maps, truth, preds, style)
+
+
+def _panel(
+    epoch: int,
+    birds: dict[str, Any],
+    strips: list[Strip],
+    captions: list[str],
+    names: list[str],
+    primary_maps: Tensor,
+    truth: list[str],
+    predictions: list[tuple[str, float]],
+    style: Style,
+) -> Panel:
+    """The panel with each bird's localization numbers, from its primary map (the first cell of its strip)."""
+    boxes = np.asarray(birds["box"], dtype=np.float64).reshape(-1, 4)
+    ratios = heatmap_ratio(primary_maps, boxes)
+    peaks = pointing_game(primary_maps, boxes=boxes)
+    rows: list[BirdRow] = []
+    for b, index in enumerate(birds["index"].tolist()):
+        box = cam_box(primary_maps[b], style.box_threshold)
+        iou = float(box_iou(box, boxes[b])) if box is not None else 0.0
+        rows.append(
+            BirdRow(
+                index=index,
+                true=truth[b],
+                predicted=predictions[b][0],
+                score=predictions[b][1],
+                cam_box_iou=iou,
+                heatmap_ratio=float(ratios[b]),
+                peak_in_box=bool(peaks[b] > 0.5),
+            )
+        )
+    width = int(birds["rgb"][0].shape[1])
+    return Panel(epoch, birds["index"].tolist(), strips, captions, names, rows, width)
 
 
 def render_strip(cells: list[Cell], colormap: str, alpha: float, threshold: float) -> Strip:

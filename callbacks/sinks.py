@@ -1,4 +1,5 @@
-"""Logging sinks: where a rendered :class:`~cubcam.callbacks.panel_render.Panel` goes, one small class each.
+"""Logging sinks: where a rendered :class:`~cubcam.callbacks.panel_render.Panel` goes, one small class each
+(a further logger, MLflow or Neptune, is one more class with these two methods).
 
 Lightning removed ``log_image`` from its base logger, so each logger is spoken to in its own API. A sink gets the
 panel, its epoch and the step of that epoch's ``val/*`` metrics, so panels and metrics line up on any step axis.
@@ -8,39 +9,64 @@ A failing sink is the callback's business (it warns and goes on); a sink itself 
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
 import pytorch_lightning as pl
+from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
 
+from cubcam.callbacks.evolution import Evolution, save_gif
 from cubcam.callbacks.panel_render import Panel, wandb_boxes
-from cubcam.cams.figure import save_png
+from cubcam.cams.figure import grid, save_png
 
 PANEL_KEY = "val/cam_panel"
+TABLE_KEY = "val/cam_table"
+EVOLUTION_KEY = "val/cam_evolution"
+EVOLUTION_GIF_KEY = "val/cam_evolution_gif"
 PANEL_COLUMNS = 4  # strips per row of the PNG grid
+TABLE_COLUMNS = [
+    "index",
+    "overlay",
+    "true",
+    "predicted",
+    "score",
+    "cam_box_iou",
+    "heatmap_ratio",
+    "peak_in_box",
+    "epoch",
+]
 
 
 class PanelSink(Protocol):
-    """One destination of the panel."""
+    """One destination of the panel: every panel epoch, and the evolution once at the end of ``fit``."""
 
     name: str  # for warnings: what failed
 
     def log_panel(self, panel: Panel, step: int) -> None: ...
 
+    def log_evolution(self, evolution: Evolution, step: int) -> None: ...
+
 
 class WandbSink:
-    """One ``wandb.Image`` per strip under ``val/cam_panel``, with the GT and CAM boxes as W&B box groups, in a row
-    that also carries ``epoch`` at the epoch's step.
+    """W&B: the panel as a ``wandb.Image`` list under ``val/cam_panel`` (GT and CAM boxes as W&B box groups) and a
+    ``wandb.Table`` under ``val/cam_table`` (a row per bird, sortable: the worst-localized birds first), in one row
+    that also carries ``epoch``, at the epoch's step; the evolution as an image list and an animated GIF.
 
-    Each strip goes to W&B as a PNG written here at compression level 1: W&B encodes arrays at Pillow's default
-    level 6, several times slower, a large share of the callback's time (README, Benchmarks). W&B copies the
-    files while logging, so they can go with their temporary folder; only where the run may symlink media (the
-    ``allow_media_symlink`` setting) does W&B get the arrays.
+    The table's overlay cells are the image list's own ``wandb.Image`` objects (no second encoding). Each strip goes
+    to W&B as a PNG written here at compression level 1: W&B encodes arrays at Pillow's default level 6, several
+    times slower, a large share of the callback's time (README, Benchmarks). W&B copies the files while logging,
+    so they can go with their temporary folder; only where the run may symlink media (the ``allow_media_symlink``
+    setting) does W&B get the arrays. The CAM scores are defined with ``summary="max"`` (the runs table shows the
+    best epoch's), by exact key, on W&B's step axis ``trainer/global_step`` as WandbLogger defines ``*``.
     """
 
-    def __init__(self, logger: Any):
+    def __init__(self, logger: Any, metric_keys: list[str]):
         self.logger = logger
         self.name = type(logger).__name__
+        for key in metric_keys:
+            logger.experiment.define_metric(key, summary="max", step_metric="trainer/global_step")
 
     def log_panel(self, panel: Panel, step: int) -> None:
         import wandb
@@ -50,7 +76,22 @@ class WandbSink:
                 wandb.Image(source, caption=caption, boxes=wandb_boxes(strip, panel.class_names))
                 for source, strip, caption in zip(sources, panel.strips, panel.captions)
             ]
-            self.logger.log_metrics({PANEL_KEY: images, "epoch": panel.epoch}, step=step)
+            rows = [
+                [
+                    row["index"],
+                    image,
+                    row["true"],
+                    row["predicted"],
+                    row["score"],
+                    row["cam_box_iou"],
+                    row["heatmap_ratio"],
+                    row["peak_in_box"],
+                    panel.epoch,
+                ]
+                for row, image in zip(panel.rows, images)
+            ]
+            table = wandb.Table(columns=list[str | int](TABLE_COLUMNS), data=rows)
+            self.logger.log_metrics({PANEL_KEY: images, TABLE_KEY: table, "epoch": panel.epoch}, step=step)
 
         if getattr(self.logger.experiment.settings, "allow_media_symlink", False):
             log([strip.pixels for strip in panel.strips])
@@ -58,9 +99,42 @@ class WandbSink:
         with tempfile.TemporaryDirectory(prefix="cubcam-panel-") as folder:
             log([str(save_png(strip.pixels, Path(folder) / f"{k:02d}.png")) for k, strip in enumerate(panel.strips)])
 
+    def log_evolution(self, evolution: Evolution, step: int) -> None:
+        import wandb
+
+        with tempfile.TemporaryDirectory(prefix="cubcam-evolution-") as folder:
+            strips = [
+                save_png(strip, Path(folder) / f"{i}.png")
+                for i, strip in zip(evolution.indices, evolution.bird_strips())
+            ]
+            save_gif(evolution.panel_frames(PANEL_COLUMNS), Path(folder) / "evolution.gif")
+            images = [wandb.Image(str(path), caption=f"#{i}") for path, i in zip(strips, evolution.indices)]
+            self.logger.log_metrics(
+                {EVOLUTION_KEY: images, EVOLUTION_GIF_KEY: wandb.Image(str(Path(folder) / "evolution.gif"))}, step=step
+            )
+
+
+class TensorBoardSink:
+    """TensorBoard: the PNG grid as an image per panel epoch (tag ``val/cam_panel``, at the epoch's step; the CAM
+    scores are scalars Lightning logs itself) and the evolution at the end (``val/cam_evolution``: every bird's
+    strip of thumbnails, one under the other)."""
+
+    def __init__(self, logger: Any):
+        self.logger = logger
+        self.name = type(logger).__name__
+
+    def log_panel(self, panel: Panel, step: int) -> None:
+        self.logger.experiment.add_image(PANEL_KEY, panel.grid(PANEL_COLUMNS), step, dataformats="HWC")
+
+    def log_evolution(self, evolution: Evolution, step: int) -> None:
+        image = grid(evolution.bird_strips(), [f"#{i}" for i in evolution.indices], ncols=1)
+        self.logger.experiment.add_image(EVOLUTION_KEY, image, step, dataformats="HWC")
+        self.logger.experiment.flush()
+
 
 class PngSink:
-    """The PNG grid, ``<run dir>/cam_panels/epoch_NNN.png``, with any logger or none."""
+    """Files beside the checkpoints, with any logger or none: ``cam_panels/epoch_NNN.png`` every panel epoch, and
+    at the end ``cam_panels/evolution_<dataset index>.png`` per bird and ``cam_panels/evolution.gif``."""
 
     def __init__(self, folder: Path):
         self.folder = folder
@@ -69,13 +143,23 @@ class PngSink:
     def log_panel(self, panel: Panel, step: int) -> None:
         save_png(panel.grid(PANEL_COLUMNS), self.folder / f"epoch_{panel.epoch:03d}.png")
 
+    def log_evolution(self, evolution: Evolution, step: int) -> None:
+        for index, strip in zip(evolution.indices, evolution.bird_strips()):
+            save_png(strip, self.folder / f"evolution_{index}.png")
+        save_gif(evolution.panel_frames(PANEL_COLUMNS), self.folder / "evolution.gif")
 
-def sinks_for(trainer: pl.Trainer) -> list[PanelSink]:
-    """A sink per logger that can show images, and the PNG grid."""
-    sinks: list[PanelSink] = [
-        WandbSink(logger) for logger in trainer.loggers if "wandb" in type(logger).__name__.lower()
-    ]
-    return [*sinks, PngSink(run_dir(trainer) / "cam_panels")]
+
+def sink_factories(trainer: pl.Trainer, metric_keys: list[str]) -> list[tuple[str, Callable[[], PanelSink]]]:
+    """(name, maker) of a sink per logger that can show images (W&B, TensorBoard; several at once) and of the PNG
+    files; the caller makes them, so that one logger that fails to set up costs only its own sink."""
+    makers: list[tuple[str, Callable[[], PanelSink]]] = []
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            makers.append((type(logger).__name__, partial(WandbSink, logger, metric_keys)))
+        elif isinstance(logger, TensorBoardLogger):
+            makers.append((type(logger).__name__, partial(TensorBoardSink, logger)))
+    folder = run_dir(trainer) / "cam_panels"
+    return [*makers, (f"the PNG files in {folder}", partial(PngSink, folder))]
 
 
 def run_dir(trainer: pl.Trainer) -> Path:

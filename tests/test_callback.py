@@ -31,7 +31,7 @@ from cubcam.callbacks import CAMPanel, CAMPanelWarning
 from cubcam.callbacks.measure import METRIC_KEYS
 from cubcam.callbacks.panel_render import GAP
 from cubcam.callbacks.panel_select import random_subset, spread_over_classes
-from cubcam.callbacks.sinks import PANEL_KEY
+from cubcam.callbacks.sinks import EVOLUTION_GIF_KEY, EVOLUTION_KEY, PANEL_KEY, TABLE_COLUMNS, TABLE_KEY
 from cubcam.cams import localization
 from cubcam.cams.figure import save_png
 from cubcam.cams.protocol import head_cams
@@ -41,7 +41,7 @@ from cubcam.train.data.synthetic import make_synthetic_cub
 from cubcam.train.modules import Classifier, EmbeddingNet
 
 sys.path.insert(0, str(Path(__file__).parent))
-from wandb_records import finished_log, history_rows
+from wandb_records import finished_log, history_rows, read_records
 
 SIZE = 64  # image_size: 4x4 CAMs at output stride 16
 
@@ -215,10 +215,58 @@ def test_one_panel_per_epoch_with_boxes_captions_and_metrics(synthetic_cub, offl
     for row in metric_rows:
         assert all(0 <= row[key] <= 1 for key in METRIC_KEYS), row
 
-    pngs = sorted((offline / "cubcam" / logger.version / "cam_panels").glob("*.png"))  # beside checkpoints/
+    folder = offline / "cubcam" / logger.version / "cam_panels"  # beside checkpoints/
+    pngs = sorted(folder.glob("epoch_*.png"))
     assert [p.name for p in pngs] == [f"epoch_{e:03d}.png" for e in range(epochs)]
     grid = np.asarray(Image.open(pngs[-1]).convert("RGB"))
     assert grid.shape[1] > 4 * (2 * SIZE + GAP) and grid.std() > 10
+    assert_tables_metrics_and_evolution(run_dir, rows, panel, dataset, epochs, folder)
+
+
+def assert_tables_metrics_and_evolution(
+    run_dir: Path, rows: list[dict], panel: CAMPanel, dataset, epochs: int, folder: Path
+) -> None:
+    """val/cam_table every panel epoch (rows in the run's files, pixels in its run_table artifact), the CAM
+    scores defined with summary max, and the evolution (image list and GIF) once at the end, also as files."""
+    num = len(panel.panel)
+    panels = [row for row in rows if PANEL_KEY in row]
+    for epoch, row in enumerate(panels):
+        table = row[TABLE_KEY]
+        assert table["_type"] == "table-file" and (table["nrows"], table["ncols"]) == (num, len(TABLE_COLUMNS))
+        content = json.loads((run_dir / "files" / table["path"]).read_text())
+        assert content["columns"] == TABLE_COLUMNS
+        columns = {name: [r[k] for r in content["data"]] for k, name in enumerate(TABLE_COLUMNS)}
+        assert columns["index"] == panel.panel and columns["epoch"] == [epoch] * num
+        assert columns["overlay"] == ["Image"] * num  # the pixels wait in the run_table artifact
+        assert columns["true"] == [dataset.class_names[dataset.labels[i]] for i in panel.panel]
+        assert all(0 <= v <= 1 for key in ("score", "cam_box_iou", "heatmap_ratio") for v in columns[key])
+        assert all(isinstance(v, bool) for v in columns["peak_in_box"])
+    records = list(read_records(finished_log(run_dir)))
+    artifacts = [r.artifact for r in records if r.WhichOneof("record_type") == "artifact"]
+    tables = [a for a in artifacts if a.type == "run_table" and TABLE_KEY.replace("/", "") in a.name]
+    assert len(tables) == epochs
+    for artifact in tables:
+        images = [entry for entry in artifact.manifest.contents if entry.path.endswith(".png")]
+        assert len(images) == num
+        for entry in images:
+            pixels = np.asarray(Image.open(entry.local_path).convert("RGB"))
+            assert pixels.shape == (SIZE, 2 * SIZE + GAP, 3) and pixels.std() > 10
+    defined = {r.metric.name: r.metric for r in records if r.WhichOneof("record_type") == "metric"}
+    for key in METRIC_KEYS:
+        assert defined[key].summary.max and defined[key].step_metric == "trainer/global_step", key
+
+    (evolution,) = [row for row in rows if EVOLUTION_KEY in row]
+    assert evolution[EVOLUTION_KEY]["count"] == num and evolution[EVOLUTION_KEY]["captions"] == [
+        f"#{i}" for i in panel.panel
+    ]
+    for filename in evolution[EVOLUTION_KEY]["filenames"]:
+        strip = np.asarray(Image.open(run_dir / "files" / filename).convert("RGB"))
+        assert strip.shape[1] >= epochs * SIZE and strip.std() > 10  # one thumbnail per epoch, left to right
+    gif = Image.open(run_dir / "files" / evolution[EVOLUTION_GIF_KEY]["path"])
+    assert evolution[EVOLUTION_GIF_KEY]["format"] == "gif" and gif.n_frames == epochs
+    assert sorted(p.name for p in folder.glob("evolution*")) == sorted(
+        ["evolution.gif", *(f"evolution_{i}.png" for i in panel.panel)]
+    )
 
 
 def test_panel_files_reach_wandb_also_where_it_may_symlink_media(synthetic_cub, offline):
@@ -259,9 +307,19 @@ def test_resumed_run_shows_the_same_birds(synthetic_cub, offline):
     resumed_logger = wandb_logger(offline / "resumed")
     resumed = trainer_for(offline, 2, [CAMPanel(num_images=4, seed=7)], logger=resumed_logger)
     resumed.fit(module_for("classifier", data), datamodule=data, ckpt_path=offline / "ckpt" / "last.ckpt")
-    rows = panel_rows(finished_run(resumed_logger))
+    run_dir = finished_run(resumed_logger)
+    rows = panel_rows(run_dir)
     assert len(rows) == 1 and "epoch 1" in rows[0][PANEL_KEY]["captions"][0]
     assert panel_indices(rows[0]) == before
+    # The evolution comes from the checkpoint too: epoch 0 (first run) and epoch 1 (resumed), once each.
+    (evolution,) = [row for row in history_rows(finished_log(run_dir)) if EVOLUTION_GIF_KEY in row]
+    gif = Image.open(run_dir / "files" / evolution[EVOLUTION_GIF_KEY]["path"])
+    assert gif.n_frames == 2
+    frames = []
+    for k in range(gif.n_frames):
+        gif.seek(k)
+        frames.append(np.asarray(gif.convert("RGB")).astype(int))
+    assert np.abs(frames[0] - frames[1]).mean() > 1  # two different epochs, not one frame twice
 
 
 # --- staying out of training's way ------------------------------------------------------------------------------
@@ -367,6 +425,23 @@ def test_other_loggers_get_the_png_in_their_log_dir(synthetic_cub, tmp_path):
     )
     png = Path(logger.log_dir) / "cam_panels" / "epoch_000.png"
     assert png.is_file() and np.asarray(Image.open(png)).std() > 10
+
+
+def test_several_loggers_each_get_the_panel_in_their_own_api(synthetic_cub, offline):
+    from pytorch_lightning.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    data = data_for(synthetic_cub, "classifier")
+    wandb_log, tensorboard = wandb_logger(offline), TensorBoardLogger(offline, name="tb")
+    trainer_for(offline, 1, [CAMPanel(num_images=4)], logger=[wandb_log, tensorboard]).fit(
+        module_for("classifier", data), datamodule=data
+    )
+    rows = [row for row in history_rows(finished_log(finished_run(wandb_log))) if PANEL_KEY in row]
+    assert len(rows) == 1 and rows[0][PANEL_KEY]["count"] == 4 and rows[0][TABLE_KEY]["nrows"] == 4
+    events = EventAccumulator(tensorboard.log_dir, size_guidance={"images": 0})
+    events.Reload()
+    assert len(events.Images(PANEL_KEY)) == 1 and len(events.Images(EVOLUTION_KEY)) == 1
+    assert events.Images(PANEL_KEY)[0].step == rows[0]["trainer/global_step"]
 
 
 def test_wandb_records_reader_reassembles_records_across_blocks(offline):

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from jsonargparse import DefaultHelpFormatter, Namespace
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
-from pytorch_lightning.loggers import WandbLogger
+from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
 from pytorch_lightning.utilities import rank_zero_info
 
 from cubcam.train.checkpoint import current_class_path
@@ -66,28 +66,36 @@ class CubCamCLI(LightningCLI):
             raise
 
     def before_instantiate_classes(self) -> None:
-        """W&B: ``fit --ckpt_path <save_dir>/<project>/<run id>/checkpoints/last.ckpt`` continues that run (and so
-        writes to that checkpoint folder) unless a run id is given, and a run without a name is named after its
-        model, e.g. ``classifier-resnet18``, so that an ``--model.init_args.arch`` override shows in the runs table."""
+        """Resuming should not scatter one training: ``fit --ckpt_path <run folder>/checkpoints/last.ckpt`` continues
+        that run's W&B run (``<save_dir>/<project>/<run id>/``) or TensorBoard version (``<save_dir>/<name>/
+        version_N/``) unless one is given. A W&B run without a name is named after its model, e.g.
+        ``classifier-resnet18``, so that an ``--model.init_args.arch`` override shows in the runs table."""
         config = self.config.get(self.subcommand) if self.subcommand else None
-        if config is None:
+        logger = config.trainer.logger if config is not None else None
+        if not isinstance(logger, Namespace):
             return
-        logger = config.trainer.logger
-        if not isinstance(logger, Namespace) or not str(logger.class_path).endswith("WandbLogger"):
-            return
-        if logger.init_args.get("name") is None:
+        kind = str(logger.class_path).rsplit(".", 1)[-1]
+        if kind == "WandbLogger" and logger.init_args.get("name") is None:
             model = config.model
-            kind = str(model.class_path).rsplit(".", 1)[-1].lower()
-            logger.init_args.name = f"{kind}-{model.init_args.get('arch')}"
+            logger.init_args.name = f"{str(model.class_path).rsplit('.', 1)[-1].lower()}-{model.init_args.get('arch')}"
         if self.subcommand != "fit" or not config.get("ckpt_path"):
             return
-        ckpt = Path(config.ckpt_path)
+        run = Path(config.ckpt_path).parent.parent  # <save_dir>/<project or name>/<run id or version_N>
+        if Path(config.ckpt_path).parent.name != "checkpoints":
+            return
         if (
-            logger.init_args.get("id") is None
-            and ckpt.parent.name == "checkpoints"
-            and ckpt.parent.parent.parent.name == logger.init_args.get("project")
+            kind == "WandbLogger"
+            and logger.init_args.get("id") is None
+            and run.parent.name == logger.init_args.get("project")
         ):
-            logger.init_args.id = ckpt.parent.parent.name
+            logger.init_args.id = run.name
+        if (
+            kind == "TensorBoardLogger"
+            and logger.init_args.get("version") is None
+            and run.parent.name == logger.init_args.get("name")
+            and run.name.startswith("version_")
+        ):
+            logger.init_args.version = run.name
 
     def after_fit(self) -> None:
         """Say where the results are: a user of the demo should not have to search for them."""
@@ -101,6 +109,8 @@ class CubCamCLI(LightningCLI):
                 score = float(ckpt.best_model_score) if ckpt.best_model_score is not None else "-"
                 rank_zero_info(f"checkpoint: best {ckpt.best_model_path or '-'} ({ckpt.monitor}={score})")
         for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                rank_zero_info(f"TensorBoard: {logger.log_dir}   view with: tensorboard --logdir {logger.save_dir}")
             if isinstance(logger, WandbLogger):
                 run_dir = Path(logger.experiment.dir).parent  # <save_dir>/wandb/offline-run-<time>-<id>
                 rank_zero_info(f"W&B run: {run_dir}   upload with: wandb sync {run_dir}")

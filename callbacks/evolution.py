@@ -1,0 +1,91 @@
+"""CAM evolution: each panel bird's primary map at every panel epoch, kept small, shown at the end of ``fit``.
+
+The thumbnails live in the callback's state (``state_dict``: uint8 tensors and plain lists, which checkpoints load
+with ``weights_only=True``), so a resumed run's evolution covers every epoch, before and after the resume, with an
+epoch rendered again (a resume from inside it) replacing the old frame instead of adding a second one.
+Memory: ``THUMB``-px thumbnails, about 20 KB per bird and epoch (16 birds x 40 epochs: 12 MB).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from cubcam.callbacks.panel_render import Panel
+from cubcam.cams.figure import grid
+
+THUMB = 80  # longest side of a thumbnail, px
+
+
+@dataclass
+class Evolution:
+    """The thumbnails of a fixed panel, one frame [N, h, w, 3] per panel epoch, in epoch order."""
+
+    indices: list[int] = field(default_factory=list)  # the panel's dataset indices
+    epochs: list[int] = field(default_factory=list)
+    frames: list[Tensor] = field(default_factory=list)
+
+    def add(self, panel: Panel) -> None:
+        """This epoch's thumbnails; a new panel (other birds) starts a new evolution."""
+        if panel.indices != self.indices:
+            self.indices, self.epochs, self.frames = list(panel.indices), [], []
+        frame = torch.from_numpy(np.stack([thumbnail(cell) for cell in panel.primary_cells()]))
+        if panel.epoch in self.epochs:
+            self.frames[self.epochs.index(panel.epoch)] = frame
+            return
+        position = int(np.searchsorted(self.epochs, panel.epoch))
+        self.epochs.insert(position, panel.epoch)
+        self.frames.insert(position, frame)
+
+    def __len__(self) -> int:
+        return len(self.epochs)
+
+    def bird_strips(self) -> list[np.ndarray]:
+        """Per bird: its thumbnails left to right, each labelled with its epoch underneath."""
+        labels = [f"epoch {e}" for e in self.epochs]
+        return [
+            grid([frame[b].numpy() for frame in self.frames], labels, ncols=len(self.frames), font_size=11)
+            for b in range(len(self.indices))
+        ]
+
+    def panel_frames(self, ncols: int = 4) -> list[np.ndarray]:
+        """Per epoch: the whole panel's thumbnails, captioned with the bird and the epoch (the GIF's frames)."""
+        return [
+            grid(
+                [frame[b].numpy() for b in range(len(self.indices))],
+                [f"#{i}, epoch {e}" for i in self.indices],
+                ncols=ncols,
+                font_size=11,
+            )
+            for e, frame in zip(self.epochs, self.frames)
+        ]
+
+    def state_dict(self) -> dict[str, Any]:
+        frames = torch.stack(self.frames) if self.frames else torch.zeros(0, dtype=torch.uint8)
+        return {"indices": list(self.indices), "epochs": list(self.epochs), "frames": frames}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.indices, self.epochs = list(state.get("indices", [])), list(state.get("epochs", []))
+        frames = state.get("frames")
+        self.frames = list(frames) if frames is not None and len(frames) == len(self.epochs) else []
+        if len(self.frames) != len(self.epochs):
+            self.epochs = []
+
+
+def thumbnail(cell: np.ndarray) -> np.ndarray:
+    """A uint8 [H, W, 3] cell shrunk so that its longer side is at most ``THUMB`` px."""
+    height, width = cell.shape[:2]
+    scale = min(1.0, THUMB / max(height, width))
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return np.asarray(Image.fromarray(cell).resize(size, Image.Resampling.BILINEAR))
+
+
+def save_gif(frames: list[np.ndarray], path: Any, seconds_per_frame: float = 0.8) -> None:
+    """An animated GIF looping over ``frames`` (all padded to the first frame's size)."""
+    images = [Image.fromarray(frame) for frame in frames]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=int(seconds_per_frame * 1000), loop=0)
