@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from cubcam.callbacks.panel_render import Panel
+from cubcam.callbacks.panel_render import PANEL_COLUMNS, Panel
 from cubcam.cams.figure import grid
 
 THUMB = 80  # longest side of a thumbnail, px
@@ -29,9 +29,11 @@ class Evolution:
     indices: list[int] = field(default_factory=list)  # the panel's dataset indices
     epochs: list[int] = field(default_factory=list)
     frames: list[Tensor] = field(default_factory=list)
+    _figures: dict[str, list[np.ndarray]] = field(default_factory=dict, repr=False, compare=False)  # made once
 
     def add(self, panel: Panel) -> None:
         """This epoch's thumbnails; a new panel (other birds) starts a new evolution."""
+        self._figures.clear()
         if panel.indices != self.indices:
             self.indices, self.epochs, self.frames = list(panel.indices), [], []
         frame = torch.from_numpy(np.stack([thumbnail(cell) for cell in panel.primary_cells()]))
@@ -46,30 +48,33 @@ class Evolution:
         return len(self.epochs)
 
     def bird_strips(self) -> list[np.ndarray]:
-        """Per bird: its thumbnails left to right, each labelled with its epoch underneath."""
-        labels = [f"epoch {e}" for e in self.epochs]
-        return [
-            grid([frame[b].numpy() for frame in self.frames], labels, ncols=len(self.frames), font_size=11)
-            for b in range(len(self.indices))
-        ]
+        """Per bird: its thumbnails left to right, each labelled with its epoch underneath (made once for all
+        sinks)."""
+        if "strips" not in self._figures:
+            labels = [f"epoch {e}" for e in self.epochs]
+            self._figures["strips"] = [
+                grid([frame[b].numpy() for frame in self.frames], labels, ncols=len(self.frames), font_size=11)
+                for b in range(len(self.indices))
+            ]
+        return self._figures["strips"]
 
-    def panel_frames(self, ncols: int = 4) -> list[np.ndarray]:
-        """Per epoch: the whole panel's thumbnails, captioned with the bird and the epoch (the GIF's frames)."""
-        return [
-            grid(
-                [frame[b].numpy() for b in range(len(self.indices))],
-                [f"#{i}, epoch {e}" for i in self.indices],
-                ncols=ncols,
-                font_size=11,
-            )
-            for e, frame in zip(self.epochs, self.frames)
-        ]
+    def panel_frames(self) -> list[np.ndarray]:
+        """Per epoch: the whole panel's thumbnails, ``PANEL_COLUMNS`` a row, captioned with the bird and the epoch
+        (the GIF's frames; made once for all sinks)."""
+        if "frames" not in self._figures:
+            captions = [[f"#{i}, epoch {e}" for i in self.indices] for e in self.epochs]
+            self._figures["frames"] = [
+                grid(list(frame.numpy()), caption, ncols=PANEL_COLUMNS, font_size=11)
+                for caption, frame in zip(captions, self.frames)
+            ]
+        return self._figures["frames"]
 
     def state_dict(self) -> dict[str, Any]:
         frames = torch.stack(self.frames) if self.frames else torch.zeros(0, dtype=torch.uint8)
         return {"indices": list(self.indices), "epochs": list(self.epochs), "frames": frames}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._figures.clear()
         self.indices, self.epochs = list(state.get("indices", [])), list(state.get("epochs", []))
         frames = state.get("frames")
         self.frames = list(frames) if frames is not None and len(frames) == len(self.epochs) else []

@@ -9,6 +9,7 @@ else the plain image. Nothing here knows Lightning or W&B objects: the sinks (``
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, TypedDict
 
 import numpy as np
@@ -17,13 +18,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cubcam.callbacks.measure import EpochTarget
-from cubcam.cams.figure import as_uint8, cam_box, draw_boxes, grid
+from cubcam.cams.figure import as_uint8, cam_box, draw_boxes, grid, png_bytes
 from cubcam.cams.localization import box_iou, heatmap_ratio, pointing_game
 from cubcam.cams.overlay import overlay
 from cubcam.cams.protocol import CAMModule, Choice, head_cams
 from cubcam.cams.targets import Proxies
 
 GAP = 4  # white pixels between the two cells of a strip
+PANEL_COLUMNS = 4  # strips per row of the grid
 
 
 @dataclass
@@ -75,9 +77,16 @@ class Panel:
         """Each bird's primary map with its boxes, as drawn in the PNG: what the CAM evolution shows."""
         return [strip.boxed[:, : self.cell_width] for strip in self.strips]
 
-    def grid(self, ncols: int = 4) -> np.ndarray:
-        """The PNG grid: every strip with its boxes drawn, captioned."""
-        return grid([s.boxed for s in self.strips], self.captions, ncols=ncols)
+    @cached_property
+    def grid(self) -> np.ndarray:
+        """The PNG grid: every strip with its boxes drawn, captioned, ``PANEL_COLUMNS`` a row (made once, for the
+        file and for TensorBoard)."""
+        return grid([s.boxed for s in self.strips], self.captions, ncols=PANEL_COLUMNS)
+
+    @cached_property
+    def grid_png(self) -> bytes:
+        """The grid encoded as PNG once, for the file and for TensorBoard."""
+        return png_bytes(self.grid)
 
 
 @dataclass

@@ -9,23 +9,24 @@ A failing sink is the callback's business (it warns and goes on); a sink itself 
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import pytorch_lightning as pl
 from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
 
 from cubcam.callbacks.evolution import Evolution, save_gif
 from cubcam.callbacks.panel_render import Panel, wandb_boxes
-from cubcam.cams.figure import grid, save_png
+from cubcam.cams.figure import grid, png_bytes, save_png
 
 PANEL_KEY = "val/cam_panel"
 TABLE_KEY = "val/cam_table"
 EVOLUTION_KEY = "val/cam_evolution"
 EVOLUTION_GIF_KEY = "val/cam_evolution_gif"
-PANEL_COLUMNS = 4  # strips per row of the PNG grid
 TABLE_COLUMNS = [
     "index",
     "overlay",
@@ -68,36 +69,56 @@ class WandbSink:
         for key in metric_keys:
             logger.experiment.define_metric(key, summary="max", step_metric="trainer/global_step")
 
-    def log_panel(self, panel: Panel, step: int) -> None:
-        import wandb
+    def log_panel(self, panel: Panel, step: int, table: bool = True) -> None:
+        """The image list and (``table``) the table, in one row."""
+        with self._sources(panel) as sources:
+            images = self._images(panel, sources)
+            row: dict[str, Any] = {PANEL_KEY: images, "epoch": panel.epoch}
+            if table:
+                row[TABLE_KEY] = self._table(panel, images)
+            self.logger.log_metrics(row, step=step)
 
-        def log(sources: list[Any]) -> None:
-            images = [
-                wandb.Image(source, caption=caption, boxes=wandb_boxes(strip, panel.class_names))
-                for source, strip, caption in zip(sources, panel.strips, panel.captions)
-            ]
-            rows = [
-                [
-                    row["index"],
-                    image,
-                    row["true"],
-                    row["predicted"],
-                    row["score"],
-                    row["cam_box_iou"],
-                    row["heatmap_ratio"],
-                    row["peak_in_box"],
-                    panel.epoch,
-                ]
-                for row, image in zip(panel.rows, images)
-            ]
-            table = wandb.Table(columns=list[str | int](TABLE_COLUMNS), data=rows)
-            self.logger.log_metrics({PANEL_KEY: images, TABLE_KEY: table, "epoch": panel.epoch}, step=step)
+    def log_table(self, panel: Panel, step: int) -> None:
+        """The table alone (``bench/callback_overhead.py`` times it apart from the image list)."""
+        with self._sources(panel) as sources:
+            self.logger.log_metrics({TABLE_KEY: self._table(panel, self._images(panel, sources))}, step=step)
 
+    @contextmanager
+    def _sources(self, panel: Panel) -> Iterator[list[Any]]:
         if getattr(self.logger.experiment.settings, "allow_media_symlink", False):
-            log([strip.pixels for strip in panel.strips])
+            yield [strip.pixels for strip in panel.strips]
             return
         with tempfile.TemporaryDirectory(prefix="cubcam-panel-") as folder:
-            log([str(save_png(strip.pixels, Path(folder) / f"{k:02d}.png")) for k, strip in enumerate(panel.strips)])
+            yield [str(save_png(strip.pixels, Path(folder) / f"{k:02d}.png")) for k, strip in enumerate(panel.strips)]
+
+    @staticmethod
+    def _images(panel: Panel, sources: list[Any]) -> list[Any]:
+        import wandb
+
+        return [
+            wandb.Image(source, caption=caption, boxes=wandb_boxes(strip, panel.class_names))
+            for source, strip, caption in zip(sources, panel.strips, panel.captions)
+        ]
+
+    @staticmethod
+    def _table(panel: Panel, images: list[Any]) -> Any:
+        import wandb
+
+        rows = [
+            [
+                row["index"],
+                image,
+                row["true"],
+                row["predicted"],
+                row["score"],
+                row["cam_box_iou"],
+                row["heatmap_ratio"],
+                row["peak_in_box"],
+                panel.epoch,
+            ]
+            for row, image in zip(panel.rows, images)
+        ]
+        return wandb.Table(columns=list[str | int](TABLE_COLUMNS), data=rows)
 
     def log_evolution(self, evolution: Evolution, step: int) -> None:
         import wandb
@@ -107,7 +128,7 @@ class WandbSink:
                 save_png(strip, Path(folder) / f"{i}.png")
                 for i, strip in zip(evolution.indices, evolution.bird_strips())
             ]
-            save_gif(evolution.panel_frames(PANEL_COLUMNS), Path(folder) / "evolution.gif")
+            save_gif(evolution.panel_frames(), Path(folder) / "evolution.gif")
             images = [wandb.Image(str(path), caption=f"#{i}") for path, i in zip(strips, evolution.indices)]
             self.logger.log_metrics(
                 {EVOLUTION_KEY: images, EVOLUTION_GIF_KEY: wandb.Image(str(Path(folder) / "evolution.gif"))}, step=step
@@ -124,12 +145,26 @@ class TensorBoardSink:
         self.name = type(logger).__name__
 
     def log_panel(self, panel: Panel, step: int) -> None:
-        self.logger.experiment.add_image(PANEL_KEY, panel.grid(PANEL_COLUMNS), step, dataformats="HWC")
+        self._add_image(PANEL_KEY, panel.grid, step, panel.grid_png)
 
     def log_evolution(self, evolution: Evolution, step: int) -> None:
         image = grid(evolution.bird_strips(), [f"#{i}" for i in evolution.indices], ncols=1)
-        self.logger.experiment.add_image(EVOLUTION_KEY, image, step, dataformats="HWC")
+        self._add_image(EVOLUTION_KEY, image, step, png_bytes(image))
         self.logger.experiment.flush()
+
+    def _add_image(self, tag: str, image: np.ndarray, step: int, png: bytes) -> None:
+        """``SummaryWriter.add_image(tag, image, step, dataformats="HWC")``, but with a PNG encoded here at level 1:
+        TensorBoard's own encoder (level 6) was most of this sink's time. Where the writer lacks the file-writer
+        API this uses, it falls back to ``add_image``."""
+        writer = self.logger.experiment
+        file_writer = getattr(writer, "_get_file_writer", None)
+        if file_writer is None:
+            writer.add_image(tag, image, step, dataformats="HWC")
+            return
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        encoded = Summary.Image(height=image.shape[0], width=image.shape[1], colorspace=3, encoded_image_string=png)
+        file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=encoded)]), step)
 
 
 class PngSink:
@@ -141,12 +176,13 @@ class PngSink:
         self.name = f"the PNG grid in {folder}"
 
     def log_panel(self, panel: Panel, step: int) -> None:
-        save_png(panel.grid(PANEL_COLUMNS), self.folder / f"epoch_{panel.epoch:03d}.png")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / f"epoch_{panel.epoch:03d}.png").write_bytes(panel.grid_png)
 
     def log_evolution(self, evolution: Evolution, step: int) -> None:
         for index, strip in zip(evolution.indices, evolution.bird_strips()):
             save_png(strip, self.folder / f"evolution_{index}.png")
-        save_gif(evolution.panel_frames(PANEL_COLUMNS), self.folder / "evolution.gif")
+        save_gif(evolution.panel_frames(), self.folder / "evolution.gif")
 
 
 def sink_factories(trainer: pl.Trainer, metric_keys: list[str]) -> list[tuple[str, Callable[[], PanelSink]]]:
@@ -158,8 +194,8 @@ def sink_factories(trainer: pl.Trainer, metric_keys: list[str]) -> list[tuple[st
             makers.append((type(logger).__name__, partial(WandbSink, logger, metric_keys)))
         elif isinstance(logger, TensorBoardLogger):
             makers.append((type(logger).__name__, partial(TensorBoardSink, logger)))
-    folder = run_dir(trainer) / "cam_panels"
-    return [*makers, (f"the PNG files in {folder}", partial(PngSink, folder))]
+    folder = run_dir(trainer) / "cam_panels"  # first: the grid it composes serves TensorBoard as well
+    return [(f"the PNG files in {folder}", partial(PngSink, folder)), *makers]
 
 
 def run_dir(trainer: pl.Trainer) -> Path:

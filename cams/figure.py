@@ -9,6 +9,7 @@ Shared by the training callback's per-epoch PNG panels and ``cubcam explain``, s
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -134,6 +135,13 @@ def grid(
     return np.asarray(canvas)
 
 
+def png_bytes(array: np.ndarray, compress_level: int = 1) -> bytes:
+    """A uint8 [H, W, 3] array encoded as PNG, at compression level 1 (see :func:`save_png`)."""
+    buffer = io.BytesIO()
+    Image.fromarray(_check_tile(array)).save(buffer, format="PNG", compress_level=compress_level)
+    return buffer.getvalue()
+
+
 def save_png(array: np.ndarray, path: str | Path, compress_level: int = 1) -> Path:
     """Write a uint8 [H, W, 3] array as a PNG (parent folders created); returns the path.
 
@@ -142,7 +150,7 @@ def save_png(array: np.ndarray, path: str | Path, compress_level: int = 1) -> Pa
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(_check_tile(array)).save(path, format="PNG", compress_level=compress_level)
+    path.write_bytes(png_bytes(array, compress_level))
     return path
 
 

@@ -33,7 +33,6 @@ from cubcam.callbacks.panel_render import GAP
 from cubcam.callbacks.panel_select import random_subset, spread_over_classes
 from cubcam.callbacks.sinks import EVOLUTION_GIF_KEY, EVOLUTION_KEY, PANEL_KEY, TABLE_COLUMNS, TABLE_KEY
 from cubcam.cams import localization
-from cubcam.cams.figure import save_png
 from cubcam.cams.protocol import head_cams
 from cubcam.cams.targets import ClassLogits
 from cubcam.train.data.datamodule import CUBDataModule
@@ -395,16 +394,19 @@ class FailingWandbLogger(WandbLogger):
         super().log_metrics(metrics, step)
 
 
-def read_only_run_dir(array, path, *args, **kwargs):
+WRITE_BYTES = Path.write_bytes
+
+
+def read_only_run_dir(path: Path, data: bytes) -> int:
     """The run's folder is read-only (the W&B strips, written to a temporary folder, still get through)."""
     if "cam_panels" in str(path):
         raise PermissionError("read-only file system")
-    return save_png(array, path, *args, **kwargs)
+    return WRITE_BYTES(path, data)
 
 
 def test_logging_and_writing_failures_only_warn(synthetic_cub, offline, monkeypatch):
     data = data_for(synthetic_cub, "classifier")
-    monkeypatch.setattr("cubcam.callbacks.sinks.save_png", read_only_run_dir)
+    monkeypatch.setattr(Path, "write_bytes", read_only_run_dir)
     logger = FailingWandbLogger(project="cubcam", save_dir=str(offline), offline=True)
     with pytest.warns(CAMPanelWarning) as caught:
         metrics = trainer_for(offline, 1, [CAMPanel(num_images=4)], logger=logger).validate(
