@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +53,16 @@ def embeddings_of(module: torch.nn.Module, images: torch.Tensor) -> torch.Tensor
         return F.normalize(module(images), dim=1)
 
 
+def png_header(width: int, height: int) -> bytes:
+    """A PNG's signature, IHDR and IEND chunks: enough for Pillow to read its size (and refuse it as a bomb)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
 def test_user_images_of_any_size_and_mode_beside_bad_ones(trained: Trained, tmp_path: Path, capsys) -> None:
     rng = np.random.default_rng(0)
     wide = tmp_path / "wide.jpg"
@@ -61,18 +73,32 @@ def test_user_images_of_any_size_and_mode_beside_bad_ones(trained: Trained, tmp_
     rgba[:, :40, 3] = 0  # left half transparent: composited on white, not on the hidden colours
     alpha = tmp_path / "alpha.png"
     Image.fromarray(rgba, mode="RGBA").save(alpha)
-    missing, broken = tmp_path / "missing.jpg", tmp_path / "broken.jpg"
+    missing, broken, bomb = tmp_path / "missing.jpg", tmp_path / "broken.jpg", tmp_path / "huge.png"
     broken.write_text("not an image")
+    bomb.write_bytes(png_header(20000, 20000))  # 400 Mpx: over twice Pillow's MAX_IMAGE_PIXELS, never allocated
     out = tmp_path / "out"
 
     with pytest.raises(SystemExit) as exited:
-        main([str(trained.classifier), str(wide), str(missing), str(gray), str(broken), str(alpha), "--out", str(out)])
+        main(
+            [
+                str(trained.classifier),
+                str(wide),
+                str(missing),
+                str(gray),
+                str(broken),
+                str(bomb),
+                str(alpha),
+                "--out",
+                str(out),
+            ]
+        )
     assert exited.value.code == 1  # some images failed
 
     errors = error_lines(capsys.readouterr().err)
-    assert len(errors) == 2 and str(missing) in errors[0] and str(broken) in errors[1], errors
+    assert len(errors) == 3 and str(missing) in errors[0] and str(broken) in errors[1], errors
+    assert str(bomb) in errors[2] and "decompression" in errors[2].lower(), errors
     summary = json.loads((out / "summary.json").read_text())
-    assert [e["source"] for e in summary["errors"]] == [str(missing), str(broken)]
+    assert [e["source"] for e in summary["errors"]] == [str(missing), str(broken), str(bomb)]
     assert [r["source"] for r in summary["images"]] == [str(wide), str(gray), str(alpha)]
     assert summary["method"] == "gradcam" and summary["image_size"] == [SIZE, SIZE]
 

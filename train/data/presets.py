@@ -48,7 +48,8 @@ Region = tuple[float, float, float, float]  # left, top, right, bottom in the or
 
 def load_rgb(path: str | Path) -> Image.Image:
     """Decode any image file to RGB: grayscale (CUB has some), palette, CMYK, 16-bit; transparency is composited
-    on white. Fully decoded here, so a truncated or corrupt file fails now with an error naming it."""
+    on white. Fully decoded here, so a truncated or corrupt file, or one over Pillow's decompression-bomb limit,
+    fails now with one ``OSError`` naming it."""
     path = Path(path)
     try:
         with Image.open(path) as image:
@@ -56,6 +57,11 @@ def load_rgb(path: str | Path) -> Image.Image:
             return _to_rgb(image)
     except FileNotFoundError:
         raise FileNotFoundError(f"image file {path} does not exist") from None
+    except Image.DecompressionBombError as err:  # not an OSError: above twice Image.MAX_IMAGE_PIXELS
+        raise OSError(
+            f"cannot read image {path}: {err} (Pillow's decompression-bomb guard; raise "
+            f"PIL.Image.MAX_IMAGE_PIXELS if the image is trusted)"
+        ) from err
     except (OSError, ValueError, SyntaxError) as err:  # PIL reports corrupt data with all three
         raise OSError(f"cannot read image {path}: {err}") from err
 
