@@ -25,6 +25,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from cubcam.cams.protocol import Sample
 from cubcam.train.data.presets import MEAN, PART_NAMES, STD, load_rgb, to_tensor
 
 SPLITS = ("train", "test")
@@ -230,21 +231,16 @@ class CUBDataset(Dataset):
     def image_path(self, index: int) -> Path:
         return self._paths[index]
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, index: int) -> Sample:
         image = load_rgb(self._paths[index])
         box, parts = self._boxes[index], self._parts[index]
         if self.transform is not None:
             tensor, box, parts = self.transform(image, box, parts)
         else:
             tensor = to_tensor(image, self.mean, self.std)
-        return {
-            "image": tensor,
-            "label": self.labels[index],
-            "box": box,
-            "parts": parts,
-            "image_id": self.image_ids[index],
-            "index": index,
-        }
+        return Sample(
+            image=tensor, label=self.labels[index], box=box, parts=parts, image_id=self.image_ids[index], index=index
+        )
 
     def __repr__(self) -> str:
         return (
