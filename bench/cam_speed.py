@@ -1,13 +1,14 @@
-"""Time one GradCAM panel: ours against pytorch-grad-cam, Captum and a plain forward, in one run.
+"""Time one CAM panel per weighting (GradCAM, GradCAM++, HiResCAM, XGradCAM, LayerCAM): ours against
+pytorch-grad-cam's class of the same weighting, Captum (GradCAM) and a plain forward, in one run.
 
 ResNet-50 (random weights), 16 images at 224 px, CPU, target layer ``layer4``. Each method runs ``--repeats``
 times, interleaved so that machine noise hits all of them alike; the median is reported. The baseline "forward"
 is a plain eval-mode forward of the same batch under ``torch.no_grad()`` — the physical floor, since our backward
 only goes from the score to layer4.
 
-    python bench/cam_speed.py [--repeats 5] [--batch 16] [--size 224] [--arch resnet50]
+    python bench/cam_speed.py [--repeats 5] [--batch 16] [--size 224] [--arch resnet50] [--weightings ...]
 
-Targets: ours <= 0.5x pytorch-grad-cam and <= 1.3x one plain forward.
+Targets, for every weighting: ours <= 0.5x pytorch-grad-cam and <= 1.3x one plain forward.
 """
 
 from __future__ import annotations
@@ -21,13 +22,21 @@ import statistics
 import time
 from collections.abc import Callable
 
+import pytorch_grad_cam as pgc
 import torch
 import torchvision
 from captum.attr import LayerGradCam
-from pytorch_grad_cam import GradCAM as PGCGradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from cubcam.cams import GradCAM
+
+PGC_CLASSES = {
+    "gradcam": pgc.GradCAM,
+    "gradcam++": pgc.GradCAMPlusPlus,
+    "hirescam": pgc.HiResCAM,
+    "xgradcam": pgc.XGradCAM,
+    "layercam": pgc.LayerCAM,
+}
 
 
 def main() -> None:
@@ -36,34 +45,40 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--arch", default="resnet50")
+    parser.add_argument("--weightings", nargs="+", default=list(PGC_CLASSES), choices=list(PGC_CLASSES))
     args = parser.parse_args()
 
     torch.manual_seed(0)
     model = getattr(torchvision.models, args.arch)(num_classes=200).eval()
     images = torch.randn(args.batch, 3, args.size, args.size)
     targets = torch.randint(0, 200, (args.batch,))
-    ours = GradCAM(model, "layer4")
     captum = LayerGradCam(model, model.layer4)
 
     def plain_forward() -> None:
         with torch.no_grad():
             model(images)
 
-    def pytorch_grad_cam() -> None:
-        with PGCGradCAM(model=model, target_layers=[model.layer4]) as cam:
-            cam(input_tensor=images, targets=[ClassifierOutputTarget(int(t)) for t in targets])
-        model.zero_grad(set_to_none=True)
+    def ours(weighting: str) -> Callable[[], None]:
+        cam = GradCAM(model, "layer4", weighting=weighting)
+        return lambda: cam(images, targets)
+
+    def pytorch_grad_cam(weighting: str) -> Callable[[], None]:
+        def run() -> None:
+            with PGC_CLASSES[weighting](model=model, target_layers=[model.layer4]) as cam:
+                cam(input_tensor=images, targets=[ClassifierOutputTarget(int(t)) for t in targets])
+            model.zero_grad(set_to_none=True)
+
+        return run
 
     def captum_layer_gradcam() -> None:
         attributions = captum.attribute(images, target=targets, relu_attributions=True)
         torch.nn.functional.interpolate(attributions, size=images.shape[-2:], mode="bilinear", align_corners=False)
 
-    methods: dict[str, Callable[[], None]] = {
-        "plain forward (no_grad)": plain_forward,
-        "cubcam GradCAM": lambda: ours(images, targets),
-        "pytorch-grad-cam GradCAM": pytorch_grad_cam,
-        "Captum LayerGradCam": captum_layer_gradcam,
-    }
+    methods: dict[str, Callable[[], None]] = {"plain forward (no_grad)": plain_forward}
+    for weighting in args.weightings:
+        methods[f"cubcam {weighting}"] = ours(weighting)
+        methods[f"pytorch-grad-cam {weighting}"] = pytorch_grad_cam(weighting)
+    methods["Captum LayerGradCam"] = captum_layer_gradcam
     for fn in methods.values():  # warm-up: allocator, thread pools, lazy imports
         fn()
     times: dict[str, list[float]] = {name: [] for name in methods}
@@ -74,18 +89,27 @@ def main() -> None:
             times[name].append(time.perf_counter() - start)
 
     median = {name: statistics.median(t) for name, t in times.items()}
-    forward, ours_s = median["plain forward (no_grad)"], median["cubcam GradCAM"]
+    forward = median["plain forward (no_grad)"]
     print(
         f"{args.arch}, {args.batch} images at {args.size} px, CPU threads={torch.get_num_threads()}, "
         f"median of {args.repeats}"
     )
-    print(f"{'method':<28}{'s/panel':>10}{'vs forward':>12}{'ours vs it':>12}")
+    print(f"{'method':<30}{'s/panel':>10}{'vs forward':>12}")
     for name, seconds in median.items():
-        print(f"{name:<28}{seconds:>10.3f}{seconds / forward:>11.2f}x{ours_s / seconds:>11.2f}x")
-    pgc_ratio = ours_s / median["pytorch-grad-cam GradCAM"]
-    fwd_ratio = ours_s / forward
-    print(f"\nours / pytorch-grad-cam = {pgc_ratio:.2f}x (target <= 0.5x): {'OK' if pgc_ratio <= 0.5 else 'MISSED'}")
-    print(f"ours / plain forward    = {fwd_ratio:.2f}x (target <= 1.3x): {'OK' if fwd_ratio <= 1.3 else 'MISSED'}")
+        print(f"{name:<30}{seconds:>10.3f}{seconds / forward:>11.2f}x")
+    print()
+    for weighting in args.weightings:
+        ours_s = median[f"cubcam {weighting}"]
+        pgc_ratio, fwd_ratio = ours_s / median[f"pytorch-grad-cam {weighting}"], ours_s / forward
+        print(
+            f"{weighting:<10} ours / pytorch-grad-cam = {pgc_ratio:.2f}x (target <= 0.5x: "
+            f"{'OK' if pgc_ratio <= 0.5 else 'MISSED'}), ours / plain forward = {fwd_ratio:.2f}x (target <= 1.3x: "
+            f"{'OK' if fwd_ratio <= 1.3 else 'MISSED'})"
+        )
+    if "gradcam" in args.weightings:
+        print(
+            f"gradcam    ours / Captum LayerGradCam = {median['cubcam gradcam'] / median['Captum LayerGradCam']:.2f}x"
+        )
 
 
 if __name__ == "__main__":

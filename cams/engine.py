@@ -1,8 +1,9 @@
-"""GradCAM and EmbeddingCAM: one engine, two scores.
+"""GradCAM and EmbeddingCAM: one engine, two scores, five weightings.
 
 For target-layer activations A (shape [B, K, h, w]) and a score y_b per image, the map is
 ReLU(sum_k w_k A^k) with w_k = mean_ij dy_b/dA^k_ij (Selvaraju et al., 2017). GradCAM scores a class logit;
-EmbeddingCAM (Bachhawat, 2024) scores <embedding, proxy>. Everything else is shared.
+EmbeddingCAM (Bachhawat, 2024) scores <embedding, proxy>. Everything else is shared, also the other gradient
+weightings (``weighting=``: GradCAM++, HiResCAM, XGradCAM, LayerCAM; see :func:`weighted_activations`).
 
 Why this engine is safe to call in the middle of training:
 - the forward below the target layer runs without autograd (nothing is stored for it), and the backward is one
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,9 @@ from torch import Tensor, nn
 
 from cubcam.cams.targets import ClassLogits, Target, per_image
 
+Weighting = Literal["gradcam", "gradcam++", "hirescam", "xgradcam", "layercam"]  # how gradients weight the map
+GRADCAM_PP_EPS = 1e-6  # pytorch-grad-cam's, in the alpha denominator
+XGRADCAM_EPS = 1e-7  # pytorch-grad-cam's, in the normalising sum
 OutputSelector = str | int | Callable[[Any], Tensor] | None
 ScoreFn = Callable[[Tensor], Tensor]  # model output [B, ...] -> one score per image [B]
 
@@ -44,10 +48,17 @@ class CAM:
     """
 
     def __init__(
-        self, model: Callable[[Tensor], Any], target_layer: nn.Module | str | None, output: OutputSelector = None
+        self,
+        model: Callable[[Tensor], Any],
+        target_layer: nn.Module | str | None,
+        output: OutputSelector = None,
+        weighting: Weighting = "gradcam",
     ):
+        if weighting not in get_args(Weighting):
+            raise ValueError(f"weighting must be one of {get_args(Weighting)}, got {weighting!r}")
         self.model = model
         self.output = output
+        self.weighting = weighting
         if isinstance(target_layer, str):
             if not isinstance(model, nn.Module):
                 raise TypeError("target_layer given by name needs model to be an nn.Module")
@@ -76,7 +87,7 @@ class CAM:
             activations, scores = self._forward(images, score_fn)
             with torch.enable_grad():  # the caller may be inside torch.no_grad()
                 (grads,) = torch.autograd.grad(scores.sum(), activations)
-        maps = weighted_activations(activations.detach(), grads)
+        maps = weighted_activations(activations.detach(), grads, self.weighting)
         if upsample:
             maps = F.interpolate(maps[:, None], size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
         if normalize:
@@ -159,10 +170,33 @@ class EmbeddingCAM(CAM):
         return self.explain(images, *per_image(proxies, images.shape[0]), upsample=upsample, normalize=normalize)
 
 
-def weighted_activations(activations: Tensor, grads: Tensor) -> Tensor:
-    """ReLU(sum_k w_k A^k) with w_k the spatial mean of the gradient, computed in float32 (also under autocast)."""
-    weights = grads.float().mean(dim=(2, 3), keepdim=True)
-    return torch.relu((weights * activations.float()).sum(1))
+def weighted_activations(activations: Tensor, grads: Tensor, weighting: Weighting = "gradcam") -> Tensor:
+    """The raw map [B, h, w] from the layer's activations A and the score's gradient g = dy/dA, computed in float32
+    (also under autocast). Only the weighting differs between the methods; the score (a class logit, or an
+    embedding's dot product with a proxy) is the caller's, so every weighting works for embedding nets too:
+
+    - ``gradcam`` (Selvaraju et al. 2017): ReLU(sum_k w_k A^k), w_k = mean_ij g^k_ij;
+    - ``gradcam++`` (Chattopadhay et al. 2018): w_k = sum_ij a^k_ij ReLU(g^k_ij) with
+      a = g^2 / (2 g^2 + sum_ij(A^k) g^3) (where g != 0), the closed form for an exponential score, as
+      pytorch-grad-cam computes it;
+    - ``hirescam`` (Draelos & Carin 2020): ReLU(sum_k g^k * A^k), the gradient kept per position;
+    - ``xgradcam`` (Fu et al. 2020): w_k = sum_ij g^k_ij A^k_ij / sum_ij A^k_ij;
+    - ``layercam`` (Jiang et al. 2021): ReLU(sum_k ReLU(g^k) * A^k).
+    """
+    a, g = activations.float(), grads.float()
+    if weighting == "hirescam":
+        return torch.relu((g * a).sum(1))
+    if weighting == "layercam":
+        return torch.relu((torch.relu(g) * a).sum(1))
+    if weighting == "gradcam++":
+        g2, g3 = g.pow(2), g.pow(3)
+        alpha = g2 / (2 * g2 + a.sum((2, 3), keepdim=True) * g3 + GRADCAM_PP_EPS)
+        weights = (torch.where(g != 0, alpha, torch.zeros_like(alpha)) * torch.relu(g)).sum((2, 3), keepdim=True)
+    elif weighting == "xgradcam":
+        weights = (g * a).sum((2, 3), keepdim=True) / (a.sum((2, 3), keepdim=True) + XGRADCAM_EPS)
+    else:
+        weights = g.mean(dim=(2, 3), keepdim=True)
+    return torch.relu((weights * a).sum(1))
 
 
 def minmax_normalize(maps: Tensor) -> Tensor:

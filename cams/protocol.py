@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cubcam.cams.engine import CAM, eval_mode, minmax_normalize
+from cubcam.cams.engine import CAM, Weighting, eval_mode, minmax_normalize
 from cubcam.cams.targets import Method, Target
 
 Choice = Literal["true", "predicted"]  # which class a map explains
@@ -87,8 +87,16 @@ def features_and_outputs(module: CAMModule, images: Tensor) -> tuple[Tensor, Ten
     return captured[0], outputs
 
 
-def head_cams(module: CAMModule, activations: Tensor, size: tuple[int, int], target: Target, rows: Tensor) -> Tensor:
-    """Maps [B, H, W] in [0, 1] of image b for row ``rows[b]`` of ``target``, from the CAM layer's activations.
+def head_cams(
+    module: CAMModule,
+    activations: Tensor,
+    size: tuple[int, int],
+    target: Target,
+    rows: Tensor,
+    weighting: Weighting = "gradcam",
+) -> Tensor:
+    """Maps [B, H, W] in [0, 1] of image b for row ``rows[b]`` of ``target``, from the CAM layer's activations,
+    with any of the engine's gradient weightings.
 
     The same maps the engine computes through the whole net: the raw map at the layer's resolution, bilinearly
     upsampled to ``size``, then min-max normalised per image. Safe inside ``torch.inference_mode`` (as in
@@ -97,7 +105,9 @@ def head_cams(module: CAMModule, activations: Tensor, size: tuple[int, int], tar
     dtype = next(module.parameters()).dtype  # activations kept from a mixed-precision loop may be half
     with torch.inference_mode(False), torch.enable_grad():
         features = _normal(activations).to(dtype)
-        raw = CAM(module.forward_head, None).explain(features, target, _normal(rows), upsample=False, normalize=False)
+        raw = CAM(module.forward_head, None, weighting=weighting).explain(
+            features, target, _normal(rows), upsample=False, normalize=False
+        )
     return minmax_normalize(F.interpolate(raw[:, None], size=size, mode="bilinear", align_corners=False)[:, 0])
 
 

@@ -363,13 +363,14 @@ def test_output_selector_for_tuple_and_dict_outputs(net, images):
         GradCAM(model, "net.features")(images)
 
 
-def test_head_only_mode_equals_the_hooked_call(net, images):
+@pytest.mark.parametrize("weighting", ["gradcam", "gradcam++", "hirescam", "xgradcam", "layercam"])
+def test_head_only_mode_equals_the_hooked_call(net, images, weighting):
     """target_layer=None explains activations a caller already has (e.g. from a validation step)."""
     targets = torch.tensor([0, 1, 2, 3])
     with torch.no_grad():
         features = net.forward_features(images)
-    head_only = GradCAM(net.forward_head, None)(features, targets, upsample=False, normalize=False)
-    hooked = GradCAM(net, "features")(images, targets, upsample=False, normalize=False)
+    head_only = GradCAM(net.forward_head, None, weighting=weighting)(features, targets, upsample=False, normalize=False)
+    hooked = GradCAM(net, "features", weighting=weighting)(images, targets, upsample=False, normalize=False)
     torch.testing.assert_close(head_only, hooked)
 
 
@@ -380,3 +381,70 @@ def test_clear_errors_for_bad_layers(net, images):
         GradCAM(net, nn.Conv2d(3, 3, 1))(images)
     with pytest.raises(TypeError, match=r"\[B, K, h, w\]"):
         GradCAM(net, "fc")(images)
+
+
+# --- the CAM family: every weighting, both score kinds ----------------------------------------------------------
+
+WEIGHTINGS = ["gradcam", "gradcam++", "hirescam", "xgradcam", "layercam"]
+
+
+def _pgc_class(weighting: str):
+    import pytorch_grad_cam as pgc
+
+    return {
+        "gradcam": pgc.GradCAM,
+        "gradcam++": pgc.GradCAMPlusPlus,
+        "hirescam": pgc.HiResCAM,
+        "xgradcam": pgc.XGradCAM,
+        "layercam": pgc.LayerCAM,
+    }[weighting]
+
+
+@pytest.mark.parametrize("weighting", WEIGHTINGS)
+def test_every_weighting_matches_pytorch_grad_cam_for_classes_and_proxies(net, images, weighting):
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    targets = [4, 0, 2, 1]
+    ours = GradCAM(net, net.features, weighting=weighting)(images, torch.tensor(targets)).numpy()
+    with _pgc_class(weighting)(model=net, target_layers=[net.features]) as cam:
+        theirs = cam(input_tensor=images, targets=[ClassifierOutputTarget(t) for t in targets])
+    assert np.abs(ours - theirs).max() < 1e-2, weighting
+    assert _corr(ours, theirs) > 0.999, weighting
+
+    embedder = Penultimate(net)
+    with torch.no_grad():
+        embeddings = embedder(images)
+    proxies = normalized_mean_proxies(embeddings, torch.tensor([0, 1, 0, 1]))[torch.tensor([1, 0, 0, 1])]
+    ours = EmbeddingCAM(embedder, "net.features", weighting=weighting)(images, proxies).numpy()
+    with _pgc_class(weighting)(model=embedder, target_layers=[net.features]) as cam:
+        theirs = cam(input_tensor=images, targets=[lambda output, p=p: output @ p for p in proxies])
+    assert np.abs(ours - theirs).max() < 1e-2, weighting
+    assert _corr(ours, theirs) > 0.999, weighting
+
+
+@pytest.mark.parametrize("weighting", WEIGHTINGS)
+def test_one_hot_proxies_on_logits_give_the_class_cam_for_every_weighting(net, images, weighting):
+    targets = torch.tensor([1, 4, 0, 3])
+    raw = {"upsample": False, "normalize": False}
+    torch.testing.assert_close(
+        EmbeddingCAM(net, "features", weighting=weighting)(images, F.one_hot(targets, 5).float(), **raw),
+        GradCAM(net, "features", weighting=weighting)(images, targets, **raw),
+        atol=1e-5,
+        rtol=1e-5,
+    )
+
+
+def test_weightings_follow_their_formulas_and_differ():
+    torch.manual_seed(0)
+    a, g = torch.rand(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    from cubcam.cams.engine import weighted_activations
+
+    hires = torch.relu((g * a).sum(1))
+    torch.testing.assert_close(weighted_activations(a, g, "hirescam"), hires)
+    torch.testing.assert_close(weighted_activations(a, g, "layercam"), torch.relu((torch.relu(g) * a).sum(1)))
+    xw = (g * a).sum((2, 3), keepdim=True) / (a.sum((2, 3), keepdim=True) + 1e-7)
+    torch.testing.assert_close(weighted_activations(a, g, "xgradcam"), torch.relu((xw * a).sum(1)))
+    maps = [weighted_activations(a, g, w) for w in WEIGHTINGS]
+    assert all(not torch.allclose(maps[i], maps[j]) for i in range(5) for j in range(i + 1, 5))
+    with pytest.raises(ValueError, match="weighting must be one of"):
+        GradCAM(nn.Linear(2, 2), None, weighting="scorecam")
