@@ -61,6 +61,7 @@ from cubcam.callbacks.measure import METRIC_KEYS, EpochTarget, ProxyScheme, epoc
 from cubcam.callbacks.panel_render import Panel, Style, class_panel, neighbour_panel
 from cubcam.callbacks.panel_select import random_subset, spread_over_classes
 from cubcam.callbacks.sinks import PanelSink, metrics_step, sink_factories
+from cubcam.cams.engine import Weighting
 from cubcam.cams.overlay import IMAGENET_MEAN, IMAGENET_STD, colorize, denormalize
 from cubcam.cams.protocol import CAMModule, CAMStepOutput, Choice
 from cubcam.cams.targets import Method
@@ -90,6 +91,8 @@ class CAMPanel(pl.Callback):
         log_metrics: compute and log the localization metrics.
         metrics_subset: validation images the metrics use (None: 512, or all when fewer).
         seed: seeds the choice of the panel and of the metric subset.
+        weighting: how the gradients weight the maps, for either model kind: "gradcam" (default), "gradcam++",
+            "hirescam", "xgradcam" or "layercam" (``cubcam.cams.engine.weighted_activations``).
 
     Raises:
         ValueError: an argument out of range, or a ``method`` that does not fit the module (at ``setup``).
@@ -109,6 +112,7 @@ class CAMPanel(pl.Callback):
         log_metrics: bool = True,
         metrics_subset: int | None = None,
         seed: int = 0,
+        weighting: Weighting = "gradcam",
     ):
         for arg, value in (("num_images", num_images), ("every_n_epochs", every_n_epochs)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -116,6 +120,7 @@ class CAMPanel(pl.Callback):
         if metrics_subset is not None and (not isinstance(metrics_subset, int) or metrics_subset < 1):
             raise ValueError(f"CAMPanel: metrics_subset must be None or a positive integer, got {metrics_subset!r}")
         for arg, mode, modes in (
+            ("weighting", weighting, Weighting),
             ("method", method, MethodArg),
             ("proxy", proxy, ProxyScheme),
             ("target", target, Choice),
@@ -128,7 +133,7 @@ class CAMPanel(pl.Callback):
         if not isinstance(seed, int):
             raise ValueError(f"CAMPanel: seed must be an integer, got {seed!r}")
         self.num_images, self.every_n_epochs = num_images, every_n_epochs
-        self.method, self.proxy, self.target = method, proxy, target
+        self.method, self.proxy, self.target, self.weighting = method, proxy, target, weighting
         self.colormap, self.alpha = colormap, float(alpha)
         self.log_metrics, self.seed = log_metrics, seed
         self.metrics_subset = metrics_subset or DEFAULT_METRICS_SUBSET
@@ -217,9 +222,8 @@ class CAMPanel(pl.Callback):
             captured = collected.gathered_panel(trainer, device)
             if self.panel is None and len(outputs.index):
                 self.panel = self._choose_panel(outputs)
-            target = epoch_target(
-                module.cam_method, self.proxy, outputs, len(_class_names(_val_dataset(trainer), pl_module))
-            )
+            names = _class_names(_val_dataset(trainer), pl_module)
+            target = epoch_target(module.cam_method, self.proxy, outputs, len(names), self.weighting)
             style = Style(self.colormap, self.alpha, CAM_BOX_THRESHOLD)
             if self.log_metrics and self.subset:
                 workers = max(1, torch.get_num_threads() // trainer.num_devices)  # the cores this rank's loop uses
@@ -315,7 +319,7 @@ class CAMPanel(pl.Callback):
         rows = target.rows(birds["index"].cpu(), birds["label"].cpu())
         neighbours: dict[str, Any] = load_birds(dataset, target.outputs.index[rows].tolist(), module, device)
         neighbours["rgb"], neighbours["box"] = _to_rgb(dataset, neighbours["image"]), neighbours["box"].cpu()
-        return neighbour_panel(module, birds, neighbours, trainer.current_epoch, names, style)
+        return neighbour_panel(module, birds, neighbours, target, trainer.current_epoch, names, style)
 
 
 def _val_dataset(trainer: pl.Trainer) -> Any:

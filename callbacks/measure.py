@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cubcam.callbacks.collect import Outputs
+from cubcam.cams.engine import Weighting
 from cubcam.cams.localization import LocalizationAccumulator
 from cubcam.cams.protocol import CAMModule, head_cams
 from cubcam.cams.proxies import normalized_mean_proxies
@@ -42,19 +43,29 @@ class EpochTarget:
     target: Target
     outputs: Outputs
     neighbours: bool = False  # rows are the nearest other images' rows in ``outputs``
+    weighting: Weighting = "gradcam"  # how the gradients weight the maps (the CAM family)
 
     def rows(self, index: Tensor, labels: Tensor) -> Tensor:
         return nearest_other(self.outputs, index) if self.neighbours else labels
 
+    def maps(
+        self, module: CAMModule, activations: Tensor, size: tuple[int, int], rows: Tensor, target: Target | None = None
+    ) -> Tensor:
+        """Head-only maps [B, H, W] for ``rows`` of ``target`` (default: the epoch's), with the epoch's weighting."""
+        return head_cams(module, activations, size, target or self.target, rows, self.weighting)
 
-def epoch_target(method: Method, proxy: ProxyScheme, outputs: Outputs, num_classes: int) -> EpochTarget:
+
+def epoch_target(
+    method: Method, proxy: ProxyScheme, outputs: Outputs, num_classes: int, weighting: Weighting = "gradcam"
+) -> EpochTarget:
     if method == "gradcam":
-        return EpochTarget(ClassLogits(), outputs)
+        return EpochTarget(ClassLogits(), outputs, weighting=weighting)
     num_classes = max(num_classes, int(outputs.label.max()) + 1)
     mean = normalized_mean_proxies(outputs.output, outputs.label, num_classes=num_classes)
     if proxy == "normalized_mean":
-        return EpochTarget(Proxies(mean), outputs)
-    return EpochTarget(Proxies(F.normalize(outputs.output, dim=1), classes=mean), outputs, neighbours=True)
+        return EpochTarget(Proxies(mean), outputs, weighting=weighting)
+    unit = F.normalize(outputs.output, dim=1)
+    return EpochTarget(Proxies(unit, classes=mean), outputs, neighbours=True, weighting=weighting)
 
 
 def nearest_other(outputs: Outputs, index: Tensor) -> Tensor:
@@ -89,7 +100,7 @@ def measure(
     for start in range(0, len(columns.get("index", [])), METRIC_CHUNK):
         part = {key: value[start : start + METRIC_CHUNK] for key, value in columns.items()}
         rows = target.rows(part["index"], part["label"])
-        maps = head_cams(module, part["activations"].to(device), size, target.target, rows.to(device))
+        maps = target.maps(module, part["activations"].to(device), size, rows.to(device))
         accumulator.update([slot[int(i)] for i in part["index"]], maps.float().cpu(), part["box"])
     accumulator.merge(lambda rows: reduce_sum(rows.to(device)))
     return accumulator.compute() if accumulator.num_images else None

@@ -21,7 +21,7 @@ from cubcam.callbacks.measure import EpochTarget
 from cubcam.cams.figure import as_uint8, cam_box, draw_boxes, grid, png_bytes
 from cubcam.cams.localization import box_iou, heatmap_ratio, pointing_game
 from cubcam.cams.overlay import overlay
-from cubcam.cams.protocol import CAMModule, Choice, head_cams
+from cubcam.cams.protocol import CAMModule, Choice
 from cubcam.cams.targets import Proxies
 
 GAP = 4  # white pixels between the two cells of a strip
@@ -113,7 +113,7 @@ def class_panel(
     size = tuple(birds["image"].shape[-2:])
     device = birds["activations"].device
     primary_maps, other_maps = (
-        head_cams(module, birds["activations"], size, target.target, rows.to(device)).cpu() for rows in (primary, other)
+        target.maps(module, birds["activations"], size, rows.to(device)).cpu() for rows in (primary, other)
     )
     strips, captions = [], []
     symbol = target.target.score_name
@@ -137,7 +137,13 @@ def class_panel(
 
 
 def neighbour_panel(
-    module: CAMModule, birds: dict[str, Any], neighbours: dict[str, Any], epoch: int, names: list[str], style: Style
+    module: CAMModule,
+    birds: dict[str, Any],
+    neighbours: dict[str, Any],
+    target: EpochTarget,
+    epoch: int,
+    names: list[str],
+    style: Style,
 ) -> Panel:
     """Single Point Proxy: each bird against its nearest other validation image, and that neighbour against the
     bird, side by side (each side's embedding is the other's proxy)."""
@@ -145,8 +151,8 @@ def neighbour_panel(
     device = birds["activations"].device
     ours, theirs = F.normalize(birds["output"].float(), dim=1), F.normalize(neighbours["output"].float(), dim=1)
     rows = torch.arange(len(ours), device=device)
-    maps = head_cams(module, birds["activations"], size, Proxies(theirs), rows).cpu()
-    back = head_cams(module, neighbours["activations"], size, Proxies(ours), rows).cpu()
+    maps = target.maps(module, birds["activations"], size, rows, Proxies(theirs)).cpu()
+    back = target.maps(module, neighbours["activations"], size, rows, Proxies(ours)).cpu()
     similarity = (ours * theirs).sum(1).cpu()
     strips, captions = [], []
     for b, (true, other) in enumerate(zip(birds["label"].tolist(), neighbours["label"].tolist())):

@@ -129,16 +129,17 @@ def explain(
     size: tuple[int, int],
     labels: Tensor | None = None,
     choice: Choice = "true",
+    weighting: Weighting = "gradcam",
 ) -> Explanation:
-    """The one explanation step: maps for the true class (``choice="true"``; images whose label is
-    ``UNKNOWN_LABEL`` fall back to the predicted class) or the predicted one, and the prediction."""
+    """The one explanation step: maps (by ``weighting``) for the true class (``choice="true"``; images whose label
+    is ``UNKNOWN_LABEL`` fall back to the predicted class) or the predicted one, and the prediction."""
     class_scores = target.class_scores(outputs)
     predicted = class_scores.argmax(1)
     explained = predicted
     if choice == "true" and labels is not None:
         labels = labels.to(predicted.device)
         explained = torch.where(labels == UNKNOWN_LABEL, predicted, labels)
-    maps = head_cams(module, activations, size, target, explained)
+    maps = head_cams(module, activations, size, target, explained, weighting)
     return Explanation(maps, explained, predicted, class_scores)
 
 

@@ -135,11 +135,36 @@ def test_panel_spreads_over_classes_deterministically_without_the_global_rng():
         ({"alpha": 2}, "alpha"),
         ({"colormap": "viridis"}, "colormap"),
         ({"metrics_subset": 0}, "metrics_subset"),
+        ({"weighting": "scorecam"}, "weighting"),
     ],
 )
 def test_bad_arguments_name_the_problem(kwargs, message):
     with pytest.raises(ValueError, match=message):
         CAMPanel(**kwargs)
+
+
+def test_the_weighting_reaches_the_metrics(synthetic_cub, tmp_path):
+    """CAMPanel(weighting=...) scores the maps of that weighting: val/cam_heatmap_ratio equals the ratio of the
+    head-only maps computed here with it, and differs between weightings."""
+    from cubcam.cams.localization import heatmap_ratio
+
+    data = data_for(synthetic_cub, "classifier")
+    module = module_for("classifier", data)
+    data.setup("validate")
+    items = [data.val_dataset[i] for i in range(len(data.val_dataset))]
+    images, labels = torch.stack([it["image"] for it in items]), torch.tensor([it["label"] for it in items])
+    boxes = torch.stack([it["box"] for it in items])
+    logged = {}
+    for weighting in ("gradcam", "layercam"):  # (HiResCAM equals GradCAM under a pooled linear head)
+        panel = CAMPanel(num_images=2, weighting=weighting)
+        logged[weighting] = trainer_for(tmp_path, 1, [panel]).validate(module, datamodule=data, verbose=False)[0]
+        module.eval()
+        with torch.no_grad():
+            activations = module.net.forward_features(images)
+        maps = head_cams(module, activations, (SIZE, SIZE), ClassLogits(), labels, weighting)
+        expected = float(np.mean(heatmap_ratio(maps, boxes)))
+        assert logged[weighting]["val/cam_heatmap_ratio"] == pytest.approx(expected, abs=1e-4), weighting
+    assert logged["gradcam"]["val/cam_heatmap_ratio"] != pytest.approx(logged["layercam"]["val/cam_heatmap_ratio"])
 
 
 def test_method_must_fit_the_model(synthetic_cub, tmp_path):

@@ -119,6 +119,24 @@ def test_user_images_of_any_size_and_mode_beside_bad_ones(trained: Trained, tmp_
     assert grid.shape[0] > SIZE and grid.shape[1] >= 3 * SIZE  # three captioned tiles
 
 
+@pytest.mark.parametrize("weighting", ["gradcam++", "layercam"])
+def test_weighting_option_explains_with_that_weighting(trained: Trained, tmp_path: Path, weighting: str) -> None:
+    path = tmp_path / "bird.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (100, 100, 3), dtype=np.uint8)).save(path)
+    main([str(trained.classifier), str(path), "--weighting", weighting, "--out", str(tmp_path / "out")])
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["weighting"] == weighting
+    module = load_checkpoint(trained.classifier).module
+    image = preset_image(path)
+    expected = overlay(
+        denormalize(image), GradCAM(module, module.cam_target_layer, weighting=weighting)(image[None])[0]
+    )
+    other = overlay(denormalize(image), GradCAM(module, module.cam_target_layer)(image[None])[0])
+    written = read_png(tmp_path / "out" / summary["images"][0]["overlay"]).astype(int)
+    assert np.abs(written - expected).max() <= 1
+    assert np.abs(written - other).max() > 1  # not the plain GradCAM map
+
+
 def test_dataset_panel_of_an_embedding_net_and_its_reference_cache(
     trained: Trained, tmp_path: Path, monkeypatch
 ) -> None:

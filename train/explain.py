@@ -19,13 +19,14 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, get_args
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from cubcam.cams import overlay, single_point_proxy
+from cubcam.cams.engine import Weighting
 from cubcam.cams.figure import grid, save_png
 from cubcam.cams.overlay import denormalize
 from cubcam.cams.protocol import UNKNOWN_LABEL, CAMModule, Choice, explain, features_and_outputs, head_cams
@@ -91,14 +92,14 @@ class Explainer:
     choice: Choice  # "true" (where an image has a label) or "predicted"
     class_names: list[str]
     device: torch.device
+    weighting: Weighting = "gradcam"
 
     def __call__(self, items: list[Item]) -> tuple[Tensor, list[dict[str, Any]]]:
         images = torch.stack([item.image for item in items]).to(self.device)
         activations, outputs = features_and_outputs(self.module, images)
         labels = torch.tensor([UNKNOWN_LABEL if item.label is None else item.label for item in items])
-        step = explain(
-            self.module, activations, outputs, self.target, (images.shape[-2], images.shape[-1]), labels, self.choice
-        )
+        size = (images.shape[-2], images.shape[-1])
+        step = explain(self.module, activations, outputs, self.target, size, labels, self.choice, self.weighting)
         records = []
         for item, t, p, row in zip(items, step.explained.tolist(), step.predicted.tolist(), step.class_scores):
             kind = "true" if self.choice == "true" and item.label is not None else "predicted"
@@ -133,6 +134,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--split", choices=sorted(SPLITS), default="val", help="panel split (val = CUB's test split)")
     parser.add_argument("--num", type=int, default=16, help="panel size, spread over the split")
     parser.add_argument("--method", choices=("auto", "gradcam", "embeddingcam"), default="auto")
+    parser.add_argument(
+        "--weighting",
+        choices=get_args(Weighting),
+        default="gradcam",
+        help="how the gradients weight the map (the CAM family; works for embedding nets too)",
+    )
     parser.add_argument(
         "--proxy",
         choices=("normalized_mean", "single_point"),
@@ -294,6 +301,7 @@ def explain_images(
     summary = {
         "checkpoint": str(ckpt.path),
         "method": method,
+        "weighting": args.weighting,
         "proxy": args.proxy if method == "embeddingcam" else None,
         "target": args.target,
         "image_size": [preset.size, preset.size],
@@ -317,9 +325,9 @@ def make_explainer(
 ) -> Explainer:
     device = torch.device(args.device)
     if reference is None:
-        return Explainer(ckpt.module, ClassLogits(), args.target, list(class_names), device)
+        return Explainer(ckpt.module, ClassLogits(), args.target, list(class_names), device, args.weighting)
     target = reference.targets(args.seed)[f"{method}_{args.proxy}"]
-    return Explainer(ckpt.module, target, args.target, list(reference.dataset.class_names), device)
+    return Explainer(ckpt.module, target, args.target, list(reference.dataset.class_names), device, args.weighting)
 
 
 def explain_retrieval(
@@ -355,9 +363,15 @@ def explain_retrieval(
         size,
         Proxies(single_point_proxy(reference.embeddings[indices[0]]).to(device)),
         rows,
+        args.weighting,
     )
     neighbour_maps = head_cams(
-        module, neighbour_features, size, Proxies(single_point_proxy(query_embedding[0]).expand(k, -1).to(device)), rows
+        module,
+        neighbour_features,
+        size,
+        Proxies(single_point_proxy(query_embedding[0]).expand(k, -1).to(device)),
+        rows,
+        args.weighting,
     )
     query_rgb = denormalize(query)
     tiles, maps, captions, records = [], [], [], []
