@@ -105,12 +105,12 @@ def main() -> None:
         )
         ckpt = save_checkpoint(module, data, work / f"{kind}.ckpt")
         module = load_checkpoint(ckpt).module
-        targets: dict[str, Target] = {"gradcam": ClassLogits()}
+        targets: dict[str, Target] = {"gradcam": ClassLogits()}  # what evaluate scores by default
         if kind == "embedding":
             reference = reference_set(
                 module, ckpt, root, split="train", image_size=args.size, batch_size=args.batch, cache=False
             )
-            targets = dict(reference.targets(0))
+            targets = {f"gradcam/{scheme}": target for scheme, target in reference.targets(0).items()}
 
         def forward_only() -> None:
             with torch.inference_mode():
@@ -118,7 +118,8 @@ def main() -> None:
                     module(batch["image"])
 
         def evaluate() -> None:
-            localization_scores(module, batches, targets, torch.device("cpu"), n, progress=False)
+            methods = {name: (target, "gradcam") for name, target in targets.items()}
+            localization_scores(module, batches, methods, torch.device("cpu"), n, progress=False)
 
         forward_only(), evaluate()  # warm-up: allocator, thread pools, lazy imports
         times: dict[str, list[float]] = {"forward": [], "evaluate": []}

@@ -108,7 +108,7 @@ def test_embedding_scores_equal_cams_localization_for_both_proxies(
     trained: Trained, tmp_path: Path, test_split
 ) -> None:
     report, _ = run(trained.embedding, tmp_path / "embedding", "--no-cache")  # reference embedded in batches of 8
-    assert set(report["methods"]) == {"embeddingcam_normalized_mean", "embeddingcam_single_point", "centre_gaussian"}
+    assert set(report["methods"]) == {"gradcam/normalized_mean", "gradcam/single_point", "centre_gaussian"}
     assert report["reference_split"] == "train"
 
     module = load_checkpoint(trained.embedding).module
@@ -119,13 +119,40 @@ def test_embedding_scores_equal_cams_localization_for_both_proxies(
     picks = torch.tensor(report["single_point_reference_indices"])
     assert (labels[picks] == torch.arange(len(picks))).all()  # one image of each class
     proxies = {
-        "embeddingcam_normalized_mean": normalized_mean_proxies(gallery, labels),
-        "embeddingcam_single_point": gallery[picks],
+        "gradcam/normalized_mean": normalized_mean_proxies(gallery, labels),
+        "gradcam/single_point": gallery[picks],
     }
     cam = EmbeddingCAM(module, module.cam_target_layer)
     for name, proxy in proxies.items():
         maps = batched(cam, test_split["image"], proxy[test_split["label"]])
         assert_scores(report["methods"][name], expected_scores(maps, test_split))
+
+
+def test_weightings_are_scored_side_by_side(trained: Trained, tmp_path: Path, test_split) -> None:
+    """--weightings a,b: one column per weighting (and, for an embedding net, per proxy scheme), each equal to
+    cams.localization on the engine's maps of that weighting."""
+    report, _ = run(trained.classifier, tmp_path / "classifier", "--weightings", "gradcam,layercam")
+    assert set(report["methods"]) == {"gradcam", "layercam", "centre_gaussian"} and report["weightings"] == [
+        "gradcam",
+        "layercam",
+    ]
+    module = load_checkpoint(trained.classifier).module
+    maps = batched(
+        GradCAM(module, module.cam_target_layer, weighting="layercam"), test_split["image"], test_split["label"]
+    )
+    assert_scores(report["methods"]["layercam"], expected_scores(maps, test_split))
+    assert report["methods"]["layercam"] != report["methods"]["gradcam"]
+    assert (
+        "| metric | GradCAM | LayerCAM | centre Gaussian (baseline) |"
+        in (tmp_path / "classifier" / "metrics.md").read_text()
+    )
+
+    report, _ = run(trained.embedding, tmp_path / "embedding", "--weightings", "gradcam++")
+    assert set(report["methods"]) == {"gradcam++/normalized_mean", "gradcam++/single_point", "centre_gaussian"}
+    table = (tmp_path / "embedding" / "metrics.md").read_text()
+    assert "EmbeddingCAM, GradCAM++ weighting (normalized mean proxy)" in table
+    with pytest.raises(SystemExit):
+        main([str(trained.classifier), "--weightings", "gradcam,scorecam"])
 
 
 @pytest.mark.parametrize(

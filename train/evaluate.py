@@ -25,7 +25,7 @@ import math
 import sys
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast, get_args
 
 import numpy as np
 import torch
@@ -34,6 +34,7 @@ from torch.utils.data import Subset
 from tqdm import tqdm
 
 from cubcam.cams import minmax_normalize
+from cubcam.cams.engine import Weighting
 from cubcam.cams.localization import (
     DEFAULT_IOU_THRESHOLDS,
     DEFAULT_THRESHOLDS,
@@ -49,12 +50,39 @@ from cubcam.train.data.presets import EvalPreset
 from cubcam.train.explain import SPLITS, spread_indices
 from cubcam.train.reference import loader, reference_set, reference_split
 
-METHOD_NAMES = {
+WEIGHTING_NAMES = {
     "gradcam": "GradCAM",
-    "embeddingcam_normalized_mean": "EmbeddingCAM (normalized mean proxy)",
-    "embeddingcam_single_point": "EmbeddingCAM (single point proxy)",
-    "centre_gaussian": "centre Gaussian (baseline)",
+    "gradcam++": "GradCAM++",
+    "hirescam": "HiResCAM",
+    "xgradcam": "XGradCAM",
+    "layercam": "LayerCAM",
 }
+EvalMethod = tuple[Target, Weighting]  # what a map explains, and how the gradients weight it
+
+
+def method_name(key: str) -> str:
+    """The table's column title of a method key: ``gradcam++`` (a classifier's), ``gradcam++/normalized_mean`` (an
+    embedding net's: weighting / proxy scheme) or ``centre_gaussian``."""
+    if key == "centre_gaussian":
+        return "centre Gaussian (baseline)"
+    weighting, _, scheme = key.partition("/")
+    if not scheme:
+        return WEIGHTING_NAMES[weighting]
+    by = "" if weighting == "gradcam" else f", {WEIGHTING_NAMES[weighting]} weighting"
+    return f"EmbeddingCAM{by} ({scheme.replace('_', ' ')} proxy)"
+
+
+def parse_weightings(text: str) -> list[Weighting]:
+    """``--weightings gradcam,gradcam++``: the CAM family's weightings to score, each once, in the order given."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in get_args(Weighting)]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(
+            f"--weightings takes a comma-separated list of {', '.join(get_args(Weighting))}; got {text!r}"
+        )
+    return list(dict.fromkeys(cast(list[Weighting], names)))
+
+
 METRIC_NAMES = {
     "max_box_acc": "MaxBoxAccV2",
     "box_acc_iou50": "box accuracy @ IoU 0.5",
@@ -91,20 +119,20 @@ class CentreBaseline:
 def localization_scores(
     module: CAMModule,
     batches: Iterable[dict[str, Tensor]],
-    targets: dict[str, Target],
+    methods: dict[str, EvalMethod],
     device: torch.device,
     total: int,
     choice: Choice = "true",
     progress: bool = True,
 ) -> tuple[dict[str, dict[str, Any]], int]:
-    """Every target's scores, and the centre Gaussian's, over the ``total`` images of ``batches`` (in order); and
+    """Every method's scores, and the centre Gaussian's, over the ``total`` images of ``batches`` (in order); and
     the image count.
 
-    Each batch runs the backbone once (``features_and_outputs``); each target's maps are then one explanation step
+    Each batch runs the backbone once (``features_and_outputs``); each method's maps are then one explanation step
     from those activations, scored by one :class:`LocalizationAccumulator` per method (the callback's too).
     """
     workers = torch.get_num_threads()
-    accumulators = {name: LocalizationAccumulator(total, workers=workers) for name in [*targets, "centre_gaussian"]}
+    accumulators = {name: LocalizationAccumulator(total, workers=workers) for name in [*methods, "centre_gaussian"]}
     baseline: CentreBaseline | None = None
     seen = 0
     bar = tqdm(total=total, desc="evaluate", unit="img", file=sys.stderr, disable=not progress, dynamic_ncols=True)
@@ -115,8 +143,8 @@ def localization_scores(
             activations, outputs = features_and_outputs(module, images)
             slots = range(seen, seen + len(images))
             boxes, parts = batch["box"], batch["parts"]
-            for name, target in targets.items():
-                step = explain(module, activations, outputs, target, size, batch["label"], choice)
+            for name, (target, weighting) in methods.items():
+                step = explain(module, activations, outputs, target, size, batch["label"], choice, weighting)
                 accumulators[name].update(slots, step.maps.float().cpu(), boxes, parts)
             if baseline is None or tuple(baseline.map.shape) != size:
                 baseline = CentreBaseline(size)
@@ -144,7 +172,7 @@ def markdown_table(methods: dict[str, dict[str, float]]) -> str:
     """Metrics as rows, methods as columns (the baseline last), values in percent."""
     columns = [m for m in methods if m != "centre_gaussian"] + ["centre_gaussian"]
     lines = [
-        "| metric | " + " | ".join(METHOD_NAMES.get(m, m) for m in columns) + " |",
+        "| metric | " + " | ".join(method_name(m) for m in columns) + " |",
         "|---|" + "---:|" * len(columns),
     ]
     for key, label in METRIC_NAMES.items():
@@ -171,6 +199,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="output folder (default: <checkpoint folder>/<checkpoint name>-evaluate-<split>)",
     )
     parser.add_argument("--target", choices=("true", "predicted"), default="true", help="class whose CAM is scored")
+    parser.add_argument(
+        "--weightings",
+        type=parse_weightings,
+        default=["gradcam"],
+        help="comma-separated CAM weightings to score side by side, e.g. gradcam,gradcam++,hirescam,"
+        "xgradcam,layercam (embedding nets: each with both proxy schemes)",
+    )
     parser.add_argument(
         "--reference-split",
         choices=("train", "test"),
@@ -217,7 +252,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "target": args.target,
         "baseline_sigma": GAUSSIAN_SIGMA,
     }
-    targets: dict[str, Target] = {"gradcam": ClassLogits()}
+    targets: dict[str, Target] = {"": ClassLogits()}
     if module.cam_method == "embeddingcam":
         reference = reference_set(
             module,
@@ -239,7 +274,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         }
 
     batches = loader(dataset, args.batch_size, args.num_workers)
-    scores, num_images = localization_scores(module, batches, targets, device, len(dataset), args.target)
+    methods: dict[str, EvalMethod] = {
+        f"{w}/{scheme}".rstrip("/"): (target, w) for w in args.weightings for scheme, target in targets.items()
+    }
+    report["weightings"] = list(args.weightings)
+    scores, num_images = localization_scores(module, batches, methods, device, len(dataset), args.target)
     report |= {"num_images": num_images, "methods": scores}
     report = rounded(report)
     table = markdown_table(scores)

@@ -326,7 +326,7 @@ def make_explainer(
     device = torch.device(args.device)
     if reference is None:
         return Explainer(ckpt.module, ClassLogits(), args.target, list(class_names), device, args.weighting)
-    target = reference.targets(args.seed)[f"{method}_{args.proxy}"]
+    target = reference.targets(args.seed)[args.proxy]
     return Explainer(ckpt.module, target, args.target, list(reference.dataset.class_names), device, args.weighting)
 
 

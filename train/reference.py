@@ -67,8 +67,8 @@ class ReferenceSet:
         images' embedding (Single Point Proxy, drawn with ``seed``). Both predict the nearest mean proxy's class."""
         mean = self.mean_proxies()
         return {
-            "embeddingcam_normalized_mean": Proxies(mean),
-            "embeddingcam_single_point": Proxies(self.single_point_proxies(seed)[0], classes=mean),
+            "normalized_mean": Proxies(mean),
+            "single_point": Proxies(self.single_point_proxies(seed)[0], classes=mean),
         }
 
     def nearest(self, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
