@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from crafted import png_header
 from PIL import Image
 from torch.utils.data import DistributedSampler
 
@@ -160,10 +161,11 @@ def test_missing_and_corrupt_images_fail_by_name_or_are_skipped_with_a_count(
 ) -> None:
     root = copy_of(synthetic_cub, tmp_path)
     dataset = CUBDataset(root, "train")
-    missing, truncated, garbage = (dataset.image_path(i) for i in (1, 4, 9))
+    missing, truncated, garbage, bomb = (dataset.image_path(i) for i in (1, 4, 9, 12))
     missing.unlink()
     truncated.write_bytes(truncated.read_bytes()[:300])
     garbage.write_bytes(b"not a jpeg at all")
+    bomb.write_bytes(png_header(20000, 20000))  # over twice Pillow's MAX_IMAGE_PIXELS: DecompressionBombError
 
     with pytest.raises(FileNotFoundError, match=missing.name):
         CUBDataset(root, "train")
@@ -171,13 +173,14 @@ def test_missing_and_corrupt_images_fail_by_name_or_are_skipped_with_a_count(
     missing.with_suffix(".tmp").rename(missing)
     dataset = CUBDataset(root, "train")  # existence is checked up front, decoding when a sample is read
     paths = [dataset.image_path(i) for i in range(len(dataset))]
-    for path in (missing, truncated, garbage):
+    for path in (missing, truncated, garbage, bomb):
         with pytest.raises(OSError, match=path.name):
             dataset[paths.index(path)]
 
-    with pytest.warns(UserWarning, match=r"skipped 3 unreadable image\(s\) of 16"):
+    with pytest.warns(UserWarning, match=r"skipped 4 unreadable image\(s\) of 16"):
         kept = CUBDataset(root, "train", skip_bad_images=True)
-    assert len(kept) == 13 and not {missing, truncated, garbage} & {kept.image_path(i) for i in range(len(kept))}
+    bad = {missing, truncated, garbage, bomb}
+    assert len(kept) == 12 and not bad & {kept.image_path(i) for i in range(len(kept))}
     for index in range(len(kept)):  # the labels still belong to their images
         assert kept.class_names[kept.labels[index]] == human_name(kept.image_path(index).parent.name)
     assert len(CUBDataset(root, "test", skip_bad_images=True)) == 16  # the other split is untouched

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from crafted import png_header
 from PIL import Image
 from trained_checkpoints import SIZE, Trained, trained_checkpoints
 
@@ -51,16 +50,6 @@ def error_lines(stderr: str) -> list[str]:
 def embeddings_of(module: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return F.normalize(module(images), dim=1)
-
-
-def png_header(width: int, height: int) -> bytes:
-    """A PNG's signature, IHDR and IEND chunks: enough for Pillow to read its size (and refuse it as a bomb)."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
 
 
 def test_user_images_of_any_size_and_mode_beside_bad_ones(trained: Trained, tmp_path: Path, capsys) -> None:

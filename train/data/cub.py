@@ -256,5 +256,5 @@ def _decodes(path: Path) -> bool:
             image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
             image.load()
         return True
-    except (OSError, ValueError, SyntaxError):
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):  # the last one is not an OSError
         return False
