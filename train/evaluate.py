@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "target": args.target,
         "baseline_sigma": GAUSSIAN_SIGMA,
     }
-    targets: dict[str, Target] = {"": ClassLogits()}
+    targets: dict[str | None, Target] = {None: ClassLogits()}  # by proxy scheme (None: a classifier's logits)
     if module.cam_method == "embeddingcam":
         reference = reference_set(
             module,
@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             device=device,
             cache=not args.no_cache,
         )
-        targets = dict(reference.targets(args.seed))
+        targets = dict[str | None, Target](reference.targets(args.seed))
         report |= {
             "reference_split": ref_split,
             "single_point_seed": args.seed,
@@ -275,7 +275,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     batches = loader(dataset, args.batch_size, args.num_workers)
     methods: dict[str, EvalMethod] = {
-        f"{w}/{scheme}".rstrip("/"): (target, w) for w in args.weightings for scheme, target in targets.items()
+        w if scheme is None else f"{w}/{scheme}": (target, w)
+        for w in args.weightings
+        for scheme, target in targets.items()
     }
     report["weightings"] = list(args.weightings)
     scores, num_images = localization_scores(module, batches, methods, device, len(dataset), args.target)
