@@ -44,6 +44,11 @@ class EpochCollector:
     subset_rows: list[dict[str, Tensor]] = field(default_factory=list)
     image_size: tuple[int, int] = (0, 0)
 
+    def __post_init__(self) -> None:
+        # As tensors once, not per batch: torch.isin picks each batch's rows of the panel and the subset.
+        self._panel_index = torch.tensor(self.panel or [], dtype=torch.long)
+        self._subset_index = torch.tensor(self.subset, dtype=torch.long)
+
     def add(self, step: CAMStepOutput, batch: dict[str, Tensor]) -> None:
         """One validation batch: its step output and the batch (for the images and boxes)."""
         index, label = step["index"].detach(), step["label"].detach()
@@ -52,7 +57,7 @@ class EpochCollector:
         if self.panel is not None:  # kept even when empty: its shapes let every rank join the gather
             self.panel_rows.append(
                 _rows(
-                    self.panel,
+                    self._panel_index,
                     index,
                     {
                         "index": index,
@@ -66,7 +71,7 @@ class EpochCollector:
             )
         if self.subset:
             rows = _rows(
-                self.subset,
+                self._subset_index,
                 index,
                 {"index": index, "activations": step["activations"], "box": batch["box"], "label": label},
             )
@@ -118,7 +123,7 @@ def load_birds(dataset: Any, indices: list[int], module: CAMModule, device: torc
     }
 
 
-def _rows(wanted: list[int], index: Tensor, columns: dict[str, Tensor]) -> dict[str, Tensor]:
+def _rows(wanted: Tensor, index: Tensor, columns: dict[str, Tensor]) -> dict[str, Tensor]:
     """The rows of a batch whose dataset index is in ``wanted``, detached, on the CPU (possibly none)."""
-    rows = torch.isin(index, torch.tensor(wanted, dtype=index.dtype, device=index.device)).nonzero()[:, 0]
+    rows = torch.isin(index, wanted.to(device=index.device, dtype=index.dtype)).nonzero()[:, 0]
     return {key: value.detach()[rows.to(value.device)].cpu() for key, value in columns.items()}
