@@ -38,6 +38,10 @@ class Target(Protocol):
         """Bounded scores [B, C] of every class; the argmax is the predicted class."""
         ...
 
+    def confidence(self, outputs: Tensor, rows: Tensor) -> Tensor:
+        """A positive, bounded score [B] in [0, 1] of row ``rows[b]``: what faithfulness metrics perturb."""
+        ...
+
 
 class ClassLogits:
     """GradCAM's target: the logit of a class."""
@@ -53,6 +57,11 @@ class ClassLogits:
 
     def class_scores(self, outputs: Tensor) -> Tensor:
         return outputs.float().softmax(1)
+
+    def confidence(self, outputs: Tensor, rows: Tensor) -> Tensor:
+        """The softmax probability of the class."""
+        rows = check_rows(rows, outputs.shape[0], outputs.shape[1], "targets").to(outputs.device)
+        return self.class_scores(outputs).gather(1, rows[:, None])[:, 0]
 
 
 class Proxies:
@@ -72,6 +81,16 @@ class Proxies:
         self.classes = table if classes is None else classes
 
     def score(self, outputs: Tensor, rows: Tensor) -> Tensor:
+        return (outputs * self._proxies(outputs, rows)).sum(1)
+
+    def confidence(self, outputs: Tensor, rows: Tensor) -> Tensor:
+        """The cosine to the proxy, clipped at 0 (an embedding pointing away scores nothing, as a probability of 0
+        would): bounded where the dot product is not."""
+        proxies = self._proxies(outputs, rows).float()
+        return F.cosine_similarity(outputs.float(), proxies, dim=1).clamp_min(0)
+
+    def _proxies(self, outputs: Tensor, rows: Tensor) -> Tensor:
+        """The proxy of each image, [B, D] on the outputs' device and dtype, after checking shapes and rows."""
         if outputs.dim() != 2:
             raise ValueError(f"EmbeddingCAM needs embeddings of shape [B, D], got {tuple(outputs.shape)}")
         if self.table.shape[1] != outputs.shape[1]:
@@ -79,8 +98,7 @@ class Proxies:
                 f"proxies of dimension {self.table.shape[1]} do not fit embeddings of shape {tuple(outputs.shape)}"
             )
         rows = check_rows(rows, outputs.shape[0], len(self.table), "proxy rows").to(outputs.device)
-        proxies = self.table.to(device=outputs.device, dtype=outputs.dtype)[rows]
-        return (outputs * proxies).sum(1)
+        return self.table.to(device=outputs.device, dtype=outputs.dtype)[rows]
 
     def class_scores(self, outputs: Tensor) -> Tensor:
         unit = F.normalize(self.classes.float(), dim=1).to(outputs.device)
