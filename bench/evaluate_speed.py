@@ -4,9 +4,16 @@ For each model kind (a Classifier: GradCAM; an EmbeddingNet: EmbeddingCAM with b
 loaded into memory once, then, interleaved ``--repeats`` times so machine noise hits both alike (median reported):
 
 - forward only: ``module(images)`` per batch under ``torch.inference_mode()`` — the floor;
-- evaluate: ``cubcam.train.evaluate.localization_scores`` on the same batches — the hooked forward, head-only CAMs for
+- evaluate: ``cubcam.train.evaluate.score_split`` on the same batches — the hooked forward, head-only CAMs for
   every method, upsampling, and the MaxBoxAccV2 / heatmap-ratio / pointing-game bookkeeping of every method and of
-  the centre-Gaussian baseline (what ``cubcam evaluate`` does per batch, minus reading the JPEGs).
+  the two baselines (what ``cubcam evaluate`` does per batch, minus reading the JPEGs).
+
+Faithfulness (``--faithfulness``) on the same maps: ``cubcam.train.evaluate.perturb`` (deletion / insertion curves
+of ``--steps`` and Average Drop / Increase, for every method and baseline) against its floor, the same number of
+batched no-grad forwards of already perturbed batches (what the perturbation costs on top of the forwards it needs);
+and the Average Drop step alone against pytorch-grad-cam's ``DropInConfidence`` + ``IncreaseInConfidence`` on the
+same images and maps (the same quantity: its perturbation is ``x * cam``; it runs the model once per metric).
+pytorch-grad-cam's ROAD is a different perturbation (noisy linear imputation), so it is not compared.
 
 Then ``cubcam evaluate`` itself runs end to end (JPEG decoding, checkpoint loading, reference cache) once cold
 (the embedding net's reference split is embedded and cached) and once warm, beside a plain forward that reads the
@@ -14,7 +21,7 @@ same JPEGs through the same DataLoader. Weights are random: speed does not depen
 
     python bench/evaluate_speed.py [--arch resnet18] [--size 128] [--classes 8] [--per-class 30] [--batch 32]
 
-Target: evaluate >= 0.7x the forward-only throughput.
+Targets: evaluate >= 0.7x the forward-only throughput; faithfulness >= 0.8x its forward floor.
 """
 
 from __future__ import annotations
@@ -41,7 +48,7 @@ from cubcam.train.data.cub import CUBDataset
 from cubcam.train.data.datamodule import CUBDataModule
 from cubcam.train.data.presets import EvalPreset
 from cubcam.train.data.synthetic import make_synthetic_cub
-from cubcam.train.evaluate import localization_scores
+from cubcam.train.evaluate import BASELINES, CentreBaseline, perturb, score_split
 from cubcam.train.evaluate import main as evaluate_main
 from cubcam.train.modules import Classifier, EmbeddingNet
 from cubcam.train.reference import loader, reference_set
@@ -80,6 +87,7 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=30)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=8, help="faithfulness curve steps (cubcam evaluate's default)")
     args = parser.parse_args()
     pl.seed_everything(0, verbose=False)
 
@@ -99,6 +107,7 @@ def main() -> None:
     )
 
     kinds = {"classifier": Classifier, "embedding": EmbeddingNet}
+    faithfulness: dict[str, tuple[int, float, float, float, float]] = {}
     for kind, cls in kinds.items():
         module = cls(
             arch=args.arch, output_stride=args.output_stride, num_classes=data.num_classes, class_names=data.class_names
@@ -119,7 +128,7 @@ def main() -> None:
 
         def evaluate() -> None:
             methods = {name: (target, "gradcam") for name, target in targets.items()}
-            localization_scores(module, batches, methods, torch.device("cpu"), n, progress=False)
+            score_split(module, batches, methods, torch.device("cpu"), n, progress=False)
 
         forward_only(), evaluate()  # warm-up: allocator, thread pools, lazy imports
         times: dict[str, list[float]] = {"forward": [], "evaluate": []}
@@ -154,6 +163,85 @@ def main() -> None:
             f"{kind:<11}{forward_ips:>15.1f}{evaluate_ips:>16.1f}{evaluate_ips / forward_ips:>7.2f}x   "
             f"{n / cold:.1f} / {n / warm:.1f} vs {n / disk:.1f} ({(n / warm) / (n / disk):.2f}x warm)"
         )
+        faithfulness[kind] = time_faithfulness(module, batches, targets, args.steps, args.repeats)
+
+    print(
+        f"\nfaithfulness, {args.steps} steps, every method and baseline (img/s of the split; median of {args.repeats})"
+    )
+    print(f"{'model':<11}{'methods':>8}{'floor':>9}{'ours':>9}{'ratio':>8}   Average Drop: ours vs pytorch-grad-cam")
+    for kind, (methods, floor, ours, drop, pgc) in faithfulness.items():
+        print(
+            f"{kind:<11}{methods:>8}{n / floor:>9.1f}{n / ours:>9.1f}{floor / ours:>7.2f}x   "
+            f"{n / drop:.1f} vs {n / pgc:.1f} img/s ({pgc / drop:.2f}x faster)"
+        )
+
+
+def time_faithfulness(
+    module: torch.nn.Module,
+    batches: list[dict[str, torch.Tensor]],
+    targets: dict[str, Target],
+    steps: int,
+    repeats: int,
+) -> tuple[int, float, float, float, float]:
+    """(methods, floor s, perturb s, our Average Drop s, pytorch-grad-cam's s) over the split, medians."""
+    from pytorch_grad_cam.metrics.cam_mult_image import DropInConfidence, IncreaseInConfidence
+
+    from cubcam.cams.engine import eval_mode
+    from cubcam.cams.faithfulness import BLUR_SIGMA, FaithfulnessAccumulator, confidence_change, random_maps
+    from cubcam.cams.protocol import explain, features_and_outputs
+
+    prepared = []  # per batch: images, outputs, every method's maps (as evaluate builds them)
+    generator = torch.Generator().manual_seed(0)
+    for batch in batches:
+        images = batch["image"]
+        size = tuple(images.shape[-2:])
+        activations, outputs = features_and_outputs(module, images)
+        maps = {}
+        for name, target in targets.items():
+            step = explain(module, activations, outputs, target, size, batch["label"])
+            maps[name] = (step.maps, (target, "gradcam"), step.explained)
+        first = next(iter(maps.values()))
+        maps["random"] = (random_maps(len(images), tuple(activations.shape[-2:]), size, generator), *first[1:])
+        maps["centre_gaussian"] = (CentreBaseline(size).map.expand(len(images), -1, -1), *first[1:])
+        prepared.append((images, outputs, maps))
+    methods = len(prepared[0][2])
+    forwards = 2 * (steps - 1) + 1  # per method and image; plus the canvas and the one grey image per batch
+
+    def floor() -> None:
+        with eval_mode(module), torch.no_grad():
+            for images, _, _ in prepared:
+                module(images), module(images[:1])
+                for _ in range(methods * forwards):
+                    module(images)
+
+    def ours() -> None:
+        faithful = {name: FaithfulnessAccumulator(steps) for name in [*targets, *BASELINES]}
+        for images, outputs, maps in prepared:
+            perturb(module, images, outputs, maps, faithful, steps, BLUR_SIGMA)
+
+    first_name = next(iter(targets))
+
+    def our_drop() -> None:
+        with eval_mode(module), torch.no_grad():
+            for images, outputs, maps in prepared:
+                cams, (target, _), rows = maps[first_name]
+                confidence_change(
+                    lambda x: target.confidence(module(x), rows), images, cams, target.confidence(outputs, rows)
+                )
+
+    def pgc_drop() -> None:
+        for images, _, maps in prepared:
+            cams, (target, _), rows = maps[first_name]
+            pgc_targets = [lambda out, r=int(r): target.confidence(out[None], torch.tensor([r]))[0] for r in rows]
+            for metric in (DropInConfidence(), IncreaseInConfidence()):
+                metric(images, cams.numpy(), pgc_targets, module.eval())
+
+    floor(), ours(), our_drop(), pgc_drop()  # warm-up
+    times: dict[str, list[float]] = {"floor": [], "ours": [], "drop": [], "pgc": []}
+    for _ in range(repeats):
+        for name, fn in (("floor", floor), ("ours", ours), ("drop", our_drop), ("pgc", pgc_drop)):
+            times[name].append(timed(fn))
+    return methods, *(statistics.median(times[k]) for k in ("floor", "ours", "drop", "pgc"))
 
 
 if __name__ == "__main__":

@@ -302,9 +302,14 @@ class LocalizationAccumulator:
     def num_images(self) -> int:
         return int((self.rows[:, -1] > 0).sum())
 
-    def compute(self) -> dict[str, float | np.ndarray]:
-        """The scores over every slot seen at least once (each counted once); ValueError if none was."""
+    def compute(self, slots: ArrayLike | None = None) -> dict[str, float | np.ndarray]:
+        """The scores over every slot seen at least once (each counted once), or over those of ``slots`` (e.g. one
+        class's images); ValueError if none was seen."""
         seen = self.rows[:, -1] > 0
+        if slots is not None:
+            chosen = torch.zeros_like(seen)
+            chosen[torch.as_tensor(np.asarray(slots, dtype=np.int64))] = True
+            seen &= chosen
         if not seen.any():
             raise ValueError("no image was added to the localization accumulator")
         rows = (self.rows[seen] / self.rows[seen, -1:]).numpy()

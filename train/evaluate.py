@@ -24,6 +24,8 @@ import json
 import math
 import sys
 from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, cast, get_args
 
@@ -34,7 +36,17 @@ from torch.utils.data import Subset
 from tqdm import tqdm
 
 from cubcam.cams import minmax_normalize
-from cubcam.cams.engine import Weighting
+from cubcam.cams.engine import Weighting, eval_mode
+from cubcam.cams.faithfulness import (
+    BLUR_SIGMA,
+    CurveEnds,
+    FaithfulnessAccumulator,
+    blur,
+    confidence_change,
+    deletion_insertion,
+    fractions,
+    random_maps,
+)
 from cubcam.cams.localization import (
     DEFAULT_IOU_THRESHOLDS,
     DEFAULT_THRESHOLDS,
@@ -45,9 +57,10 @@ from cubcam.cams.localization import (
 from cubcam.cams.protocol import CAMModule, Choice, explain, features_and_outputs
 from cubcam.cams.targets import ClassLogits, Target
 from cubcam.train.checkpoint import CheckpointError, load_checkpoint, one_line
-from cubcam.train.data.cub import CUBDataset
+from cubcam.train.data.cub import SPLITS, CUBDataset
 from cubcam.train.data.presets import EvalPreset
-from cubcam.train.explain import SPLITS, spread_indices
+from cubcam.train.explain import spread_indices
+from cubcam.train.plots import box_accuracy_plot, faithfulness_plot
 from cubcam.train.reference import loader, reference_set, reference_split
 
 WEIGHTING_NAMES = {
@@ -58,13 +71,15 @@ WEIGHTING_NAMES = {
     "layercam": "LayerCAM",
 }
 EvalMethod = tuple[Target, Weighting]  # what a map explains, and how the gradients weight it
+BASELINES = ("random", "centre_gaussian")  # uninformed maps scored beside the methods (random: with faithfulness)
+IOUS = DEFAULT_IOU_THRESHOLDS
 
 
 def method_name(key: str) -> str:
     """The table's column title of a method key: ``gradcam++`` (a classifier's), ``gradcam++/normalized_mean`` (an
-    embedding net's: weighting / proxy scheme) or ``centre_gaussian``."""
-    if key == "centre_gaussian":
-        return "centre Gaussian (baseline)"
+    embedding net's: weighting / proxy scheme) or a baseline's."""
+    if key in BASELINE_NAMES:
+        return BASELINE_NAMES[key]
     weighting, _, scheme = key.partition("/")
     if not scheme:
         return WEIGHTING_NAMES[weighting]
@@ -83,6 +98,7 @@ def parse_weightings(text: str) -> list[Weighting]:
     return list(dict.fromkeys(cast(list[Weighting], names)))
 
 
+BASELINE_NAMES = {"random": "random map (baseline)", "centre_gaussian": "centre Gaussian (baseline)"}
 METRIC_NAMES = {
     "max_box_acc": "MaxBoxAccV2",
     "box_acc_iou50": "box accuracy @ IoU 0.5",
@@ -90,6 +106,13 @@ METRIC_NAMES = {
     "pointing_game": "pointing game (peak in box)",
     "pointing_game_parts": "pointing game (visible parts)",
 }
+FAITHFULNESS_NAMES = {
+    "deletion_auc": "deletion AUC (lower is better)",
+    "insertion_auc": "insertion AUC (higher is better)",
+    "average_drop": "Average Drop (lower is better)",
+    "increase_in_confidence": "Increase in Confidence (higher is better)",
+}
+DEFAULT_STEPS = 8  # deletion/insertion: 9 points; each step costs a forward of every image per method
 GAUSSIAN_SIGMA = 0.25  # of the image side; the level sets (centred discs) and so the box metrics do not depend on it
 
 
@@ -116,24 +139,47 @@ class CentreBaseline:
         return best[:, :, None] >= np.asarray(DEFAULT_IOU_THRESHOLDS)
 
 
-def localization_scores(
+@dataclass
+class Scores:
+    """What :func:`score_split` found: scalar scores and curves by method (baselines included), the image count,
+    and each method's accumulator with the label of every slot, for the per-class table."""
+
+    methods: dict[str, dict[str, float]]
+    curves: dict[str, dict[str, list[float]]]
+    num_images: int
+    accumulators: dict[str, LocalizationAccumulator]
+    labels: np.ndarray
+
+
+def score_split(
     module: CAMModule,
     batches: Iterable[dict[str, Tensor]],
     methods: dict[str, EvalMethod],
     device: torch.device,
     total: int,
     choice: Choice = "true",
+    steps: int | None = None,
+    seed: int = 0,
+    blur_sigma: float = BLUR_SIGMA,
     progress: bool = True,
-) -> tuple[dict[str, dict[str, Any]], int]:
-    """Every method's scores, and the centre Gaussian's, over the ``total`` images of ``batches`` (in order); and
-    the image count.
+) -> Scores:
+    """Every method's scores, and the baselines', over the ``total`` images of ``batches`` (in order).
 
     Each batch runs the backbone once (``features_and_outputs``); each method's maps are then one explanation step
-    from those activations, scored by one :class:`LocalizationAccumulator` per method (the callback's too).
+    from those activations, scored by one :class:`LocalizationAccumulator` per method (the callback's too). With
+    ``steps``, also faithfulness (:mod:`cubcam.cams.faithfulness`): per method ``2 * (steps - 1) + 1`` batched
+    no-grad forwards of perturbed images, plus two per batch shared by all (the blurred canvas, the substrate).
+    The baselines (``centre_gaussian``, and with ``steps`` also ``random``, drawn from ``seed``) are scored with
+    the first method's target, so they answer "what does an uninformed map get on this score".
     """
     workers = torch.get_num_threads()
-    accumulators = {name: LocalizationAccumulator(total, workers=workers) for name in [*methods, "centre_gaussian"]}
+    baselines = BASELINES if steps else ("centre_gaussian",)
+    names = [*methods, *baselines]
+    accumulators = {name: LocalizationAccumulator(total, workers=workers) for name in names}
+    faithful = {name: FaithfulnessAccumulator(steps) for name in names} if steps else {}
+    labels = np.full(total, -1, np.int64)
     baseline: CentreBaseline | None = None
+    generator = torch.Generator().manual_seed(seed)
     seen = 0
     bar = tqdm(total=total, desc="evaluate", unit="img", file=sys.stderr, disable=not progress, dynamic_ncols=True)
     with bar:
@@ -142,19 +188,65 @@ def localization_scores(
             size = (images.shape[-2], images.shape[-1])
             activations, outputs = features_and_outputs(module, images)
             slots = range(seen, seen + len(images))
+            labels[seen : seen + len(images)] = np.asarray(batch["label"])
             boxes, parts = batch["box"], batch["parts"]
-            for name, (target, weighting) in methods.items():
-                step = explain(module, activations, outputs, target, size, batch["label"], choice, weighting)
-                accumulators[name].update(slots, step.maps.float().cpu(), boxes, parts)
             if baseline is None or tuple(baseline.map.shape) != size:
                 baseline = CentreBaseline(size)
-            accumulators["centre_gaussian"].update(
-                slots, baseline.map.expand(len(images), -1, -1), boxes, parts, hits=baseline.box_hits(boxes)
-            )
+            maps: dict[str, tuple[Tensor, EvalMethod, Tensor]] = {}
+            for name, (target, weighting) in methods.items():
+                step = explain(module, activations, outputs, target, size, batch["label"], choice, weighting)
+                maps[name] = (step.maps.float(), (target, weighting), step.explained)
+            first = next(iter(maps.values()))
+            if steps:  # where it tells something; its many small regions would triple the cost of box metrics
+                random = random_maps(len(images), tuple(activations.shape[-2:]), size, generator).to(device)
+                maps["random"] = (random, first[1], first[2])
+            maps["centre_gaussian"] = (baseline.map.to(device).expand(len(images), -1, -1), first[1], first[2])
+            for name, (cams, _, _) in maps.items():
+                hits = baseline.box_hits(boxes) if name == "centre_gaussian" else None
+                accumulators[name].update(slots, cams.cpu(), boxes, parts, hits=hits)
+            if steps:
+                perturb(module, images, outputs, maps, faithful, steps, blur_sigma)
             seen += len(images)
             bar.update(len(images))
-    scores = {name: {k: v for k, v in acc.compute().items() if np.isscalar(v)} for name, acc in accumulators.items()}
-    return scores, seen
+    scores: dict[str, dict[str, float]] = {}
+    curves: dict[str, dict[str, list[float]]] = {}
+    for name in names:
+        localized = accumulators[name].compute()
+        box_curve = np.asarray(localized["box_acc_curve"])
+        curves[name] = {f"box_acc_iou{round(100 * t)}": box_curve[:, j].tolist() for j, t in enumerate(IOUS)}
+        scores[name] = {k: float(v) for k, v in localized.items() if np.isscalar(v)}
+        if name in faithful:
+            result = faithful[name].compute()
+            curves[name] |= {k: cast(list[float], result.pop(k)) for k in ("deletion_curve", "insertion_curve")}
+            scores[name] |= {k: float(v) for k, v in result.items() if k != "num_images"}
+    return Scores(scores, curves, seen, accumulators, labels)
+
+
+def perturb(
+    module: CAMModule,
+    images: Tensor,
+    outputs: Tensor,
+    maps: dict[str, tuple[Tensor, EvalMethod, Tensor]],
+    faithful: dict[str, FaithfulnessAccumulator],
+    steps: int,
+    blur_sigma: float,
+) -> None:
+    """Deletion/insertion curves and confidence changes of every map of a batch, into ``faithful``."""
+    with eval_mode(module), torch.no_grad():
+        canvas = blur(images, blur_sigma)
+        canvas_outputs = module(canvas)
+        substrate_outputs = module(torch.zeros_like(images[:1])).expand(len(images), -1)  # the same grey image
+        for name, (cams, (target, _), rows) in maps.items():
+            confidence = partial(_confidence, module, target, rows)
+            base = target.confidence(outputs, rows)
+            ends = CurveEnds(base, target.confidence(substrate_outputs, rows), target.confidence(canvas_outputs, rows))
+            deletion, insertion = deletion_insertion(confidence, images, cams, steps, ends, canvas)
+            drop, increase = confidence_change(confidence, images, cams, base)
+            faithful[name].update(deletion, insertion, drop, increase)
+
+
+def _confidence(module: CAMModule, target: Target, rows: Tensor, images: Tensor) -> Tensor:
+    return target.confidence(module(images), rows)
 
 
 def rounded(value: Any, digits: int = 6) -> Any:
@@ -169,17 +261,56 @@ def rounded(value: Any, digits: int = 6) -> Any:
 
 
 def markdown_table(methods: dict[str, dict[str, float]]) -> str:
-    """Metrics as rows, methods as columns (the baseline last), values in percent."""
-    columns = [m for m in methods if m != "centre_gaussian"] + ["centre_gaussian"]
+    """Metrics as rows, methods as columns (in the given order: the baselines last), values in percent; the
+    faithfulness rows when they were measured."""
+    columns = list(methods)
     lines = [
         "| metric | " + " | ".join(method_name(m) for m in columns) + " |",
         "|---|" + "---:|" * len(columns),
     ]
-    for key, label in METRIC_NAMES.items():
+    rows = METRIC_NAMES | (FAITHFULNESS_NAMES if "deletion_auc" in methods[columns[0]] else {})
+    for key, label in rows.items():
         values = [methods[m].get(key) for m in columns]
-        cells = ["n/a" if v is None or math.isnan(v) else f"{100 * v:.2f}" for v in values]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append(f"| {label} | " + " | ".join(_percent(v) for v in values) + " |")
     return "\n".join(lines) + "\n"
+
+
+PER_CLASS_KEYS = ("max_box_acc", "box_acc_iou50", "heatmap_ratio", "pointing_game")
+
+
+def per_class(scores: Scores, class_names: list[str]) -> dict[str, dict[str, Any]]:
+    """Each class's localization scores by method (``PER_CLASS_KEYS``, the thresholds chosen within the class, as
+    MaxBoxAccV2 chooses them within a split) and its image count, keyed by class name in label order."""
+    table: dict[str, dict[str, Any]] = {}
+    for label in np.unique(scores.labels[scores.labels >= 0]):
+        slots = np.flatnonzero(scores.labels == label)
+        row: dict[str, Any] = {"num_images": len(slots)}
+        for name, accumulator in scores.accumulators.items():
+            computed = accumulator.compute(slots)
+            row[name] = {key: float(cast(float, computed[key])) for key in PER_CLASS_KEYS}
+        table[class_names[int(label)]] = row
+    return table
+
+
+def per_class_table(classes: dict[str, dict[str, Any]], methods: list[str]) -> str:
+    """The per-class table, the worst-localized class (by the first method's MaxBoxAccV2) first."""
+    first = methods[0]
+    order = sorted(classes, key=lambda name: (classes[name][first]["max_box_acc"], name))
+    lines = [
+        f"Per class, worst first by {method_name(first)} MaxBoxAccV2 (%):\n",
+        "| class | images | " + " | ".join(f"{method_name(m)} MaxBoxAccV2" for m in methods) + " | "
+        f"{method_name(first)} pointing game |",
+        "|---|---:|" + "---:|" * (len(methods) + 1),
+    ]
+    for name in order:
+        row = classes[name]
+        cells = [_percent(row[m]["max_box_acc"]) for m in methods] + [_percent(row[first]["pointing_game"])]
+        lines.append(f"| {name} | {row['num_images']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{100 * value:.2f}"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -191,7 +322,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--data.root", dest="data_root", default=None, help="dataset root (default: the one saved in the checkpoint)"
     )
     parser.add_argument("--data.split_scheme", dest="split_scheme", choices=("official", "zero_shot"), default=None)
-    parser.add_argument("--split", choices=sorted(SPLITS), default="test", help="split to score (val = test)")
+    parser.add_argument(
+        "--split", choices=SPLITS, default="test", help="split to score (val: the one held out of the training data)"
+    )
     parser.add_argument(
         "--out",
         type=Path,
@@ -207,12 +340,38 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "xgradcam,layercam (embedding nets: each with both proxy schemes)",
     )
     parser.add_argument(
-        "--reference-split",
-        choices=("train", "test"),
-        default=None,
-        help="embedding nets: split whose embeddings give the proxies (default: train; test in the zero_shot scheme)",
+        "--faithfulness",
+        action="store_true",
+        help="also score deletion/insertion AUC and Average Drop / Increase in Confidence (about "
+        "2 * steps forwards per image and method)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="draws the single-point proxy of each class")
+    parser.add_argument(
+        "--steps", type=positive_int, default=DEFAULT_STEPS, help="deletion/insertion curve steps (points: steps + 1)"
+    )
+    parser.add_argument(
+        "--blur",
+        type=float,
+        default=BLUR_SIGMA,
+        help="insertion canvas: Gaussian blur sigma as a fraction of the shorter image side (default %(default)s)",
+    )
+    parser.add_argument(
+        "--wandb",
+        nargs="?",
+        const="cubcam",
+        default=None,
+        metavar="PROJECT",
+        help="also log the table and the plots to a W&B run of PROJECT (default cubcam; WANDB_MODE=offline works)",
+    )
+    parser.add_argument(
+        "--reference-split",
+        choices=SPLITS,
+        default=None,
+        help="embedding nets: split whose embeddings give the proxies (default: train; in the zero_shot scheme the "
+        "scored split, val or test)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="draws the single-point proxy of each class and the random baseline maps"
+    )
     parser.add_argument("--image-size", type=int, default=None, help="default: the checkpoint's data.image_size")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--num-workers", type=int, default=2)
@@ -231,11 +390,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         root = args.data_root or ckpt.data_hparams.get("root")
         if root is None or not Path(root).exists():
             raise CheckpointError(f"dataset {root or '(none saved in the checkpoint)'} not found; pass --data.root")
-        split_scheme = args.split_scheme or ckpt.split_scheme
+        settings = ckpt.split_settings(args.split_scheme)
+        split_scheme = settings["split_scheme"]
         image_size = args.image_size or ckpt.image_size
-        split = SPLITS[args.split]
-        ref_split = reference_split(split_scheme, args.reference_split)
-        dataset = CUBDataset(root, split=split, split_scheme=split_scheme, transform=EvalPreset(image_size))
+        split = args.split
+        ref_split = reference_split(split_scheme, args.reference_split, split)
+        dataset = CUBDataset(root, split=split, transform=EvalPreset(image_size), **settings)
     except (CheckpointError, FileNotFoundError, ValueError) as err:
         print(f"error: {one_line(err)}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -248,6 +408,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "method": module.cam_method,
         "split": split,
         "split_scheme": split_scheme,
+        "val_fraction": settings["val_fraction"],
+        "split_seed": settings["seed"],
         "image_size": image_size,
         "target": args.target,
         "baseline_sigma": GAUSSIAN_SIGMA,
@@ -259,7 +421,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             ckpt.path,
             root,
             split=ref_split,
-            split_scheme=split_scheme,
+            settings=settings,
             image_size=image_size,
             batch_size=args.batch_size,
             num_workers=args.num_workers,
@@ -280,14 +442,84 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for scheme, target in targets.items()
     }
     report["weightings"] = list(args.weightings)
-    scores, num_images = localization_scores(module, batches, methods, device, len(dataset), args.target)
-    report |= {"num_images": num_images, "methods": scores}
+    steps = args.steps if args.faithfulness else None
+    scores = score_split(module, batches, methods, device, len(dataset), args.target, steps, args.seed, args.blur)
+    first = next(iter(methods))
+    classes = per_class(scores, dataset_class_names(dataset))
+    report |= {
+        "num_images": scores.num_images,
+        "methods": scores.methods,
+        "curves": scores.curves,
+        "thresholds": DEFAULT_THRESHOLDS.tolist(),
+        "per_class": classes,
+    }
+    if steps:
+        report |= {"faithfulness_steps": steps, "fractions": fractions(steps).tolist(), "blur_sigma": args.blur}
     report = rounded(report)
-    table = markdown_table(scores)
     out = args.out or ckpt.path.with_name(f"{ckpt.path.stem}-evaluate-{split}")
     out.mkdir(parents=True, exist_ok=True)
+    plots = write_plots(report, out)
     (out / "metrics.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
-    heading = f"{ckpt.path.name} on the {split} split ({num_images} images, {image_size} px), in %:\n\n"
-    (out / "metrics.md").write_text(heading + table)
-    print(heading + table + f"\nwrote {out / 'metrics.json'} and {out / 'metrics.md'}")
+    heading = f"{ckpt.path.name} on the {split} split ({scores.num_images} images, {image_size} px), in %:\n\n"
+    baselines = [name for name in BASELINES if name in scores.methods]
+    text = heading + markdown_table(report["methods"]) + "\n" + per_class_table(classes, [first, *baselines])
+    (out / "metrics.md").write_text(text)
+    print(heading + markdown_table(report["methods"]))
+    print(
+        f"wrote {out / 'metrics.json'}, {out / 'metrics.md'} (with the per-class table) and "
+        + ", ".join(p.name for p in plots)
+    )
+    if args.wandb:
+        log_to_wandb(args.wandb, report, text, plots, out)
     return report
+
+
+def write_plots(report: dict[str, Any], out: Path) -> list[Path]:
+    """The box-accuracy plot, and the deletion/insertion plot when faithfulness was measured, beside metrics.md."""
+    curves, labels = report["curves"], {name: method_name(name) for name in report["methods"]}
+    plots = [box_accuracy_plot(curves, report["thresholds"], list(IOUS), labels, out / "box_accuracy.png")]
+    if "fractions" in report:
+        plots.append(faithfulness_plot(curves, report["fractions"], labels, out / "deletion_insertion.png"))
+    return plots
+
+
+def log_to_wandb(project: str, report: dict[str, Any], text: str, plots: list[Path], out: Path) -> None:
+    """The scores (a table, and the run summary) and the plots as one W&B run of ``project`` (job type
+    ``evaluate``). A W&B failure is one warning: the files on disk are the result and are already written."""
+    try:
+        import wandb
+
+        run = wandb.init(
+            project=project,
+            job_type="evaluate",
+            name=f"evaluate-{Path(report['checkpoint']).stem}-{report['split']}",
+            dir=str(out),
+            config={k: v for k, v in report.items() if k not in ("methods", "curves", "per_class", "fractions")},
+        )
+        try:
+            keys = sorted({key for scores in report["methods"].values() for key in scores})
+            table = wandb.Table(
+                columns=["method", *keys],
+                data=[[name, *(scores.get(k) for k in keys)] for name, scores in report["methods"].items()],
+            )
+            images = {f"evaluate/{p.stem}": wandb.Image(str(p)) for p in plots}
+            run.log({"evaluate/metrics": table, **images})
+            run.summary.update(
+                {f"{name}/{k}": v for name, scores in report["methods"].items() for k, v in scores.items()}
+            )
+        finally:
+            run.finish()
+        print(f"logged to W&B: project {project}, run {run.id}")
+    except Exception as err:  # the evaluation is done and written: a dashboard failure must not hide it
+        print(f"warning: could not log to W&B ({one_line(err)}); the results are in {out}", file=sys.stderr)
+
+
+def dataset_class_names(dataset: CUBDataset | Subset) -> list[str]:
+    return dataset.dataset.class_names if isinstance(dataset, Subset) else dataset.class_names
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
