@@ -46,7 +46,10 @@ SIZE = 64  # image_size: 4x4 CAMs at output stride 16
 
 
 def data_for(root: Path, kind: str, **kwargs) -> CUBDataModule:
+    """The tests' data: validation on the test split (``val_fraction=0``), so panels and metrics see the whole
+    split these tests count on (the held-out split itself is tested in test_data.py and test_train.py)."""
     sampler = {"sampler": "m_per_class", "m_per_class": 4} if kind == "embedding" else {}
+    kwargs = {"val_fraction": 0.0, **kwargs}
     return CUBDataModule(root=str(root), image_size=SIZE, batch_size=8, num_workers=0, **sampler, **kwargs)
 
 
@@ -573,7 +576,7 @@ def test_trained_maps_find_the_birds_better_than_a_centred_blob(tmp_path, kind, 
     size, epochs = 96, 8
     root = make_synthetic_cub(tmp_path / "cub", classes=4, per_class=16, size=128, seed=0).parent
     sampler = dict(sampler="m_per_class", m_per_class=4) if kind == "embedding" else {}
-    data = CUBDataModule(root=str(root), image_size=size, batch_size=8, num_workers=0, **sampler)
+    data = CUBDataModule(root=str(root), image_size=size, batch_size=8, num_workers=0, val_fraction=0.0, **sampler)
     pl.seed_everything(0, verbose=False)
     trainer = trainer_for(tmp_path, epochs, [CAMPanel(num_images=4)], check_val_every_n_epoch=epochs)
     trainer.fit(module_for(kind, data, lr=lr), datamodule=data)

@@ -78,7 +78,7 @@ def test_class_names_and_root_forms(synthetic_cub: Path) -> None:
     assert human_name("001.Black_footed_Albatross") == "Black footed Albatross"
     names = [human_name(d.name) for d in bird_designs(4, seed=0)]
     assert CUBDataset(synthetic_cub / "CUB_200_2011", "test").class_names == names  # the folder itself works too
-    data = CUBDataModule(root=str(synthetic_cub), split_scheme="zero_shot")
+    data = CUBDataModule(root=str(synthetic_cub), split_scheme="zero_shot", val_fraction=0.0)
     assert (data.num_classes, data.class_names) == (2, names[:2])  # the trained classes, before setup
     assert CUBDataModule(root=str(synthetic_cub)).class_names == names
 
@@ -268,7 +268,13 @@ def test_denormalize_inverts_to_tensor() -> None:
 
 def test_m_per_class_batches_per_rank(synthetic_cub: Path) -> None:
     data = CUBDataModule(
-        root=str(synthetic_cub), image_size=32, batch_size=4, num_workers=0, sampler="m_per_class", m_per_class=2
+        root=str(synthetic_cub),
+        image_size=32,
+        batch_size=4,
+        num_workers=0,
+        sampler="m_per_class",
+        m_per_class=2,
+        val_fraction=0.0,
     )
     data.setup("fit")
     torch.manual_seed(3)
@@ -291,14 +297,64 @@ def test_m_per_class_batches_per_rank(synthetic_cub: Path) -> None:
     assert isinstance(loader.sampler, DistributedSampler)
 
 
-def test_val_loader_is_the_ordered_test_split(synthetic_cub: Path) -> None:
+def test_loaders_serve_val_and_test_in_order(synthetic_cub: Path) -> None:
     data = CUBDataModule(root=str(synthetic_cub), image_size=32, batch_size=5, num_workers=0)
     data.setup("validate")
-    assert data.train_dataset is None and data.val_dataset.split == "test"
+    assert data.train_dataset is None and data.test_dataset is None and data.val_dataset.split == "val"
     ids = [i for batch in data.val_dataloader() for i in batch["image_id"].tolist()]
     assert ids == data.val_dataset.image_ids
-    boxes = next(iter(data.val_dataloader()))["box"]
+    data.setup("test")
+    assert data.test_dataset.split == "test"
+    ids = [i for batch in data.test_dataloader() for i in batch["image_id"].tolist()]
+    assert ids == CUBDataset(synthetic_cub, "test").image_ids
+    boxes = next(iter(data.test_dataloader()))["box"]
     assert boxes.shape == (5, 4) and (boxes[:, 2:] > 0).all()
+
+
+def test_without_a_val_fraction_validation_is_on_the_test_split_with_a_warning(synthetic_cub: Path) -> None:
+    data = CUBDataModule(root=str(synthetic_cub), image_size=32, num_workers=0, val_fraction=0.0)
+    with pytest.warns(UserWarning, match="val_fraction is 0: validating on the test split"):
+        data.setup("validate")
+    assert data.val_dataset.split == "test"
+    with pytest.raises(ValueError, match="there is no val split: val_fraction is 0"):
+        CUBDataset(synthetic_cub, "val")
+    with pytest.raises(ValueError, match=r"val_fraction must lie in \[0, 1\)"):
+        CUBDataModule(root=str(synthetic_cub), val_fraction=1.0)
+
+
+@pytest.mark.parametrize("fraction", [0.25, 0.5])
+def test_official_val_split_holds_out_a_share_of_every_class_s_training_images(tmp_path: Path, fraction: float) -> None:
+    root = make_synthetic_cub(tmp_path / "cub", classes=4, per_class=16, size=32, seed=0)  # 8 training images a class
+    split = {name: CUBDataset(root, name, val_fraction=fraction, seed=3) for name in ("train", "val", "test")}
+    official_train = CUBDataset(root, "train")
+    assert not set(split["train"].image_ids) & set(split["val"].image_ids)
+    assert sorted(split["train"].image_ids + split["val"].image_ids) == official_train.image_ids
+    assert split["test"].image_ids == CUBDataset(root, "test").image_ids  # the test split never changes
+    assert Counter(split["val"].labels) == dict.fromkeys(range(4), round(8 * fraction))  # stratified
+    assert split["val"].class_names == split["train"].class_names == official_train.class_names
+    again = CUBDataset(root, "val", val_fraction=fraction, seed=3)
+    other = CUBDataset(root, "val", val_fraction=fraction, seed=4)
+    assert again.image_ids == split["val"].image_ids != other.image_ids  # the seed draws it, reproducibly
+    data = CUBDataModule(root=str(root), image_size=32, batch_size=8, num_workers=0, val_fraction=fraction, seed=3)
+    data.setup(None)  # the datamodule's own seed: explain/evaluate rebuild the same split from its settings
+    assert data.val_dataset.image_ids == split["val"].image_ids
+    assert data.train_dataset.image_ids == split["train"].image_ids
+
+
+def test_zero_shot_val_split_holds_out_whole_training_classes(tmp_path: Path) -> None:
+    root = make_synthetic_cub(tmp_path / "cub", classes=10, per_class=4, size=32, seed=0)  # 5 training classes
+    train = CUBDataset(root, "train", "zero_shot", val_fraction=0.4, seed=1)
+    val = CUBDataset(root, "val", "zero_shot", val_fraction=0.4, seed=1)
+    test = CUBDataset(root, "test", "zero_shot", val_fraction=0.4, seed=1)
+    assert len(val.class_names) == 2 and len(train.class_names) == 3  # round(0.4 * 5) classes held out
+    assert not set(train.class_names) & set(val.class_names)  # class-disjoint
+    first_half = CUBDataset(root, "train", "zero_shot")
+    assert sorted(train.class_names + val.class_names) == sorted(first_half.class_names)
+    assert sorted(train.image_ids + val.image_ids) == first_half.image_ids  # every image of those classes
+    assert test.class_names == CUBDataset(root, "test", "zero_shot").class_names
+    assert sorted(set(train.labels)) == [0, 1, 2] and sorted(set(val.labels)) == [0, 1]  # re-based
+    data = CUBDataModule(root=str(root), split_scheme="zero_shot", val_fraction=0.4, seed=1)
+    assert data.class_names == train.class_names and data.num_classes == 3  # what the model is trained on
 
 
 def test_datamodule_rejects_impossible_batches(synthetic_cub: Path) -> None:

@@ -148,7 +148,11 @@ def test_weightings_are_scored_side_by_side(trained: Trained, tmp_path: Path, te
     )
 
     report, _ = run(trained.embedding, tmp_path / "embedding", "--weightings", "gradcam++")
-    assert set(report["methods"]) == {"gradcam++/normalized_mean", "gradcam++/single_point", "centre_gaussian"}
+    assert set(report["methods"]) == {
+        "gradcam++/normalized_mean",
+        "gradcam++/single_point",
+        "centre_gaussian",
+    }
     table = (tmp_path / "embedding" / "metrics.md").read_text()
     assert "EmbeddingCAM, GradCAM++ weighting (normalized mean proxy)" in table
     with pytest.raises(SystemExit):
@@ -160,6 +164,7 @@ def test_weightings_are_scored_side_by_side(trained: Trained, tmp_path: Path, te
     [
         (["--data.root", "{tmp}/nowhere"], "nowhere not found; pass --data.root"),
         (["--data.split_scheme", "zero_shot", "--reference-split", "train"], "only come from the test split"),
+        (["--split", "val"], "there is no val split: val_fraction is 0"),  # trained without one: val is not test
     ],
 )
 def test_bad_settings_give_one_clear_line(
@@ -185,7 +190,7 @@ def test_the_callback_and_evaluate_report_the_same_scores_on_the_same_images(
     from cubcam.train.data.datamodule import CUBDataModule
 
     module = load_checkpoint(trained.classifier).module
-    data = CUBDataModule(root=str(trained.root), image_size=SIZE, batch_size=BATCH, num_workers=0)
+    data = CUBDataModule(root=str(trained.root), image_size=SIZE, batch_size=BATCH, num_workers=0, val_fraction=0.0)
     trainer = pl.Trainer(
         accelerator="cpu",
         logger=False,
@@ -200,3 +205,86 @@ def test_the_callback_and_evaluate_report_the_same_scores_on_the_same_images(
     for key, name in METRIC_KEYS.items():
         assert logged[key] == pytest.approx(report[name], abs=1e-6), key
     assert CAMPanel().metrics_subset >= len(data.val_dataset)
+
+
+@pytest.fixture(scope="module")
+def faithfulness_runs(trained: Trained, tmp_path_factory) -> dict[str, tuple[dict, Path]]:
+    out = tmp_path_factory.mktemp("faithfulness")
+    runs = {}
+    for kind, checkpoint in (("classifier", trained.classifier), ("embedding", trained.embedding)):
+        runs[kind] = (run(checkpoint, out / kind, "--faithfulness", "--steps", "6")[0], out / kind)
+    return runs
+
+
+FAITHFULNESS_KEYS = {"deletion_auc", "insertion_auc", "average_drop", "increase_in_confidence"}
+
+
+@pytest.mark.parametrize(("kind", "method"), [("classifier", "gradcam"), ("embedding", "gradcam/normalized_mean")])
+def test_trained_cams_are_more_faithful_than_a_random_map(faithfulness_runs, kind: str, method: str) -> None:
+    """Deleting the CAM's pixels first costs the score more, and inserting them first restores more of it, than
+    doing so in a random map's order (both model kinds: softmax probability, clipped cosine to the proxy)."""
+    report, _ = faithfulness_runs[kind]
+    methods = report["methods"]
+    for name in (method, "random", "centre_gaussian"):
+        assert set(methods[name]) >= FAITHFULNESS_KEYS, name
+        assert all(0 <= methods[name][key] <= 1 for key in FAITHFULNESS_KEYS), methods[name]
+    assert methods[method]["deletion_auc"] < methods["random"]["deletion_auc"] - 0.1, methods
+    assert methods[method]["insertion_auc"] > methods["random"]["insertion_auc"], methods
+    assert methods[method]["average_drop"] < methods["random"]["average_drop"], methods
+    assert report["faithfulness_steps"] == 6 and len(report["fractions"]) == 7
+    assert all(len(report["curves"][name]["deletion_curve"]) == 7 for name in methods)
+
+
+def test_faithfulness_curves_start_and_end_at_the_model_s_own_scores(
+    faithfulness_runs, trained: Trained, test_split
+) -> None:
+    """The curves' map-independent ends, recomputed from the model: deletion starts at the mean probability of the
+    true class and ends at that of the all-grey (mean-colour) image; insertion ends at the image's own."""
+    report, _ = faithfulness_runs["classifier"]
+    module = load_checkpoint(trained.classifier).module.eval()
+    labels = test_split["label"]
+    with torch.no_grad():
+        own = module(test_split["image"]).softmax(1).gather(1, labels[:, None]).mean().item()
+        grey = module(torch.zeros_like(test_split["image"])).softmax(1).gather(1, labels[:, None]).mean().item()
+    for name, curves in report["curves"].items():
+        assert curves["deletion_curve"][0] == pytest.approx(own, abs=1e-5), name
+        assert curves["deletion_curve"][-1] == pytest.approx(grey, abs=1e-5), name
+        assert curves["insertion_curve"][-1] == pytest.approx(own, abs=1e-5), name
+
+
+def test_plots_and_the_per_class_table_are_written(faithfulness_runs, trained: Trained) -> None:
+    from PIL import Image
+
+    report, out = faithfulness_runs["classifier"]
+    for name in ("box_accuracy.png", "deletion_insertion.png"):
+        with Image.open(out / name) as image:
+            assert image.format == "PNG" and image.width > 600 and image.height > 300, name
+            assert len(set(image.convert("RGB").getdata())) > 50, name  # drawn, not blank
+    names = CUBDataset(trained.root, split="test").class_names
+    per_class = report["per_class"]
+    assert list(per_class) == names
+    assert sum(row["num_images"] for row in per_class.values()) == report["num_images"]
+    worst = min(names, key=lambda n: (per_class[n]["gradcam"]["max_box_acc"], n))
+    md = (out / "metrics.md").read_text()
+    assert "Per class, worst first by GradCAM MaxBoxAccV2" in md
+    first_row = md.split("Per class", 1)[1].splitlines()[4]
+    assert first_row.startswith(f"| {worst} | {per_class[worst]['num_images']} |"), first_row
+    # a class's scores are the accumulator's over that class's images alone: the counts add up to the split's
+    box = report["methods"]["gradcam"]["box_acc_iou50"] * report["num_images"]
+    assert box <= sum(row["gradcam"]["box_acc_iou50"] * row["num_images"] for row in per_class.values()) + 1e-6
+
+
+def test_wandb_gets_the_table_and_the_plots(trained: Trained, tmp_path: Path, monkeypatch) -> None:
+    from wandb_records import finished_log, history_rows
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    report, _ = run(trained.classifier, tmp_path, "--faithfulness", "--steps", "2", "--limit", "8", "--wandb", "t")
+    log = finished_log(next((tmp_path / "wandb").glob("offline-run-*")))
+    rows = history_rows(log)
+    assert len(rows) == 1
+    row = rows[0]
+    assert row["evaluate/metrics"]["_type"] == "table-file" and row["evaluate/metrics"]["ncols"] > 10
+    for name in ("box_accuracy", "deletion_insertion"):
+        assert row[f"evaluate/{name}"]["_type"] == "image-file", row.keys()
+    assert report["methods"]["gradcam"]["deletion_auc"] is not None

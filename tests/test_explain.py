@@ -130,7 +130,7 @@ def test_dataset_panel_of_an_embedding_net_and_its_reference_cache(
     trained: Trained, tmp_path: Path, monkeypatch
 ) -> None:
     out = tmp_path / "panel"
-    main([str(trained.embedding), "--split", "val", "--num", "5", "--out", str(out)])
+    main([str(trained.embedding), "--split", "test", "--num", "5", "--out", str(out)])
     summary = json.loads((out / "summary.json").read_text())
     assert summary["method"] == "embeddingcam" and summary["proxy"] == "normalized_mean" and not summary["errors"]
     records = summary["images"]

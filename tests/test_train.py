@@ -89,14 +89,17 @@ def fit_args(configs: list[str], root: Path, work: Path, record: str, *extra: st
     return args + list(extra)
 
 
-def val_outputs(module: CUBModule, root: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """(outputs, labels) of a reloaded module over the whole validation split, computed here by hand."""
-    data = CUBDataModule(root=str(root), image_size=SIZE, batch_size=BATCH, num_workers=0)
-    data.setup("validate")
-    module.eval()
+def split_outputs(checkpoint: Path, split: str = "val") -> tuple[torch.Tensor, torch.Tensor]:
+    """(outputs, labels) of a reloaded checkpoint over a whole split of the data it was trained on (rebuilt from its
+    saved datamodule settings, validation share and seed included), computed here by hand."""
+    loaded = load_checkpoint(checkpoint)
+    settings = {k: v for k, v in loaded.data_hparams.items() if not k.startswith("_")}  # drop Lightning's _instantiator
+    data = CUBDataModule(**{**settings, "num_workers": 0})
+    data.setup(None)
+    module = loaded.module.eval()
     outputs, labels = [], []
     with torch.no_grad():
-        for batch in data.val_dataloader():
+        for batch in data.val_dataloader() if split == "val" else data.test_dataloader():
             outputs.append(module(batch["image"]))
             labels.append(batch["label"])
     return torch.cat(outputs), torch.cat(labels)
@@ -143,8 +146,21 @@ def test_classifier_learns_resumes_at_the_next_epoch_and_reloads(tiny_cub: Path,
     module = CUBModule.load_from_checkpoint(last)  # the CLI stored the class path: any module class can load it
     assert type(module) is Classifier and module.hparams.pretrained is False
     assert module.class_names == CUBDataModule(root=str(tiny_cub)).class_names
-    logits, labels = val_outputs(Classifier.load_from_checkpoint(last), tiny_cub)
+    logits, labels = split_outputs(last)
+    assert len(labels) == 4 * 2  # the demo holds out 25% of each class's 8 training images
     assert (logits.argmax(1) == labels).float().mean().item() == pytest.approx(first["metrics"]["val/acc"], abs=1e-6)
+
+    # The best checkpoint is the epoch of the highest val/acc, and the test split is scored once, with it, at the end.
+    rows = history_rows(run_file)
+    val_acc = {row["epoch"]: row["val/acc"] for row in rows if "val/acc" in row}
+    best_epoch = max(val_acc, key=lambda epoch: (val_acc[epoch], -epoch))
+    best = only(list(last.parent.glob("best-epoch=*.ckpt")))
+    assert best.name == f"best-epoch={best_epoch}.ckpt", val_acc
+    tested = [row for row in rows if "test/acc" in row]
+    assert len(tested) == 1 and "test/loss" in tested[0]
+    logits, labels = split_outputs(best, "test")
+    assert len(labels) == 4 * 8
+    assert tested[0]["test/acc"] == pytest.approx((logits.argmax(1) == labels).float().mean().item(), abs=1e-6)
 
     main(
         fit_args(
@@ -235,7 +251,8 @@ def test_embedding_net_learns_with_m_per_class_batches(tiny_cub: Path, offline: 
     # precision@1 by brute force: each validation image's nearest other image by cosine similarity.
     last = only(list((offline / "runs" / "cubcam").glob("*/checkpoints/last.ckpt")))
     assert torch.load(last, weights_only=True)["epoch"] == 2  # the final epoch, even where it is not the best
-    embeddings, labels = val_outputs(EmbeddingNet.load_from_checkpoint(last), tiny_cub)
+    assert type(load_checkpoint(last).module) is EmbeddingNet
+    embeddings, labels = split_outputs(last)
     unit = torch.nn.functional.normalize(embeddings, dim=1)
     similarity = unit @ unit.T
     similarity.fill_diagonal_(-torch.inf)
@@ -246,6 +263,8 @@ def test_embedding_net_learns_with_m_per_class_batches(tiny_cub: Path, offline: 
     assert precision_at_1 > chance + 0.15, (precision_at_1, chance)
     for name in ("val/mean_average_precision_at_r", "val/r_precision"):
         assert 0 < record["metrics"][name] <= 1
+    tested = [row for row in history_rows(run_file) if "test/precision_at_1" in row]
+    assert len(tested) == 1 and 0 < tested[0]["test/precision_at_1"] <= 1
 
 
 @pytest.mark.slow
@@ -295,11 +314,15 @@ def test_ddp_two_cpu_processes_get_m_per_class_batches(tiny_cub: Path, tmp_path:
 @pytest.mark.slow
 @pytest.mark.parametrize("config", ["classifier.yaml", "embedding.yaml"])
 def test_real_cub_configs_run_a_step(config: str, tiny_cub: Path, offline: Path) -> None:
-    """The full-size configs, unchanged but for the data, the weights (no network here) and a one-batch run."""
+    """The full-size configs, unchanged but for the data, the weights (no network here) and a one-batch run. The
+    embedding config's zero-shot scheme holds out a tenth of the training classes: it needs more than 4 classes."""
+    root = tiny_cub
+    if config == "embedding.yaml":
+        root = make_synthetic_cub(offline / "wide", classes=10, per_class=4, size=SIZE, seed=0)  # 5 trained, 1 held out
     main(
         fit_args(
             [config],
-            tiny_cub,
+            root,
             offline,
             "record",
             "--data.download",

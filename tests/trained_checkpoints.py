@@ -60,7 +60,7 @@ def trained_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Trained:
     if "trained" not in _built:
         base = tmp_path_factory.mktemp("trained")
         root = make_synthetic_cub(base / "cub", classes=CLASSES, per_class=PER_CLASS, size=96, seed=0).parent
-        common = dict(root=str(root), image_size=SIZE, batch_size=8, num_workers=0)
+        common = dict(root=str(root), image_size=SIZE, batch_size=8, num_workers=0, val_fraction=0.0)  # test = val
         data = CUBDataModule(**common)
         names = dict(num_classes=data.num_classes, class_names=data.class_names)
         _built["trained"] = Trained(

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from cubcam.train.data.cub import SplitSettings
 from cubcam.train.modules import Classifier, CUBModule, EmbeddingNet
 
 MODULE_CLASSES: dict[str, type[CUBModule]] = {
@@ -57,6 +58,20 @@ class LoadedCheckpoint:
     @property
     def split_scheme(self) -> str:
         return str(self.data_hparams.get("split_scheme", "official"))
+
+    def split_settings(self, split_scheme: str | None = None) -> SplitSettings:
+        """The splits the model was trained on (``split_scheme`` overrides the scheme). A checkpoint saved before
+        ``val_fraction`` existed, or without a datamodule, had no validation split: 0."""
+        hp = self.data_hparams
+        return SplitSettings(
+            split_scheme=split_scheme or self.split_scheme,
+            val_fraction=float(hp.get("val_fraction", 0.0)),
+            seed=int(hp.get("seed", 0)),
+        )
+
+    def default_split(self) -> str:
+        """``val`` when the checkpoint's data held one out, else ``test``."""
+        return "val" if self.split_settings()["val_fraction"] > 0 else "test"
 
 
 def one_line(text: object) -> str:

@@ -98,8 +98,11 @@ class CubCamCLI(LightningCLI):
             logger.init_args.version = run.name
 
     def after_fit(self) -> None:
-        """Say where the results are: a user of the demo should not have to search for them."""
+        """Score the best checkpoint once on the test split (``test/*``, into the same logger run), then say where
+        the results are: a user of the demo should not have to search for them."""
         trainer = self.trainer
+        if not trainer.interrupted:
+            self.test_best()
         if not trainer.is_global_zero:
             return
         for ckpt in trainer.checkpoint_callbacks:
@@ -115,6 +118,14 @@ class CubCamCLI(LightningCLI):
                 run_dir = Path(logger.experiment.dir).parent  # <save_dir>/wandb/offline-run-<time>-<id>
                 rank_zero_info(f"W&B run: {run_dir}   upload with: wandb sync {run_dir}")
                 logger.experiment.finish()  # flush the run now; a later fit in this process starts a new one
+
+    def test_best(self) -> None:
+        """``trainer.test`` on the test split with the best checkpoint (chosen on the validation split), or with the
+        final weights when no checkpoint was kept by a score; on every rank, as Lightning needs."""
+        trainer = self.trainer
+        best = next((c.best_model_path for c in trainer.checkpoint_callbacks if c.monitor and c.best_model_path), "")
+        rank_zero_info(f"testing {'the best checkpoint ' + best if best else 'the final weights'} on the test split")
+        trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None, verbose=trainer.is_global_zero)
 
 
 def main(argv: list[str] | None = None) -> None:

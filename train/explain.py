@@ -32,12 +32,9 @@ from cubcam.cams.overlay import denormalize
 from cubcam.cams.protocol import UNKNOWN_LABEL, CAMModule, Choice, explain, features_and_outputs, head_cams
 from cubcam.cams.targets import ClassLogits, Method, Proxies, Target
 from cubcam.train.checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint, one_line
-from cubcam.train.data.cub import CUBDataset
+from cubcam.train.data.cub import SPLITS, CUBDataset
 from cubcam.train.data.presets import EvalPreset, load_rgb
 from cubcam.train.reference import ReferenceSet, reference_set, reference_split
-
-SPLITS = {"val": "test", "test": "test", "train": "train"}  # CUB has no validation split: val is the test split
-
 
 # --- inputs -------------------------------------------------------------------------------------------------------
 
@@ -131,7 +128,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("checkpoint", type=Path, help="a Lightning checkpoint of a cubcam Classifier or EmbeddingNet")
     parser.add_argument("images", nargs="*", type=Path, help="image files to explain (default: a dataset panel)")
     parser.add_argument("--out", type=Path, required=True, help="output folder (created)")
-    parser.add_argument("--split", choices=sorted(SPLITS), default="val", help="panel split (val = CUB's test split)")
+    parser.add_argument(
+        "--split",
+        choices=SPLITS,
+        default=None,
+        help="panel split (default: val, the split held out of the training data, or test when the checkpoint's "
+        "data had none)",
+    )
     parser.add_argument("--num", type=int, default=16, help="panel size, spread over the split")
     parser.add_argument("--method", choices=("auto", "gradcam", "embeddingcam"), default="auto")
     parser.add_argument(
@@ -156,10 +159,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--topk", type=int, default=5, help="neighbours shown with --query")
     parser.add_argument(
         "--reference-split",
-        choices=("train", "test"),
+        choices=SPLITS,
         default=None,
         help="split whose embeddings give the proxies and the retrieval gallery "
-        "(default: train; test in the zero_shot scheme)",
+        "(default: train; in the zero_shot scheme the explained split, val or test)",
     )
     parser.add_argument(
         "--data.root", dest="data_root", default=None, help="dataset root (default: the one saved in the checkpoint)"
@@ -192,13 +195,14 @@ def resolve_method(module: CAMModule, requested: str) -> Method:
 
 
 def load_reference(ckpt: LoadedCheckpoint, args: argparse.Namespace, root: str) -> ReferenceSet:
-    split_scheme = args.split_scheme or ckpt.split_scheme
+    settings = ckpt.split_settings(args.split_scheme)
+    explained = "test" if args.images or args.query else args.split
     return reference_set(
         ckpt.module,
         ckpt.path,
         root,
-        split=reference_split(split_scheme, args.reference_split),
-        split_scheme=split_scheme,
+        split=reference_split(settings["split_scheme"], args.reference_split, explained),
+        settings=settings,
         image_size=args.image_size or ckpt.image_size,
         batch_size=args.batch_size,
         num_workers=args.num_workers,
@@ -218,6 +222,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
         ckpt = load_checkpoint(args.checkpoint, map_location=args.device)
+        args.split = args.split or ckpt.default_split()
         method = resolve_method(ckpt.module, args.method)
         if args.query is not None and method != "embeddingcam":
             raise CheckpointError("--query explains a retrieval, which needs an embedding net checkpoint")
@@ -238,9 +243,9 @@ def main(argv: list[str] | None = None) -> None:
             if args.images or args.query
             else CUBDataset(
                 root,
-                split=SPLITS[args.split],
-                split_scheme=args.split_scheme or ckpt.split_scheme,
+                split=args.split,
                 transform=EvalPreset(args.image_size or ckpt.image_size),
+                **ckpt.split_settings(args.split_scheme),
             )
         )
     except (CheckpointError, FileNotFoundError, ValueError) as err:

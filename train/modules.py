@@ -107,7 +107,8 @@ class CUBModule(pl.LightningModule):
 
 
 class Classifier(CUBModule):
-    """ResNet classifier trained with cross-entropy; logs ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc``."""
+    """ResNet classifier trained with cross-entropy; logs ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc``
+    (and ``test/loss``, ``test/acc`` when tested)."""
 
     cam_method = "gradcam"
     monitor = ("val/acc", "max")
@@ -131,6 +132,7 @@ class Classifier(CUBModule):
         self.class_names = default_class_names(class_names, num_classes)
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         logits = self(batch["image"])
@@ -143,11 +145,17 @@ class Classifier(CUBModule):
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> CAMStepOutput:
         activations, logits = self._cam_outputs(batch)
-        batch_size = len(logits)
-        self.val_acc(logits, batch["label"])
-        self.log("val/loss", F.cross_entropy(logits, batch["label"]), sync_dist=True, batch_size=batch_size)
-        self.log("val/acc", self.val_acc, prog_bar=True, batch_size=batch_size)
+        self._log_scores("val", self.val_acc, logits, batch["label"])
         return step_output(activations, logits, batch)
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._log_scores("test", self.test_acc, self(batch["image"]), batch["label"])
+
+    def _log_scores(self, stage: str, accuracy: MulticlassAccuracy, logits: Tensor, labels: Tensor) -> None:
+        batch_size = len(logits)
+        accuracy(logits, labels)
+        self.log(f"{stage}/loss", F.cross_entropy(logits, labels), sync_dist=True, batch_size=batch_size)
+        self.log(f"{stage}/acc", accuracy, prog_bar=True, batch_size=batch_size)
 
 
 class EmbeddingNet(CUBModule):
@@ -155,7 +163,8 @@ class EmbeddingNet(CUBModule):
 
     Train it on m-per-class batches (``data.sampler: m_per_class``) so every batch holds positives. Validation is
     retrieval on the whole validation split (gathered from all ranks): each image queries all others by cosine
-    similarity; ``val/precision_at_1``, ``val/mean_average_precision_at_r`` and ``val/r_precision`` are logged.
+    similarity; ``val/precision_at_1``, ``val/mean_average_precision_at_r`` and ``val/r_precision`` are logged (and
+    ``test/*`` alike when tested).
     ``num_classes``/``class_names`` describe the training classes (for captions; the loss does not need them).
     """
 
@@ -186,9 +195,7 @@ class EmbeddingNet(CUBModule):
         self.retrieval = AccuracyCalculator(
             include=RETRIEVAL_METRICS, knn_func=CustomKNN(CosineSimilarity(), batch_size=1024)
         )
-        self._val_embeddings: list[Tensor] = []
-        self._val_labels: list[Tensor] = []
-        self._val_index: list[Tensor] = []
+        self._collected: list[tuple[Tensor, Tensor, Tensor]] = []  # (index, embeddings, labels) of each batch
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         embeddings = self(batch["image"])
@@ -200,25 +207,31 @@ class EmbeddingNet(CUBModule):
         return loss
 
     def on_validation_epoch_start(self) -> None:
-        self._val_embeddings, self._val_labels, self._val_index = [], [], []
+        self._collected = []
+
+    def on_test_epoch_start(self) -> None:
+        self._collected = []
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> CAMStepOutput:
         activations, embeddings = self._cam_outputs(batch)
-        self._val_embeddings.append(embeddings.detach())
-        self._val_labels.append(batch["label"])
-        self._val_index.append(batch["index"])
+        self._collected.append((batch["index"], embeddings.detach(), batch["label"]))
         return step_output(activations, embeddings, batch)
 
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._collected.append((batch["index"], self(batch["image"]), batch["label"]))
+
     def on_validation_epoch_end(self) -> None:
-        if not self._val_embeddings:
+        self._log_retrieval("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_retrieval("test")
+
+    def _log_retrieval(self, stage: str) -> None:
+        """Retrieval over the whole split: the epoch's embeddings gathered from every rank, each image once."""
+        if not self._collected:
             return
-        _, embeddings, labels = gather_unique(
-            self.all_gather,
-            self.trainer.world_size,
-            torch.cat(self._val_index),
-            torch.cat(self._val_embeddings),
-            torch.cat(self._val_labels),
-        )
+        index, embeddings, labels = (torch.cat(column) for column in zip(*self._collected))
+        _, embeddings, labels = gather_unique(self.all_gather, self.trainer.world_size, index, embeddings, labels)
         metrics = self.retrieval.get_accuracy(embeddings, labels)
         for name in RETRIEVAL_METRICS:
-            self.log(f"val/{name}", float(metrics[name]), prog_bar=name == "precision_at_1", sync_dist=True)
+            self.log(f"{stage}/{name}", float(metrics[name]), prog_bar=name == "precision_at_1", sync_dist=True)

@@ -3,7 +3,8 @@
 EmbeddingCAM needs a proxy to score an embedding against, and retrieval needs a gallery; both come from the
 embeddings of a whole split. One pass over that split costs as much as an evaluation, so the result is cached
 beside the checkpoint (``<ckpt stem>.reference-<split>-<tag>.pt``), keyed by the checkpoint's content hash, the data
-root, the split (and scheme) and the image size: a retrained checkpoint or other data never reuse a stale cache.
+root, the split and its settings, and the image size: a retrained checkpoint or other data never reuse a stale
+cache.
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ from tqdm import tqdm
 
 from cubcam.cams import normalized_mean_proxies, single_point_proxy
 from cubcam.cams.targets import Proxies
-from cubcam.train.data.cub import CUBDataset
+from cubcam.train.data.cub import CUBDataset, SplitSettings
 from cubcam.train.data.presets import EvalPreset
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: keyed by the split settings (val_fraction, seed)
 
 
 @dataclass
@@ -125,7 +126,7 @@ def reference_set(
     checkpoint: str | Path,
     root: str | Path,
     split: str = "train",
-    split_scheme: str = "official",
+    settings: SplitSettings | None = None,
     image_size: int = 224,
     batch_size: int = 32,
     num_workers: int = 0,
@@ -134,13 +135,14 @@ def reference_set(
 ) -> ReferenceSet:
     """Embeddings of ``split`` for the embedding net loaded from ``checkpoint``, from the cache when it matches."""
     checkpoint = Path(checkpoint)
-    dataset = CUBDataset(root, split=split, split_scheme=split_scheme, transform=EvalPreset(image_size))
+    settings = settings or SplitSettings(split_scheme="official", val_fraction=0.0, seed=0)
+    dataset = CUBDataset(root, split=split, transform=EvalPreset(image_size), **settings)
     key = {
         "version": CACHE_VERSION,
         "checkpoint_sha256": file_digest(checkpoint),
         "root": str(Path(root).resolve()),
         "split": split,
-        "split_scheme": split_scheme,
+        **settings,
         "image_size": int(image_size),
         "num_images": len(dataset),
     }
@@ -163,13 +165,14 @@ def reference_set(
     return ReferenceSet(embeddings, labels, dataset, split)
 
 
-def reference_split(split_scheme: str, requested: str | None = None) -> str:
+def reference_split(split_scheme: str, requested: str | None = None, explained: str = "test") -> str:
     """The split whose embeddings make the proxies: the training split by default, but in the zero-shot scheme the
-    test split, whose classes were never trained on (its labels index other classes than the training split's)."""
-    default = "test" if split_scheme == "zero_shot" else "train"
+    split being explained (``val`` or ``test``; ``test`` for a training-split panel or the user's own images),
+    whose classes were never trained on (its labels index other classes than the training split's)."""
+    default = (explained if explained in ("val", "test") else "test") if split_scheme == "zero_shot" else "train"
     if requested is not None and split_scheme == "zero_shot" and requested != default:
         raise ValueError(
-            "in the zero_shot scheme the test classes have no training images: their proxies can only "
-            "come from the test split (--reference-split test)"
+            f"in the zero_shot scheme the {default} classes have no training images: their proxies can only "
+            f"come from the {default} split (--reference-split {default})"
         )
     return requested or default

@@ -5,6 +5,12 @@ classes and tests on the second (CUB: classes 1-100 / 101-200, the metric-learni
 classes splits at C // 2). Labels are 0-based indices into the split's ``class_names``: in the zero-shot test split
 they are re-based, so its first class (CUB's 101) is label 0.
 
+CUB has no validation split, so ``val_fraction`` carves one out of the training data, drawn with ``seed`` (the same
+arguments always give the same split): in ``official``, that share of every class's training images (stratified,
+at least one image of a class with two or more); in ``zero_shot``, that share of the training *classes*, with all
+their images (class-disjoint, as in Musgrave et al. 2020, "A Metric Learning Reality Check"). The ``train`` split
+is then what remains; ``test`` never changes. With ``val_fraction`` 0 there is no ``val`` split.
+
 Images are checked for existence when the dataset is built (a stat per file) and decoded when a sample is read; a
 missing or corrupt file raises an error naming it. With ``skip_bad_images=True`` every image of the split is
 decoded once up front (JPEGs at 1/8 scale: a few seconds for all of CUB), the unreadable ones are dropped and one
@@ -17,7 +23,7 @@ import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
@@ -28,7 +34,7 @@ from torch.utils.data import Dataset
 from cubcam.cams.protocol import Sample
 from cubcam.train.data.presets import MEAN, PART_NAMES, STD, load_rgb, to_tensor
 
-SPLITS = ("train", "test")
+SPLITS = ("train", "val", "test")
 SPLIT_SCHEMES = ("official", "zero_shot")
 FOLDER = "CUB_200_2011"
 LAYOUT = f"""{FOLDER}/
@@ -40,6 +46,16 @@ HOW_TO_GET_IT = (
     "point `root` (or $CUB_ROOT for demo.sh) at an existing copy, or write the synthetic stand-in with "
     "`python -m cubcam.train.data.synthetic --out data/synthetic_cub`."
 )
+
+
+class SplitSettings(TypedDict):
+    """How a dataset is cut into train / val / test: what a checkpoint's datamodule saved, so that ``explain`` and
+    ``evaluate`` rebuild the very splits the model was trained and selected on."""
+
+    split_scheme: str
+    val_fraction: float
+    seed: int
+
 
 Transform = Callable[[Image.Image, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]
 
@@ -94,22 +110,59 @@ def human_name(folder: str) -> str:
     return folder.split(".", 1)[-1].replace("_", " ")
 
 
-def split_class_ids(num_classes: int, split: str, split_scheme: str) -> list[int]:
+def split_class_ids(
+    num_classes: int, split: str, split_scheme: str, val_fraction: float = 0.0, seed: int = 0
+) -> list[int]:
     """The 1-based class ids a split holds, in label order."""
     if split not in SPLITS or split_scheme not in SPLIT_SCHEMES:
         raise ValueError(
             f"split must be one of {SPLITS} and split_scheme one of {SPLIT_SCHEMES}, got {split!r}, {split_scheme!r}"
         )
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must lie in [0, 1), got {val_fraction}")
+    if split == "val" and val_fraction == 0:
+        raise ValueError("there is no val split: val_fraction is 0 (the data was split into train and test only)")
     if split_scheme == "official":
         return list(range(1, num_classes + 1))
     half = num_classes // 2
-    return list(range(1, half + 1)) if split == "train" else list(range(half + 1, num_classes + 1))
+    if split == "test":
+        return list(range(half + 1, num_classes + 1))
+    held_out = set(held_out_classes(half, val_fraction, seed))
+    return [c for c in range(1, half + 1) if (c in held_out) == (split == "val")]
 
 
-def split_class_names(root: str | Path, split: str = "train", split_scheme: str = "official") -> list[str]:
+def held_out_classes(num_train_classes: int, val_fraction: float, seed: int) -> list[int]:
+    """The zero-shot validation classes: ``round(val_fraction * n)`` of the training classes 1..n (at least one,
+    and never all), drawn with ``seed``, sorted."""
+    if val_fraction == 0:
+        return []
+    count = min(max(1, round(val_fraction * num_train_classes)), num_train_classes - 1)
+    rng = np.random.default_rng([seed, num_train_classes])
+    return sorted(int(c) + 1 for c in rng.choice(num_train_classes, size=count, replace=False))
+
+
+def held_out_images(image_ids_by_class: dict[int, list[int]], val_fraction: float, seed: int) -> set[int]:
+    """The official scheme's validation images: of every class's training images, ``round(val_fraction * n)``
+    (at least one of a class with two or more, never all), drawn per class with (``seed``, class id)."""
+    held: set[int] = set()
+    if val_fraction == 0:
+        return held
+    for class_id, ids in image_ids_by_class.items():
+        if len(ids) < 2:
+            continue
+        count = min(max(1, round(val_fraction * len(ids))), len(ids) - 1)
+        rng = np.random.default_rng([seed, class_id])
+        held.update(int(i) for i in rng.choice(sorted(ids), size=count, replace=False))
+    return held
+
+
+def split_class_names(
+    root: str | Path, split: str = "train", split_scheme: str = "official", val_fraction: float = 0.0, seed: int = 0
+) -> list[str]:
     """The human class names of a split (indexed by label), from ``classes.txt`` alone."""
     folders = read_class_folders(find_root(root))
-    return [human_name(folders[c - 1]) for c in split_class_ids(len(folders), split, split_scheme)]
+    ids = split_class_ids(len(folders), split, split_scheme, val_fraction, seed)
+    return [human_name(folders[c - 1]) for c in ids]
 
 
 class CUBDataset(Dataset):
@@ -128,13 +181,16 @@ class CUBDataset(Dataset):
         split_scheme: str = "official",
         transform: Transform | None = None,
         skip_bad_images: bool = False,
+        val_fraction: float = 0.0,
+        seed: int = 0,
     ):
         self.root = find_root(root)
         self.split, self.split_scheme, self.transform = split, split_scheme, transform
+        self.val_fraction, self.seed = val_fraction, seed
         self.mean = tuple(getattr(transform, "mean", MEAN))
         self.std = tuple(getattr(transform, "std", STD))
         folders = read_class_folders(self.root)
-        class_ids = split_class_ids(len(folders), split, split_scheme)
+        class_ids = split_class_ids(len(folders), split, split_scheme, val_fraction, seed)
         self.class_names = [human_name(folders[c - 1]) for c in class_ids]
         label_of_class = {c: label for label, c in enumerate(class_ids)}
 
@@ -142,8 +198,14 @@ class CUBDataset(Dataset):
         wanted = [
             i
             for i, (_, class_id, is_train) in table["images"].items()
-            if class_id in label_of_class and (split_scheme == "zero_shot" or is_train == (split == "train"))
+            if class_id in label_of_class and (split_scheme == "zero_shot" or is_train == (split != "test"))
         ]
+        if split_scheme == "official" and split != "test" and val_fraction > 0:
+            by_class: dict[int, list[int]] = {}
+            for i in wanted:
+                by_class.setdefault(table["images"][i][1], []).append(i)
+            held = held_out_images(by_class, val_fraction, seed)
+            wanted = [i for i in wanted if (i in held) == (split == "val")]
         paths = {i: self.root / "images" / table["images"][i][0] for i in wanted}
         bad = self._bad_images(paths, check_decoding=skip_bad_images)
         if bad and not skip_bad_images:
@@ -245,6 +307,7 @@ class CUBDataset(Dataset):
     def __repr__(self) -> str:
         return (
             f"CUBDataset({str(self.root)!r}, split={self.split!r}, split_scheme={self.split_scheme!r}, "
+            f"val_fraction={self.val_fraction}, seed={self.seed}, "
             f"{len(self)} images, {len(self.class_names)} classes, transform={self.transform!r})"
         )
 

@@ -1,7 +1,11 @@
-"""The CUB-200-2011 LightningDataModule: train / "val" loaders, optional download, m-per-class batches.
+"""The CUB-200-2011 LightningDataModule: train / val / test loaders, optional download, m-per-class batches.
 
-CUB has no validation split, so ``val_dataloader`` (and ``test_dataloader``) serve the test split of the chosen
-scheme, in order, through the evaluation transform: what the CAM callback and the checkpoint's val metrics see.
+CUB has no validation split: ``val_fraction`` (default 0.1) of the training images (``official``) or classes
+(``zero_shot``) is held out as one, drawn with ``seed`` (see ``cubcam.train.data.cub``), so that checkpoint
+selection, the CAM panel and the per-epoch metrics never see a test image; ``test_dataloader`` serves the test
+split, which ``cubcam fit`` scores once at the end with the best checkpoint. ``val_fraction: 0`` validates on the
+test split instead, with a warning (the way results on CUB were often, wrongly, selected). Evaluation loaders keep
+dataset order and use the evaluation transform.
 
 ``sampler: m_per_class`` gives every training batch ``batch_size / m`` classes with ``m`` images each (what a
 triplet miner needs), through pytorch-metric-learning's ``MPerClassSampler``. Under DDP each process builds its own
@@ -14,6 +18,7 @@ Lightning's distributed sampler).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -79,8 +84,12 @@ class CUBDataModule(pl.LightningDataModule):
         download: bool = False,
         url: str = CUB_URL,
         skip_bad_images: bool = False,
+        val_fraction: float = 0.1,
+        seed: int = 0,
     ):
         super().__init__()
+        if not 0 <= val_fraction < 1:
+            raise ValueError(f"val_fraction must lie in [0, 1), got {val_fraction}")
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
         if sampler == "m_per_class" and (m_per_class < 1 or batch_size % m_per_class):
@@ -90,6 +99,7 @@ class CUBDataModule(pl.LightningDataModule):
         self.save_hyperparameters()
         self.train_dataset: CUBDataset | None = None
         self.val_dataset: CUBDataset | None = None
+        self.test_dataset: CUBDataset | None = None
 
     def _root(self) -> Path:
         if self.hparams.download:
@@ -98,7 +108,20 @@ class CUBDataModule(pl.LightningDataModule):
 
     @property
     def class_names(self) -> list[str]:
-        return split_class_names(self._root(), "train", self.hparams.split_scheme)
+        hp = self.hparams
+        return split_class_names(self._root(), "train", hp.split_scheme, hp.val_fraction, hp.seed)
+
+    @property
+    def val_split(self) -> str:
+        """The split the val loader serves: ``val``, or ``test`` when ``val_fraction`` is 0."""
+        return "val" if self.hparams.val_fraction > 0 else "test"
+
+    def _dataset(self, split: str, train: bool = False) -> CUBDataset:
+        hp = self.hparams
+        preset = TrainPreset(hp.image_size) if train else EvalPreset(hp.image_size)
+        return CUBDataset(
+            self._root(), split, hp.split_scheme, preset, hp.skip_bad_images, val_fraction=hp.val_fraction, seed=hp.seed
+        )
 
     @property
     def num_classes(self) -> int:
@@ -109,15 +132,19 @@ class CUBDataModule(pl.LightningDataModule):
             self._root()
 
     def setup(self, stage: str | None = None) -> None:
-        hp = self.hparams
-        root = self._root()
         if stage in (None, "fit") and self.train_dataset is None:
-            self.train_dataset = CUBDataset(
-                root, "train", hp.split_scheme, TrainPreset(hp.image_size), hp.skip_bad_images
-            )
+            self.train_dataset = self._dataset("train", train=True)
             self._check_m_per_class(self.train_dataset)
-        if self.val_dataset is None:
-            self.val_dataset = CUBDataset(root, "test", hp.split_scheme, EvalPreset(hp.image_size), hp.skip_bad_images)
+        if stage in (None, "fit", "validate") and self.val_dataset is None:
+            if self.val_split == "test":
+                warnings.warn(
+                    "val_fraction is 0: validating on the test split, so checkpoint selection and the CAM metrics "
+                    "see test images; set data.val_fraction (e.g. 0.1) to hold out a validation split",
+                    stacklevel=2,
+                )
+            self.val_dataset = self._dataset(self.val_split)
+        if stage in (None, "test") and self.test_dataset is None:
+            self.test_dataset = self._dataset("test")
 
     def _check_m_per_class(self, dataset: CUBDataset) -> None:
         hp = self.hparams
@@ -161,4 +188,4 @@ class CUBDataModule(pl.LightningDataModule):
         return self._loader(self.val_dataset, shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
+        return self._loader(self.test_dataset, shuffle=False)
