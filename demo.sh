@@ -29,7 +29,7 @@ else
     data_args=()
     if [ ! -f data/synthetic_cub/CUB_200_2011/images.txt ]; then
         echo "== writing the synthetic CUB dataset to data/synthetic_cub"
-        .venv/bin/python -m cubcam.train.data.synthetic --out data/synthetic_cub --classes 8 --per-class 32 --size 128 --seed 0
+        .venv/bin/python -m cubcam.train.data.synthetic --out data/synthetic_cub --classes 8 --per-class 40 --size 128 --seed 0
     fi
 fi
 

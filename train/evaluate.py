@@ -1,20 +1,31 @@
-"""``cubcam evaluate``: how well a checkpoint's explanations localize the birds, over a whole split.
+"""``cubcam evaluate``: how well a checkpoint's explanations localize the birds, and how faithful they are.
 
-    cubcam evaluate CKPT [--data.root DIR] [--split test] [--out DIR]
+    cubcam evaluate CKPT [--split test|val|train] [--weightings gradcam,gradcam++,...] [--faithfulness] [--wandb]
 
-Scores GradCAM (classifier) or EmbeddingCAM with both proxy schemes (embedding net) for the true class of every
-image, side by side with a centre-Gaussian baseline on the same images (the score of "the bird is in the middle"):
-MaxBoxAccV2 (mean over IoU 0.3/0.5/0.7 of the best-threshold box accuracy; Choe et al., CVPR 2020), box accuracy at
-IoU 0.5 (best threshold), heatmap ratio (CAM mass inside the GT box), pointing game (the CAM's peak lies in the GT
-box, as the training callback's ``val/cam_pointing_game``) and ``pointing_game_parts`` (the peak lies within 15 px
-of a visible part), all through ``cubcam.cams.localization.LocalizationAccumulator``, the callback's accumulator.
-Writes ``metrics.json`` (sorted keys, floats rounded to 6 decimals: identical between runs) and ``metrics.md``, and
-prints the table.
+Scores GradCAM (classifier) or EmbeddingCAM with both proxy schemes (embedding net), for every ``--weightings``, for
+the true class of every image, side by side with baselines on the same images: the centre Gaussian ("the bird is
+in the middle") and, with ``--faithfulness``, a random map drawn at the CAM layer's grid.
 
-Cost: about one plain forward per image. Each batch runs the backbone once with the target layer hooked; every CAM
-(one per proxy scheme) is then a head-only forward and backward from those activations, and only the per-image
-results (one small row per image) are kept, never the maps. An embedding net's proxies come from its reference split
-(train; test in the zero_shot scheme), whose embeddings are cached beside the checkpoint after the first run.
+- Localization, through ``cubcam.cams.localization.LocalizationAccumulator`` (the training callback's): MaxBoxAccV2
+  (mean over IoU 0.3/0.5/0.7 of the best-threshold box accuracy; Choe et al., CVPR 2020), box accuracy at IoU 0.5,
+  heatmap ratio (CAM mass inside the GT box), pointing game (the peak inside the GT box, as the callback's
+  ``val/cam_pointing_game``) and ``pointing_game_parts`` (the peak within 15 px of a visible part).
+- Faithfulness (``--faithfulness``, ``cubcam.cams.faithfulness``): deletion and insertion AUC over ``--steps`` steps
+  (pixels to the mean colour, most important first; onto a canvas blurred with sigma ``--blur`` of the image side)
+  and Average Drop / Increase in Confidence (the image times its map), on a bounded score: the softmax probability
+  of the class, or an embedding's cosine to its proxy clipped at 0.
+
+Writes ``metrics.json`` (sorted keys, floats rounded to 6 decimals: identical between runs; per method the scores,
+the curves, and a per-class table), ``metrics.md`` (the table, then the classes worst-localized first), and beside
+them ``box_accuracy.png`` (box accuracy against the CAM threshold per IoU) and ``deletion_insertion.png``; prints
+the table. ``--wandb [PROJECT]`` logs the table and plots to a W&B run too. The splits are the checkpoint's own
+(``val`` is the share of the training data its datamodule held out; a checkpoint without one has no ``val``).
+
+Cost: localization is about one plain forward per image: each batch runs the backbone once with the target layer
+hooked; every CAM is then a head-only forward and backward from those activations, and only small per-image rows are
+kept, never the maps. Faithfulness adds ``2 * (steps - 1) + 1`` batched no-grad forwards per image and method (and
+two per batch shared by all). An embedding net's proxies come from its reference split (train; in the zero_shot
+scheme the scored split itself), whose embeddings are cached beside the checkpoint after the first run.
 """
 
 from __future__ import annotations
