@@ -87,7 +87,9 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=30)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=8, help="faithfulness curve steps (cubcam evaluate's default)")
+    parser.add_argument(
+        "--steps", type=int, default=8, help="faithfulness curve steps (cubcam evaluate's default; 0: skip that part)"
+    )
     args = parser.parse_args()
     pl.seed_everything(0, verbose=False)
 
@@ -163,7 +165,10 @@ def main() -> None:
             f"{kind:<11}{forward_ips:>15.1f}{evaluate_ips:>16.1f}{evaluate_ips / forward_ips:>7.2f}x   "
             f"{n / cold:.1f} / {n / warm:.1f} vs {n / disk:.1f} ({(n / warm) / (n / disk):.2f}x warm)"
         )
-        faithfulness[kind] = time_faithfulness(module, batches, targets, args.steps, args.repeats)
+        if args.steps:
+            faithfulness[kind] = time_faithfulness(module, batches, targets, args.steps, args.repeats)
+    if not faithfulness:
+        return
 
     print(
         f"\nfaithfulness, {args.steps} steps, every method and baseline (img/s of the split; median of {args.repeats})"
