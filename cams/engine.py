@@ -31,6 +31,9 @@ GRADCAM_PP_EPS = 1e-6  # pytorch-grad-cam's, in the alpha denominator
 XGRADCAM_EPS = 1e-7  # pytorch-grad-cam's, in the normalising sum
 OutputSelector = str | int | Callable[[Any], Tensor] | None
 ScoreFn = Callable[[Tensor], Tensor]  # model output [B, ...] -> one score per image [B]
+# The target layer's output (e.g. ViT tokens [B, N, D], Swin's NHWC maps) -> a map [B, K, h, w]; applied to the
+# activations and to their gradients alike (pytorch-grad-cam's reshape_transform).
+Reshape = Callable[[Tensor], Tensor]
 
 _INFERENCE_MODE_HELP = (
     "CAMs need gradients, which torch.inference_mode() forbids. Call it from a block like\n"
@@ -53,12 +56,15 @@ class CAM:
         target_layer: nn.Module | str | None,
         output: OutputSelector = None,
         weighting: Weighting = "gradcam",
+        reshape: Reshape | None = None,
     ):
         if weighting not in get_args(Weighting):
             raise ValueError(f"weighting must be one of {get_args(Weighting)}, got {weighting!r}")
         self.model = model
         self.output = output
         self.weighting = weighting
+        self.reshape = reshape
+        self.layer_name = target_layer if isinstance(target_layer, str) else type(target_layer).__name__
         if isinstance(target_layer, str):
             if not isinstance(model, nn.Module):
                 raise TypeError("target_layer given by name needs model to be an nn.Module")
@@ -79,7 +85,7 @@ class CAM:
     def _maps(self, images: Tensor, score_fn: ScoreFn, upsample: bool, normalize: bool) -> Tensor:
         if torch.is_inference_mode_enabled():
             raise RuntimeError(_INFERENCE_MODE_HELP)
-        if images.dim() != 4:
+        if images.dim() != 4 and (self.target_layer is not None or upsample):
             raise ValueError(f"images must be [B, C, H, W], got shape {tuple(images.shape)}")
         if images.is_inference():
             images = images.clone()  # outside inference mode a clone is a normal tensor that autograd accepts
@@ -87,12 +93,23 @@ class CAM:
             activations, scores = self._forward(images, score_fn)
             with torch.enable_grad():  # the caller may be inside torch.no_grad()
                 (grads,) = torch.autograd.grad(scores.sum(), activations)
-        maps = weighted_activations(activations.detach(), grads, self.weighting)
+        maps = weighted_activations(self._grid(activations.detach()), self._grid(grads), self.weighting)
         if upsample:
             maps = F.interpolate(maps[:, None], size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
         if normalize:
             maps = minmax_normalize(maps)
         return maps.to(images.device)
+
+    def _grid(self, tensor: Tensor) -> Tensor:
+        """The layer's output (or its gradient) as a map [B, K, h, w], through ``reshape`` when one was given."""
+        grid = tensor if self.reshape is None else self.reshape(tensor)
+        if not isinstance(grid, Tensor) or grid.dim() != 4:
+            shape = tuple(grid.shape) if isinstance(grid, Tensor) else type(grid).__name__
+            raise TypeError(
+                f"target layer {self.layer_name} gives {shape}, not a map [B, K, h, w]"
+                + ("; pass reshape=... (e.g. tokens [B, N, D] to [B, D, h, w])" if self.reshape is None else "")
+            )
+        return grid
 
     def _forward(self, images: Tensor, score_fn: ScoreFn) -> tuple[Tensor, Tensor]:
         """Run the model; return (activations as a grad leaf, scores [B]) with a graph only above the layer."""
@@ -104,13 +121,13 @@ class CAM:
         captured: list[Tensor] = []
 
         def hook(module: nn.Module, inputs: Any, output: Any) -> Tensor:
-            if not isinstance(output, Tensor) or output.dim() != 4:
-                raise TypeError(f"target layer {type(module).__name__} must output a [B, K, h, w] tensor")
+            if not isinstance(output, Tensor):
+                raise TypeError(f"target layer {self.layer_name} outputs a {type(output).__name__}, not a tensor")
             if captured:
                 raise RuntimeError(
-                    f"target layer {type(module).__name__} ran more than once in one forward; "
-                    f"pick a module that runs once"
+                    f"target layer {self.layer_name} ran more than once in one forward; pick a module that runs once"
                 )
+            self._grid(output)  # fail before the rest of the forward if it is no map (and no reshape makes one)
             leaf = output.detach().requires_grad_(True)
             captured.append(leaf)
             torch.set_grad_enabled(True)  # record the graph from here on; the no_grad block below restores the mode
@@ -121,9 +138,7 @@ class CAM:
             with torch.no_grad():
                 output = self.model(images)
                 if not captured:
-                    raise RuntimeError(
-                        f"target layer {type(self.target_layer).__name__} did not run during the forward pass"
-                    )
+                    raise RuntimeError(f"target layer {self.layer_name} did not run during the forward pass")
                 scores = self._score(output, score_fn)
         finally:
             handle.remove()
