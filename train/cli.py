@@ -4,6 +4,7 @@ cubcam fit --config configs/demo/classifier.yaml
 cubcam fit --config configs/embedding.yaml --config configs/trainer/ddp.yaml
 cubcam fit --config configs/demo/classifier.yaml --ckpt_path runs/cubcam/<run>/checkpoints/last.ckpt  # resume
 cubcam fit --config configs/demo/classifier.yaml --model.init_args.arch resnet34
+cubcam fit --config configs/demo/classifier.yaml --model.init_args.arch convnext_atto   # any timm model
 cubcam explain ... / cubcam evaluate ...   (see ``cubcam explain --help``)
 """
 
@@ -41,6 +42,8 @@ class CubCamCLI(LightningCLI):
         # The dataset decides the head size and the caption names; the model config never repeats them.
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
         parser.link_arguments("data.class_names", "model.init_args.class_names", apply_on="instantiate")
+        # A ViT's patch grid is fixed when it is built: the model is built for the size the data is served at.
+        parser.link_arguments("data.image_size", "model.init_args.input_size")
 
     def _parse_ckpt_path(self) -> None:
         """Lightning's own (a checkpoint's hyper-parameters become the model config), with the class paths of

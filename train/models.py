@@ -1,14 +1,31 @@
-"""Plain nn.Module parts of the two models: a torchvision ResNet trunk and the pooled linear head both share.
+"""Plain nn.Module parts of the two models: a trunk (torchvision's ResNets, or any timm model) and the pooled
+linear head both share.
 
 The nets follow timm's split ``forward_features`` (trunk, ends at the CAM target layer) / ``forward_head``
-(pool -> head), so a CAM can be computed either through the whole net or from stored feature maps alone.
+(the rest -> head), so a CAM can be computed either through the whole net or from stored activations alone.
+
+Where the CAM layer sits, per kind of timm model (:class:`TimmBackbone`):
+
+- CNNs (ResNet, ConvNeXt, EfficientNet, RegNet, ...): the output of timm's ``forward_features``, the last stage's
+  map; the head is timm's ``forward_head`` (pool, and ConvNeXt's head norm).
+- Swin-style models, whose ``forward_features`` is NHWC (``output_fmt``): the same output, permuted to NCHW for
+  the map; the head pools it as timm does.
+- Vision transformers with a class token (timm's ``VisionTransformer``: ViT, DeiT): the class token is all the
+  head reads, so the last block's patch tokens get no gradient. The CAM layer is therefore the residual stream
+  *entering* the last block (its patch tokens, class and register tokens dropped, laid out on the patch grid),
+  and the head runs that last block, the final norm and timm's head. pytorch-grad-cam's usual choice,
+  ``blocks[-1].norm1``, is the LayerNorm of this same stream; the stream itself is what a head-only pass can
+  restart from (the block's residual needs it), so no second backbone pass is ever needed.
 """
 
 from __future__ import annotations
 
 import socket
 import urllib.error
+import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torchvision
@@ -23,6 +40,7 @@ IMAGENET_URLS = {
     "resnet50": torchvision.models.ResNet50_Weights.DEFAULT.url,
 }
 DOWNLOAD_TIMEOUT_S = 20.0  # an unreachable host must fail fast, not hang on a TCP connect
+HF_HUB_ADDRESS = ("huggingface.co", 443)  # where timm's weights come from (module-level: a test points it elsewhere)
 
 
 def imagenet_state_dict(arch: str) -> dict[str, Tensor]:
@@ -114,6 +132,192 @@ class ResNetBackbone(nn.Module):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
+    def pool(self, feature_maps: Tensor) -> Tensor:
+        """Global average pool: [B, C, h, w] -> [B, C]."""
+        return feature_maps.mean(dim=(2, 3))
+
+    @property
+    def reshape(self) -> None:
+        """The CAM layer's output is a map already."""
+        return None
+
+
+TimmKind = Literal["nchw", "nhwc", "vit"]
+
+
+class TimmBackbone(nn.Module):
+    """Any timm model as a trunk (``num_classes=0``), with its CAM layer chosen from the model (module doc).
+
+    Args:
+        arch: a timm model name (``timm.list_models()``), e.g. ``convnext_atto``, ``vit_small_patch16_224``.
+        pretrained: timm's pretrained weights (Hugging Face hub cache, downloaded on first use).
+        weights_path: a local ``.safetensors`` / ``.pth`` of that model instead (timm's ``pretrained_cfg_overlay``).
+        output_stride: 16 where timm supports it (ResNets, ConvNeXt, RegNet, EfficientNet: dilated last stage);
+            a model that does not (ViT, Swin) keeps its own, with one warning.
+        image_size: the input size, for models whose patch grid is fixed at build time (ViT: ``img_size``).
+
+    Raises:
+        ValueError: an unknown ``arch``, a token model other than timm's ``VisionTransformer``, or weights that
+            cannot be read (the message names the file or the download).
+    """
+
+    def __init__(
+        self,
+        arch: str,
+        pretrained: bool = False,
+        weights_path: str | Path | None = None,
+        output_stride: int = 32,
+        image_size: int | None = None,
+    ):
+        super().__init__()
+        import timm  # after cubcam.cams (the torchvision guard): timm imports torchvision
+        from timm.models.vision_transformer import VisionTransformer
+
+        if not timm.is_model(arch):
+            raise ValueError(
+                f"arch {arch!r} is neither a torchvision ResNet {ARCHS} nor a timm model (see timm.list_models())"
+            )
+        if pretrained and weights_path is not None:
+            raise ValueError("give either pretrained=True or weights_path, not both")
+        kwargs: dict[str, object] = {"num_classes": 0}
+        if weights_path is not None:
+            if not Path(weights_path).is_file():
+                raise FileNotFoundError(f"weights_path {weights_path} does not exist")
+            kwargs |= {"pretrained": True, "pretrained_cfg_overlay": {"file": str(weights_path)}}
+        elif pretrained:
+            kwargs["pretrained"] = True
+        if pretrained:
+            self.model = self._from_hub(timm, arch, kwargs, output_stride, image_size)
+        else:
+            self.model = self._create(timm, arch, kwargs, output_stride, image_size)
+        if getattr(self.model, "output_fmt", "NCHW") == "NHWC":
+            self.kind: TimmKind = "nhwc"
+        elif isinstance(self.model, VisionTransformer) and self.model.global_pool == "token":
+            self.kind = "vit"
+        elif hasattr(self.model, "patch_embed") or hasattr(self.model, "blocks"):
+            raise ValueError(
+                f"{arch}: token models other than timm's VisionTransformer (ViT, DeiT) with a class-token head, and "
+                f"NHWC models such as Swin, are not supported yet"
+            )
+        else:
+            self.kind = "nchw"
+        self.num_features: int = self.model.num_features
+        self.cam_output = nn.Identity()  # the CAM layer: its output is what forward returns
+
+    @classmethod
+    def _from_hub(
+        cls, timm: object, arch: str, kwargs: dict[str, object], output_stride: int, image_size: int | None
+    ) -> nn.Module:
+        """timm's pretrained weights: from the local Hugging Face cache if they are there, else downloaded, but
+        only once the hub answers within ``DOWNLOAD_TIMEOUT_S`` (the hub client itself retries for a minute)."""
+        from huggingface_hub import constants
+
+        offline = constants.HF_HUB_OFFLINE
+        constants.HF_HUB_OFFLINE = True  # the cache alone: fast, and fine without network
+        try:
+            return cls._create(timm, arch, kwargs, output_stride, image_size)
+        except RuntimeError:
+            pass
+        finally:
+            constants.HF_HUB_OFFLINE = offline
+        try:
+            socket.create_connection(HF_HUB_ADDRESS, timeout=DOWNLOAD_TIMEOUT_S).close()
+        except OSError as err:
+            raise RuntimeError(
+                f"could not download the timm weights of {arch}: the Hugging Face hub ({HF_HUB_ADDRESS[0]}) is "
+                f"unreachable ({err}) and they are not in the local cache ({constants.HF_HUB_CACHE}). Without "
+                f"network access, fetch them elsewhere and pass weights_path=<file> (.safetensors or .pth), or set "
+                f"pretrained=False."
+            ) from err
+        return cls._create(timm, arch, kwargs, output_stride, image_size)
+
+    @staticmethod
+    def _create(
+        timm: object, arch: str, kwargs: dict[str, object], output_stride: int, image_size: int | None
+    ) -> nn.Module:
+        """timm's model, with ``output_stride`` and ``img_size`` passed where the model takes them (a model that
+        does not raises a TypeError naming the argument: it is dropped and the model built again)."""
+        create: Callable[..., nn.Module] = timm.create_model  # type: ignore[attr-defined]
+        extra: dict[str, object] = {}
+        if output_stride != 32:
+            extra["output_stride"] = output_stride
+        if image_size is not None:
+            extra["img_size"] = image_size
+        while True:
+            try:
+                return create(arch, **kwargs, **extra)
+            except TypeError as err:
+                unknown = [name for name in extra if name in str(err)]
+                if not unknown:
+                    raise
+                if unknown[0] == "output_stride":
+                    warnings.warn(
+                        f"{arch} does not support output_stride={output_stride}; it keeps its own", stacklevel=4
+                    )
+                extra.pop(unknown[0])
+            except (OSError, RuntimeError) as err:  # no network, or a file that does not fit
+                raise RuntimeError(
+                    f"could not load the weights of {arch} ({one_line_of(err)}). Without network access, download "
+                    f"them elsewhere and pass weights_path=<file> (.safetensors or .pth), or set pretrained=False."
+                ) from err
+
+    @property
+    def cam_layer(self) -> nn.Module:
+        """The identity that ``forward`` ends with: its output is the CAM layer's activations."""
+        return self.cam_output
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The CAM layer's activations: a map [B, C, h, w], NHWC maps [B, h, w, C], or ViT tokens [B, N, D]."""
+        model = self.model
+        if self.kind != "vit":
+            return self.cam_output(model.forward_features(x))
+        x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
+        return self.cam_output(model.blocks[:-1](x))
+
+    def pool(self, activations: Tensor) -> Tensor:
+        """From the CAM layer's activations to the pooled features [B, num_features] (the rest of the trunk)."""
+        model = self.model
+        if self.kind == "vit":
+            activations = model.norm(model.blocks[-1](activations))
+        return model.forward_head(activations, pre_logits=True)
+
+    @property
+    def reshape(self) -> Callable[[Tensor], Tensor] | None:
+        """How the CAM layer's output becomes a map [B, K, h, w] (``cubcam.cams.engine.Reshape``)."""
+        if self.kind == "nhwc":
+            return nhwc_to_nchw
+        if self.kind == "vit":
+            grid = tuple(self.model.patch_embed.grid_size)
+            return TokenGrid(self.model.num_prefix_tokens, grid)
+        return None
+
+
+def nhwc_to_nchw(maps: Tensor) -> Tensor:
+    return maps.permute(0, 3, 1, 2)
+
+
+class TokenGrid:
+    """ViT tokens [B, prefix + h * w, D] -> the patch tokens on their grid [B, D, h, w] (class and register
+    tokens dropped), pytorch-grad-cam's ``reshape_transform`` for ViTs."""
+
+    def __init__(self, prefix: int, grid: tuple[int, int]):
+        self.prefix, self.grid = prefix, grid
+
+    def __call__(self, tokens: Tensor) -> Tensor:
+        patches = tokens[:, self.prefix :]
+        h, w = self.grid
+        if patches.shape[1] != h * w:
+            raise ValueError(
+                f"{patches.shape[1]} patch tokens do not fill the {h}x{w} grid this ViT was built for: build it "
+                f"with the size it is fed (input_size in the modules; the CLI links it to data.image_size)"
+            )
+        return patches.reshape(len(patches), h, w, -1).permute(0, 3, 1, 2)
+
+
+def one_line_of(err: BaseException) -> str:
+    line = " ".join(str(err).split())
+    return line if len(line) <= 200 else line[:197] + "..."
+
 
 class PooledLinearNet(nn.Module):
     """Backbone -> global average pool -> linear: the net of both modules, logits for the ``Classifier``
@@ -127,7 +331,7 @@ class PooledLinearNet(nn.Module):
     "What EmbeddingCAM scores").
     """
 
-    def __init__(self, backbone: ResNetBackbone, out_features: int):
+    def __init__(self, backbone: ResNetBackbone | TimmBackbone, out_features: int):
         super().__init__()
         self.backbone = backbone
         self.fc = nn.Linear(backbone.num_features, out_features)
@@ -135,8 +339,22 @@ class PooledLinearNet(nn.Module):
     def forward_features(self, x: Tensor) -> Tensor:
         return self.backbone(x)
 
-    def forward_head(self, feature_maps: Tensor) -> Tensor:
-        return self.fc(feature_maps.mean(dim=(2, 3)))
+    def forward_head(self, activations: Tensor) -> Tensor:
+        return self.fc(self.backbone.pool(activations))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+def build_backbone(
+    arch: str,
+    pretrained: bool = False,
+    weights_path: str | Path | None = None,
+    output_stride: int = 32,
+    image_size: int | None = None,
+) -> ResNetBackbone | TimmBackbone:
+    """torchvision's ResNet for the names in ``ARCHS`` (the parameter names of older checkpoints), timm for any
+    other name."""
+    if arch in ARCHS:
+        return ResNetBackbone(arch, pretrained, weights_path, output_stride)
+    return TimmBackbone(arch, pretrained, weights_path, output_stride, image_size)

@@ -3,8 +3,9 @@
 Both are thin: the network is a plain nn.Module from ``cubcam.train.models``, the constructors take plain arguments
 (``load_from_checkpoint`` works without the CLI), and both speak the CAM protocol (``cubcam.cams.protocol``) the
 callback, ``cubcam explain`` and ``cubcam evaluate`` rely on: ``cam_method``, ``cam_target_layer``,
-``forward_head``, and a ``validation_step`` that returns a ``CAMStepOutput`` (the CAM layer's activations with the
-outputs), so a callback needs no second forward. ``monitor`` is what ``BestCheckpoint`` keeps the best epoch by.
+``cam_reshape``, ``forward_head``, and a ``validation_step`` that returns a ``CAMStepOutput`` (the CAM layer's
+activations with the outputs), so a callback needs no second forward. ``monitor`` is what ``BestCheckpoint`` keeps
+the best epoch by.
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from cubcam.cams.distributed import gather_unique
+from cubcam.cams.engine import Reshape
 from cubcam.cams.protocol import CAMStepOutput, step_output
 from cubcam.cams.targets import Method
-from cubcam.train.models import PooledLinearNet, ResNetBackbone
+from cubcam.train.models import PooledLinearNet, build_backbone
 
 RETRIEVAL_METRICS = ("precision_at_1", "mean_average_precision_at_r", "r_precision")
 Miner = Literal["all", "hard", "semihard", "easy"]  # pytorch-metric-learning's TripletMarginMiner types
@@ -61,6 +63,13 @@ def build_optimizer(
 class CUBModule(pl.LightningModule):
     """What both models share: the CAM protocol, the optimiser and the schedule.
 
+    The network arguments of both: ``arch`` is a torchvision ResNet name (``resnet18/34/50``) or any timm model
+    name (``convnext_atto``, ``efficientnet_b0``, ``vit_small_patch16_224``, ...; ``cubcam.train.models``
+    explains where each kind's CAM layer sits); ``pretrained`` loads ImageNet weights (torchvision's, or timm's
+    from the Hugging Face hub), ``weights_path`` a local file instead; ``output_stride`` 16 dilates the last stage
+    where the model supports it; ``input_size`` is the image size for models whose patch grid is fixed when built
+    (ViTs; the CLI links it to ``data.image_size``).
+
     Subclasses set ``net`` and ``class_names``, and call ``save_hyperparameters()`` with at least ``lr``,
     ``weight_decay`` and ``backbone_lr_factor``.
     """
@@ -73,6 +82,10 @@ class CUBModule(pl.LightningModule):
     @property
     def cam_target_layer(self) -> nn.Module:
         return self.net.backbone.cam_layer
+
+    @property
+    def cam_reshape(self) -> Reshape | None:
+        return self.net.backbone.reshape
 
     def forward(self, images: Tensor) -> Tensor:
         return self.net(images)
@@ -107,8 +120,8 @@ class CUBModule(pl.LightningModule):
 
 
 class Classifier(CUBModule):
-    """ResNet classifier trained with cross-entropy; logs ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc``
-    (and ``test/loss``, ``test/acc`` when tested)."""
+    """A classifier (any backbone) trained with cross-entropy; logs ``train/loss``, ``train/acc``, ``val/loss``,
+    ``val/acc`` (and ``test/loss``, ``test/acc`` when tested)."""
 
     cam_method = "gradcam"
     monitor = ("val/acc", "max")
@@ -119,6 +132,7 @@ class Classifier(CUBModule):
         pretrained: bool = False,
         weights_path: str | Path | None = None,
         output_stride: int = 32,
+        input_size: int | None = None,
         num_classes: int = 200,
         class_names: list[str] | None = None,
         lr: float = 1e-3,
@@ -128,7 +142,9 @@ class Classifier(CUBModule):
     ):
         super().__init__()
         self.save_hyperparameters()
-        self.net = PooledLinearNet(ResNetBackbone(arch, pretrained, weights_path, output_stride), num_classes)
+        self.net = PooledLinearNet(
+            build_backbone(arch, pretrained, weights_path, output_stride, input_size), num_classes
+        )
         self.class_names = default_class_names(class_names, num_classes)
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -159,7 +175,8 @@ class Classifier(CUBModule):
 
 
 class EmbeddingNet(CUBModule):
-    """ResNet -> linear -> embedding (compared by cosine), trained with a triplet margin loss on mined triplets.
+    """Backbone -> pool -> linear -> embedding (compared by cosine), trained with a triplet margin loss on mined
+    triplets.
 
     Train it on m-per-class batches (``data.sampler: m_per_class``) so every batch holds positives. Validation is
     retrieval on the whole validation split (gathered from all ranks): each image queries all others by cosine
@@ -177,6 +194,7 @@ class EmbeddingNet(CUBModule):
         pretrained: bool = False,
         weights_path: str | Path | None = None,
         output_stride: int = 32,
+        input_size: int | None = None,
         embedding_dim: int = 128,
         num_classes: int | None = None,
         class_names: list[str] | None = None,
@@ -188,7 +206,9 @@ class EmbeddingNet(CUBModule):
     ):
         super().__init__()
         self.save_hyperparameters()
-        self.net = PooledLinearNet(ResNetBackbone(arch, pretrained, weights_path, output_stride), embedding_dim)
+        self.net = PooledLinearNet(
+            build_backbone(arch, pretrained, weights_path, output_stride, input_size), embedding_dim
+        )
         self.class_names = default_class_names(class_names, num_classes)
         self.miner = miners.TripletMarginMiner(margin=margin, type_of_triplets=miner)
         self.loss_fn = losses.TripletMarginLoss(margin=margin)
