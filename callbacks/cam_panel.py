@@ -53,17 +53,26 @@ from typing import Any, Literal, cast, get_args
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor
 
-from cubcam.callbacks.collect import STEP_KEYS, EpochCollector, Outputs, load_birds
+from cubcam.callbacks.batches import BatchFormat
+from cubcam.callbacks.collect import STEP_KEYS, EpochCollector, Outputs, dataset_boxes_exist, load_birds
 from cubcam.callbacks.evolution import Evolution
 from cubcam.callbacks.measure import METRIC_KEYS, EpochTarget, ProxyScheme, epoch_target, measure
 from cubcam.callbacks.panel_render import Panel, Style, class_panel, neighbour_panel
 from cubcam.callbacks.panel_select import random_subset, spread_over_classes
 from cubcam.callbacks.sinks import PanelSink, metrics_step, sink_factories
-from cubcam.cams.engine import Weighting
+from cubcam.cams.engine import Reshape, Weighting
 from cubcam.cams.overlay import IMAGENET_MEAN, IMAGENET_STD, colorize, denormalize
-from cubcam.cams.protocol import CAMModule, CAMStepOutput, Choice
+from cubcam.cams.protocol import (
+    CAMModule,
+    CAMStepOutput,
+    Choice,
+    LayerModule,
+    check_layer,
+    features_and_outputs,
+)
 from cubcam.cams.targets import Method
 
 MethodArg = Literal["auto", "gradcam", "embeddingcam"]  # "auto": the module's cam_method
@@ -93,11 +102,23 @@ class CAMPanel(pl.Callback):
         seed: seeds the choice of the panel and of the metric subset.
         weighting: how the gradients weight the maps, for either model kind: "gradcam" (default), "gradcam++",
             "hirescam", "xgradcam" or "layercam" (``cubcam.cams.engine.weighted_activations``).
+        target_layer: for a module that does not speak the CAM protocol (any LightningModule): the dotted name of
+            the layer to explain inside it, e.g. ``"net.layer4"`` or ``"model.stages.3"``. The callback then runs
+            its own eval-mode forward and backward on the panel (and the metric subset, when the data has boxes)
+            each epoch; the outputs of the validation loop's own ``self(images)`` calls are reused, not recomputed.
+            ``method="auto"`` means ``"gradcam"`` there; ``"embeddingcam"`` when ``module(images)`` returns
+            embeddings.
+        reshape: with ``target_layer``, how that layer's output becomes a map [B, K, h, w] (e.g. ViT tokens; see
+            ``cubcam.cams.engine.Reshape``); None when it is one.
+        image_key, label_key, box_key: where dict batches and dataset items keep the images, the labels and the
+            optional boxes (``[x, y, w, h]`` in the image tensor's pixels); tuples are ``(images, labels[, boxes])``.
 
     Raises:
         ValueError: an argument out of range, or a ``method`` that does not fit the module (at ``setup``).
-        TypeError: at ``setup``, a module that does not speak the CAM protocol; at a validation batch, a step
-            output that is not a ``CAMStepOutput``; a validation dataset that is not map-style.
+        TypeError: at ``setup``, a module that does not speak the CAM protocol and no ``target_layer``; at a
+            validation batch, a step output that is not a ``CAMStepOutput``, or a batch that ``image_key`` /
+            ``label_key`` do not fit; a validation dataset that is not map-style, or a shuffled validation loader.
+        AttributeError: at ``setup``, a ``target_layer`` that names no submodule (the message names it).
     """
 
     def __init__(
@@ -113,6 +134,11 @@ class CAMPanel(pl.Callback):
         metrics_subset: int | None = None,
         seed: int = 0,
         weighting: Weighting = "gradcam",
+        target_layer: str | None = None,
+        reshape: Reshape | None = None,
+        image_key: str = "image",
+        label_key: str = "label",
+        box_key: str = "box",
     ):
         for arg, value in (("num_images", num_images), ("every_n_epochs", every_n_epochs)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -137,6 +163,14 @@ class CAMPanel(pl.Callback):
         self.colormap, self.alpha = colormap, float(alpha)
         self.log_metrics, self.seed = log_metrics, seed
         self.metrics_subset = metrics_subset or DEFAULT_METRICS_SUBSET
+        self.target_layer, self.reshape = target_layer, reshape
+        self.format = BatchFormat(image_key, label_key, box_key)
+        self._layer_module: LayerModule | None = None  # set at setup when target_layer is given
+        self._hook: Any = None  # the forward hook that keeps the validation loop's outputs (target_layer path)
+        self._seen: list[Tensor] = []
+        self._batches: list[list[int]] = []  # dataset indices of each validation batch (target_layer path)
+        self._boxes: bool | None = None  # whether the validation data has boxes (target_layer path)
+        self._layer_checked = False  # its first batch has shown that the layer gives a map
         # Chosen once and saved in checkpoints (dataset indices):
         self.panel: list[int] | None = None
         self.subset: list[int] | None = None
@@ -160,11 +194,17 @@ class CAMPanel(pl.Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._sinks = None
+        if self.target_layer is not None:
+            kind: Method = "gradcam" if self.method == "auto" else self.method
+            self._layer_module = LayerModule(pl_module, self.target_layer, kind, self.reshape)
+            self._layer_checked = False
+            return
         method = getattr(pl_module, "cam_method", None)
         if method not in get_args(Method):
             raise TypeError(
-                f"CAMPanel needs a module that speaks the CAM protocol (cam_method 'gradcam' or "
-                f"'embeddingcam'), got {type(pl_module).__name__} with cam_method={method!r}"
+                f"CAMPanel needs target_layer='<dotted layer name>' (e.g. 'net.layer4') for a module that does not "
+                f"speak the CAM protocol (cam_method 'gradcam' or 'embeddingcam'); {type(pl_module).__name__} has "
+                f"cam_method={method!r}"
             )
         for attribute in ("cam_target_layer", "forward_head"):
             if not hasattr(pl_module, attribute):
@@ -189,7 +229,38 @@ class CAMPanel(pl.Callback):
             or len(self.subset) != min(self.metrics_subset, size)
         ):
             self.subset = random_subset(size, self.metrics_subset, self._generator(1))
+        if self._layer_module is not None:  # its rows are read from the dataset at the epoch's end
+            self._epoch = EpochCollector(None, [])
+            self._start_layer_epoch(trainer, pl_module)
+            return
         self._epoch = EpochCollector(self.panel, (self.subset or []) if self.log_metrics else [])
+
+    def _start_layer_epoch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The ``target_layer`` path: each batch's dataset indices from the loader's (unshuffled) batch sampler,
+        and a forward hook that keeps what the validation loop's ``self(images)`` returns."""
+        loaders = trainer.val_dataloaders
+        loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
+        if loader is None or getattr(loader, "batch_sampler", None) is None:
+            raise TypeError("CAMPanel: target_layer needs a validation DataLoader with a batch sampler")
+        if isinstance(getattr(loader, "sampler", None), torch.utils.data.RandomSampler):
+            raise TypeError("CAMPanel: the validation loader shuffles; it must keep the dataset's order")
+        self._batches = [list(indices) for indices in loader.batch_sampler]
+        self._seen = []
+        self._remove_hook()
+        self._hook = pl_module.register_forward_hook(
+            lambda _m, _i, output: self._seen.append(output.detach()) if isinstance(output, Tensor) else None
+        )
+
+    def _remove_hook(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._remove_hook()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._remove_hook()
 
     def on_validation_batch_end(
         self,
@@ -202,6 +273,9 @@ class CAMPanel(pl.Callback):
     ) -> None:
         if self._epoch is None or dataloader_idx != 0:
             return
+        if self._layer_module is not None:
+            self._add_layer_batch(batch, batch_idx)
+            return
         if not isinstance(outputs, dict) or any(key not in outputs for key in STEP_KEYS):
             raise TypeError(
                 f"CAMPanel: validation_step must return a CAMStepOutput dict with keys {STEP_KEYS} "
@@ -210,11 +284,47 @@ class CAMPanel(pl.Callback):
             )
         self._epoch.add(cast(CAMStepOutput, outputs), batch)  # its keys are checked above
 
+    def _add_layer_batch(self, batch: Any, batch_idx: int) -> None:
+        """A batch of the ``target_layer`` path: its labels, its outputs (the loop's own, else one no-grad
+        forward) and its dataset indices."""
+        assert self._epoch is not None and self._layer_module is not None
+        images, labels, _ = self.format.read(batch)
+        output = next((o for o in reversed(self._seen) if o.dim() == 2 and len(o) == len(images)), None)
+        self._seen.clear()
+        if output is None:  # validation_step did not call self(images): one forward of our own
+            _, output = features_and_outputs(self._layer_module, images)
+        if not self._layer_checked:  # a layer that gives no map fails here, once, naming the layer
+            with _isolated(images.device):
+                check_layer(self._layer_module, images[:1], output[:1])
+            self._layer_checked = True
+        index = torch.tensor(self._batches[batch_idx], device=images.device)
+        if len(index) != len(images):
+            raise TypeError("CAMPanel: the validation batches do not follow the loader's batch sampler")
+        step = CAMStepOutput(activations=images, output=output, label=labels.to(images.device), index=index)
+        self._epoch.add(step, {"image": images})
+
+    def _layer_subset(self, trainer: pl.Trainer, dataset: Any, device: torch.device) -> dict[str, Tensor]:
+        """This rank's share of the metric subset, read from the dataset (the ``target_layer`` path), or nothing
+        when the data has no boxes (said once)."""
+        if self._boxes is None:
+            self._boxes = dataset_boxes_exist(dataset, self.format)
+            if not self._boxes:
+                rank_zero_info(
+                    f"CAMPanel: the validation data has no {self.format.box_key!r} boxes: the panel is drawn without "
+                    f"boxes and the CAM localization metrics are skipped"
+                )
+        mine = (self.subset or [])[trainer.global_rank :: trainer.world_size]
+        if not self._boxes or not mine:
+            return {}
+        birds = load_birds(dataset, mine, cast(CAMModule, self._layer_module), device, self.format)
+        return {key: birds[key] for key in ("index", "activations", "box", "label")}
+
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._remove_hook()
         collected, self._epoch = self._epoch, None
         if collected is None:
             return
-        module = cast(CAMModule, pl_module)  # checked in setup
+        module = cast(CAMModule, self._layer_module or pl_module)  # checked in setup
         device = pl_module.device
         with _isolated(device):
             # Collectives first, on every rank in the same order; rank zero alone renders and logs afterwards.
@@ -225,11 +335,20 @@ class CAMPanel(pl.Callback):
             names = _class_names(_val_dataset(trainer), pl_module)
             target = epoch_target(module.cam_method, self.proxy, outputs, len(names), self.weighting)
             style = Style(self.colormap, self.alpha, CAM_BOX_THRESHOLD)
-            if self.log_metrics and self.subset:
+            columns = (
+                (
+                    self._layer_subset(trainer, _val_dataset(trainer), device)
+                    if self._layer_module is not None
+                    else collected.subset_columns()
+                )
+                if self.log_metrics and self.subset
+                else {}
+            )
+            if self.log_metrics and self.subset and (self._layer_module is None or self._boxes):
                 workers = max(1, torch.get_num_threads() // trainer.num_devices)  # the cores this rank's loop uses
                 scores = measure(
                     module,
-                    collected.subset_columns(),
+                    columns,
                     target,
                     self.subset,
                     collected.image_size,
@@ -309,7 +428,7 @@ class CAMPanel(pl.Callback):
         dataset = _val_dataset(trainer)
         device = next(module.parameters()).device
         birds: dict[str, Any] = (
-            dict(captured) if captured is not None else load_birds(dataset, self.panel, module, device)
+            dict(captured) if captured is not None else load_birds(dataset, self.panel, module, device, self.format)
         )
         birds["rgb"] = _to_rgb(dataset, birds["image"])
         birds["box"] = birds["box"].cpu()
@@ -317,7 +436,9 @@ class CAMPanel(pl.Callback):
         if not target.neighbours:
             return class_panel(module, birds, target, self.target, trainer.current_epoch, names, style)
         rows = target.rows(birds["index"].cpu(), birds["label"].cpu())
-        neighbours: dict[str, Any] = load_birds(dataset, target.outputs.index[rows].tolist(), module, device)
+        neighbours: dict[str, Any] = load_birds(
+            dataset, target.outputs.index[rows].tolist(), module, device, self.format
+        )
         neighbours["rgb"], neighbours["box"] = _to_rgb(dataset, neighbours["image"]), neighbours["box"].cpu()
         return neighbour_panel(module, birds, neighbours, target, trainer.current_epoch, names, style)
 

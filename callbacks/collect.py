@@ -13,6 +13,7 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
+from cubcam.callbacks.batches import CUBCAM_FORMAT, BatchFormat
 from cubcam.cams.distributed import gather_unique
 from cubcam.cams.protocol import CAMModule, CAMStepOutput, features_and_outputs
 
@@ -107,20 +108,28 @@ class EpochCollector:
         return {key: torch.cat([part[key] for part in self.subset_rows]) for key in self.subset_rows[0]}
 
 
-def load_birds(dataset: Any, indices: list[int], module: CAMModule, device: torch.device) -> dict[str, Tensor]:
+def load_birds(
+    dataset: Any, indices: list[int], module: CAMModule, device: torch.device, fmt: BatchFormat = CUBCAM_FORMAT
+) -> dict[str, Tensor]:
     """The panel's columns for images read from the dataset and run through the module here (the epoch that
-    chooses the panel, or one that skipped a bird, and the single-point neighbours)."""
-    items = [dataset[i] for i in indices]
-    images = torch.stack([item["image"] for item in items]).to(device)
+    chooses the panel, or one that skipped a bird, the single-point neighbours, and every epoch of a module
+    explained through a ``LayerModule``). An image without a box gets the empty box (0, 0, 0, 0): none is drawn."""
+    items = [fmt.read(dataset[i]) for i in indices]
+    images = torch.stack([image for image, _, _ in items]).to(device)
     activations, outputs = features_and_outputs(module, images)
     return {
         "index": torch.tensor(indices, device=device),
         "image": images,
-        "box": torch.stack([item["box"] for item in items]).to(device),
-        "label": torch.tensor([int(item["label"]) for item in items], device=device),
+        "box": torch.stack([torch.zeros(4) if box is None else box.reshape(4) for _, _, box in items]).to(device),
+        "label": torch.tensor([int(label) for _, label, _ in items], device=device),
         "activations": activations,
         "output": outputs,
     }
+
+
+def dataset_boxes_exist(dataset: Any, fmt: BatchFormat) -> bool:
+    """Whether the dataset's items carry boxes (its first item is read)."""
+    return len(dataset) > 0 and fmt.read(dataset[0])[2] is not None
 
 
 def _rows(wanted: Tensor, index: Tensor, columns: dict[str, Tensor]) -> dict[str, Tensor]:

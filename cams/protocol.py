@@ -11,7 +11,7 @@ activations kept from a validation loop, cost no further backbone pass. A ``vali
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, TypedDict
 
@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cubcam.cams.engine import CAM, Weighting, eval_mode, minmax_normalize
-from cubcam.cams.targets import Method, Target
+from cubcam.cams.engine import CAM, Reshape, Weighting, eval_mode, minmax_normalize
+from cubcam.cams.targets import ClassLogits, Method, Proxies, Target
 
 Choice = Literal["true", "predicted"]  # which class a map explains
 UNKNOWN_LABEL = -1  # an image without a label (a user's photo) is explained for its predicted class
@@ -35,9 +35,12 @@ class CAMModule(Protocol):
     @property
     def cam_target_layer(self) -> nn.Module: ...
 
+    @property
+    def cam_reshape(self) -> Reshape | None: ...  # the layer's output as a map [B, K, h, w]; None: it is one
+
     def forward_head(self, activations: Tensor) -> Tensor: ...
 
-    __call__: Callable[..., Any]  # module(images) -> outputs (an nn.Module's call)
+    def __call__(self, images: Tensor) -> Any: ...  # module(images) -> outputs (an nn.Module's call)
 
     def modules(self) -> Iterator[nn.Module]: ...
 
@@ -58,7 +61,7 @@ class Sample(TypedDict):
 class CAMStepOutput(TypedDict):
     """What a CAM module's ``validation_step`` returns, so that a callback needs no second forward."""
 
-    activations: Tensor  # the CAM layer's output [B, K, h, w] (detached)
+    activations: Tensor  # the CAM layer's output (detached): a map [B, K, h, w], or what cam_reshape makes one of
     output: Tensor  # logits or embeddings [B, ...] (detached)
     label: Tensor  # [B]
     index: Tensor  # [B] dataset positions
@@ -70,11 +73,62 @@ def step_output(activations: Tensor, output: Tensor, batch: dict[str, Tensor]) -
     )
 
 
+class LayerModule:
+    """Any model explained at a layer it names: the CAM protocol for a model without a head of its own (e.g. a
+    LightningModule that knows nothing of cubcam).
+
+    Such a model cannot be restarted from stored activations, so its "activations" are the images themselves:
+    :func:`features_and_outputs` keeps the images, and :func:`head_cams` runs the engine through the whole model
+    (a forward with the layer hooked, the gradient to that layer). Same maps, one forward and backward each.
+
+    Raises:
+        AttributeError: ``layer`` names no submodule of ``model`` (the message names the missing part).
+    """
+
+    def __init__(self, model: nn.Module, layer: str, method: Method, reshape: Reshape | None = None):
+        self.model, self.layer_name = model, layer
+        try:
+            self.cam_target_layer: nn.Module = model.get_submodule(layer)
+        except AttributeError as err:
+            raise AttributeError(f"target_layer {layer!r}: {err}") from None
+        self.cam_method: Method = method
+        self.cam_reshape = reshape
+        self.class_names = getattr(model, "class_names", None)
+
+    def forward_head(self, activations: Tensor) -> Tensor:
+        raise TypeError(f"{type(self.model).__name__} has no head: its maps run through the whole model")
+
+    def __call__(self, images: Tensor) -> Tensor:
+        outputs = self.model(images)
+        if not isinstance(outputs, Tensor) or outputs.dim() != 2:
+            shape = tuple(outputs.shape) if isinstance(outputs, Tensor) else type(outputs).__name__
+            raise TypeError(f"{type(self.model).__name__}(images) must return logits or embeddings [B, C], got {shape}")
+        return outputs
+
+    def modules(self) -> Iterator[nn.Module]:
+        return self.model.modules()
+
+    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]:
+        return self.model.parameters(recurse)
+
+
+def check_layer(module: LayerModule, images: Tensor, outputs: Tensor) -> None:
+    """One map of the first image, so that a layer that does not run, or gives no map (and no reshape makes one),
+    fails with its error (naming the layer) before any epoch's work is done."""
+    target: Target = ClassLogits() if module.cam_method == "gradcam" else Proxies(outputs.detach().float())
+    rows = outputs.argmax(1) if module.cam_method == "gradcam" else torch.zeros(len(outputs), dtype=torch.long)
+    head_cams(module, images, (images.shape[-2], images.shape[-1]), target, rows.to(images.device))
+
+
 def features_and_outputs(module: CAMModule, images: Tensor) -> tuple[Tensor, Tensor]:
-    """One eval-mode forward without autograd: (the target layer's activations [B, K, h, w], the outputs).
+    """One eval-mode forward without autograd: (the target layer's activations, the outputs); for a
+    :class:`LayerModule`, (the images, the outputs).
 
     Every submodule's train/eval flag is restored afterwards (BatchNorm statistics are never updated).
     """
+    if isinstance(module, LayerModule):
+        with eval_mode(module), torch.no_grad():
+            return images, module(images)
     captured: list[Tensor] = []
     handle = module.cam_target_layer.register_forward_hook(lambda _m, _i, output: captured.append(output))
     try:
@@ -105,9 +159,12 @@ def head_cams(
     dtype = next(module.parameters()).dtype  # activations kept from a mixed-precision loop may be half
     with torch.inference_mode(False), torch.enable_grad():
         features = _normal(activations).to(dtype)
-        raw = CAM(module.forward_head, None, weighting=weighting).explain(
-            features, target, _normal(rows), upsample=False, normalize=False
-        )
+        if isinstance(module, LayerModule):  # the activations are images: through the whole model
+            cam = CAM(module, module.cam_target_layer, weighting=weighting, reshape=module.cam_reshape)
+            cam.layer_name = module.layer_name
+        else:
+            cam = CAM(module.forward_head, None, weighting=weighting, reshape=module.cam_reshape)
+        raw = cam.explain(features, target, _normal(rows), upsample=False, normalize=False)
     return minmax_normalize(F.interpolate(raw[:, None], size=size, mode="bilinear", align_corners=False)[:, 0])
 
 

@@ -1,0 +1,192 @@
+"""CAMPanel on modules that know nothing of cubcam (``target_layer=``): the README's example as written, tuple
+batches without boxes, dict batches with boxes (then the metrics too, equal to cams.localization on the engine's
+maps), and the callback's guarantees on this path: bit-identical weights, no hooks or RNG traces, the same panel
+after a resume, one clear error for a bad layer."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+from wandb_records import finished_log, history_rows
+
+from cubcam.callbacks import CAMPanel
+from cubcam.callbacks.measure import METRIC_KEYS
+from cubcam.callbacks.sinks import PANEL_KEY
+from cubcam.cams import GradCAM, localization
+from cubcam.train.data.datamodule import CUBDataModule
+
+REPO = Path(__file__).resolve().parents[1]
+SIZE = 64
+LAYER = "model.stages.3"  # timm ConvNeXt's last stage
+
+
+def load_example():
+    spec = importlib.util.spec_from_file_location("own_module", REPO / "examples" / "own_module.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["own_module"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+example = load_example()
+
+
+class TupleDataset(Dataset):
+    """A CUB split as ``(image, label)`` tuples, as an ImageFolder gives them (no boxes)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        item = self.dataset[i]
+        return item["image"], item["label"]
+
+
+def cub_data(root: Path) -> CUBDataModule:
+    data = CUBDataModule(root=str(root), image_size=SIZE, batch_size=8, num_workers=0, val_fraction=0.0)
+    data.setup(None)
+    return data
+
+
+def trainer(work: Path, epochs: int, callbacks: list[pl.Callback], **kwargs) -> pl.Trainer:
+    options = dict(
+        max_epochs=epochs,
+        accelerator="cpu",
+        logger=False,
+        default_root_dir=str(work),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        deterministic=True,
+    )
+    return pl.Trainer(**{**options, **kwargs}, callbacks=callbacks)
+
+
+def plain_module(num_classes: int) -> pl.LightningModule:
+    pl.seed_everything(0, verbose=False)
+    return example.LitClassifier("test_convnext", num_classes=num_classes)
+
+
+def tuple_loaders(data: CUBDataModule) -> tuple[DataLoader, DataLoader]:
+    return (
+        DataLoader(TupleDataset(data.train_dataset), batch_size=8, shuffle=True, drop_last=True),
+        DataLoader(TupleDataset(data.val_dataset), batch_size=8),
+    )
+
+
+def test_the_readme_example_runs_as_written_and_logs_a_panel_every_epoch(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    done = example.main(["--data", str(tmp_path / "cub"), "--epochs", "2", "--out", str(tmp_path / "runs")])
+    run_dir = Path(done.logger.experiment.dir).parent
+    done.logger.experiment.finish()
+    rows = history_rows(finished_log(run_dir))
+    panels = [row for row in rows if PANEL_KEY in row]
+    assert [row[PANEL_KEY]["count"] for row in panels] == [8, 8]  # one panel of 8 birds per epoch
+    assert "epoch 1" in panels[1][PANEL_KEY]["captions"][0]
+    assert not any(key in row for row in rows for key in METRIC_KEYS)  # no boxes: no metrics, and no error
+    assert sorted(p.name for p in run_dir.parent.parent.glob("cubcam-own/*/cam_panels/epoch_*.png")) == [
+        "epoch_000.png",
+        "epoch_001.png",
+    ]
+
+
+def test_boxed_dict_batches_also_give_the_metrics_of_the_engine_s_maps(synthetic_cub, tmp_path) -> None:
+    data = cub_data(synthetic_cub)
+    module = plain_module(data.num_classes)
+    logged = trainer(tmp_path, 1, [CAMPanel(target_layer=LAYER, num_images=4)]).validate(
+        module, datamodule=data, verbose=False
+    )[0]
+    assert (tmp_path / "cam_panels" / "epoch_000.png").is_file()
+    items = [data.val_dataset[i] for i in range(len(data.val_dataset))]  # all: fewer than the 512 of the subset
+    images = torch.stack([item["image"] for item in items])
+    labels = torch.tensor([item["label"] for item in items])
+    boxes = torch.stack([item["box"] for item in items])
+    cam = GradCAM(module, LAYER)
+    maps = torch.cat([cam(images[i : i + 8], labels[i : i + 8]) for i in range(0, len(images), 8)])
+    expected = localization.max_box_acc(maps, boxes)
+    assert logged["val/cam_max_box_acc"] == pytest.approx(expected["max_box_acc"], abs=1e-6)
+    assert logged["val/cam_box_acc_iou50"] == pytest.approx(expected["box_acc_iou50"], abs=1e-6)
+    ratio = np.mean(localization.heatmap_ratio(maps, boxes))
+    assert logged["val/cam_heatmap_ratio"] == pytest.approx(ratio, abs=1e-6)
+
+
+def test_embeddingcam_on_a_plain_module_uses_the_loop_s_outputs(synthetic_cub, tmp_path) -> None:
+    """method="embeddingcam": ``module(images)`` are embeddings; the proxies come from the outputs the
+    validation loop's own ``self(images)`` produced (kept by a forward hook), so no extra forward per batch."""
+    data = cub_data(synthetic_cub)
+    module = plain_module(16)  # 16-d "embeddings"
+    calls = []
+    module.register_forward_pre_hook(lambda _m, args: calls.append(len(args[0])))
+    panel = CAMPanel(target_layer=LAYER, num_images=4, method="embeddingcam", log_metrics=False)
+    trainer(tmp_path, 1, [panel]).validate(module, datamodule=data, verbose=False)
+    batches = [n for n in calls if n == 8]  # the validation batches (16 images); the callback's own calls: <= 4
+    assert sum(batches) == len(data.val_dataset) == 16  # one forward per batch: the loop's, none of ours
+    assert sorted(set(calls) - {8}) == [1, 4]  # the layer check's one image; the 4 panel birds
+    assert (tmp_path / "cam_panels" / "epoch_000.png").is_file() and panel.panel is not None
+    assert all(not m._forward_hooks for m in module.modules() if m is not module)
+    assert len(module._forward_hooks) == 0 and len(module._forward_pre_hooks) == 1  # ours is gone, the test's stays
+
+
+def test_weights_are_bit_identical_and_nothing_is_left_behind(synthetic_cub, tmp_path) -> None:
+    data = cub_data(synthetic_cub)
+
+    def train(callbacks: list[pl.Callback]) -> tuple[dict[str, torch.Tensor], torch.Tensor, pl.LightningModule]:
+        module = plain_module(data.num_classes)
+        train_loader, val_loader = tuple_loaders(data)
+        trainer(tmp_path, 2, callbacks).fit(module, train_loader, val_loader)
+        return module.state_dict(), torch.get_rng_state(), module
+
+    plain, rng, _ = train([])
+    with_panel, rng_with, module = train([CAMPanel(target_layer=LAYER, num_images=4)])
+    assert [k for k in plain if not torch.equal(plain[k], with_panel[k])] == []
+    assert torch.equal(rng, rng_with)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks for m in module.modules())
+    assert sorted(p.name for p in (tmp_path / "cam_panels").glob("epoch_*.png")) == ["epoch_000.png", "epoch_001.png"]
+
+
+def test_a_resumed_run_shows_the_same_birds(synthetic_cub, tmp_path) -> None:
+    data = cub_data(synthetic_cub)
+    train_loader, val_loader = tuple_loaders(data)
+    first = CAMPanel(target_layer=LAYER, num_images=4, seed=3)
+    checkpoint = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer(tmp_path, 1, [first, checkpoint], enable_checkpointing=True).fit(
+        plain_module(data.num_classes), train_loader, val_loader
+    )
+    resumed = CAMPanel(target_layer=LAYER, num_images=4, seed=99)  # another seed: the saved panel still wins
+    trainer(
+        tmp_path, 2, [resumed, pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt")], enable_checkpointing=True
+    ).fit(plain_module(data.num_classes), train_loader, val_loader, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert first.panel is not None and resumed.panel == first.panel
+
+
+@pytest.mark.parametrize(
+    ("layer", "error", "message"),
+    [
+        ("model.nowhere", AttributeError, "target_layer 'model.nowhere'"),
+        ("model.head.fc", TypeError, r"target layer model.head.fc gives \(1, 4\), not a map"),
+    ],
+)
+def test_a_bad_layer_is_one_clear_error(synthetic_cub, tmp_path, layer: str, error: type, message: str) -> None:
+    data = cub_data(synthetic_cub)
+    with pytest.raises(error, match=message):
+        trainer(tmp_path, 1, [CAMPanel(target_layer=layer, num_images=4)]).validate(
+            plain_module(data.num_classes), datamodule=data, verbose=False
+        )
+
+
+def test_a_module_without_the_protocol_and_without_a_layer_is_told_what_to_pass(synthetic_cub, tmp_path) -> None:
+    data = cub_data(synthetic_cub)
+    with pytest.raises(TypeError, match="CAMPanel needs target_layer='<dotted layer name>'"):
+        trainer(tmp_path, 1, [CAMPanel()]).validate(plain_module(data.num_classes), datamodule=data, verbose=False)
