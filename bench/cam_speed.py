@@ -1,5 +1,11 @@
 """Time one CAM panel per weighting (GradCAM, GradCAM++, HiResCAM, XGradCAM, LayerCAM): ours against
-pytorch-grad-cam's class of the same weighting, Captum (GradCAM) and a plain forward, in one run.
+pytorch-grad-cam's class of the same weighting, Captum (GradCAM) and a plain forward, in one run; then GradCAM
+across architectures (``--archs``: ResNet-50, ConvNeXt-T, ViT-S/16, Swin-T by default), ours against
+pytorch-grad-cam on the same layer with the same reshape, and a plain forward.
+
+Layers: ResNet-50 ``layer4``; ConvNeXt ``stages.3``; ViT ``blocks[-1].norm1`` (pytorch-grad-cam's recommended ViT
+layer) with the class token dropped and the tokens laid on the 14x14 grid; Swin ``layers.3`` (timm's NHWC stage
+output) permuted to NCHW: ``reshape=`` for us, ``reshape_transform=`` for pytorch-grad-cam, the same function.
 
 ResNet-50 (random weights), 16 images at 224 px, CPU, target layer ``layer4``. Each method runs ``--repeats``
 times, interleaved so that machine noise hits all of them alike; the median is reported. The baseline "forward"
@@ -7,8 +13,9 @@ is a plain eval-mode forward of the same batch under ``torch.no_grad()`` — the
 only goes from the score to layer4.
 
     python bench/cam_speed.py [--repeats 5] [--batch 16] [--size 224] [--arch resnet50] [--weightings ...]
+                              [--archs resnet50 convnext_tiny vit_small_patch16_224 swin_tiny_patch4_window7_224]
 
-Targets, for every weighting: ours <= 0.5x pytorch-grad-cam and <= 1.3x one plain forward.
+Targets, for every weighting and architecture: ours <= 0.5x pytorch-grad-cam and <= 1.3x one plain forward.
 """
 
 from __future__ import annotations
@@ -23,12 +30,14 @@ import time
 from collections.abc import Callable
 
 import pytorch_grad_cam as pgc
+import timm
 import torch
 import torchvision
 from captum.attr import LayerGradCam
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from cubcam.cams import GradCAM
+from cubcam.train.models import TokenGrid, nhwc_to_nchw
 
 PGC_CLASSES = {
     "gradcam": pgc.GradCAM,
@@ -46,7 +55,73 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--arch", default="resnet50")
     parser.add_argument("--weightings", nargs="+", default=list(PGC_CLASSES), choices=list(PGC_CLASSES))
+    parser.add_argument("--archs", nargs="*", default=list(ARCHS), help="the architecture table (none: skip it)")
     args = parser.parse_args()
+    weightings(args)
+    if args.archs:
+        architectures(args)
+
+
+ARCHS = ("resnet50", "convnext_tiny", "vit_small_patch16_224", "swin_tiny_patch4_window7_224")
+
+
+def build(
+    arch: str, size: int
+) -> tuple[torch.nn.Module, torch.nn.Module, Callable[[torch.Tensor], torch.Tensor] | None]:
+    """(model with random weights, its CAM layer, the reshape to NCHW or None)."""
+    if arch in ("resnet18", "resnet34", "resnet50"):
+        model = getattr(torchvision.models, arch)(num_classes=200).eval()
+        return model, model.layer4, None
+    extra = {"img_size": size} if arch.startswith(("vit", "deit")) else {}
+    model = timm.create_model(arch, pretrained=False, num_classes=200, **extra).eval()
+    if hasattr(model, "blocks"):  # a ViT
+        return model, model.blocks[-1].norm1, TokenGrid(model.num_prefix_tokens, tuple(model.patch_embed.grid_size))
+    if getattr(model, "output_fmt", "NCHW") == "NHWC":  # Swin
+        return model, model.layers[-1], nhwc_to_nchw
+    return model, model.stages[-1], None
+
+
+def timed_medians(methods: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
+    for fn in methods.values():  # warm-up: allocator, thread pools, lazy imports
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in methods}
+    for _ in range(repeats):
+        for name, fn in methods.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def architectures(args: argparse.Namespace) -> None:
+    """GradCAM across architectures: ours and pytorch-grad-cam on the same layer and reshape, and a forward."""
+    print(f"\nGradCAM across architectures, {args.batch} images at {args.size} px, median of {args.repeats}")
+    print(f"{'arch':<30}{'forward s':>10}{'ours s':>9}{'pgc s':>9}{'ours/fwd':>10}{'ours/pgc':>10}")
+    for arch in args.archs:
+        torch.manual_seed(0)
+        model, layer, reshape = build(arch, args.size)
+        images = torch.randn(args.batch, 3, args.size, args.size)
+        targets = torch.randint(0, 200, (args.batch,))
+        cam = GradCAM(model, layer, reshape=reshape)
+
+        def forward() -> None:
+            with torch.no_grad():
+                model(images)
+
+        def theirs() -> None:
+            with pgc.GradCAM(model=model, target_layers=[layer], reshape_transform=reshape) as pgc_cam:
+                pgc_cam(input_tensor=images, targets=[ClassifierOutputTarget(int(t)) for t in targets])
+            model.zero_grad(set_to_none=True)
+
+        median = timed_medians({"forward": forward, "ours": lambda: cam(images, targets), "pgc": theirs}, args.repeats)
+        fwd, pgc_ratio = median["ours"] / median["forward"], median["ours"] / median["pgc"]
+        print(
+            f"{arch:<30}{median['forward']:>10.3f}{median['ours']:>9.3f}{median['pgc']:>9.3f}{fwd:>9.2f}x{pgc_ratio:>9.2f}x"
+        )
+
+
+def weightings(args: argparse.Namespace) -> None:
+    """Every weighting on one CNN: ours, pytorch-grad-cam's class of that weighting, Captum, a forward."""
 
     torch.manual_seed(0)
     model = getattr(torchvision.models, args.arch)(num_classes=200).eval()
@@ -79,16 +154,7 @@ def main() -> None:
         methods[f"cubcam {weighting}"] = ours(weighting)
         methods[f"pytorch-grad-cam {weighting}"] = pytorch_grad_cam(weighting)
     methods["Captum LayerGradCam"] = captum_layer_gradcam
-    for fn in methods.values():  # warm-up: allocator, thread pools, lazy imports
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in methods}
-    for _ in range(args.repeats):
-        for name, fn in methods.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-
-    median = {name: statistics.median(t) for name, t in times.items()}
+    median = timed_medians(methods, args.repeats)
     forward = median["plain forward (no_grad)"]
     print(
         f"{args.arch}, {args.batch} images at {args.size} px, CPU threads={torch.get_num_threads()}, "

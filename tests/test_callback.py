@@ -32,7 +32,7 @@ from cubcam.callbacks.measure import METRIC_KEYS
 from cubcam.callbacks.panel_render import GAP
 from cubcam.callbacks.panel_select import random_subset, spread_over_classes
 from cubcam.callbacks.sinks import EVOLUTION_GIF_KEY, EVOLUTION_KEY, PANEL_KEY, TABLE_COLUMNS, TABLE_KEY
-from cubcam.cams import localization
+from cubcam.cams import GradCAM, localization
 from cubcam.cams.protocol import head_cams
 from cubcam.cams.targets import ClassLogits
 from cubcam.train.data.datamodule import CUBDataModule
@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from wandb_records import finished_log, history_rows, read_records
 
 SIZE = 64  # image_size: 4x4 CAMs at output stride 16
+LAYER = "net.backbone.layer4"  # the target_layer path, on cubcam's own module (treated as one without the protocol)
 
 
 def data_for(root: Path, kind: str, **kwargs) -> CUBDataModule:
@@ -432,12 +433,13 @@ def read_only_run_dir(path: Path, data: bytes) -> int:
     return WRITE_BYTES(path, data)
 
 
-def test_logging_and_writing_failures_only_warn(synthetic_cub, offline, monkeypatch):
+@pytest.mark.parametrize("layer", [None, LAYER])
+def test_logging_and_writing_failures_only_warn(synthetic_cub, offline, monkeypatch, layer):
     data = data_for(synthetic_cub, "classifier")
     monkeypatch.setattr(Path, "write_bytes", read_only_run_dir)
     logger = FailingWandbLogger(project="cubcam", save_dir=str(offline), offline=True)
     with pytest.warns(CAMPanelWarning) as caught:
-        metrics = trainer_for(offline, 1, [CAMPanel(num_images=4)], logger=logger).validate(
+        metrics = trainer_for(offline, 1, [CAMPanel(num_images=4, target_layer=layer)], logger=logger).validate(
             module_for("classifier", data), datamodule=data, verbose=False
         )
     finished_run(logger)
@@ -491,8 +493,9 @@ def test_wandb_records_reader_reassembles_records_across_blocks(offline):
 # --- DDP -----------------------------------------------------------------------------------------------------------
 
 
-def ddp_main(out: str, root: str) -> None:
-    """Two CPU processes (gloo), two epochs, W&B offline on rank zero; last.ckpt for the test to check against."""
+def ddp_main(out: str, root: str, path: str) -> None:
+    """Two CPU processes (gloo), two epochs, W&B offline on rank zero; last.ckpt for the test to check against.
+    ``path``: "protocol" (the module's own activations) or "layer" (``target_layer``: the callback's own passes)."""
     pl.seed_everything(0, verbose=False)
     torch.set_num_threads(1)
     data = data_for(Path(root), "classifier")
@@ -501,7 +504,7 @@ def ddp_main(out: str, root: str) -> None:
     trainer = trainer_for(
         Path(out),
         2,
-        [CAMPanel(num_images=4), ckpt],
+        [CAMPanel(num_images=4, target_layer=LAYER if path == "layer" else None), ckpt],
         logger=logger,
         strategy="ddp",
         devices=2,
@@ -512,7 +515,8 @@ def ddp_main(out: str, root: str) -> None:
         (Path(out) / "run_dir.txt").write_text(str(finished_run(logger)))
 
 
-def test_ddp_logs_one_panel_per_epoch_and_metrics_over_all_ranks(tmp_path):
+@pytest.mark.parametrize("path", ["protocol", "layer"])
+def test_ddp_logs_one_panel_per_epoch_and_metrics_over_all_ranks(tmp_path, path):
     # 15 validation images: DistributedSampler pads rank 1 with a repeat of image 0, which must count once.
     root = make_synthetic_cub(tmp_path / "cub", classes=3, per_class=10, size=SIZE, seed=1).parent
     env = {
@@ -523,7 +527,7 @@ def test_ddp_logs_one_panel_per_epoch_and_metrics_over_all_ranks(tmp_path):
         "PYTHONPATH": os.environ.get("PYTHONPATH", ""),
     }  # the installed cubcam only, never the checkout
     done = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "ddp", str(tmp_path), str(root)],
+        [sys.executable, str(Path(__file__).resolve()), "ddp", str(tmp_path), str(root), path],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -546,10 +550,14 @@ def test_ddp_logs_one_panel_per_epoch_and_metrics_over_all_ranks(tmp_path):
     module = Classifier.load_from_checkpoint(tmp_path / "ckpt" / "last.ckpt").eval()
     batch = [data.val_dataset[i] for i in range(len(data.val_dataset))]
     assert len(batch) == 15
-    with torch.no_grad():
-        images = torch.stack([item["image"] for item in batch])
-        feature_maps = module.net.forward_features(images)
-    maps = head_cams(module, feature_maps, (SIZE, SIZE), ClassLogits(), torch.tensor([item["label"] for item in batch]))
+    images = torch.stack([item["image"] for item in batch])
+    labels = torch.tensor([item["label"] for item in batch])
+    if path == "layer":  # the callback's own passes through the whole net: the engine's maps
+        maps = torch.cat([GradCAM(module, LAYER)(images[i : i + 8], labels[i : i + 8]) for i in range(0, 15, 8)])
+    else:
+        with torch.no_grad():
+            feature_maps = module.net.forward_features(images)
+        maps = head_cams(module, feature_maps, (SIZE, SIZE), ClassLogits(), labels)
     boxes = torch.stack([item["box"] for item in batch])
     expected = localization.max_box_acc(maps, boxes)["max_box_acc"]
     assert metric_rows[-1]["val/cam_max_box_acc"] == pytest.approx(expected, abs=1e-6)
@@ -592,5 +600,5 @@ def test_trained_maps_find_the_birds_better_than_a_centred_blob(tmp_path, kind, 
     assert cam_score > baseline + margin, (cam_score, baseline)
 
 
-if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "ddp":
-    ddp_main(sys.argv[2], sys.argv[3])
+if __name__ == "__main__" and len(sys.argv) == 5 and sys.argv[1] == "ddp":
+    ddp_main(sys.argv[2], sys.argv[3], sys.argv[4])
