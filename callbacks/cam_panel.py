@@ -57,7 +57,14 @@ from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor
 
 from cubcam.callbacks.batches import BatchFormat
-from cubcam.callbacks.collect import STEP_KEYS, EpochCollector, Outputs, dataset_boxes_exist, load_birds
+from cubcam.callbacks.collect import (
+    STEP_KEYS,
+    EpochCollector,
+    Outputs,
+    dataset_boxes_exist,
+    load_birds,
+    read_items,
+)
 from cubcam.callbacks.evolution import Evolution
 from cubcam.callbacks.measure import METRIC_KEYS, EpochTarget, ProxyScheme, epoch_target, measure
 from cubcam.callbacks.panel_render import Panel, Style, class_panel, neighbour_panel
@@ -77,6 +84,10 @@ from cubcam.cams.targets import Method
 
 MethodArg = Literal["auto", "gradcam", "embeddingcam"]  # "auto": the module's cam_method
 DEFAULT_METRICS_SUBSET = 512
+# With target_layer every subset image costs a forward and a backward each epoch: 128 keep a CUB-sized epoch's
+# overhead near 4% (bench/callback_overhead.py, README).
+DEFAULT_LAYER_METRICS_SUBSET = 128
+SUBSET_CACHE_BYTES = 512 * 2**20  # the target_layer path keeps the subset's images between epochs up to this size
 CAM_BOX_THRESHOLD = 0.5  # where the panel's CAM box is cut until the metrics find the best IoU-0.5 threshold
 
 
@@ -98,7 +109,8 @@ class CAMPanel(pl.Callback):
         target: the class of the primary map: "true" or "predicted"; the other one is shown too when it differs.
         colormap, alpha: the heatmap overlay (``cubcam.cams.overlay``).
         log_metrics: compute and log the localization metrics.
-        metrics_subset: validation images the metrics use (None: 512, or all when fewer).
+        metrics_subset: validation images the metrics use (None: 512, or all when fewer; 128 with
+            ``target_layer``, where each costs a forward and a backward every epoch).
         seed: seeds the choice of the panel and of the metric subset.
         weighting: how the gradients weight the maps, for either model kind: "gradcam" (default), "gradcam++",
             "hirescam", "xgradcam" or "layercam" (``cubcam.cams.engine.weighted_activations``).
@@ -162,7 +174,8 @@ class CAMPanel(pl.Callback):
         self.method, self.proxy, self.target, self.weighting = method, proxy, target, weighting
         self.colormap, self.alpha = colormap, float(alpha)
         self.log_metrics, self.seed = log_metrics, seed
-        self.metrics_subset = metrics_subset or DEFAULT_METRICS_SUBSET
+        default_subset = DEFAULT_METRICS_SUBSET if target_layer is None else DEFAULT_LAYER_METRICS_SUBSET
+        self.metrics_subset = metrics_subset or default_subset
         self.target_layer, self.reshape = target_layer, reshape
         self.format = BatchFormat(image_key, label_key, box_key)
         self._layer_module: LayerModule | None = None  # set at setup when target_layer is given
@@ -171,6 +184,7 @@ class CAMPanel(pl.Callback):
         self._batches: list[list[int]] = []  # dataset indices of each validation batch (target_layer path)
         self._boxes: bool | None = None  # whether the validation data has boxes (target_layer path)
         self._layer_checked = False  # its first batch has shown that the layer gives a map
+        self._subset_items: dict[str, Tensor] | None = None  # the metric subset's images, read once (bounded)
         # Chosen once and saved in checkpoints (dataset indices):
         self.panel: list[int] | None = None
         self.subset: list[int] | None = None
@@ -197,7 +211,7 @@ class CAMPanel(pl.Callback):
         if self.target_layer is not None:
             kind: Method = "gradcam" if self.method == "auto" else self.method
             self._layer_module = LayerModule(pl_module, self.target_layer, kind, self.reshape)
-            self._layer_checked = False
+            self._layer_checked, self._boxes, self._subset_items = False, None, None  # a new run's data
             return
         method = getattr(pl_module, "cam_method", None)
         if method not in get_args(Method):
@@ -316,8 +330,17 @@ class CAMPanel(pl.Callback):
         mine = (self.subset or [])[trainer.global_rank :: trainer.world_size]
         if not self._boxes or not mine:
             return {}
-        birds = load_birds(dataset, mine, cast(CAMModule, self._layer_module), device, self.format)
-        return {key: birds[key] for key in ("index", "activations", "box", "label")}
+        cached = self._subset_items
+        if cached is None or cached["index"].tolist() != mine:
+            cached = read_items(dataset, mine, torch.device("cpu"), self.format)
+            image_bytes = cached["image"].numel() * cached["image"].element_size()
+            self._subset_items = cached if image_bytes <= SUBSET_CACHE_BYTES else None
+        return {
+            "index": cached["index"],
+            "activations": cached["image"],
+            "box": cached["box"],
+            "label": cached["label"],
+        }
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._remove_hook()

@@ -108,23 +108,29 @@ class EpochCollector:
         return {key: torch.cat([part[key] for part in self.subset_rows]) for key in self.subset_rows[0]}
 
 
+def read_items(
+    dataset: Any, indices: list[int], device: torch.device, fmt: BatchFormat = CUBCAM_FORMAT
+) -> dict[str, Tensor]:
+    """Dataset items as columns (``index``, ``image``, ``box``, ``label``); an image without a box gets the empty
+    box (0, 0, 0, 0): none is drawn."""
+    items = [fmt.read(dataset[i]) for i in indices]
+    return {
+        "index": torch.tensor(indices, device=device),
+        "image": torch.stack([image for image, _, _ in items]).to(device),
+        "box": torch.stack([torch.zeros(4) if box is None else box.reshape(4) for _, _, box in items]).to(device),
+        "label": torch.tensor([int(label) for _, label, _ in items], device=device),
+    }
+
+
 def load_birds(
     dataset: Any, indices: list[int], module: CAMModule, device: torch.device, fmt: BatchFormat = CUBCAM_FORMAT
 ) -> dict[str, Tensor]:
     """The panel's columns for images read from the dataset and run through the module here (the epoch that
     chooses the panel, or one that skipped a bird, the single-point neighbours, and every epoch of a module
-    explained through a ``LayerModule``). An image without a box gets the empty box (0, 0, 0, 0): none is drawn."""
-    items = [fmt.read(dataset[i]) for i in indices]
-    images = torch.stack([image for image, _, _ in items]).to(device)
-    activations, outputs = features_and_outputs(module, images)
-    return {
-        "index": torch.tensor(indices, device=device),
-        "image": images,
-        "box": torch.stack([torch.zeros(4) if box is None else box.reshape(4) for _, _, box in items]).to(device),
-        "label": torch.tensor([int(label) for _, label, _ in items], device=device),
-        "activations": activations,
-        "output": outputs,
-    }
+    explained through a ``LayerModule``)."""
+    birds = read_items(dataset, indices, device, fmt)
+    birds["activations"], birds["output"] = features_and_outputs(module, birds["image"])
+    return birds
 
 
 def dataset_boxes_exist(dataset: Any, fmt: BatchFormat) -> bool:
