@@ -82,19 +82,21 @@ def test_swin_maps_equal_pytorch_grad_cam_with_its_reshape_transform() -> None:
         ("test_resnet", "nchw", (2, 96, 4, 4)),
         ("test_convnext", "nchw", (2, 64, 4, 4)),
         ("test_vit", "vit", (2, 17, 64)),
+        ("swin_tiny_patch4_window7_224", "nhwc", (2, 2, 2, 768)),  # NHWC stages: 2x2 at 64 px
     ],
 )
 @pytest.mark.parametrize("module_class", [Classifier, EmbeddingNet])
 def test_timm_modules_explain_from_their_stored_activations(module_class, arch: str, kind: str, shape) -> None:
     """The CAM layer per kind (a CNN's last stage at output stride 16; a ViT's residual stream before its last
-    block), and the head-only maps the callback and the tools use equal the maps through the whole net."""
+    block; Swin's NHWC last stage), and the head-only maps the callback and the tools use equal the maps through the
+    whole net."""
     torch.manual_seed(0)
     extra = {"num_classes": 5} if module_class is Classifier else {"embedding_dim": 8}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         module = module_class(arch=arch, output_stride=16, input_size=64, **extra).eval()
     said = [str(w.message) for w in caught if "output_stride" in str(w.message)]
-    assert said == ([f"{arch} does not support output_stride=16; it keeps its own"] if kind == "vit" else [])
+    assert said == ([f"{arch} does not support output_stride=16; it keeps its own"] if kind != "nchw" else [])
     assert module.net.backbone.kind == kind
     images = torch.randn(2, 3, 64, 64)
     activations, outputs = features_and_outputs(module, images)
