@@ -3,11 +3,13 @@ validation epoch, in W&B and as a PNG grid.
 
     trainer = pl.Trainer(callbacks=[CAMPanel(num_images=16)], logger=WandbLogger(project="cubcam"))
 
-What it relies on: a module that speaks the CAM protocol (``cubcam.cams.protocol.CAMModule``: ``cam_method``,
-``cam_target_layer``, ``forward_head``, and a ``validation_step`` returning a ``CAMStepOutput``; nothing here imports
-``cubcam.train``), and a map-style validation dataset (``dataset[i]`` a ``Sample`` dict with ``image``, ``label``,
-``box``; optionally ``mean``/``std``/``class_names`` attributes). Class names come from the dataset, else from the
-module's ``class_names``.
+What it relies on: either a module that speaks the CAM protocol (``cubcam.cams.protocol.CAMModule``:
+``cam_method``, ``cam_target_layer``, ``cam_reshape``, ``forward_head``, and a ``validation_step`` returning a
+``CAMStepOutput``; nothing here imports ``cubcam.train``), or, for any other module, ``target_layer=`` (the layer's
+dotted name: the callback then runs its own forward and backward through ``cubcam.cams.protocol.LayerModule``);
+and a map-style validation dataset, read in order (items and batches as ``batches.BatchFormat`` reads them: dicts
+with ``image``, ``label``, optional ``box``, or tuples; optionally ``mean``/``std``/``class_names`` attributes).
+Class names come from the dataset, else from the module's ``class_names``.
 
 The work is split by phase, a module each: collecting (``collect.py``: the rows each batch hands over, gathered
 from every rank), measuring (``measure.py``: what the maps explain, and the localization metrics through

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
+from test_callback import trainer_for as trainer
 from torch.utils.data import DataLoader, Dataset
 from wandb_records import finished_log, history_rows
 
@@ -56,21 +57,6 @@ def cub_data(root: Path) -> CUBDataModule:
     data = CUBDataModule(root=str(root), image_size=SIZE, batch_size=8, num_workers=0, val_fraction=0.0)
     data.setup(None)
     return data
-
-
-def trainer(work: Path, epochs: int, callbacks: list[pl.Callback], **kwargs) -> pl.Trainer:
-    options = dict(
-        max_epochs=epochs,
-        accelerator="cpu",
-        logger=False,
-        default_root_dir=str(work),
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        num_sanity_val_steps=0,
-        deterministic=True,
-    )
-    return pl.Trainer(**{**options, **kwargs}, callbacks=callbacks)
 
 
 def plain_module(num_classes: int) -> pl.LightningModule:
