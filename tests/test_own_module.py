@@ -176,3 +176,25 @@ def test_a_module_without_the_protocol_and_without_a_layer_is_told_what_to_pass(
     data = cub_data(synthetic_cub)
     with pytest.raises(TypeError, match="CAMPanel needs target_layer='<dotted layer name>'"):
         trainer(tmp_path, 1, [CAMPanel()]).validate(plain_module(data.num_classes), datamodule=data, verbose=False)
+
+
+def test_validation_leaves_no_grads_batchnorm_changes_or_rng_traces(synthetic_cub, tmp_path) -> None:
+    """The target_layer path's own forwards and backwards, on a module with BatchNorm (timm's test_resnet)."""
+    data = cub_data(synthetic_cub)
+    pl.seed_everything(0, verbose=False)
+    module = example.LitClassifier("test_resnet", num_classes=data.num_classes)
+    module.train()
+
+    def validate(callbacks: list[pl.Callback]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        torch.manual_seed(0)
+        trainer(tmp_path, 1, callbacks).validate(module, datamodule=data, verbose=False)
+        return {k: v.clone() for k, v in module.state_dict().items()}, torch.get_rng_state()
+
+    state, rng = validate([])
+    state_with, rng_with = validate([CAMPanel(target_layer="model.layer4", num_images=4)])
+    assert (tmp_path / "cam_panels" / "epoch_000.png").is_file()
+    assert any("running_mean" in k for k in state) and all(torch.equal(state[k], state_with[k]) for k in state)
+    assert torch.equal(rng, rng_with)
+    assert all(p.grad is None for p in module.parameters())
+    assert all(not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks for m in module.modules())
+    assert all(m.training for m in module.modules())
