@@ -87,6 +87,12 @@ class CUBModule(pl.LightningModule):
     def cam_reshape(self) -> Reshape | None:
         return self.net.backbone.reshape
 
+    def _pooled_net(self, out_features: int) -> PooledLinearNet:
+        """The network both subclasses build from their saved network arguments (``arch`` ... ``input_size``)."""
+        hp = self.hparams
+        backbone = build_backbone(hp.arch, hp.pretrained, hp.weights_path, hp.output_stride, hp.input_size)
+        return PooledLinearNet(backbone, out_features)
+
     def forward(self, images: Tensor) -> Tensor:
         return self.net(images)
 
@@ -142,9 +148,7 @@ class Classifier(CUBModule):
     ):
         super().__init__()
         self.save_hyperparameters()
-        self.net = PooledLinearNet(
-            build_backbone(arch, pretrained, weights_path, output_stride, input_size), num_classes
-        )
+        self.net = self._pooled_net(num_classes)
         self.class_names = default_class_names(class_names, num_classes)
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -206,9 +210,7 @@ class EmbeddingNet(CUBModule):
     ):
         super().__init__()
         self.save_hyperparameters()
-        self.net = PooledLinearNet(
-            build_backbone(arch, pretrained, weights_path, output_stride, input_size), embedding_dim
-        )
+        self.net = self._pooled_net(embedding_dim)
         self.class_names = default_class_names(class_names, num_classes)
         self.miner = miners.TripletMarginMiner(margin=margin, type_of_triplets=miner)
         self.loss_fn = losses.TripletMarginLoss(margin=margin)
