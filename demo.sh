@@ -15,7 +15,7 @@ cd "$(dirname "$0")"
 if [ ! -x .venv/bin/cubcam ]; then
     echo "== installing cubcam into .venv"
     python3 -m venv .venv
-    .venv/bin/pip install -q -e .
+    .venv/bin/pip install -q -e . --config-settings editable_mode=strict
 fi
 export WANDB_MODE=offline          # nothing leaves this machine; `wandb sync` uploads later
 export WANDB_SILENT=true

@@ -6,17 +6,20 @@ validation epoch, in W&B and as a PNG grid.
 What it relies on: either a module that speaks the CAM protocol (``cubcam.cams.protocol.CAMModule``:
 ``cam_method``, ``cam_target_layer``, ``cam_reshape``, ``forward_head``, and a ``validation_step`` returning a
 ``CAMStepOutput``; nothing here imports ``cubcam.train``), or, for any other module, ``target_layer=`` (the layer's
-dotted name: the callback then runs its own forward and backward through ``cubcam.cams.protocol.LayerModule``);
+dotted name: the callback then runs its own forward and backward through ``cubcam.cams.protocol.LayerExplainer``);
 and a map-style validation dataset, read in order (items and batches as ``batches.BatchFormat`` reads them: dicts
 with ``image``, ``label``, optional ``box``, or tuples; optionally ``mean``/``std``/``class_names`` attributes).
 Class names come from the dataset, else from the module's ``class_names``.
 
-The work is split by phase, a module each: collecting (``collect.py``: the rows each batch hands over, gathered
-from every rank), measuring (``measure.py``: what the maps explain, and the localization metrics through
-``cubcam.cams.localization.LocalizationAccumulator``), rendering (``panel_render.py``) and logging
-(``sinks.py``: W&B, the PNG grid). The panel's maps come from the activations and outputs the validation loop
-already produced for those birds, through the head alone (``cubcam.cams.protocol.head_cams``). Only the epoch that
-chooses the panel, and the neighbours of ``proxy="single_point"``, read images from the dataset and run a forward.
+The work is split into sibling modules, each on ``cubcam.cams`` alone: where a batch's rows come from
+(``sources.py``: one interface, the protocol's step outputs or any module through its layer), collecting them
+(``collect.py``: gathered from every rank), what the epoch's maps explain (``epoch_target.py``: the tools' target
+factory), measuring (``measure.py``: the localization metrics through
+``cubcam.cams.localization.LocalizationAccumulator``), rendering (``panel_render.py``), the evolution
+(``evolution.py``) and logging (``sinks.py``: W&B, TensorBoard, the PNG grid). Every map is the tools' explanation
+step (``cubcam.cams.protocol.explain``) on the features and outputs the validation loop already produced for
+those birds. Only the epoch that chooses the panel, and the neighbours of ``proxy="single_point_nearest"``, read
+images from the dataset and run a forward.
 
 How it stays out of training's way (so the trained weights are bit-identical with and without it):
 - Lightning validates under ``torch.inference_mode``; the callback's work runs in ``torch.inference_mode(False)`` with
@@ -28,14 +31,12 @@ How it stays out of training's way (so the trained weights are bit-identical wit
 
 Localization metrics (``val/cam_max_box_acc`` = MaxBoxAccV2, ``val/cam_box_acc_iou50``, ``val/cam_heatmap_ratio``,
 ``val/cam_pointing_game``: the map's peak inside the GT box) are computed over a fixed, seeded subset of the
-validation set (``metrics_subset``, default 512 images or all when fewer), from the activations the validation
+validation set (``metrics_subset``, default 512 images or all when fewer), from the features the validation
 loop already produced (head-only CAMs: no second backbone pass). A subset because (1) an embedding net's proxies
-exist only once the epoch's embeddings are all in, so the activations must be kept until the epoch ends, and the
-whole CUB test set's (5,794 x 2048 x 7 x 7 floats = 2.3 GB at ResNet-50/224 px, 4x that at output stride 16) would
-not fit; (2) MaxBoxAccV2 labels connected
-regions at 100 thresholds per image, which over all 5,794 images would cost more than the ~3% budget of an epoch.
-From about 180 px square up the labelling runs in threads (training waits at the epoch's end, so its cores are
-free).
+exist only once the epoch's embeddings are all in, so the features must be kept until the epoch ends, and a whole
+CUB-sized split's activation maps would not fit in memory; (2) MaxBoxAccV2 labels connected regions at 100
+thresholds per image, which over a whole split would cost a large share of an epoch. From about 180 px square up
+the labelling runs in threads (training waits at the epoch's end, so its cores are free).
 The subset's CAMs are for the true class (classifier; the WSOL convention) or its proxy (embedding net).
 
 The panel row in W&B carries ``epoch`` and sits at the step of the epoch's ``val/*`` metrics. The PNG grid goes to
@@ -46,10 +47,7 @@ without a logger. Writing or logging that fails is a warning, never an error.
 
 from __future__ import annotations
 
-import random
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from typing import Any, Literal, cast, get_args
 
 import numpy as np
@@ -59,38 +57,27 @@ from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor
 
 from cubcam.callbacks.batches import BatchFormat
-from cubcam.callbacks.collect import (
-    STEP_KEYS,
-    EpochCollector,
-    Outputs,
-    dataset_boxes_exist,
-    load_birds,
-    read_items,
-)
+from cubcam.callbacks.collect import EpochCollector, Outputs, load_birds
+from cubcam.callbacks.epoch_target import epoch_target
 from cubcam.callbacks.evolution import Evolution
-from cubcam.callbacks.measure import METRIC_KEYS, EpochTarget, ProxyScheme, epoch_target, measure
-from cubcam.callbacks.panel_render import Panel, Style, class_panel, neighbour_panel
+from cubcam.callbacks.measure import METRIC_KEYS, measure
+from cubcam.callbacks.panel_data import Panel
+from cubcam.callbacks.panel_render import Style, class_panel, neighbour_panel
 from cubcam.callbacks.panel_select import random_subset, spread_over_classes
 from cubcam.callbacks.sinks import PanelSink, metrics_step, sink_factories
-from cubcam.cams.engine import Reshape, Weighting
+from cubcam.callbacks.sources import ActivationSource, LayerSource, StepSource
+from cubcam.cams.engine import Reshape, Weighting, isolated
 from cubcam.cams.overlay import IMAGENET_MEAN, IMAGENET_STD, colorize, denormalize
-from cubcam.cams.protocol import (
-    CAMModule,
-    CAMStepOutput,
-    Choice,
-    LayerModule,
-    check_layer,
-    features_and_outputs,
-)
-from cubcam.cams.targets import Method
+from cubcam.cams.protocol import CAMModule, Choice, Explainer
+from cubcam.cams.targets import LEGACY_SINGLE_POINT, ExplanationTarget, Method, ProxyScheme, proxy_scheme
 
 MethodArg = Literal["auto", "gradcam", "embeddingcam"]  # "auto": the module's cam_method
 DEFAULT_METRICS_SUBSET = 512
-# With target_layer every subset image costs a forward and a backward each epoch: 128 keep a CUB-sized epoch's
-# overhead near 4% (bench/callback_overhead.py, README).
+# With target_layer every subset image costs a forward and a backward each epoch: a smaller default subset
+# (bench/callback_overhead.py, README).
 DEFAULT_LAYER_METRICS_SUBSET = 128
-SUBSET_CACHE_BYTES = 512 * 2**20  # the target_layer path keeps the subset's images between epochs up to this size
 CAM_BOX_THRESHOLD = 0.5  # where the panel's CAM box is cut until the metrics find the best IoU-0.5 threshold
+STATE_VERSION = 2  # of state_dict's layout; 1 (no "version"): panel, subset, evolution under the old state key
 
 
 class CAMPanelWarning(UserWarning):
@@ -106,8 +93,10 @@ class CAMPanel(pl.Callback):
         num_images: birds in the panel, spread over as many classes as possible.
         every_n_epochs: render and measure every n-th validation epoch (never during the sanity check).
         method: the model kind, "auto" (the module's ``cam_method``), "gradcam" or "embeddingcam" (must fit).
-        proxy: EmbeddingCAM's proxy: "normalized_mean" (the class's Normalized Mean Proxy over the validation
-            embeddings) or "single_point" (the nearest other validation image, shown beside the bird).
+        proxy: EmbeddingCAM's proxy (``cubcam.cams.targets.ProxyScheme``), from the epoch's validation embeddings:
+            "normalized_mean" (the class's Normalized Mean Proxy), "single_point_random" (one validation image of
+            the class, drawn with ``seed``) or "single_point_nearest" (the nearest other validation image, shown
+            beside the bird). The old "single_point" means "single_point_nearest" (deprecated).
         target: the class of the primary map: "true" or "predicted"; the other one is shown too when it differs.
         colormap, alpha: the heatmap overlay (``cubcam.cams.overlay``).
         log_metrics: compute and log the localization metrics.
@@ -140,7 +129,7 @@ class CAMPanel(pl.Callback):
         num_images: int = 16,
         every_n_epochs: int = 1,
         method: MethodArg = "auto",
-        proxy: ProxyScheme = "normalized_mean",
+        proxy: ProxyScheme | Literal["single_point"] = "normalized_mean",
         target: Choice = "true",
         colormap: str = "jet",
         alpha: float = 0.5,
@@ -162,31 +151,29 @@ class CAMPanel(pl.Callback):
         for arg, mode, modes in (
             ("weighting", weighting, Weighting),
             ("method", method, MethodArg),
-            ("proxy", proxy, ProxyScheme),
             ("target", target, Choice),
         ):
             if mode not in get_args(modes):  # the Literal types are the one list of the modes
                 raise ValueError(f"CAMPanel: {arg} must be one of {get_args(modes)}, got {mode!r}")
+        try:
+            scheme = proxy_scheme(proxy, legacy="single_point_nearest")
+        except ValueError as err:
+            raise ValueError(f"CAMPanel: {err}") from None
         if not 0.0 <= float(alpha) <= 1.0:
             raise ValueError(f"CAMPanel: alpha must lie in [0, 1], got {alpha!r}")
         colorize(np.zeros(1), colormap)  # raises ValueError naming the known colormaps
         if not isinstance(seed, int):
             raise ValueError(f"CAMPanel: seed must be an integer, got {seed!r}")
         self.num_images, self.every_n_epochs = num_images, every_n_epochs
-        self.method, self.proxy, self.target, self.weighting = method, proxy, target, weighting
+        self.method, self.proxy, self.target, self.weighting = method, scheme, target, weighting
         self.colormap, self.alpha = colormap, float(alpha)
         self.log_metrics, self.seed = log_metrics, seed
         default_subset = DEFAULT_METRICS_SUBSET if target_layer is None else DEFAULT_LAYER_METRICS_SUBSET
         self.metrics_subset = metrics_subset or default_subset
         self.target_layer, self.reshape = target_layer, reshape
         self.format = BatchFormat(image_key, label_key, box_key)
-        self._layer_module: LayerModule | None = None  # set at setup when target_layer is given
-        self._hook: Any = None  # the forward hook that keeps the validation loop's outputs (target_layer path)
-        self._seen: list[Tensor] = []
-        self._batches: list[list[int]] = []  # dataset indices of each validation batch (target_layer path)
-        self._boxes: bool | None = None  # whether the validation data has boxes (target_layer path)
-        self._layer_checked = False  # its first batch has shown that the layer gives a map
-        self._subset_items: dict[str, Tensor] | None = None  # the metric subset's images, read once (bounded)
+        self._source: ActivationSource | None = None  # made at setup, from the module
+        self._told_no_boxes = False  # the info that the data has no boxes is given once
         # Chosen once and saved in checkpoints (dataset indices):
         self.panel: list[int] | None = None
         self.subset: list[int] | None = None
@@ -194,26 +181,56 @@ class CAMPanel(pl.Callback):
         self._epoch: EpochCollector | None = None  # this validation epoch's rows, while one is collected
         self._sinks: list[PanelSink] | None = None  # made on the first panel of a run
 
+    # --- checkpoint state ----------------------------------------------------------------------------------------
+
     @property
     def state_key(self) -> str:
-        # Not keyed on the seed: a run resumed with another seed still shows the birds it showed before.
-        return self._generate_state_key(num_images=self.num_images, method=self.method, proxy=self.proxy)
+        # Every option that changes what the panel shows (two such panels in one Trainer keep their own state);
+        # not the seed: a run resumed with another seed still shows the birds it showed before.
+        return self._generate_state_key(
+            num_images=self.num_images,
+            method=self.method,
+            proxy=self.proxy,
+            target=self.target,
+            weighting=self.weighting,
+            target_layer=self.target_layer,
+        )
+
+    @property
+    def _legacy_state_key(self) -> str:
+        """The key of checkpoints written before ``STATE_VERSION`` 2 (it named fewer options)."""
+        proxy = LEGACY_SINGLE_POINT if self.proxy == "single_point_nearest" else self.proxy
+        return self._generate_state_key(num_images=self.num_images, method=self.method, proxy=proxy)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"panel": self.panel, "subset": self.subset, "evolution": self.evolution.state_dict()}
+        return {
+            "version": STATE_VERSION,
+            "panel": self.panel,
+            "subset": self.subset,
+            "evolution": self.evolution.state_dict(),
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.panel, self.subset = state_dict.get("panel"), state_dict.get("subset")
-        self.evolution.load_state_dict(state_dict.get("evolution") or {})
+        state = migrate_state(state_dict)
+        self.panel, self.subset = state["panel"], state["subset"]
+        self.evolution.load_state_dict(state["evolution"])
+
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """A checkpoint written under the old state key: its state is filed under today's key, which Lightning then
+        loads (it looks callback state up by ``state_key`` alone, after this hook)."""
+        states = checkpoint.get("callbacks") or {}
+        if self.state_key not in states and self._legacy_state_key in states:
+            states[self.state_key] = states[self._legacy_state_key]
 
     # --- hooks ---------------------------------------------------------------------------------------------------
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._sinks = None
+        self._sinks, self._told_no_boxes = None, False
         if self.target_layer is not None:
             kind: Method = "gradcam" if self.method == "auto" else self.method
-            self._layer_module = LayerModule(pl_module, self.target_layer, kind, self.reshape)
-            self._layer_checked, self._boxes, self._subset_items = False, None, None  # a new run's data
+            self._source = LayerSource(pl_module, self.target_layer, kind, self.reshape, self.format)
             return
         method = getattr(pl_module, "cam_method", None)
         if method not in get_args(Method):
@@ -230,10 +247,11 @@ class CAMPanel(pl.Callback):
                 f"CAMPanel: method={self.method!r} does not fit a module with cam_method={method!r} "
                 f"(use {method!r} or 'auto')"
             )
+        self._source = StepSource(cast(CAMModule, pl_module), self.format)  # the protocol, checked above
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._epoch = None
-        if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
+        if self._source is None or trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
             return
         size = len(_val_dataset(trainer))
         if self.panel is not None and max(self.panel) >= size:
@@ -245,38 +263,14 @@ class CAMPanel(pl.Callback):
             or len(self.subset) != min(self.metrics_subset, size)
         ):
             self.subset = random_subset(size, self.metrics_subset, self._generator(1))
-        if self._layer_module is not None:  # its rows are read from the dataset at the epoch's end
-            self._epoch = EpochCollector(None, [])
-            self._start_layer_epoch(trainer, pl_module)
-            return
+        self._source.start_epoch(trainer, pl_module)
         self._epoch = EpochCollector(self.panel, (self.subset or []) if self.log_metrics else [])
 
-    def _start_layer_epoch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """The ``target_layer`` path: each batch's dataset indices from the loader's (unshuffled) batch sampler,
-        and a forward hook that keeps what the validation loop's ``self(images)`` returns."""
-        loaders = trainer.val_dataloaders
-        loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
-        if loader is None or getattr(loader, "batch_sampler", None) is None:
-            raise TypeError("CAMPanel: target_layer needs a validation DataLoader with a batch sampler")
-        if isinstance(getattr(loader, "sampler", None), torch.utils.data.RandomSampler):
-            raise TypeError("CAMPanel: the validation loader shuffles; it must keep the dataset's order")
-        self._batches = [list(indices) for indices in loader.batch_sampler]
-        self._seen = []
-        self._remove_hook()
-        self._hook = pl_module.register_forward_hook(
-            lambda _m, _i, output: self._seen.append(output.detach()) if isinstance(output, Tensor) else None
-        )
-
-    def _remove_hook(self) -> None:
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
-
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._remove_hook()
-
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._remove_hook()
+    def on_validation_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        if self._epoch is not None and self._source is not None:
+            self._source.start_batch()
 
     def on_validation_batch_end(
         self,
@@ -287,94 +281,48 @@ class CAMPanel(pl.Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        if self._epoch is None or dataloader_idx != 0:
+        if self._epoch is None or self._source is None or dataloader_idx != 0:
             return
-        if self._layer_module is not None:
-            self._add_layer_batch(batch, batch_idx)
-            return
-        if not isinstance(outputs, dict) or any(key not in outputs for key in STEP_KEYS):
-            raise TypeError(
-                f"CAMPanel: validation_step must return a CAMStepOutput dict with keys {STEP_KEYS} "
-                f"(the CAM protocol), got {type(outputs).__name__}"
-                + (f" with keys {sorted(outputs)}" if isinstance(outputs, dict) else "")
-            )
-        self._epoch.add(cast(CAMStepOutput, outputs), batch)  # its keys are checked above
+        self._epoch.add(*self._source.rows(outputs, batch, batch_idx))
 
-    def _add_layer_batch(self, batch: Any, batch_idx: int) -> None:
-        """A batch of the ``target_layer`` path: its labels, its outputs (the loop's own, else one no-grad
-        forward) and its dataset indices."""
-        assert self._epoch is not None and self._layer_module is not None
-        images, labels, _ = self.format.read(batch)
-        output = next((o for o in reversed(self._seen) if o.dim() == 2 and len(o) == len(images)), None)
-        self._seen.clear()
-        if output is None:  # validation_step did not call self(images): one forward of our own
-            _, output = features_and_outputs(self._layer_module, images)
-        if not self._layer_checked:  # a layer that gives no map fails here, once, naming the layer
-            with _isolated(images.device):
-                check_layer(self._layer_module, images[:1], output[:1])
-            self._layer_checked = True
-        index = torch.tensor(self._batches[batch_idx], device=images.device)
-        if len(index) != len(images):
-            raise TypeError("CAMPanel: the validation batches do not follow the loader's batch sampler")
-        step = CAMStepOutput(activations=images, output=output, label=labels.to(images.device), index=index)
-        self._epoch.add(step, {"image": images})
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if self._source is not None:
+            self._source.end_epoch()
 
-    def _layer_subset(self, trainer: pl.Trainer, dataset: Any, device: torch.device) -> dict[str, Tensor]:
-        """This rank's share of the metric subset, read from the dataset (the ``target_layer`` path), or nothing
-        when the data has no boxes (said once)."""
-        if self._boxes is None:
-            self._boxes = dataset_boxes_exist(dataset, self.format)
-            if not self._boxes:
-                rank_zero_info(
-                    f"CAMPanel: the validation data has no {self.format.box_key!r} boxes: the panel is drawn without "
-                    f"boxes and the CAM localization metrics are skipped"
-                )
-        mine = (self.subset or [])[trainer.global_rank :: trainer.world_size]
-        if not self._boxes or not mine:
-            return {}
-        cached = self._subset_items
-        if cached is None or cached["index"].tolist() != mine:
-            cached = read_items(dataset, mine, torch.device("cpu"), self.format)
-            image_bytes = cached["image"].numel() * cached["image"].element_size()
-            self._subset_items = cached if image_bytes <= SUBSET_CACHE_BYTES else None
-        return {
-            "index": cached["index"],
-            "activations": cached["image"],
-            "box": cached["box"],
-            "label": cached["label"],
-        }
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._source is not None:
+            self._source.end_epoch()
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._remove_hook()
         collected, self._epoch = self._epoch, None
-        if collected is None:
+        if collected is None or self._source is None:
             return
-        module = cast(CAMModule, self._layer_module or pl_module)  # checked in setup
-        device = pl_module.device
-        with _isolated(device):
+        self._source.end_epoch()
+        explainer, device = self._source.explainer, pl_module.device
+        with isolated(device):
             # Collectives first, on every rank in the same order; rank zero alone renders and logs afterwards.
             outputs = collected.gathered_outputs(trainer, device)
             captured = collected.gathered_panel(trainer, device)
             if self.panel is None and len(outputs.index):
                 self.panel = self._choose_panel(outputs)
             names = _class_names(_val_dataset(trainer), pl_module)
-            target = epoch_target(module.cam_method, self.proxy, outputs, len(names), self.weighting)
-            style = Style(self.colormap, self.alpha, CAM_BOX_THRESHOLD)
-            columns = (
-                (
-                    self._layer_subset(trainer, _val_dataset(trainer), device)
-                    if self._layer_module is not None
-                    else collected.subset_columns()
-                )
-                if self.log_metrics and self.subset
-                else {}
+            target = epoch_target(
+                explainer.cam_method, self.proxy, outputs.index, outputs.output, outputs.label, len(names), self.seed
             )
-            if self.log_metrics and self.subset and (self._layer_module is None or self._boxes):
+            style = Style(self.colormap, self.alpha, CAM_BOX_THRESHOLD)
+            if self.log_metrics and self.subset and not collected.has_boxes and not self._told_no_boxes:
+                rank_zero_info(
+                    f"CAMPanel: the validation data has no {self.format.box_key!r} boxes: the panel is drawn without "
+                    f"boxes and the CAM localization metrics are skipped"
+                )
+                self._told_no_boxes = True
+            if self.log_metrics and self.subset and collected.has_boxes:
                 workers = max(1, torch.get_num_threads() // trainer.num_devices)  # the cores this rank's loop uses
                 scores = measure(
-                    module,
-                    columns,
+                    explainer,
+                    collected.subset_columns(),
                     target,
+                    self.weighting,
                     self.subset,
                     collected.image_size,
                     device,
@@ -388,7 +336,7 @@ class CAMPanel(pl.Callback):
                         pl_module.log(key, float(scores[name]), sync_dist=True)
                     style.box_threshold = float(scores["best_threshold_iou50"])
             if trainer.is_global_zero:
-                self._render_and_log(trainer, lambda: self._render(trainer, module, captured, target, style))
+                self._render_and_log(trainer, explainer, captured, target, style)
 
     # --- rendering and logging (rank zero) -----------------------------------------------------------------------
 
@@ -413,11 +361,18 @@ class CAMPanel(pl.Callback):
             except Exception as err:
                 _warn(f"could not log the CAM evolution to {sink.name}: {type(err).__name__}: {err}")
 
-    def _render_and_log(self, trainer: pl.Trainer, render: Callable[[], Panel]) -> None:
+    def _render_and_log(
+        self,
+        trainer: pl.Trainer,
+        explainer: Explainer,
+        captured: dict[str, Tensor] | None,
+        target: ExplanationTarget,
+        style: Style,
+    ) -> None:
         """Render the panel and hand it to every sink; a failure of either is one warning, never the run's end."""
         epoch = trainer.current_epoch
         try:
-            panel = render()
+            panel = self._render(trainer, explainer, captured, target, style)
             self.evolution.add(panel)
         except Exception as err:  # a figure must never end a training run
             _warn(f"could not render the panel of epoch {epoch}: {type(err).__name__}: {err}")
@@ -443,29 +398,45 @@ class CAMPanel(pl.Callback):
     def _render(
         self,
         trainer: pl.Trainer,
-        module: CAMModule,
+        explainer: Explainer,
         captured: dict[str, Tensor] | None,
-        target: EpochTarget,
+        target: ExplanationTarget,
         style: Style,
     ) -> Panel:
         if not self.panel:
             raise RuntimeError("no panel was chosen (the validation run saw no images)")
         dataset = _val_dataset(trainer)
-        device = next(module.parameters()).device
+        device = trainer.lightning_module.device
         birds: dict[str, Any] = (
-            dict(captured) if captured is not None else load_birds(dataset, self.panel, module, device, self.format)
+            dict(captured) if captured is not None else load_birds(dataset, self.panel, explainer, device, self.format)
         )
         birds["rgb"] = _to_rgb(dataset, birds["image"])
         birds["box"] = birds["box"].cpu()
-        names = _class_names(dataset, module)
-        if not target.neighbours:
-            return class_panel(module, birds, target, self.target, trainer.current_epoch, names, style)
-        rows = target.rows(birds["index"].cpu(), birds["label"].cpu())
+        names = _class_names(dataset, trainer.lightning_module)
+        if not target.neighbours or target.reference_index is None:
+            return class_panel(
+                explainer, birds, target, self.target, self.weighting, trainer.current_epoch, names, style
+            )
+        rows = target.rows(birds["label"], birds["output"], birds["index"])
         neighbours: dict[str, Any] = load_birds(
-            dataset, target.outputs.index[rows].tolist(), module, device, self.format
+            dataset, target.reference_index[rows.cpu()].tolist(), explainer, device, self.format
         )
         neighbours["rgb"], neighbours["box"] = _to_rgb(dataset, neighbours["image"]), neighbours["box"].cpu()
-        return neighbour_panel(module, birds, neighbours, target, trainer.current_epoch, names, style)
+        return neighbour_panel(explainer, birds, neighbours, self.weighting, trainer.current_epoch, names, style)
+
+
+def migrate_state(state: dict[str, Any]) -> dict[str, Any]:
+    """Any saved layout as today's (``STATE_VERSION``); the one place a new field gets its default for old
+    checkpoints."""
+    version = int(state.get("version", 1))
+    if version > STATE_VERSION:
+        raise ValueError(f"CAMPanel state version {version} is newer than this cubcam's ({STATE_VERSION})")
+    return {
+        "version": STATE_VERSION,
+        "panel": state.get("panel"),
+        "subset": state.get("subset"),
+        "evolution": state.get("evolution") or {},
+    }
 
 
 def _val_dataset(trainer: pl.Trainer) -> Any:
@@ -487,19 +458,6 @@ def _to_rgb(dataset: Any, images: Tensor) -> list[np.ndarray]:
 def _class_names(dataset: Any, module: Any) -> list[str]:
     """Names of the validation labels: the dataset's (zero-shot splits have their own classes), else the model's."""
     return list(getattr(dataset, "class_names", None) or getattr(module, "class_names", None) or [])
-
-
-@contextmanager
-def _isolated(device: torch.device) -> Iterator[None]:
-    """Gradients on, inference mode off, and every RNG training uses (torch CPU/CUDA, Python, NumPy) restored."""
-    python_state, numpy_state = random.getstate(), np.random.get_state()
-    devices = [device] if device.type == "cuda" else []
-    try:
-        with torch.random.fork_rng(devices=devices), torch.inference_mode(False), torch.enable_grad():
-            yield
-    finally:
-        random.setstate(python_state)
-        np.random.set_state(numpy_state)
 
 
 def _warn(message: str) -> None:

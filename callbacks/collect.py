@@ -1,7 +1,8 @@
 """Collecting: what one validation epoch hands the CAM panel, batch by batch, and gathered from every rank.
 
 An :class:`EpochCollector` lives for one validation epoch: the callback makes a new one when the epoch starts and
-drops it when the epoch ends, so nothing here depends on the phase the callback is in.
+drops it when the epoch ends, so nothing here depends on the phase the callback is in. What a batch hands over
+comes from the callback's activation source (``sources.py``), the same rows for either kind of module.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from torch import Tensor
 
 from cubcam.callbacks.batches import CUBCAM_FORMAT, BatchFormat
 from cubcam.cams.distributed import gather_unique
-from cubcam.cams.protocol import CAMModule, CAMStepOutput, features_and_outputs
+from cubcam.cams.protocol import CAMStepOutput, Explainer
 
 STEP_KEYS = tuple(CAMStepOutput.__annotations__)
 
@@ -44,17 +45,21 @@ class EpochCollector:
     panel_rows: list[dict[str, Tensor]] = field(default_factory=list)
     subset_rows: list[dict[str, Tensor]] = field(default_factory=list)
     image_size: tuple[int, int] = (0, 0)
+    has_boxes: bool = True  # every batch so far came with boxes (a dataset without boxes gets no metrics)
 
     def __post_init__(self) -> None:
         # As tensors once, not per batch: torch.isin picks each batch's rows of the panel and the subset.
         self._panel_index = torch.tensor(self.panel or [], dtype=torch.long)
         self._subset_index = torch.tensor(self.subset, dtype=torch.long)
 
-    def add(self, step: CAMStepOutput, batch: dict[str, Tensor]) -> None:
-        """One validation batch: its step output and the batch (for the images and boxes)."""
+    def add(self, step: CAMStepOutput, images: Tensor, boxes: Tensor | None) -> None:
+        """One validation batch: its step output, its images and its boxes (None: the data has none; the panel
+        then draws none, with the empty box (0, 0, 0, 0))."""
         index, label = step["index"].detach(), step["label"].detach()
         self.outputs.append((step["output"].detach().float(), label, index))
-        self.image_size = (int(batch["image"].shape[-2]), int(batch["image"].shape[-1]))
+        self.image_size = (int(images.shape[-2]), int(images.shape[-1]))
+        self.has_boxes = self.has_boxes and boxes is not None
+        box = torch.zeros(len(images), 4, device=images.device) if boxes is None else boxes.reshape(-1, 4)
         if self.panel is not None:  # kept even when empty: its shapes let every rank join the gather
             self.panel_rows.append(
                 _rows(
@@ -62,8 +67,8 @@ class EpochCollector:
                     index,
                     {
                         "index": index,
-                        "image": batch["image"],
-                        "box": batch["box"],
+                        "image": images,
+                        "box": box,
                         "label": label,
                         "activations": step["activations"],
                         "output": step["output"],
@@ -74,7 +79,13 @@ class EpochCollector:
             rows = _rows(
                 self._subset_index,
                 index,
-                {"index": index, "activations": step["activations"], "box": batch["box"], "label": label},
+                {
+                    "index": index,
+                    "activations": step["activations"],
+                    "output": step["output"],
+                    "box": box,
+                    "label": label,
+                },
             )
             if len(rows["index"]):
                 self.subset_rows.append(rows)
@@ -102,7 +113,8 @@ class EpochCollector:
         return {key: value[order] for key, value in captured.items()}
 
     def subset_columns(self) -> dict[str, Tensor]:
-        """This rank's metric-subset rows (activations, boxes, labels, index), concatenated; empty dict if none."""
+        """This rank's metric-subset rows (index, activations, output, box, label), concatenated; empty dict if
+        none."""
         if not self.subset_rows:
             return {}
         return {key: torch.cat([part[key] for part in self.subset_rows]) for key in self.subset_rows[0]}
@@ -123,19 +135,13 @@ def read_items(
 
 
 def load_birds(
-    dataset: Any, indices: list[int], module: CAMModule, device: torch.device, fmt: BatchFormat = CUBCAM_FORMAT
+    dataset: Any, indices: list[int], explainer: Explainer, device: torch.device, fmt: BatchFormat = CUBCAM_FORMAT
 ) -> dict[str, Tensor]:
-    """The panel's columns for images read from the dataset and run through the module here (the epoch that
-    chooses the panel, or one that skipped a bird, the single-point neighbours, and every epoch of a module
-    explained through a ``LayerModule``)."""
+    """The panel's columns for images read from the dataset and run forward here (the epoch that chooses the panel,
+    or one that skipped a bird, and the nearest-image neighbours)."""
     birds = read_items(dataset, indices, device, fmt)
-    birds["activations"], birds["output"] = features_and_outputs(module, birds["image"])
+    birds["activations"], birds["output"] = explainer.features_and_outputs(birds["image"])
     return birds
-
-
-def dataset_boxes_exist(dataset: Any, fmt: BatchFormat) -> bool:
-    """Whether the dataset's items carry boxes (its first item is read)."""
-    return len(dataset) > 0 and fmt.read(dataset[0])[2] is not None
 
 
 def _rows(wanted: Tensor, index: Tensor, columns: dict[str, Tensor]) -> dict[str, Tensor]:

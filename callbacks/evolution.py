@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from cubcam.callbacks.panel_render import PANEL_COLUMNS, Panel
+from cubcam.callbacks.panel_data import PANEL_COLUMNS, Panel
 from cubcam.cams.figure import grid
 
 THUMB = 80  # longest side of a thumbnail, px

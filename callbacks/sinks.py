@@ -20,8 +20,8 @@ import pytorch_lightning as pl
 from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
 
 from cubcam.callbacks.evolution import Evolution, save_gif
-from cubcam.callbacks.panel_render import Panel, wandb_boxes
-from cubcam.cams.figure import grid, png_bytes, save_png
+from cubcam.callbacks.panel_data import Panel, name
+from cubcam.cams.figure import Strip, grid, png_bytes, save_png
 
 PANEL_KEY = "val/cam_panel"
 TABLE_KEY = "val/cam_table"
@@ -211,3 +211,28 @@ def metrics_step(trainer: pl.Trainer) -> int:
     """The step Lightning logs this epoch's ``val/*`` metrics at (one below ``global_step`` during in-fit
     validation; not ``global_step - 1``, which gradient accumulation breaks)."""
     return int(trainer.fit_loop.epoch_loop._batches_that_stepped)
+
+
+def wandb_boxes(strip: Strip, class_names: list[str]) -> dict[str, Any]:
+    """W&B's native box groups of a strip: ``ground_truth`` (green in the PNG) and ``cam`` (red), each with the
+    ``class_labels``; both groups are always present (possibly with no boxes), so the UI toggles stay put."""
+    groups = {}
+    for group, boxes in (("ground_truth", strip.gt_boxes), ("cam", strip.cam_boxes)):
+        data = [
+            {
+                "position": {
+                    "minX": round(x),
+                    "maxX": round(x + w),
+                    "minY": round(y),
+                    "maxY": round(y + h),
+                },
+                "domain": "pixel",
+                "class_id": int(c),
+                "box_caption": f"{group}: {name(class_names, c)}",
+            }
+            for (x, y, w, h), c in boxes
+        ]
+        # All names, the same dict for every image: W&B keeps one class_labels table per key in the run config.
+        labels = {c: name(class_names, c) for c in range(max([len(class_names)] + [int(c) + 1 for _, c in boxes]))}
+        groups[group] = {"box_data": data, "class_labels": labels}
+    return groups

@@ -16,10 +16,12 @@ Why this engine is safe to call in the middle of training:
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Literal, get_args
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -57,6 +59,7 @@ class CAM:
         output: OutputSelector = None,
         weighting: Weighting = "gradcam",
         reshape: Reshape | None = None,
+        layer_name: str | None = None,
     ):
         if weighting not in get_args(Weighting):
             raise ValueError(f"weighting must be one of {get_args(Weighting)}, got {weighting!r}")
@@ -64,7 +67,8 @@ class CAM:
         self.output = output
         self.weighting = weighting
         self.reshape = reshape
-        self.layer_name = target_layer if isinstance(target_layer, str) else type(target_layer).__name__
+        # What errors call the layer: its dotted name where known.
+        self.layer_name = layer_name or (target_layer if isinstance(target_layer, str) else type(target_layer).__name__)
         if isinstance(target_layer, str):
             if not isinstance(model, nn.Module):
                 raise TypeError("target_layer given by name needs model to be an nn.Module")
@@ -254,3 +258,17 @@ def eval_mode(model: object) -> Iterator[None]:
     finally:
         for m, flag in zip(modules, flags):
             m.training = flag
+
+
+@contextmanager
+def isolated(device: torch.device) -> Iterator[None]:
+    """Gradients on, inference mode off, and every RNG training uses (torch CPU and ``device``'s CUDA stream,
+    Python, NumPy) restored afterwards: what a callback needs to explain in the middle of training unseen."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    devices = [device] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices), torch.inference_mode(False), torch.enable_grad():
+            yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)

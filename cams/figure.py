@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,10 +22,12 @@ from torch import Tensor
 
 from cubcam.cams.localization import boxes_from_map
 from cubcam.cams.overlay import overlay
+from cubcam.cams.protocol import PairMaps
 
 GT_COLOR = (0, 200, 0)  # green: the ground-truth box
 CAM_COLOR = (255, 0, 0)  # red: the box of the CAM's largest region
 BoxLike = Tensor | np.ndarray | Sequence[float]
+GAP = 4  # white pixels between the cells of a strip
 
 
 def cam_box(cam_map: Tensor | np.ndarray, threshold: float = 0.5) -> np.ndarray | None:
@@ -195,3 +198,84 @@ def _wrap(caption: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont, widt
             line = line[:-4] + "..."
         lines.append(line)
     return lines
+
+
+@dataclass
+class Cell:
+    """One image of a strip: the picture, its GT box and class, and optionally a CAM (its class: ``cam_class``)."""
+
+    image: np.ndarray  # uint8 [H, W, 3]
+    gt_box: BoxLike | None  # (x, y, w, h) in pixels
+    gt_class: int
+    cam: Tensor | None = None  # [H, W] in [0, 1]
+    cam_class: int | None = None
+
+
+@dataclass
+class Strip:
+    """A bird's cells side by side: ``pixels`` without boxes (W&B draws them), ``boxed`` with them (the PNG)."""
+
+    pixels: np.ndarray
+    boxed: np.ndarray
+    gt_boxes: list[tuple[np.ndarray, int]] = field(default_factory=list)  # (x, y, w, h in strip pixels, class)
+    cam_boxes: list[tuple[np.ndarray, int]] = field(default_factory=list)
+
+
+def render_strip(cells: list[Cell], colormap: str, alpha: float, threshold: float) -> Strip:
+    """Overlay each cell's CAM, box its largest region at ``threshold`` (see ``cubcam.cams.figure.cam_box``), join the
+    cells left to right with a white gap; box coordinates are shifted into the strip."""
+    plain, boxed, gt_boxes, cam_boxes = [], [], [], []
+    left = 0
+    for cell in cells:
+        pixels = overlay(cell.image, cell.cam, colormap, alpha) if cell.cam is not None else as_uint8(cell.image)
+        box = cam_box(cell.cam, threshold) if cell.cam is not None else None
+        gt = None if cell.gt_box is None else np.asarray(cell.gt_box, dtype=np.float64).reshape(4)
+        plain.append(pixels)
+        boxed.append(draw_boxes(pixels, gt, box))
+        shift = np.array([left, 0, 0, 0], dtype=np.float64)
+        if gt is not None and gt[2] > 0 and gt[3] > 0:
+            gt_boxes.append((gt + shift, cell.gt_class))
+        if box is not None:
+            cam_boxes.append((box + shift, cell.cam_class if cell.cam_class is not None else cell.gt_class))
+        left += pixels.shape[1] + GAP
+    return Strip(_join(plain), _join(boxed), gt_boxes, cam_boxes)
+
+
+def pair_strips(
+    first: Sequence[np.ndarray],
+    second: Sequence[np.ndarray],
+    pairs: PairMaps,
+    boxes: tuple[Sequence[BoxLike | None], Sequence[BoxLike | None]],
+    classes: tuple[Sequence[int], Sequence[int]],
+    colormap: str = "jet",
+    alpha: float = 0.5,
+    threshold: float = 0.5,
+) -> list[Strip]:
+    """The proxy-pair view as strips, one per pair: image b of ``first`` with its map against its partner, then
+    the partner with its map against image b (``cubcam.cams.protocol.pair_maps``); each CAM box is labelled with
+    the other image's class. The callback's nearest-image panel and ``cubcam explain --query`` both draw these."""
+    maps = pairs.first.cpu(), pairs.second.cpu()
+    return [
+        render_strip(
+            [
+                Cell(first[b], boxes[0][b], classes[0][b], maps[0][b], classes[1][b]),
+                Cell(second[b], boxes[1][b], classes[1][b], maps[1][b], classes[0][b]),
+            ],
+            colormap,
+            alpha,
+            threshold,
+        )
+        for b in range(len(first))
+    ]
+
+
+def _join(tiles: list[np.ndarray]) -> np.ndarray:
+    height = max(t.shape[0] for t in tiles)
+    parts = []
+    for k, tile in enumerate(tiles):
+        if k:
+            parts.append(np.full((height, GAP, 3), 255, np.uint8))
+        if tile.shape[0] < height:
+            tile = np.concatenate([tile, np.full((height - tile.shape[0], tile.shape[1], 3), 255, np.uint8)])
+        parts.append(tile)
+    return np.concatenate(parts, axis=1)

@@ -1,5 +1,6 @@
-"""The CAM protocol: what a module offers so that its CAMs need no second backbone pass, and the one explanation
-step every consumer (the callback, ``cubcam explain``, ``cubcam evaluate``) runs on it.
+"""The CAM protocol: what a module offers so that its CAMs need no second backbone pass, the two explainers
+(:class:`HeadExplainer` for such a module, :class:`LayerExplainer` for any model at a named layer), and the one
+explanation step every consumer (the callback, ``cubcam explain``, ``cubcam evaluate``) runs on an explainer.
 
 A :class:`CAMModule` names its CAM layer (``cam_target_layer``), runs the rest of the net from that layer's output
 (``forward_head``: a pool and a linear layer, or a transformer's last block and its head) and says what its output
@@ -20,7 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cubcam.cams.engine import CAM, Reshape, Weighting, eval_mode, minmax_normalize
-from cubcam.cams.targets import ClassLogits, Method, Proxies, Target
+from cubcam.cams.proxies import single_point_proxy
+from cubcam.cams.targets import ClassLogits, ExplanationTarget, Method, Proxies, Target
 
 Choice = Literal["true", "predicted"]  # which class a map explains
 UNKNOWN_LABEL = -1  # an image without a label (a user's photo) is explained for its predicted class
@@ -73,62 +75,99 @@ def step_output(activations: Tensor, output: Tensor, batch: dict[str, Tensor]) -
     )
 
 
-class LayerModule:
-    """Any model explained at a layer it names: the CAM protocol for a model without a head of its own (e.g. a
-    LightningModule that knows nothing of cubcam).
+class Explainer(Protocol):
+    """What the explanation step runs on: one forward that gives the features maps are made from and the outputs,
+    and the maps from those features. Two implementations: :class:`HeadExplainer` (a :class:`CAMModule`: the
+    features are the CAM layer's activations, maps run through the head alone) and :class:`LayerExplainer` (any
+    model at a layer it names: the features are the images, maps run through the whole model)."""
 
-    Such a model cannot be restarted from stored activations, so its "activations" are the images themselves:
-    :func:`features_and_outputs` keeps the images, and :func:`head_cams` runs the engine through the whole model
-    (a forward with the layer hooked, the gradient to that layer). Same maps, one forward and backward each.
+    @property
+    def cam_method(self) -> Method: ...
+
+    def features_and_outputs(self, images: Tensor) -> tuple[Tensor, Tensor]: ...
+
+    def maps(
+        self, features: Tensor, size: tuple[int, int], target: Target, rows: Tensor, weighting: Weighting
+    ) -> Tensor:
+        """Maps [B, H, W] in [0, 1] of image b for row ``rows[b]`` of ``target`` (see :func:`head_cams`)."""
+        ...
+
+
+class HeadExplainer:
+    """A :class:`CAMModule` explained from its CAM layer's activations: any number of maps per backbone pass."""
+
+    def __init__(self, module: CAMModule):
+        self.module = module
+
+    @property
+    def cam_method(self) -> Method:
+        return self.module.cam_method
+
+    def features_and_outputs(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        return features_and_outputs(self.module, images)
+
+    def maps(
+        self, features: Tensor, size: tuple[int, int], target: Target, rows: Tensor, weighting: Weighting
+    ) -> Tensor:
+        return head_cams(self.module, features, size, target, rows, weighting)
+
+
+class LayerExplainer:
+    """Any model explained at a layer it names (e.g. a LightningModule that knows nothing of cubcam).
+
+    Such a model cannot be restarted from stored activations, so its features are the images themselves and every
+    map is a forward with the layer hooked and the gradient to that layer: the same maps, a forward and backward
+    each.
 
     Raises:
         AttributeError: ``layer`` names no submodule of ``model`` (the message names the missing part).
     """
 
     def __init__(self, model: nn.Module, layer: str, method: Method, reshape: Reshape | None = None):
-        self.model, self.layer_name = model, layer
+        self.model, self.layer_name, self.reshape = model, layer, reshape
+        self._method: Method = method
         try:
-            self.cam_target_layer: nn.Module = model.get_submodule(layer)
+            self.layer: nn.Module = model.get_submodule(layer)
         except AttributeError as err:
             raise AttributeError(f"target_layer {layer!r}: {err}") from None
-        self.cam_method: Method = method
-        self.cam_reshape = reshape
-        self.class_names = getattr(model, "class_names", None)
 
-    def forward_head(self, activations: Tensor) -> Tensor:
-        raise TypeError(f"{type(self.model).__name__} has no head: its maps run through the whole model")
+    @property
+    def cam_method(self) -> Method:
+        return self._method
 
-    def __call__(self, images: Tensor) -> Tensor:
+    def outputs(self, images: Tensor) -> Tensor:
+        """``model(images)``, checked to be logits or embeddings [B, C]."""
         outputs = self.model(images)
         if not isinstance(outputs, Tensor) or outputs.dim() != 2:
             shape = tuple(outputs.shape) if isinstance(outputs, Tensor) else type(outputs).__name__
             raise TypeError(f"{type(self.model).__name__}(images) must return logits or embeddings [B, C], got {shape}")
         return outputs
 
-    def modules(self) -> Iterator[nn.Module]:
-        return self.model.modules()
+    def features_and_outputs(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """(the images, the outputs) of one eval-mode forward without autograd."""
+        with eval_mode(self.model), torch.no_grad():
+            return images, self.outputs(images)
 
-    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]:
-        return self.model.parameters(recurse)
+    def maps(
+        self, features: Tensor, size: tuple[int, int], target: Target, rows: Tensor, weighting: Weighting
+    ) -> Tensor:
+        cam = CAM(self.outputs, self.layer, weighting=weighting, reshape=self.reshape, layer_name=self.layer_name)
+        with eval_mode(self.model):
+            return _upsampled(cam, features, size, target, rows, next(self.model.parameters()).dtype)
 
-
-def check_layer(module: LayerModule, images: Tensor, outputs: Tensor) -> None:
-    """One map of the first image, so that a layer that does not run, or gives no map (and no reshape makes one),
-    fails with its error (naming the layer) before any epoch's work is done."""
-    target: Target = ClassLogits() if module.cam_method == "gradcam" else Proxies(outputs.detach().float())
-    rows = outputs.argmax(1) if module.cam_method == "gradcam" else torch.zeros(len(outputs), dtype=torch.long)
-    head_cams(module, images, (images.shape[-2], images.shape[-1]), target, rows.to(images.device))
+    def check(self, images: Tensor, outputs: Tensor) -> None:
+        """One map of the first image, so that a layer that does not run, or gives no map (and no reshape makes
+        one), fails with its error (naming the layer) before any epoch's work is done."""
+        target: Target = ClassLogits() if self.cam_method == "gradcam" else Proxies(outputs[:1].detach().float())
+        rows = outputs[:1].argmax(1) if self.cam_method == "gradcam" else torch.zeros(1, dtype=torch.long)
+        self.maps(images[:1], (images.shape[-2], images.shape[-1]), target, rows.to(images.device), "gradcam")
 
 
 def features_and_outputs(module: CAMModule, images: Tensor) -> tuple[Tensor, Tensor]:
-    """One eval-mode forward without autograd: (the target layer's activations, the outputs); for a
-    :class:`LayerModule`, (the images, the outputs).
+    """One eval-mode forward without autograd: (the target layer's activations, the outputs).
 
     Every submodule's train/eval flag is restored afterwards (BatchNorm statistics are never updated).
     """
-    if isinstance(module, LayerModule):
-        with eval_mode(module), torch.no_grad():
-            return images, module(images)
     captured: list[Tensor] = []
     handle = module.cam_target_layer.register_forward_hook(lambda _m, _i, output: captured.append(output))
     try:
@@ -156,15 +195,17 @@ def head_cams(
     upsampled to ``size``, then min-max normalised per image. Safe inside ``torch.inference_mode`` (as in
     Lightning's validation hooks): it leaves inference mode for the gradient and clones inference tensors.
     """
-    dtype = next(module.parameters()).dtype  # activations kept from a mixed-precision loop may be half
+    cam = CAM(module.forward_head, None, weighting=weighting, reshape=module.cam_reshape)
+    return _upsampled(cam, activations, size, target, rows, next(module.parameters()).dtype)
+
+
+def _upsampled(
+    cam: CAM, features: Tensor, size: tuple[int, int], target: Target, rows: Tensor, dtype: torch.dtype
+) -> Tensor:
+    """The engine's raw maps of ``features`` (cast to the model's ``dtype``: activations kept from a
+    mixed-precision loop may be half), upsampled to ``size`` and min-max normalised, outside inference mode."""
     with torch.inference_mode(False), torch.enable_grad():
-        features = _normal(activations).to(dtype)
-        if isinstance(module, LayerModule):  # the activations are images: through the whole model
-            cam = CAM(module, module.cam_target_layer, weighting=weighting, reshape=module.cam_reshape)
-            cam.layer_name = module.layer_name
-        else:
-            cam = CAM(module.forward_head, None, weighting=weighting, reshape=module.cam_reshape)
-        raw = cam.explain(features, target, _normal(rows), upsample=False, normalize=False)
+        raw = cam.explain(_normal(features).to(dtype), target, _normal(rows), upsample=False, normalize=False)
     return minmax_normalize(F.interpolate(raw[:, None], size=size, mode="bilinear", align_corners=False)[:, 0])
 
 
@@ -173,31 +214,64 @@ class Explanation:
     """The explanation of a batch: a map per image, what it explains, and the prediction."""
 
     maps: Tensor  # [B, H, W] in [0, 1]
-    explained: Tensor  # [B] the class (or proxy row) each map explains
+    explained: Tensor  # [B] the class each map explains (``choice``'s)
+    rows: Tensor  # [B] the target's row each map explains: the class, or (nearest scheme) the neighbour's row
     predicted: Tensor  # [B] argmax of ``class_scores``
     class_scores: Tensor  # [B, C] softmax probabilities or cosines to the class proxies
 
 
 def explain(
-    module: CAMModule,
-    activations: Tensor,
+    explainer: Explainer,
+    features: Tensor,
     outputs: Tensor,
-    target: Target,
+    target: ExplanationTarget,
     size: tuple[int, int],
     labels: Tensor | None = None,
     choice: Choice = "true",
     weighting: Weighting = "gradcam",
+    index: Tensor | None = None,
 ) -> Explanation:
-    """The one explanation step: maps (by ``weighting``) for the true class (``choice="true"``; images whose label
-    is ``UNKNOWN_LABEL`` fall back to the predicted class) or the predicted one, and the prediction."""
-    class_scores = target.class_scores(outputs)
+    """The one explanation step of the callback, ``cubcam explain`` and ``cubcam evaluate``: maps (by
+    ``weighting``) for the true class (``choice="true"``; images whose label is ``UNKNOWN_LABEL`` fall back to the
+    predicted class) or the predicted one, through ``target``'s row of each image (``index``: the images' dataset
+    indices, so that the nearest-image scheme never picks an image itself), and the prediction."""
+    class_scores = target.target.class_scores(outputs)
     predicted = class_scores.argmax(1)
     explained = predicted
     if choice == "true" and labels is not None:
         labels = labels.to(predicted.device)
         explained = torch.where(labels == UNKNOWN_LABEL, predicted, labels)
-    maps = head_cams(module, activations, size, target, explained, weighting)
-    return Explanation(maps, explained, predicted, class_scores)
+    rows = target.rows(explained, outputs, index)
+    maps = explainer.maps(features, size, target.target, rows.to(features.device), weighting)
+    return Explanation(maps, explained, rows, predicted, class_scores)
+
+
+@dataclass
+class PairMaps:
+    """The proxy-pair view (Single Point Proxy both ways): each first image's map against its partner's unit
+    embedding, each partner's map against the first image's, and their cosine."""
+
+    first: Tensor  # [B, H, W]
+    second: Tensor  # [B, H, W]
+    cosine: Tensor  # [B]
+
+
+def pair_maps(
+    explainer: Explainer,
+    first: tuple[Tensor, Tensor],
+    second: tuple[Tensor, Tensor],
+    size: tuple[int, int],
+    weighting: Weighting = "gradcam",
+) -> PairMaps:
+    """Maps of (features, outputs) pairs explained against each other: the callback's single-point-nearest panel
+    (a bird and its nearest other validation image) and ``cubcam explain --query`` (a query and each neighbour)."""
+    ours, theirs = (single_point_proxy(outputs) for _, outputs in (first, second))
+    rows = torch.arange(len(ours), device=first[0].device)
+    return PairMaps(
+        explainer.maps(first[0], size, Proxies(theirs), rows, weighting),
+        explainer.maps(second[0], size, Proxies(ours), rows, weighting),
+        (ours * theirs).sum(1),
+    )
 
 
 def _normal(tensor: Tensor) -> Tensor:

@@ -11,17 +11,28 @@ engine, the callback, ``explain``, ``evaluate``) calls a target instead of branc
   neighbour per image. The class scores are cosines to the class proxies, so "predicted" is the nearest class.
 
 One-hot proxies on logits give GradCAM exactly: ``Proxies(torch.eye(C))`` and ``ClassLogits()`` score the same.
+
+:func:`make_target` is the one factory every consumer calls: the model kind and a proxy scheme in, an
+:class:`ExplanationTarget` (the target, and which of its rows each image explains) out.
 """
 
 from __future__ import annotations
 
-from typing import Literal, Protocol
+import warnings
+from dataclasses import dataclass
+from typing import Literal, Protocol, cast, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from cubcam.cams.proxies import normalized_mean_proxies, single_point_proxy
+
 Method = Literal["gradcam", "embeddingcam"]  # the model kind: a classifier's logits or an embedding net's output
+# EmbeddingCAM's proxy of an image: its class's Normalized Mean Proxy; one reference image of its class, drawn once
+# per class with a seed (Single Point Proxy); or its nearest other reference image (a Single Point Proxy per image).
+ProxyScheme = Literal["normalized_mean", "single_point_random", "single_point_nearest"]
+LEGACY_SINGLE_POINT = "single_point"  # before the two single-point schemes had names of their own
 
 
 class Target(Protocol):
@@ -124,3 +135,100 @@ def check_rows(rows: Tensor, batch: int, count: int, name: str) -> Tensor:
     if rows.numel() and (rows.min() < 0 or rows.max() >= count):
         raise ValueError(f"{name} must lie in [0, {count}), got range [{int(rows.min())}, {int(rows.max())}]")
     return rows.long()
+
+
+@dataclass(frozen=True)
+class ExplanationTarget:
+    """What a map explains (``target``) and which of its rows each image explains (:meth:`rows`).
+
+    ``scheme`` is None for a classifier's logits. With ``single_point_nearest`` the target's table is the unit
+    reference embeddings ``reference`` [N, D], and ``reference_index`` their dataset indices, so that an image of
+    the reference set is never its own neighbour.
+    """
+
+    target: Target
+    scheme: ProxyScheme | None = None
+    reference: Tensor | None = None
+    reference_index: Tensor | None = None
+
+    @property
+    def neighbours(self) -> bool:
+        """Each image explains another image (its nearest reference image), not a class."""
+        return self.reference is not None
+
+    def rows(self, classes: Tensor, outputs: Tensor, index: Tensor | None = None) -> Tensor:
+        """The row of ``target`` image b's map explains: ``classes[b]``, or (nearest) the row of the most
+        cosine-similar reference image other than image b itself (by dataset ``index``)."""
+        if self.reference is None:
+            return classes
+        similarity = F.normalize(outputs.float(), dim=1) @ self.reference.to(outputs.device).T
+        if index is not None and self.reference_index is not None:
+            own = index.to(outputs.device)[:, None] == self.reference_index.to(outputs.device)[None]
+            similarity = similarity.masked_fill(own, -torch.inf)
+        return similarity.argmax(1)
+
+
+def make_target(
+    method: Method,
+    scheme: ProxyScheme = "normalized_mean",
+    embeddings: Tensor | None = None,
+    labels: Tensor | None = None,
+    num_classes: int | None = None,
+    seed: int = 0,
+    index: Tensor | None = None,
+) -> ExplanationTarget:
+    """The explanation target of a model kind: class logits (``gradcam``), or proxies of ``scheme`` built from
+    reference ``embeddings`` [N, D] and their ``labels`` [N] (``embeddingcam``; ``index``: their dataset indices,
+    for ``single_point_nearest`` on the set being explained). Every scheme predicts the nearest Normalized Mean
+    Proxy's class.
+
+    Raises:
+        ValueError: an unknown scheme, or ``embeddingcam`` without embeddings and labels.
+    """
+    if method == "gradcam":
+        return ExplanationTarget(ClassLogits())
+    if scheme not in get_args(ProxyScheme):
+        raise ValueError(f"proxy scheme must be one of {get_args(ProxyScheme)}, got {scheme!r}")
+    if embeddings is None or labels is None:
+        raise ValueError("EmbeddingCAM's proxies need reference embeddings and their labels")
+    num_classes = max(num_classes or 0, int(labels.max()) + 1 if labels.numel() else 0)
+    mean = normalized_mean_proxies(embeddings, labels, num_classes=num_classes)
+    if scheme == "normalized_mean":
+        return ExplanationTarget(Proxies(mean), scheme)
+    if scheme == "single_point_random":
+        return ExplanationTarget(Proxies(single_points(embeddings, labels, num_classes, seed)[0], classes=mean), scheme)
+    unit = single_point_proxy(embeddings)
+    return ExplanationTarget(Proxies(unit, classes=mean), scheme, reference=unit, reference_index=index)
+
+
+def single_points(embeddings: Tensor, labels: Tensor, num_classes: int, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Single Point Proxy of every class: the unit embedding of one of its images, drawn once per class with
+    ``seed``. Returns (proxies [C, D], the index drawn for each class [C]; -1 and a zero proxy for a class without
+    images)."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = labels.cpu()
+    picks = torch.full((num_classes,), -1, dtype=torch.long)
+    for c in range(num_classes):
+        members = (labels == c).nonzero()[:, 0]
+        if len(members):
+            picks[c] = members[torch.randint(len(members), (1,), generator=generator)]
+    proxies = torch.zeros(num_classes, embeddings.shape[1])
+    has = picks >= 0
+    proxies[has] = single_point_proxy(embeddings.cpu()[picks[has]])
+    return proxies, picks
+
+
+def proxy_scheme(name: str, legacy: ProxyScheme) -> ProxyScheme:
+    """A proxy scheme by name. The old ``single_point`` (in configs, checkpoints and command lines) means ``legacy``,
+    what it meant where it was written, with a DeprecationWarning naming the new spelling."""
+    if name == LEGACY_SINGLE_POINT:
+        warnings.warn(
+            f"proxy 'single_point' is deprecated: it is now spelled {legacy!r} (the other single-point scheme is "
+            f"{next(s for s in get_args(ProxyScheme) if s.startswith('single_point') and s != legacy)!r})",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        return legacy
+    if name not in get_args(ProxyScheme):
+        raise ValueError(f"proxy must be one of {get_args(ProxyScheme)}, got {name!r}")
+    return cast(ProxyScheme, name)

@@ -29,7 +29,7 @@ from pytorch_lightning.loggers import CSVLogger, WandbLogger
 
 from cubcam.callbacks import CAMPanel, CAMPanelWarning
 from cubcam.callbacks.measure import METRIC_KEYS
-from cubcam.callbacks.panel_render import GAP
+from cubcam.cams.figure import GAP
 from cubcam.callbacks.panel_select import random_subset, spread_over_classes
 from cubcam.callbacks.sinks import EVOLUTION_GIF_KEY, EVOLUTION_KEY, PANEL_KEY, TABLE_COLUMNS, TABLE_KEY
 from cubcam.cams import GradCAM, localization
@@ -182,7 +182,8 @@ def test_method_must_fit_the_model(synthetic_cub, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "kind, proxy", [("classifier", "normalized_mean"), ("embedding", "normalized_mean"), ("embedding", "single_point")]
+    "kind, proxy",
+    [("classifier", "normalized_mean"), ("embedding", "normalized_mean"), ("embedding", "single_point_nearest")],
 )
 def test_one_panel_per_epoch_with_boxes_captions_and_metrics(synthetic_cub, offline, kind, proxy):
     epochs, num = 2, 6
@@ -216,7 +217,7 @@ def test_one_panel_per_epoch_with_boxes_captions_and_metrics(synthetic_cub, offl
         for caption, index in zip(media["captions"], panel.panel):
             assert f"#{index}, epoch {epoch}" in caption
             assert f"true: {dataset.class_names[dataset.labels[index]]}" in caption
-            assert ("nearest #" if proxy == "single_point" else "pred: ") in caption
+            assert ("nearest #" if proxy == "single_point_nearest" else "pred: ") in caption
         assert (media["width"], media["height"]) == (2 * SIZE + GAP, SIZE)
         for filename, boxes, index in zip(media["filenames"], media["all_boxes"], panel.panel):
             pixels = np.asarray(Image.open(run_dir / "files" / filename).convert("RGB"))
@@ -360,7 +361,7 @@ class DrawsRandomNumbers(pl.Callback):
         torch.rand(1)
 
 
-@pytest.mark.parametrize("kind, proxy", [("classifier", "normalized_mean"), ("embedding", "single_point")])
+@pytest.mark.parametrize("kind, proxy", [("classifier", "normalized_mean"), ("embedding", "single_point_nearest")])
 def test_weights_are_bit_identical_with_and_without_the_callback(synthetic_cub, tmp_path, kind, proxy):
     def train(callbacks: list[pl.Callback]) -> dict[str, torch.Tensor]:
         pl.seed_everything(0, verbose=False)

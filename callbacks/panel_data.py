@@ -1,0 +1,61 @@
+"""The panel as data: what rendering (``panel_render.py``) produces and the evolution and the sinks consume.
+
+Nothing here knows Lightning, W&B or how a map is made.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from typing import TypedDict
+
+import numpy as np
+
+from cubcam.cams.figure import Strip, grid, png_bytes
+
+PANEL_COLUMNS = 4  # strips per row of the grid
+
+
+class BirdRow(TypedDict):
+    """One panel bird's numbers, for the per-epoch table (W&B ``val/cam_table``): how its primary map localizes."""
+
+    index: int  # dataset index
+    true: str
+    predicted: str  # the predicted class (embedding nets: the nearest proxy's; nearest image: the neighbour's)
+    score: float  # its probability or cosine
+    cam_box_iou: float  # IoU of the primary map's CAM box with the GT box (0 without a box)
+    heatmap_ratio: float  # share of the primary map's mass inside the GT box
+    peak_in_box: bool  # the primary map's peak lies inside the GT box
+
+
+@dataclass
+class Panel:
+    """One epoch's panel: a strip, a caption and a row of numbers per bird (in panel order), the class names."""
+
+    epoch: int
+    indices: list[int]
+    strips: list[Strip]
+    captions: list[str]
+    class_names: list[str]
+    rows: list[BirdRow]
+    cell_width: int  # of one cell of a strip: the primary map is ``strip.boxed[:, :cell_width]``
+
+    def primary_cells(self) -> list[np.ndarray]:
+        """Each bird's primary map with its boxes, as drawn in the PNG: what the CAM evolution shows."""
+        return [strip.boxed[:, : self.cell_width] for strip in self.strips]
+
+    @cached_property
+    def grid(self) -> np.ndarray:
+        """The PNG grid: every strip with its boxes drawn, captioned, ``PANEL_COLUMNS`` a row (made once, for the
+        file and for TensorBoard)."""
+        return grid([s.boxed for s in self.strips], self.captions, ncols=PANEL_COLUMNS)
+
+    @cached_property
+    def grid_png(self) -> bytes:
+        """The grid encoded as PNG once, for the file and for TensorBoard."""
+        return png_bytes(self.grid)
+
+
+def name(class_names: list[str], label: int) -> str:
+    """A class's name, or ``class <n>`` where the list has none (a model trained without names)."""
+    return class_names[label] if 0 <= label < len(class_names) else f"class {label}"

@@ -1,0 +1,139 @@
+"""Activation sources: where a validation batch's rows for the CAM panel come from, one interface for either kind
+of module, so that the callback holds one flow.
+
+- :class:`StepSource`: a module that speaks the CAM protocol (``cubcam.cams.protocol.CAMModule``): its
+  ``validation_step`` returns a ``CAMStepOutput`` with the CAM layer's activations, and maps run through its head
+  alone (``HeadExplainer``).
+- :class:`LayerSource`: any module, explained at ``target_layer`` (``LayerExplainer``): the features are the
+  batch's images, the outputs are those of the loop's own ``self(images)`` (kept by a forward hook), or of one
+  forward of ours where ``validation_step`` never calls ``self(images)`` (e.g. it calls ``self.model(x)``); dataset
+  indices come from the loader's batch sampler.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Protocol, cast
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+from torch.utils.data import RandomSampler
+from torch.utils.hooks import RemovableHandle
+
+from cubcam.callbacks.batches import BatchFormat
+from cubcam.cams.engine import Reshape, isolated
+from cubcam.cams.protocol import CAMModule, CAMStepOutput, Explainer, HeadExplainer, LayerExplainer
+from cubcam.cams.targets import Method
+
+STEP_KEYS = tuple(CAMStepOutput.__annotations__)
+
+
+class BatchRows(NamedTuple):
+    """What one validation batch hands the collector: the step output (features under ``activations``), the
+    images and the boxes (None: the data has none)."""
+
+    step: CAMStepOutput
+    images: Tensor
+    boxes: Tensor | None
+
+
+class ActivationSource(Protocol):
+    """Where the callback's rows come from (module doc); ``explainer`` makes the maps of those rows."""
+
+    explainer: Explainer
+
+    def start_epoch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None: ...
+
+    def start_batch(self) -> None: ...
+
+    def rows(self, outputs: Any, batch: Any, batch_idx: int) -> BatchRows: ...
+
+    def end_epoch(self) -> None: ...
+
+
+class StepSource:
+    """A CAM-protocol module: the rows are its ``validation_step``'s ``CAMStepOutput``."""
+
+    def __init__(self, module: CAMModule, fmt: BatchFormat):
+        self.explainer: Explainer = HeadExplainer(module)
+        self.format = fmt
+
+    def start_epoch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        pass
+
+    def start_batch(self) -> None:
+        pass
+
+    def rows(self, outputs: Any, batch: Any, batch_idx: int) -> BatchRows:
+        if not isinstance(outputs, dict) or any(key not in outputs for key in STEP_KEYS):
+            raise TypeError(
+                f"CAMPanel: validation_step must return a CAMStepOutput dict with keys {STEP_KEYS} "
+                f"(the CAM protocol), got {type(outputs).__name__}"
+                + (f" with keys {sorted(outputs)}" if isinstance(outputs, dict) else "")
+            )
+        images, _, boxes = self.format.read(batch)
+        return BatchRows(cast(CAMStepOutput, outputs), images, boxes)  # its keys are checked above
+
+    def end_epoch(self) -> None:
+        pass
+
+
+class LayerSource:
+    """Any module at ``layer``: the rows are the batch's images, the loop's outputs, the sampler's indices.
+
+    Raises:
+        AttributeError: ``layer`` names no submodule (the message names it).
+        TypeError: at an epoch's start, a validation loader without a batch sampler or one that shuffles; at a
+            batch, one that does not follow the sampler, or a layer that gives no map (naming it).
+    """
+
+    def __init__(
+        self, module: pl.LightningModule, layer: str, method: Method, reshape: Reshape | None, fmt: BatchFormat
+    ):
+        self.explainer = LayerExplainer(module, layer, method, reshape)
+        self.module, self.format = module, fmt
+        self._seen: list[Tensor] = []  # what the module returned during the current batch
+        self._batches: list[list[int]] = []  # dataset indices of each validation batch
+        self._hook: RemovableHandle | None = None
+        self._checked = False  # the first batch has shown that the layer gives a map
+
+    def start_epoch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        loaders = trainer.val_dataloaders
+        loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
+        if loader is None or getattr(loader, "batch_sampler", None) is None:
+            raise TypeError("CAMPanel: target_layer needs a validation DataLoader with a batch sampler")
+        if isinstance(getattr(loader, "sampler", None), RandomSampler):
+            raise TypeError("CAMPanel: the validation loader shuffles; it must keep the dataset's order")
+        self._batches = [list(indices) for indices in loader.batch_sampler]
+        self.end_epoch()
+        self._hook = self.module.register_forward_hook(self._keep)
+
+    def _keep(self, _module: Any, _inputs: Any, output: Any) -> None:
+        if isinstance(output, Tensor):
+            self._seen.append(output.detach())
+
+    def start_batch(self) -> None:
+        # Cleared when a batch starts, not after it: a forward of ours below runs through the hook too, and its
+        # output must not be taken for the next batch's.
+        self._seen.clear()
+
+    def rows(self, outputs: Any, batch: Any, batch_idx: int) -> BatchRows:
+        images, labels, boxes = self.format.read(batch)
+        output = next((o for o in reversed(self._seen) if o.dim() == 2 and len(o) == len(images)), None)
+        if output is None:  # validation_step did not call self(images): one forward of our own
+            _, output = self.explainer.features_and_outputs(images)
+        self._seen.clear()
+        if not self._checked:  # a layer that gives no map fails here, once, naming the layer
+            with isolated(images.device):
+                self.explainer.check(images, output)
+            self._checked = True
+        index = torch.tensor(self._batches[batch_idx], device=images.device)
+        if len(index) != len(images):
+            raise TypeError("CAMPanel: the validation batches do not follow the loader's batch sampler")
+        step = CAMStepOutput(activations=images, output=output, label=labels.to(images.device), index=index)
+        return BatchRows(step, images, boxes)
+
+    def end_epoch(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
