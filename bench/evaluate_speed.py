@@ -4,15 +4,15 @@ For each model kind (a Classifier: GradCAM; an EmbeddingNet: EmbeddingCAM with b
 loaded into memory once, then, interleaved ``--repeats`` times so machine noise hits both alike (median reported):
 
 - forward only: ``module(images)`` per batch under ``torch.inference_mode()`` — the floor;
-- evaluate: ``cubcam.train.evaluate.score_split`` on the same batches — the hooked forward, head-only CAMs for
-  every method, upsampling, and the MaxBoxAccV2 / heatmap-ratio / pointing-game bookkeeping of every method and of
-  the two baselines (what ``cubcam evaluate`` does per batch, minus reading the JPEGs).
+- evaluate: ``cubcam.train.inspection.evaluate.score_split`` on the same batches — the hooked forward, head-only
+  CAMs for every method, upsampling, and the MaxBoxAccV2 / heatmap-ratio / pointing-game bookkeeping of every
+  method and of the two baselines (what ``cubcam evaluate`` does per batch, minus reading the JPEGs).
 
-Faithfulness (``--faithfulness``) on the same maps: ``cubcam.train.evaluate.perturb`` (deletion / insertion curves
-of ``--steps`` and Average Drop / Increase, for every method and baseline) against its floor, the same number of
-batched no-grad forwards of already perturbed batches (what the perturbation costs on top of the forwards it needs);
-and the Average Drop step alone against pytorch-grad-cam's ``DropInConfidence`` + ``IncreaseInConfidence`` on the
-same images and maps (the same quantity: its perturbation is ``x * cam``; it runs the model once per metric).
+Faithfulness (``--faithfulness``) on the same maps: ``cubcam.train.inspection.evaluate.perturb`` (deletion /
+insertion curves of ``--steps`` and Average Drop / Increase, for every method and baseline) against its floor, the
+same number of batched no-grad forwards of already perturbed batches (what the perturbation costs on top of the
+forwards it needs); and the Average Drop step alone against pytorch-grad-cam's ``DropInConfidence`` +
+``IncreaseInConfidence`` on the same images and maps (the same quantity: its perturbation is ``x * cam``; it runs the model once per metric).
 pytorch-grad-cam's ROAD is a different perturbation (noisy linear imputation), so it is not compared.
 
 Then ``cubcam evaluate`` itself runs end to end (JPEG decoding, checkpoint loading, reference cache) once cold
@@ -42,16 +42,17 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 
-from cubcam.cams.targets import ClassLogits, Target
-from cubcam.train.checkpoint import load_checkpoint
+from cubcam.cams.protocol import HeadExplainer
+from cubcam.cams.targets import ExplanationTarget, make_target
 from cubcam.train.data.cub import CUBDataset
 from cubcam.train.data.datamodule import CUBDataModule
 from cubcam.train.data.presets import EvalPreset
 from cubcam.train.data.synthetic import make_synthetic_cub
-from cubcam.train.evaluate import BASELINES, CentreBaseline, perturb, score_split
-from cubcam.train.evaluate import main as evaluate_main
+from cubcam.train.inspection.checkpoint import load_checkpoint
+from cubcam.train.inspection.evaluate import BASELINES, EVALUATE_SCHEMES, CentreBaseline, perturb, score_split
+from cubcam.train.inspection.evaluate import main as evaluate_main
+from cubcam.train.inspection.reference import loader, reference_set
 from cubcam.train.modules import Classifier, EmbeddingNet
-from cubcam.train.reference import loader, reference_set
 
 
 def save_checkpoint(module: pl.LightningModule, data: CUBDataModule, path: Path) -> Path:
@@ -116,12 +117,17 @@ def main() -> None:
         )
         ckpt = save_checkpoint(module, data, work / f"{kind}.ckpt")
         module = load_checkpoint(ckpt).module
-        targets: dict[str, Target] = {"gradcam": ClassLogits()}  # what evaluate scores by default
+        targets: dict[str, ExplanationTarget] = {"gradcam": make_target("gradcam")}  # what evaluate scores by default
         if kind == "embedding":
             reference = reference_set(
                 module, ckpt, root, split="train", image_size=args.size, batch_size=args.batch, cache=False
             )
-            targets = {f"gradcam/{scheme}": target for scheme, target in reference.targets(0).items()}
+            targets = {
+                f"gradcam/{scheme}": make_target(
+                    "embeddingcam", scheme, reference.embeddings, reference.labels, reference.num_classes
+                )
+                for scheme in EVALUATE_SCHEMES
+            }
 
         def forward_only() -> None:
             with torch.inference_mode():
@@ -130,7 +136,7 @@ def main() -> None:
 
         def evaluate() -> None:
             methods = {name: (target, "gradcam") for name, target in targets.items()}
-            score_split(module, batches, methods, torch.device("cpu"), n, progress=False)
+            score_split(HeadExplainer(module), batches, methods, torch.device("cpu"), n, progress=False)
 
         forward_only(), evaluate()  # warm-up: allocator, thread pools, lazy imports
         times: dict[str, list[float]] = {"forward": [], "evaluate": []}
@@ -184,7 +190,7 @@ def main() -> None:
 def time_faithfulness(
     module: torch.nn.Module,
     batches: list[dict[str, torch.Tensor]],
-    targets: dict[str, Target],
+    targets: dict[str, ExplanationTarget],
     steps: int,
     repeats: int,
 ) -> tuple[int, float, float, float, float]:
@@ -193,20 +199,22 @@ def time_faithfulness(
 
     from cubcam.cams.engine import eval_mode
     from cubcam.cams.faithfulness import BLUR_SIGMA, FaithfulnessAccumulator, confidence_change, random_maps
-    from cubcam.cams.protocol import explain, features_and_outputs
+    from cubcam.cams.protocol import explain
 
     prepared = []  # per batch: images, outputs, every method's maps (as evaluate builds them)
     generator = torch.Generator().manual_seed(0)
+    explainer = HeadExplainer(module)
     for batch in batches:
         images = batch["image"]
-        size = tuple(images.shape[-2:])
-        activations, outputs = features_and_outputs(module, images)
+        size = (int(images.shape[-2]), int(images.shape[-1]))
+        activations, outputs = explainer.features_and_outputs(images)
         maps = {}
         for name, target in targets.items():
-            step = explain(module, activations, outputs, target, size, batch["label"])
-            maps[name] = (step.maps, (target, "gradcam"), step.explained)
+            step = explain(explainer, activations, outputs, target, size, batch["label"])
+            maps[name] = (step.maps, (target, "gradcam"), step.rows)
         first = next(iter(maps.values()))
-        maps["random"] = (random_maps(len(images), tuple(activations.shape[-2:]), size, generator), *first[1:])
+        grid = (int(activations.shape[-2]), int(activations.shape[-1]))
+        maps["random"] = (random_maps(len(images), grid, size, generator), *first[1:])
         maps["centre_gaussian"] = (CentreBaseline(size).map.expand(len(images), -1, -1), *first[1:])
         prepared.append((images, outputs, maps))
     methods = len(prepared[0][2])
@@ -222,21 +230,23 @@ def time_faithfulness(
     def ours() -> None:
         faithful = {name: FaithfulnessAccumulator(steps) for name in [*targets, *BASELINES]}
         for images, outputs, maps in prepared:
-            perturb(module, images, outputs, maps, faithful, steps, BLUR_SIGMA)
+            perturb(explainer, images, outputs, maps, faithful, steps, BLUR_SIGMA)
 
     first_name = next(iter(targets))
 
     def our_drop() -> None:
         with eval_mode(module), torch.no_grad():
             for images, outputs, maps in prepared:
-                cams, (target, _), rows = maps[first_name]
+                cams, (explained, _), rows = maps[first_name]
+                target = explained.target
                 confidence_change(
                     lambda x: target.confidence(module(x), rows), images, cams, target.confidence(outputs, rows)
                 )
 
     def pgc_drop() -> None:
         for images, _, maps in prepared:
-            cams, (target, _), rows = maps[first_name]
+            cams, (explained, _), rows = maps[first_name]
+            target = explained.target
             pgc_targets = [lambda out, r=int(r): target.confidence(out[None], torch.tensor([r]))[0] for r in rows]
             for metric in (DropInConfidence(), IncreaseInConfidence()):
                 metric(images, cams.numpy(), pgc_targets, module.eval())

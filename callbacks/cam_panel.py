@@ -197,7 +197,7 @@ class CAMPanel(pl.Callback):
         )
 
     @property
-    def _legacy_state_key(self) -> str:
+    def _state_key_v1(self) -> str:
         """The key of checkpoints written before ``STATE_VERSION`` 2 (it named fewer options)."""
         proxy = LEGACY_SINGLE_POINT if self.proxy == "single_point_nearest" else self.proxy
         return self._generate_state_key(num_images=self.num_images, method=self.method, proxy=proxy)
@@ -221,8 +221,8 @@ class CAMPanel(pl.Callback):
         """A checkpoint written under the old state key: its state is filed under today's key, which Lightning then
         loads (it looks callback state up by ``state_key`` alone, after this hook)."""
         states = checkpoint.get("callbacks") or {}
-        if self.state_key not in states and self._legacy_state_key in states:
-            states[self.state_key] = states[self._legacy_state_key]
+        if self.state_key not in states and self._state_key_v1 in states:
+            states[self.state_key] = states[self._state_key_v1]
 
     # --- hooks ---------------------------------------------------------------------------------------------------
 

@@ -90,7 +90,8 @@ class LayerSource:
     def __init__(
         self, module: pl.LightningModule, layer: str, method: Method, reshape: Reshape | None, fmt: BatchFormat
     ):
-        self.explainer = LayerExplainer(module, layer, method, reshape)
+        self._layer = LayerExplainer(module, layer, method, reshape)
+        self.explainer: Explainer = self._layer
         self.module, self.format = module, fmt
         self._seen: list[Tensor] = []  # what the module returned during the current batch
         self._batches: list[list[int]] = []  # dataset indices of each validation batch
@@ -121,11 +122,11 @@ class LayerSource:
         images, labels, boxes = self.format.read(batch)
         output = next((o for o in reversed(self._seen) if o.dim() == 2 and len(o) == len(images)), None)
         if output is None:  # validation_step did not call self(images): one forward of our own
-            _, output = self.explainer.features_and_outputs(images)
+            _, output = self._layer.features_and_outputs(images)
         self._seen.clear()
         if not self._checked:  # a layer that gives no map fails here, once, naming the layer
             with isolated(images.device):
-                self.explainer.check(images, output)
+                self._layer.check(images, output)
             self._checked = True
         index = torch.tensor(self._batches[batch_idx], device=images.device)
         if len(index) != len(images):

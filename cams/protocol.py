@@ -86,6 +86,11 @@ class Explainer(Protocol):
 
     def features_and_outputs(self, images: Tensor) -> tuple[Tensor, Tensor]: ...
 
+    def outputs(self, images: Tensor) -> Tensor:
+        """The model's outputs [B, ...] in eval mode (autograd as the caller has it): what perturbation metrics
+        score."""
+        ...
+
     def maps(
         self, features: Tensor, size: tuple[int, int], target: Target, rows: Tensor, weighting: Weighting
     ) -> Tensor:
@@ -105,6 +110,10 @@ class HeadExplainer:
 
     def features_and_outputs(self, images: Tensor) -> tuple[Tensor, Tensor]:
         return features_and_outputs(self.module, images)
+
+    def outputs(self, images: Tensor) -> Tensor:
+        with eval_mode(self.module):
+            return self.module(images)
 
     def maps(
         self, features: Tensor, size: tuple[int, int], target: Target, rows: Tensor, weighting: Weighting
@@ -136,8 +145,9 @@ class LayerExplainer:
         return self._method
 
     def outputs(self, images: Tensor) -> Tensor:
-        """``model(images)``, checked to be logits or embeddings [B, C]."""
-        outputs = self.model(images)
+        """``model(images)`` in eval mode, checked to be logits or embeddings [B, C]."""
+        with eval_mode(self.model):
+            outputs = self.model(images)
         if not isinstance(outputs, Tensor) or outputs.dim() != 2:
             shape = tuple(outputs.shape) if isinstance(outputs, Tensor) else type(outputs).__name__
             raise TypeError(f"{type(self.model).__name__}(images) must return logits or embeddings [B, C], got {shape}")

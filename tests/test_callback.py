@@ -29,10 +29,10 @@ from pytorch_lightning.loggers import CSVLogger, WandbLogger
 
 from cubcam.callbacks import CAMPanel, CAMPanelWarning
 from cubcam.callbacks.measure import METRIC_KEYS
-from cubcam.cams.figure import GAP
 from cubcam.callbacks.panel_select import random_subset, spread_over_classes
 from cubcam.callbacks.sinks import EVOLUTION_GIF_KEY, EVOLUTION_KEY, PANEL_KEY, TABLE_COLUMNS, TABLE_KEY
 from cubcam.cams import GradCAM, localization
+from cubcam.cams.figure import GAP
 from cubcam.cams.protocol import head_cams
 from cubcam.cams.targets import ClassLogits
 from cubcam.train.data.datamodule import CUBDataModule

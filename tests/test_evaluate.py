@@ -15,10 +15,10 @@ from trained_checkpoints import SIZE, Trained, trained_checkpoints
 
 from cubcam.cams import EmbeddingCAM, GradCAM, normalized_mean_proxies
 from cubcam.cams.localization import heatmap_ratio, max_box_acc, pointing_game
-from cubcam.train.checkpoint import load_checkpoint
 from cubcam.train.data.cub import CUBDataset
 from cubcam.train.data.presets import EvalPreset
-from cubcam.train.evaluate import main
+from cubcam.train.inspection.checkpoint import load_checkpoint
+from cubcam.train.inspection.evaluate import main
 
 
 @pytest.fixture(scope="module")

@@ -16,14 +16,14 @@ from crafted import png_header
 from PIL import Image
 from trained_checkpoints import SIZE, Trained, trained_checkpoints
 
-import cubcam.train.reference
+import cubcam.train.inspection.reference
 from cubcam.cams import EmbeddingCAM, GradCAM, normalized_mean_proxies, overlay
 from cubcam.cams.overlay import denormalize
-from cubcam.train.checkpoint import load_checkpoint
 from cubcam.train.data.cub import CUBDataset
 from cubcam.train.data.presets import EvalPreset, load_rgb
-from cubcam.train.explain import main
-from cubcam.train.reference import reference_set
+from cubcam.train.inspection.checkpoint import load_checkpoint
+from cubcam.train.inspection.explain import main
+from cubcam.train.inspection.reference import reference_set
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +159,7 @@ def test_dataset_panel_of_an_embedding_net_and_its_reference_cache(
     def no_second_pass(*args, **kwargs):
         raise AssertionError("the cached reference embeddings were not used")
 
-    monkeypatch.setattr(cubcam.train.reference, "embed", no_second_pass)
+    monkeypatch.setattr(cubcam.train.inspection.reference, "embed", no_second_pass)
     main([str(trained.embedding), "--num", "2", "--proxy", "single_point", "--out", str(tmp_path / "again")])
     assert len(json.loads((tmp_path / "again" / "summary.json").read_text())["images"]) == 2
 

@@ -24,11 +24,11 @@ from cubcam.callbacks.sinks import PANEL_KEY
 from cubcam.cams import GradCAM
 from cubcam.cams.protocol import features_and_outputs, head_cams
 from cubcam.cams.targets import ClassLogits
-from cubcam.train.checkpoint import load_checkpoint
 from cubcam.train.cli import main as cli_main
 from cubcam.train.data.synthetic import make_synthetic_cub
-from cubcam.train.evaluate import main as evaluate_main
-from cubcam.train.explain import main as explain_main
+from cubcam.train.inspection.checkpoint import load_checkpoint
+from cubcam.train.inspection.evaluate import main as evaluate_main
+from cubcam.train.inspection.explain import main as explain_main
 from cubcam.train.models import TokenGrid, nhwc_to_nchw
 from cubcam.train.modules import Classifier, EmbeddingNet
 
@@ -94,7 +94,7 @@ def test_timm_modules_explain_from_their_stored_activations(module_class, arch: 
     extra = {"num_classes": 5} if module_class is Classifier else {"embedding_dim": 8}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        module = module_class(arch=arch, output_stride=16, input_size=64, **extra).eval()
+        module = module_class(arch=arch, output_stride=16, image_size=64, **extra).eval()
     said = [str(w.message) for w in caught if "output_stride" in str(w.message)]
     assert said == ([f"{arch} does not support output_stride=16; it keeps its own"] if kind != "nchw" else [])
     assert module.net.backbone.kind == kind
@@ -125,8 +125,8 @@ def test_bad_layers_and_models_give_one_clear_error() -> None:
         GradCAM(model, "unused")(images)
     with pytest.raises(ValueError, match="neither a torchvision ResNet .* nor a timm model"):
         Classifier(arch="resnet_imaginary")
-    vit = Classifier(arch="test_vit", num_classes=5, input_size=64).eval()
-    with pytest.raises(ValueError, match="do not fill the 4x4 grid.*input_size"):
+    vit = Classifier(arch="test_vit", num_classes=5, image_size=64).eval()
+    with pytest.raises(ValueError, match="do not fill the 4x4 grid.*image_size"):
         head_cams(
             vit, features_and_outputs(vit, torch.randn(1, 3, 96, 96))[0], (96, 96), ClassLogits(), torch.tensor([0])
         )

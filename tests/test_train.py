@@ -17,11 +17,11 @@ import torch
 import wandb
 from wandb_records import history_rows
 
-from cubcam.train.checkpoint import load_checkpoint
 from cubcam.train.cli import main
 from cubcam.train.data.datamodule import CUBDataModule
 from cubcam.train.data.synthetic import make_synthetic_cub
-from cubcam.train.evaluate import main as evaluate_main
+from cubcam.train.inspection.checkpoint import load_checkpoint
+from cubcam.train.inspection.evaluate import main as evaluate_main
 from cubcam.train.modules import Classifier, CUBModule, EmbeddingNet
 
 REPO = Path(__file__).resolve().parents[1]

@@ -16,17 +16,19 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytorch_lightning as pl
 import torch
 from jsonargparse import DefaultHelpFormatter, Namespace
+from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
 from pytorch_lightning.utilities import rank_zero_info
 
-from cubcam.train.checkpoint import current_class_path
 from cubcam.train.data.datamodule import CUBDataModule
+from cubcam.train.inspection.checkpoint import migrate_hparams
 from cubcam.train.modules import Classifier, CUBModule, EmbeddingNet  # noqa: F401  (short names for --model)
 
-TOOLS = {  # subcommands that are not Lightning's; dispatched to cubcam.train.<name>.main
+TOOLS = {  # subcommands that are not Lightning's; dispatched to cubcam.train.inspection.<name>.main
     "explain": "what a checkpoint looks at: your images, a dataset panel, a retrieval (cubcam explain --help)",
     "evaluate": "localization scores of a checkpoint's maps over a split (cubcam evaluate --help)",
 }
@@ -43,12 +45,12 @@ class CubCamCLI(LightningCLI):
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
         parser.link_arguments("data.class_names", "model.init_args.class_names", apply_on="instantiate")
         # A ViT's patch grid is fixed when it is built: the model is built for the size the data is served at.
-        parser.link_arguments("data.image_size", "model.init_args.input_size")
+        parser.link_arguments("data.image_size", "model.init_args.image_size")
 
     def _parse_ckpt_path(self) -> None:
-        """Lightning's own (a checkpoint's hyper-parameters become the model config), with the class paths of
-        checkpoints saved before cubcam became one namespace (``train.modules.Classifier``) renamed, so that
-        ``fit --ckpt_path`` resumes them."""
+        """Lightning's own (a checkpoint's hyper-parameters become the model config), with the hyper-parameters
+        of older checkpoints migrated (``migrate_hparams``: class paths saved before cubcam became one package,
+        ``input_size`` now ``image_size``), so that ``fit --ckpt_path`` resumes them."""
         if not self.config.get("subcommand"):
             return
         ckpt_path = self.config[self.config.subcommand].get("ckpt_path")
@@ -60,8 +62,9 @@ class CubCamCLI(LightningCLI):
         hparams.pop("_instantiator", None)
         if not hparams:
             return
+        hparams = migrate_hparams(hparams)
         if "_class_path" in hparams:
-            hparams = {"class_path": current_class_path(hparams.pop("_class_path")), "dict_kwargs": hparams}
+            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
         try:
             self.config = self.parser.parse_object({self.config.subcommand: {"model": hparams}}, self.config)
         except SystemExit:
@@ -75,7 +78,7 @@ class CubCamCLI(LightningCLI):
         ``classifier-resnet18``, so that an ``--model.init_args.arch`` override shows in the runs table."""
         config = self.config.get(self.subcommand) if self.subcommand else None
         logger = config.trainer.logger if config is not None else None
-        if not isinstance(logger, Namespace):
+        if config is None or not isinstance(logger, Namespace):
             return
         kind = str(logger.class_path).rsplit(".", 1)[-1]
         if kind == "WandbLogger" and logger.init_args.get("name") is None:
@@ -108,7 +111,7 @@ class CubCamCLI(LightningCLI):
             self.test_best()
         if not trainer.is_global_zero:
             return
-        for ckpt in trainer.checkpoint_callbacks:
+        for ckpt in _model_checkpoints(trainer):
             if ckpt.monitor is None:
                 rank_zero_info(f"checkpoint: latest {ckpt.best_model_path or '-'}")
             else:
@@ -126,16 +129,22 @@ class CubCamCLI(LightningCLI):
         """``trainer.test`` on the test split with the best checkpoint (chosen on the validation split), or with the
         final weights when no checkpoint was kept by a score; on every rank, as Lightning needs."""
         trainer = self.trainer
-        best = next((c.best_model_path for c in trainer.checkpoint_callbacks if c.monitor and c.best_model_path), "")
+        best = next((c.best_model_path for c in _model_checkpoints(trainer) if c.monitor and c.best_model_path), "")
         rank_zero_info(f"testing {'the best checkpoint ' + best if best else 'the final weights'} on the test split")
         trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None, verbose=trainer.is_global_zero)
+
+
+def _model_checkpoints(trainer: pl.Trainer) -> list[ModelCheckpoint]:
+    """The trainer's ModelCheckpoints (``checkpoint_callbacks`` is typed as any ``Checkpoint``)."""
+    return [c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)]
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``cubcam`` and ``python -m cubcam.train``."""
     args = sys.argv[1:] if argv is None else list(argv)
     if args and args[0] in TOOLS:
-        importlib.import_module(f"cubcam.train.{args[0]}").main(args[1:])  # imported lazily: training never needs them
+        # Imported lazily: training never needs them.
+        importlib.import_module(f"cubcam.train.inspection.{args[0]}").main(args[1:])
         return
     CubCamCLI(
         CUBModule,

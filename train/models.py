@@ -24,8 +24,9 @@ import socket
 import urllib.error
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, cast
 
 import torch
 import torchvision
@@ -41,6 +42,31 @@ IMAGENET_URLS = {
 }
 DOWNLOAD_TIMEOUT_S = 20.0  # an unreachable host must fail fast, not hang on a TCP connect
 HF_HUB_ADDRESS = ("huggingface.co", 443)  # where timm's weights come from (module-level: a test points it elsewhere)
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    """The network arguments: what every trunk is built from. ``cubcam.train.modules.CUBModule`` takes the same
+    names flat (the config keys users write, ``--model.init_args.arch``) and packs them into one of these.
+
+    ``arch``: a torchvision ResNet name (``ARCHS``) or any timm model name; ``pretrained``: ImageNet weights
+    (torchvision's, or timm's from the Hugging Face hub), ``weights_path`` a local file instead; ``output_stride``
+    16 dilates the last stage where the model supports it; ``image_size``: the input size, for models whose patch
+    grid is fixed when built (ViTs; the CLI links it to ``data.image_size``).
+
+    Raises:
+        ValueError: both ``pretrained`` and ``weights_path``.
+    """
+
+    arch: str = "resnet18"
+    pretrained: bool = False
+    weights_path: str | Path | None = None
+    output_stride: int = 32
+    image_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.pretrained and self.weights_path is not None:
+            raise ValueError("give either pretrained=True or weights_path, not both")
 
 
 def imagenet_state_dict(arch: str) -> dict[str, Tensor]:
@@ -90,27 +116,20 @@ class ResNetBackbone(nn.Module):
     128 px, i.e. CAMs with twice the resolution for the same weights.
     """
 
-    def __init__(
-        self,
-        arch: str = "resnet18",
-        pretrained: bool = False,
-        weights_path: str | Path | None = None,
-        output_stride: int = 32,
-    ):
+    def __init__(self, config: BackboneConfig):
         super().__init__()
+        arch, output_stride, weights_path = config.arch, config.output_stride, config.weights_path
         if arch not in ARCHS:
             raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
         if output_stride not in (16, 32):
             raise ValueError(f"output_stride must be 16 or 32, got {output_stride}")
-        if pretrained and weights_path is not None:
-            raise ValueError("give either pretrained=True or weights_path, not both")
         resnet = getattr(torchvision.models, arch)(weights=None)
         if output_stride == 16:
             dilate_last_stage(resnet.layer4)
         state = (
             load_state_dict_file(weights_path)
             if weights_path is not None
-            else (imagenet_state_dict(arch) if pretrained else None)
+            else (imagenet_state_dict(arch) if config.pretrained else None)
         )
         if state is not None:
             missing, unexpected = resnet.load_state_dict(state, strict=False)
@@ -148,28 +167,20 @@ TimmKind = Literal["nchw", "nhwc", "vit"]
 class TimmBackbone(nn.Module):
     """Any timm model as a trunk (``num_classes=0``), with its CAM layer chosen from the model (module doc).
 
-    Args:
-        arch: a timm model name (``timm.list_models()``), e.g. ``convnext_atto``, ``vit_small_patch16_224``.
-        pretrained: timm's pretrained weights (Hugging Face hub cache, downloaded on first use).
-        weights_path: a local ``.safetensors`` / ``.pth`` of that model instead (timm's ``pretrained_cfg_overlay``).
-        output_stride: 16 where timm supports it (ResNets, ConvNeXt, RegNet, EfficientNet: dilated last stage);
-            a model that does not (ViT, Swin) keeps its own, with one warning.
-        image_size: the input size, for models whose patch grid is fixed at build time (ViT: ``img_size``).
+    ``config.arch`` is a timm model name (``timm.list_models()``); ``pretrained`` takes timm's weights (Hugging Face
+    hub cache, downloaded on first use), ``weights_path`` a local ``.safetensors`` / ``.pth`` of that model instead
+    (timm's ``pretrained_cfg_overlay``); ``output_stride`` 16 is passed where timm supports it (ResNets, ConvNeXt,
+    RegNet, EfficientNet: dilated last stage), a model that does not (ViT, Swin) keeps its own, with one warning;
+    ``image_size`` is passed to models whose patch grid is fixed at build time (ViT: ``img_size``).
 
     Raises:
-        ValueError: an unknown ``arch``, a token model other than timm's ``VisionTransformer``, or weights that
-            cannot be read (the message names the file or the download).
+        ValueError: an unknown ``arch``, a token model other than timm's ``VisionTransformer`` with a class-token
+            head, or weights that cannot be read (the message names the file or the download).
     """
 
-    def __init__(
-        self,
-        arch: str,
-        pretrained: bool = False,
-        weights_path: str | Path | None = None,
-        output_stride: int = 32,
-        image_size: int | None = None,
-    ):
+    def __init__(self, config: BackboneConfig):
         super().__init__()
+        arch, pretrained, weights_path = config.arch, config.pretrained, config.weights_path
         import timm  # after cubcam.cams (the torchvision guard): timm imports torchvision
         from timm.models.vision_transformer import VisionTransformer
 
@@ -177,8 +188,6 @@ class TimmBackbone(nn.Module):
             raise ValueError(
                 f"arch {arch!r} is neither a torchvision ResNet {ARCHS} nor a timm model (see timm.list_models())"
             )
-        if pretrained and weights_path is not None:
-            raise ValueError("give either pretrained=True or weights_path, not both")
         kwargs: dict[str, object] = {"num_classes": 0}
         if weights_path is not None:
             if not Path(weights_path).is_file():
@@ -187,27 +196,25 @@ class TimmBackbone(nn.Module):
         elif pretrained:
             kwargs["pretrained"] = True
         if pretrained:
-            self.model = self._from_hub(timm, arch, kwargs, output_stride, image_size)
+            self.model = self._from_hub(timm, config, kwargs)
         else:
-            self.model = self._create(timm, arch, kwargs, output_stride, image_size)
+            self.model = self._create(timm, config, kwargs)
         if getattr(self.model, "output_fmt", "NCHW") == "NHWC":
             self.kind: TimmKind = "nhwc"
         elif isinstance(self.model, VisionTransformer) and self.model.global_pool == "token":
             self.kind = "vit"
         elif hasattr(self.model, "patch_embed") or hasattr(self.model, "blocks"):
             raise ValueError(
-                f"{arch}: token models other than timm's VisionTransformer (ViT, DeiT) with a class-token head, and "
-                f"NHWC models such as Swin, are not supported yet"
+                f"{arch}: of the token models, timm's VisionTransformer (ViT, DeiT) with a class-token head and "
+                f"NHWC models such as Swin are supported; this one is neither"
             )
         else:
             self.kind = "nchw"
-        self.num_features: int = self.model.num_features
+        self.num_features = int(cast(int, self.model.num_features))
         self.cam_output = nn.Identity()  # the CAM layer: its output is what forward returns
 
     @classmethod
-    def _from_hub(
-        cls, timm: object, arch: str, kwargs: dict[str, object], output_stride: int, image_size: int | None
-    ) -> nn.Module:
+    def _from_hub(cls, timm: Any, config: BackboneConfig, kwargs: dict[str, object]) -> nn.Module:
         """timm's pretrained weights: from the local Hugging Face cache if they are there, else downloaded, but
         only once the hub answers within ``DOWNLOAD_TIMEOUT_S`` (the hub client itself retries for a minute)."""
         from huggingface_hub import constants
@@ -215,7 +222,7 @@ class TimmBackbone(nn.Module):
         offline = constants.HF_HUB_OFFLINE
         constants.HF_HUB_OFFLINE = True  # the cache alone: fast, and fine without network
         try:
-            return cls._create(timm, arch, kwargs, output_stride, image_size)
+            return cls._create(timm, config, kwargs)
         except RuntimeError:
             pass
         finally:
@@ -224,25 +231,24 @@ class TimmBackbone(nn.Module):
             socket.create_connection(HF_HUB_ADDRESS, timeout=DOWNLOAD_TIMEOUT_S).close()
         except OSError as err:
             raise RuntimeError(
-                f"could not download the timm weights of {arch}: the Hugging Face hub ({HF_HUB_ADDRESS[0]}) is "
+                f"could not download the timm weights of {config.arch}: the Hugging Face hub ({HF_HUB_ADDRESS[0]}) is "
                 f"unreachable ({err}) and they are not in the local cache ({constants.HF_HUB_CACHE}). Without "
                 f"network access, fetch them elsewhere and pass weights_path=<file> (.safetensors or .pth), or set "
                 f"pretrained=False."
             ) from err
-        return cls._create(timm, arch, kwargs, output_stride, image_size)
+        return cls._create(timm, config, kwargs)
 
     @staticmethod
-    def _create(
-        timm: object, arch: str, kwargs: dict[str, object], output_stride: int, image_size: int | None
-    ) -> nn.Module:
+    def _create(timm: Any, config: BackboneConfig, kwargs: dict[str, object]) -> nn.Module:
         """timm's model, with ``output_stride`` and ``img_size`` passed where the model takes them (a model that
         does not raises a TypeError naming the argument: it is dropped and the model built again)."""
-        create: Callable[..., nn.Module] = timm.create_model  # type: ignore[attr-defined]
+        create: Callable[..., nn.Module] = timm.create_model
+        arch, output_stride = config.arch, config.output_stride
         extra: dict[str, object] = {}
         if output_stride != 32:
             extra["output_stride"] = output_stride
-        if image_size is not None:
-            extra["img_size"] = image_size
+        if config.image_size is not None:
+            extra["img_size"] = config.image_size
         while True:
             try:
                 return create(arch, **kwargs, **extra)
@@ -268,15 +274,24 @@ class TimmBackbone(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """The CAM layer's activations: a map [B, C, h, w], NHWC maps [B, h, w, C], or ViT tokens [B, N, D]."""
-        model = self.model
+        model: Any = self.model  # timm's public API, untyped
         if self.kind != "vit":
             return self.cam_output(model.forward_features(x))
-        x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
-        return self.cam_output(model.blocks[:-1](x))
+        # The residual stream entering the last block, all tokens (prefix first), through timm's public API;
+        # stop_early: the last block runs in pool(), not here.
+        [(patches, prefix)] = model.forward_intermediates(
+            x,
+            indices=[len(model.blocks) - 2],
+            output_fmt="NLC",
+            return_prefix_tokens=True,
+            intermediates_only=True,
+            stop_early=True,
+        )
+        return self.cam_output(torch.cat([prefix, patches], dim=1))
 
     def pool(self, activations: Tensor) -> Tensor:
         """From the CAM layer's activations to the pooled features [B, num_features] (the rest of the trunk)."""
-        model = self.model
+        model: Any = self.model
         if self.kind == "vit":
             activations = model.norm(model.blocks[-1](activations))
         return model.forward_head(activations, pre_logits=True)
@@ -284,11 +299,12 @@ class TimmBackbone(nn.Module):
     @property
     def reshape(self) -> Callable[[Tensor], Tensor] | None:
         """How the CAM layer's output becomes a map [B, K, h, w] (``cubcam.cams.engine.Reshape``)."""
+        model: Any = self.model
         if self.kind == "nhwc":
             return nhwc_to_nchw
         if self.kind == "vit":
-            grid = tuple(self.model.patch_embed.grid_size)
-            return TokenGrid(self.model.num_prefix_tokens, grid)
+            h, w = model.patch_embed.grid_size
+            return TokenGrid(int(model.num_prefix_tokens), (int(h), int(w)))
         return None
 
 
@@ -309,7 +325,7 @@ class TokenGrid:
         if patches.shape[1] != h * w:
             raise ValueError(
                 f"{patches.shape[1]} patch tokens do not fill the {h}x{w} grid this ViT was built for: build it "
-                f"with the size it is fed (input_size in the modules; the CLI links it to data.image_size)"
+                f"with the size it is fed (image_size in the modules; the CLI links it to data.image_size)"
             )
         return patches.reshape(len(patches), h, w, -1).permute(0, 3, 1, 2)
 
@@ -346,15 +362,7 @@ class PooledLinearNet(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def build_backbone(
-    arch: str,
-    pretrained: bool = False,
-    weights_path: str | Path | None = None,
-    output_stride: int = 32,
-    image_size: int | None = None,
-) -> ResNetBackbone | TimmBackbone:
+def build_backbone(config: BackboneConfig) -> ResNetBackbone | TimmBackbone:
     """torchvision's ResNet for the names in ``ARCHS`` (the parameter names of older checkpoints), timm for any
     other name."""
-    if arch in ARCHS:
-        return ResNetBackbone(arch, pretrained, weights_path, output_stride)
-    return TimmBackbone(arch, pretrained, weights_path, output_stride, image_size)
+    return ResNetBackbone(config) if config.arch in ARCHS else TimmBackbone(config)

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, cast
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from pytorch_lightning.utilities.types import OptimizerLRSchedulerConfig
 from pytorch_metric_learning import losses, miners
 from pytorch_metric_learning.distances import CosineSimilarity
 from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
@@ -28,7 +29,7 @@ from cubcam.cams.distributed import gather_unique
 from cubcam.cams.engine import Reshape
 from cubcam.cams.protocol import CAMStepOutput, step_output
 from cubcam.cams.targets import Method
-from cubcam.train.models import PooledLinearNet, build_backbone
+from cubcam.train.models import BackboneConfig, PooledLinearNet, build_backbone
 
 RETRIEVAL_METRICS = ("precision_at_1", "mean_average_precision_at_r", "r_precision")
 Miner = Literal["all", "hard", "semihard", "easy"]  # pytorch-metric-learning's TripletMarginMiner types
@@ -61,23 +62,49 @@ def build_optimizer(
 
 
 class CUBModule(pl.LightningModule):
-    """What both models share: the CAM protocol, the optimiser and the schedule.
+    """What both models share: the network and optimiser arguments, the CAM protocol, the optimiser and the
+    schedule.
 
-    The network arguments of both: ``arch`` is a torchvision ResNet name (``resnet18/34/50``) or any timm model
-    name (``convnext_atto``, ``efficientnet_b0``, ``vit_small_patch16_224``, ...; ``cubcam.train.models``
-    explains where each kind's CAM layer sits); ``pretrained`` loads ImageNet weights (torchvision's, or timm's
-    from the Hugging Face hub), ``weights_path`` a local file instead; ``output_stride`` 16 dilates the last stage
-    where the model supports it; ``input_size`` is the image size for models whose patch grid is fixed when built
-    (ViTs; the CLI links it to ``data.image_size``).
+    The network arguments are declared here once, flat (the config keys users write, ``--model.init_args.arch``):
+    the subclasses take their own arguments and hand the rest to this constructor (``**kwargs``; jsonargparse and
+    Lightning's ``save_hyperparameters`` both follow them), which packs them into a
+    :class:`~cubcam.train.models.BackboneConfig`. Subclasses set ``net`` (from :meth:`_pooled_net`) and
+    ``class_names``.
 
-    Subclasses set ``net`` and ``class_names``, and call ``save_hyperparameters()`` with at least ``lr``,
-    ``weight_decay`` and ``backbone_lr_factor``.
+    Args:
+        arch: a torchvision ResNet name (``resnet18/34/50``) or any timm model name (``convnext_atto``,
+            ``efficientnet_b0``, ``vit_small_patch16_224``, ...; ``cubcam.train.models`` explains where each kind's
+            CAM layer sits).
+        pretrained: load ImageNet weights (torchvision's, or timm's from the Hugging Face hub).
+        weights_path: a local weights file instead.
+        output_stride: 16 dilates the last stage where the model supports it.
+        image_size: the image size, for models whose patch grid is fixed when built (ViTs; the CLI links it to
+            ``data.image_size``).
+        lr: the head's learning rate (AdamW, cosine decay per step).
+        weight_decay: AdamW's.
+        backbone_lr_factor: the trunk learns at ``lr * backbone_lr_factor``.
     """
 
     cam_method: ClassVar[Method]
     monitor: ClassVar[tuple[str, Literal["min", "max"]]]  # the validation score that picks the best checkpoint
     net: PooledLinearNet
     class_names: list[str]
+
+    def __init__(
+        self,
+        arch: str = "resnet18",
+        pretrained: bool = False,
+        weights_path: str | Path | None = None,
+        output_stride: int = 32,
+        image_size: int | None = None,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-4,
+        backbone_lr_factor: float = 1.0,
+    ):
+        super().__init__()
+        self.save_hyperparameters()  # these arguments and the subclass's (Lightning collects both frames)
+        self.backbone_config = BackboneConfig(arch, pretrained, weights_path, output_stride, image_size)
+        self.lr, self.weight_decay, self.backbone_lr_factor = lr, weight_decay, backbone_lr_factor
 
     @property
     def cam_target_layer(self) -> nn.Module:
@@ -88,10 +115,8 @@ class CUBModule(pl.LightningModule):
         return self.net.backbone.reshape
 
     def _pooled_net(self, out_features: int) -> PooledLinearNet:
-        """The network both subclasses build from their saved network arguments (``arch`` ... ``input_size``)."""
-        hp = self.hparams
-        backbone = build_backbone(hp.arch, hp.pretrained, hp.weights_path, hp.output_stride, hp.input_size)
-        return PooledLinearNet(backbone, out_features)
+        """The network of both subclasses: the trunk of :attr:`backbone_config`, pooled, then linear."""
+        return PooledLinearNet(build_backbone(self.backbone_config), out_features)
 
     def forward(self, images: Tensor) -> Tensor:
         return self.net(images)
@@ -104,10 +129,9 @@ class CUBModule(pl.LightningModule):
         activations = self.net.forward_features(batch["image"])
         return activations, self.net.forward_head(activations)
 
-    def configure_optimizers(self) -> dict[str, Any]:
-        hp = self.hparams
+    def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
         optimizer, scheduler = build_optimizer(
-            self.net, hp.lr, hp.weight_decay, hp.backbone_lr_factor, int(self.trainer.estimated_stepping_batches)
+            self.net, self.lr, self.weight_decay, self.backbone_lr_factor, int(self.trainer.estimated_stepping_batches)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -134,20 +158,20 @@ class Classifier(CUBModule):
 
     def __init__(
         self,
-        arch: str = "resnet18",
-        pretrained: bool = False,
-        weights_path: str | Path | None = None,
-        output_stride: int = 32,
-        input_size: int | None = None,
         num_classes: int = 200,
         class_names: list[str] | None = None,
-        lr: float = 1e-3,
-        weight_decay: float = 1e-4,
-        backbone_lr_factor: float = 1.0,
         label_smoothing: float = 0.0,
+        **kwargs: Any,
     ):
-        super().__init__()
-        self.save_hyperparameters()
+        """The classifier's own arguments; the network and optimiser ones go to :class:`CUBModule`.
+
+        Args:
+            num_classes: the head's classes (the CLI links it to ``data.num_classes``).
+            class_names: their names, for captions (linked to ``data.class_names``).
+            label_smoothing: of the cross-entropy.
+        """
+        super().__init__(**kwargs)
+        self.label_smoothing = label_smoothing
         self.net = self._pooled_net(num_classes)
         self.class_names = default_class_names(class_names, num_classes)
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -156,7 +180,7 @@ class Classifier(CUBModule):
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         logits = self(batch["image"])
-        loss = F.cross_entropy(logits, batch["label"], label_smoothing=self.hparams.label_smoothing)
+        loss = F.cross_entropy(logits, batch["label"], label_smoothing=self.label_smoothing)
         batch_size = len(logits)
         self.train_acc(logits, batch["label"])
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
@@ -194,22 +218,23 @@ class EmbeddingNet(CUBModule):
 
     def __init__(
         self,
-        arch: str = "resnet18",
-        pretrained: bool = False,
-        weights_path: str | Path | None = None,
-        output_stride: int = 32,
-        input_size: int | None = None,
         embedding_dim: int = 128,
         num_classes: int | None = None,
         class_names: list[str] | None = None,
         margin: float = 0.2,
         miner: Miner = "semihard",
-        lr: float = 1e-3,
-        weight_decay: float = 1e-4,
-        backbone_lr_factor: float = 1.0,
+        **kwargs: Any,
     ):
-        super().__init__()
-        self.save_hyperparameters()
+        """The embedding net's own arguments; the network and optimiser ones go to :class:`CUBModule`.
+
+        Args:
+            embedding_dim: the embedding's dimension.
+            num_classes: the training classes (for captions; linked to ``data.num_classes``).
+            class_names: their names (linked to ``data.class_names``).
+            margin: of the triplet loss and the miner.
+            miner: pytorch-metric-learning's triplet type.
+        """
+        super().__init__(**kwargs)
         self.net = self._pooled_net(embedding_dim)
         self.class_names = default_class_names(class_names, num_classes)
         self.miner = miners.TripletMarginMiner(margin=margin, type_of_triplets=miner)
@@ -248,12 +273,16 @@ class EmbeddingNet(CUBModule):
     def on_test_epoch_end(self) -> None:
         self._log_retrieval("test")
 
+    def _all_gather(self, tensor: Tensor) -> Tensor:
+        """``all_gather`` of one tensor (Lightning's takes any collection)."""
+        return cast(Tensor, self.all_gather(tensor))
+
     def _log_retrieval(self, stage: str) -> None:
         """Retrieval over the whole split: the epoch's embeddings gathered from every rank, each image once."""
         if not self._collected:
             return
         index, embeddings, labels = (torch.cat(column) for column in zip(*self._collected))
-        _, embeddings, labels = gather_unique(self.all_gather, self.trainer.world_size, index, embeddings, labels)
+        _, embeddings, labels = gather_unique(self._all_gather, self.trainer.world_size, index, embeddings, labels)
         metrics = self.retrieval.get_accuracy(embeddings, labels)
         for name in RETRIEVAL_METRICS:
             self.log(f"{stage}/{name}", float(metrics[name]), prog_bar=name == "precision_at_1", sync_dist=True)

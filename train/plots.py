@@ -1,53 +1,5 @@
-"""``cubcam evaluate``'s plots: box accuracy against the CAM threshold, and the deletion / insertion curves.
+"""Deprecated: moved to ``cubcam.train.inspection.plots`` (the inspection tools' own package)."""
 
-Drawn with matplotlib's object API (``Figure``, no pyplot): no global figure state and no GUI backend, so it works
-headless and inside other programs. One line per method; the baselines dashed, so the eye finds what "good" is.
-"""
+from cubcam.train._moved import moved
 
-from __future__ import annotations
-
-from collections.abc import Sequence
-from pathlib import Path
-
-from matplotlib.figure import Figure
-
-Curves = dict[str, dict[str, list[float]]]  # method -> curve name -> values
-
-
-def _style(name: str) -> dict[str, object]:
-    return {"linestyle": "--", "linewidth": 1.2} if name in ("random", "centre_gaussian") else {"linewidth": 1.8}
-
-
-def box_accuracy_plot(
-    curves: Curves, thresholds: Sequence[float], ious: Sequence[float], labels: dict[str, str], path: Path
-) -> Path:
-    """Box accuracy (%) against the CAM threshold, one panel per IoU threshold, as in Choe et al. (CVPR 2020):
-    MaxBoxAccV2 is the mean over panels of each curve's peak."""
-    figure = Figure(figsize=(4.2 * len(ious), 3.6), layout="constrained")
-    axes = figure.subplots(1, len(ious), sharey=True, squeeze=False)[0]
-    for axis, iou in zip(axes, ious):
-        for name, curve in curves.items():
-            values = [100 * v for v in curve[f"box_acc_iou{round(100 * iou)}"]]
-            axis.plot(thresholds, values, label=labels[name], **_style(name))
-        axis.set(title=f"IoU ≥ {iou:.1f}", xlabel="CAM threshold", xlim=(0, 1), ylim=(0, 100))
-        axis.grid(alpha=0.3)
-    axes[0].set_ylabel("box accuracy (%)")
-    axes[-1].legend(fontsize=7, loc="upper right")
-    figure.savefig(path, dpi=110)
-    return path
-
-
-def faithfulness_plot(curves: Curves, fractions: Sequence[float], labels: dict[str, str], path: Path) -> Path:
-    """Deletion (left: the lower the better) and insertion (right: the higher) curves of the mean score."""
-    figure = Figure(figsize=(9, 3.6), layout="constrained")
-    axes = figure.subplots(1, 2, sharey=True)
-    titles = {"deletion_curve": "deletion (most important first)", "insertion_curve": "insertion onto a blur"}
-    for axis, (key, title) in zip(axes, titles.items()):
-        for name, curve in curves.items():
-            axis.plot([100 * f for f in fractions], curve[key], label=labels[name], **_style(name))
-        axis.set(title=title, xlabel="pixels moved (%)", xlim=(0, 100), ylim=(0, 1))
-        axis.grid(alpha=0.3)
-    axes[0].set_ylabel("mean score")
-    axes[1].legend(fontsize=7, loc="lower right")
-    figure.savefig(path, dpi=110)
-    return path
+__getattr__ = moved(__name__, "cubcam.train.inspection.plots")

@@ -23,7 +23,7 @@ import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any, Literal, TypedDict, overload
 
 import numpy as np
 import torch
@@ -70,6 +70,14 @@ def find_root(root: str | Path) -> Path:
         f"no CUB-200-2011 dataset at {root}: expected {root / FOLDER}/images.txt or "
         f"{root}/images.txt, in this layout:\n{LAYOUT}\n{HOW_TO_GET_IT}"
     )
+
+
+@overload
+def _rows(path: Path, columns: int, numeric: Literal[True] = True) -> np.ndarray: ...
+
+
+@overload
+def _rows(path: Path, columns: int, numeric: Literal[False]) -> list[list[Any]]: ...
 
 
 def _rows(path: Path, columns: int, numeric: bool = True) -> list[list[Any]] | np.ndarray:
@@ -321,3 +329,10 @@ def _decodes(path: Path) -> bool:
         return True
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):  # the last one is not an OSError
         return False
+
+
+def spread_indices(total: int, num: int) -> list[int]:
+    """``num`` indices spread evenly over ``range(total)``: CUB is sorted by class, so a panel shows many classes."""
+    if total == 0:
+        return []
+    return sorted({int(i) for i in np.linspace(0, total - 1, min(num, total)).round()})

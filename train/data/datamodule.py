@@ -21,14 +21,14 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_metric_learning.samplers import MPerClassSampler
 from pytorch_metric_learning.utils import common_functions as pml_common
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from cubcam.train.data.cub import CUBDataset, find_root, split_class_names
 from cubcam.train.data.download import CUB_MD5, CUB_URL, download_cub
@@ -43,7 +43,8 @@ class DistributedMPerClassSampler(DistributedSampler):
     (seed, rank, epoch): reproducible, different on every rank and every epoch, and the same after a resume."""
 
     def __init__(self, labels: list[int], m: int, batch_size: int, num_replicas: int = 1, rank: int = 0, seed: int = 0):
-        super().__init__(labels, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        # The sampler's dataset is only ever len()'d, and the labels have the dataset's length.
+        super().__init__(cast(Dataset, labels), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
         self.labels = list(labels)
         self.m, self.batch_size = m, batch_size
         self.length = max(batch_size, len(labels) // num_replicas)
@@ -96,31 +97,49 @@ class CUBDataModule(pl.LightningDataModule):
             raise ValueError(
                 f"sampler m_per_class needs batch_size ({batch_size}) to be a multiple of m_per_class ({m_per_class})"
             )
-        self.save_hyperparameters()
+        self.save_hyperparameters()  # for checkpoints (the tools read the data settings from there)
+        # The same values, typed, for the code below.
+        self.root, self.split_scheme, self.image_size, self.url = root, split_scheme, image_size, url
+        self.batch_size, self.num_workers, self.sampler, self.m_per_class = (
+            batch_size,
+            num_workers,
+            sampler,
+            m_per_class,
+        )
+        self.download, self.skip_bad_images, self.val_fraction, self.seed = (
+            download,
+            skip_bad_images,
+            val_fraction,
+            seed,
+        )
         self.train_dataset: CUBDataset | None = None
         self.val_dataset: CUBDataset | None = None
         self.test_dataset: CUBDataset | None = None
 
     def _root(self) -> Path:
-        if self.hparams.download:
-            return download_cub(self.hparams.root, url=self.hparams.url, md5=CUB_MD5)
-        return find_root(self.hparams.root)
+        if self.download:
+            return download_cub(self.root, url=self.url, md5=CUB_MD5)
+        return find_root(self.root)
 
     @property
     def class_names(self) -> list[str]:
-        hp = self.hparams
-        return split_class_names(self._root(), "train", hp.split_scheme, hp.val_fraction, hp.seed)
+        return split_class_names(self._root(), "train", self.split_scheme, self.val_fraction, self.seed)
 
     @property
     def val_split(self) -> str:
         """The split the val loader serves: ``val``, or ``test`` when ``val_fraction`` is 0."""
-        return "val" if self.hparams.val_fraction > 0 else "test"
+        return "val" if self.val_fraction > 0 else "test"
 
     def _dataset(self, split: str, train: bool = False) -> CUBDataset:
-        hp = self.hparams
-        preset = TrainPreset(hp.image_size) if train else EvalPreset(hp.image_size)
+        preset = TrainPreset(self.image_size) if train else EvalPreset(self.image_size)
         return CUBDataset(
-            self._root(), split, hp.split_scheme, preset, hp.skip_bad_images, val_fraction=hp.val_fraction, seed=hp.seed
+            self._root(),
+            split,
+            self.split_scheme,
+            preset,
+            self.skip_bad_images,
+            val_fraction=self.val_fraction,
+            seed=self.seed,
         )
 
     @property
@@ -128,7 +147,7 @@ class CUBDataModule(pl.LightningDataModule):
         return len(self.class_names)
 
     def prepare_data(self) -> None:
-        if self.hparams.download:
+        if self.download:
             self._root()
 
     def setup(self, stage: str | None = None) -> None:
@@ -147,22 +166,23 @@ class CUBDataModule(pl.LightningDataModule):
             self.test_dataset = self._dataset("test")
 
     def _check_m_per_class(self, dataset: CUBDataset) -> None:
-        hp = self.hparams
-        if len(dataset) < hp.batch_size:
+        if len(dataset) < self.batch_size:
             raise ValueError(
-                f"the training split holds {len(dataset)} images, fewer than one batch (batch_size {hp.batch_size})"
+                f"the training split holds {len(dataset)} images, fewer than one batch (batch_size {self.batch_size})"
             )
-        if hp.sampler == "m_per_class" and len(set(dataset.labels)) * hp.m_per_class < hp.batch_size:
+        if self.sampler == "m_per_class" and len(set(dataset.labels)) * self.m_per_class < self.batch_size:
             raise ValueError(
-                f"batch_size {hp.batch_size} needs {hp.batch_size // hp.m_per_class} classes of "
-                f"{hp.m_per_class} images, but the training split has {len(set(dataset.labels))} classes"
+                f"batch_size {self.batch_size} needs {self.batch_size // self.m_per_class} classes of "
+                f"{self.m_per_class} images, but the training split has {len(set(dataset.labels))} classes"
             )
 
-    def _loader(self, dataset: CUBDataset, **kwargs: Any) -> DataLoader:
-        workers = self.hparams.num_workers
+    def _loader(self, dataset: CUBDataset | None, **kwargs: Any) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError("CUBDataModule: call setup() before asking for a loader")
+        workers = self.num_workers
         return DataLoader(
             dataset,
-            batch_size=self.hparams.batch_size,
+            batch_size=self.batch_size,
             num_workers=workers,
             persistent_workers=workers > 0,
             pin_memory=torch.cuda.is_available(),
@@ -170,19 +190,21 @@ class CUBDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        if self.hparams.sampler == "random":
+        if self.sampler == "random":
             # drop_last: a last batch of one image would break BatchNorm
             return self._loader(self.train_dataset, shuffle=True, drop_last=True)
-        trainer = self.trainer
+        trainer, dataset = self.trainer, self.train_dataset
+        if dataset is None:
+            raise RuntimeError("CUBDataModule: call setup() before asking for a loader")
         sampler = DistributedMPerClassSampler(
-            self.train_dataset.labels,
-            self.hparams.m_per_class,
-            self.hparams.batch_size,
+            dataset.labels,
+            self.m_per_class,
+            self.batch_size,
             num_replicas=trainer.world_size if trainer else 1,
             rank=trainer.global_rank if trainer else 0,
             seed=torch.initial_seed() % 2**63,
         )  # seed_everything(k) makes this k on every rank
-        return self._loader(self.train_dataset, sampler=sampler)
+        return self._loader(dataset, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_dataset, shuffle=False)

@@ -90,8 +90,9 @@ def _fetch(url: str, path: Path) -> str:
             if total is not None and bar.n != total:
                 raise DownloadError(f"{url}: connection closed after {bar.n} of {total} bytes")
     except (urllib.error.URLError, http.client.HTTPException, OSError) as err:
-        http_error = isinstance(err, urllib.error.HTTPError)
-        reason = f"HTTP {err.code} {err.reason}" if http_error else getattr(err, "reason", err)
+        reason = (
+            f"HTTP {err.code} {err.reason}" if isinstance(err, urllib.error.HTTPError) else getattr(err, "reason", err)
+        )
         raise DownloadError(
             f"could not download CUB-200-2011 from {url} ({reason}). Without network access, download "
             f"CUB_200_2011.tgz elsewhere, extract it and point data.root (or $CUB_ROOT for demo.sh) at the folder "

@@ -105,9 +105,9 @@ def cut_and_resize(
     new_box = torch.cat([corners[0], corners[1] - corners[0]])
     new_parts = torch.cat([xy, torch.ones(len(xy), 1)], 1) * visible[:, None]
 
-    image = image.resize((size, size), Image.BILINEAR, box=region)
+    image = image.resize((size, size), Image.Resampling.BILINEAR, box=region)
     if flip:
-        image = image.transpose(Image.FLIP_LEFT_RIGHT)
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return image, new_box, new_parts
 
 

@@ -185,10 +185,10 @@ def draw_bird_image(
         draw_mask.polygon(xy, fill=255)
 
     locations = np.zeros((len(PART_NAMES), 3))
-    for name, xy in parts.items():
+    for name, part in parts.items():
         if mirror:
             name = name.replace("right", "left") if "right" in name else name.replace("left", "right")
-        locations[PART_NAMES.index(name)] = (*place(xy[None])[0], 1.0)
+        locations[PART_NAMES.index(name)] = (*place(part[None])[0], 1.0)
     return image, mask, locations
 
 
@@ -245,7 +245,10 @@ def make_synthetic_cub(out: Path | str, classes: int = 10, per_class: int = 20, 
                 image = image.convert("L")
             image.save(root / "images" / folders[c] / f"{name}.jpg", quality=90)
             mask.save(out / "segmentations" / folders[c] / f"{name}.png")
-            x0, y0, x1, y1 = mask.getbbox()
+            bbox = mask.getbbox()
+            if bbox is None:
+                raise RuntimeError(f"synthetic bird {name} drew no pixels")
+            x0, y0, x1, y1 = bbox
             images.append(f"{image_id} {folders[c]}/{name}.jpg")
             labels.append(f"{image_id} {c + 1}")
             split.append(f"{image_id} {int(k % 2 == 0)}")

@@ -1,0 +1,498 @@
+"""``cubcam evaluate``: how well a checkpoint's explanations localize the birds, and how faithful they are.
+
+    cubcam evaluate CKPT [--split test|val|train] [--weightings gradcam,gradcam++,...] [--faithfulness] [--wandb]
+
+Scores GradCAM (classifier) or EmbeddingCAM with the class-proxy schemes ``normalized_mean`` and
+``single_point_random`` (embedding net), for every ``--weightings``, for the true class of every image, side by
+side with baselines on the same images: the centre Gaussian ("the bird is in the middle") and, with
+``--faithfulness``, a random map drawn at the CAM layer's grid.
+
+- Localization, through ``cubcam.cams.localization.LocalizationAccumulator`` (the training callback's): MaxBoxAccV2
+  (mean over IoU 0.3/0.5/0.7 of the best-threshold box accuracy; Choe et al., CVPR 2020), box accuracy at IoU 0.5,
+  heatmap ratio (CAM mass inside the GT box), pointing game (the peak inside the GT box, as the callback's
+  ``val/cam_pointing_game``) and ``pointing_game_parts`` (the peak within 15 px of a visible part).
+- Faithfulness (``--faithfulness``, ``cubcam.cams.faithfulness``): deletion and insertion AUC over ``--steps`` steps
+  (pixels to the mean colour, most important first; onto a canvas blurred with sigma ``--blur`` of the image side)
+  and Average Drop / Increase in Confidence (the image times its map), on a bounded score: the softmax probability
+  of the class, or an embedding's cosine to its proxy clipped at 0.
+
+Writes ``metrics.json`` (sorted keys, floats rounded to 6 decimals: identical between runs; per method the scores,
+the curves, and a per-class table), ``metrics.md`` (the table, then the classes worst-localized first), and beside
+them ``box_accuracy.png`` (box accuracy against the CAM threshold per IoU) and ``deletion_insertion.png``; prints
+the table. ``--wandb [PROJECT]`` logs the table and plots to a W&B run too. The splits are the checkpoint's own
+(``val`` is the share of the training data its datamodule held out; a checkpoint without one has no ``val``).
+
+Cost: localization is about one plain forward per image: each batch runs the backbone once with the target layer
+hooked; every CAM is then a head-only forward and backward from those activations, and only small per-image rows are
+kept, never the maps. Faithfulness adds ``2 * (steps - 1) + 1`` batched no-grad forwards per image and method (and
+two per batch shared by all). An embedding net's proxies come from its reference split (train; in the zero_shot
+scheme the scored split itself), whose embeddings are cached beside the checkpoint after the first run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, cast, get_args
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Subset
+from tqdm import tqdm
+
+from cubcam.cams import minmax_normalize
+from cubcam.cams.engine import Weighting
+from cubcam.cams.faithfulness import (
+    BLUR_SIGMA,
+    CurveEnds,
+    FaithfulnessAccumulator,
+    blur,
+    confidence_change,
+    deletion_insertion,
+    fractions,
+    random_maps,
+)
+from cubcam.cams.localization import (
+    DEFAULT_IOU_THRESHOLDS,
+    DEFAULT_THRESHOLDS,
+    LocalizationAccumulator,
+    box_iou,
+    boxes_from_map,
+)
+from cubcam.cams.protocol import Choice, Explainer, HeadExplainer, explain
+from cubcam.cams.targets import ExplanationTarget, ProxyScheme, Target, single_points
+from cubcam.train.data.cub import SPLITS, CUBDataset, spread_indices
+from cubcam.train.inspection.checkpoint import one_line
+from cubcam.train.inspection.plots import box_accuracy_plot, faithfulness_plot
+from cubcam.train.inspection.reference import loader
+from cubcam.train.inspection.session import START_ERRORS, add_common_options, fail, start
+
+WEIGHTING_NAMES = {
+    "gradcam": "GradCAM",
+    "gradcam++": "GradCAM++",
+    "hirescam": "HiResCAM",
+    "xgradcam": "XGradCAM",
+    "layercam": "LayerCAM",
+}
+EvalMethod = tuple[ExplanationTarget, Weighting]  # what a map explains, and how the gradients weight it
+# An embedding net's methods, each keyed <weighting>/<scheme>: the class proxies (one per class, so the map of an
+# image explains its class, as the WSOL metrics ask).
+EVALUATE_SCHEMES: tuple[ProxyScheme, ...] = ("normalized_mean", "single_point_random")
+BASELINES = ("random", "centre_gaussian")  # uninformed maps scored beside the methods (random: with faithfulness)
+IOUS = DEFAULT_IOU_THRESHOLDS
+
+
+def method_name(key: str) -> str:
+    """The table's column title of a method key: ``gradcam++`` (a classifier's), ``gradcam++/normalized_mean`` (an
+    embedding net's: weighting / proxy scheme) or a baseline's."""
+    if key in BASELINE_NAMES:
+        return BASELINE_NAMES[key]
+    weighting, _, scheme = key.partition("/")
+    if not scheme:
+        return WEIGHTING_NAMES[weighting]
+    by = "" if weighting == "gradcam" else f", {WEIGHTING_NAMES[weighting]} weighting"
+    return f"EmbeddingCAM{by} ({scheme.replace('_', ' ')} proxy)"
+
+
+def parse_weightings(text: str) -> list[Weighting]:
+    """``--weightings gradcam,gradcam++``: the CAM family's weightings to score, each once, in the order given."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in get_args(Weighting)]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(
+            f"--weightings takes a comma-separated list of {', '.join(get_args(Weighting))}; got {text!r}"
+        )
+    return list(dict.fromkeys(cast(list[Weighting], names)))
+
+
+BASELINE_NAMES = {"random": "random map (baseline)", "centre_gaussian": "centre Gaussian (baseline)"}
+METRIC_NAMES = {
+    "max_box_acc": "MaxBoxAccV2",
+    "box_acc_iou50": "box accuracy @ IoU 0.5",
+    "heatmap_ratio": "heatmap ratio (mass in box)",
+    "pointing_game": "pointing game (peak in box)",
+    "pointing_game_parts": "pointing game (visible parts)",
+}
+FAITHFULNESS_NAMES = {
+    "deletion_auc": "deletion AUC (lower is better)",
+    "insertion_auc": "insertion AUC (higher is better)",
+    "average_drop": "Average Drop (lower is better)",
+    "increase_in_confidence": "Increase in Confidence (higher is better)",
+}
+DEFAULT_STEPS = 8  # deletion/insertion: 9 points; each step costs a forward of every image per method
+GAUSSIAN_SIGMA = 0.25  # of the image side; the level sets (centred discs) and so the box metrics do not depend on it
+
+
+def centre_gaussian(size: tuple[int, int], sigma: float = GAUSSIAN_SIGMA) -> Tensor:
+    """An isotropic Gaussian centred on the image, min-max normalised to [0, 1]: the "bird in the middle" prior."""
+    ys, xs = (torch.arange(n, dtype=torch.float32) + 0.5 - n / 2 for n in size)
+    scale = sigma * min(size)
+    g = torch.exp(-(ys[:, None] ** 2 + xs[None, :] ** 2) / (2 * scale**2))
+    return minmax_normalize(g[None])[0]
+
+
+class CentreBaseline:
+    """The centre Gaussian and its MaxBoxAccV2 region boxes at every threshold, found once: the map is the same for
+    every image, so per image only the IoUs with its GT box remain (``box_hits`` would redo the regions each time)."""
+
+    def __init__(self, size: tuple[int, int]):
+        self.map = centre_gaussian(size)
+        self.regions = [boxes_from_map(self.map, t) for t in DEFAULT_THRESHOLDS]
+
+    def box_hits(self, boxes: Tensor) -> np.ndarray:
+        """Same as ``box_hits(map.expand(N, H, W), boxes)``: bool [N, T, I]."""
+        gt = np.asarray(boxes, dtype=np.float64)[:, None]
+        best = np.stack([box_iou(r[None], gt).max(1) if len(r) else np.zeros(len(gt)) for r in self.regions], 1)
+        return best[:, :, None] >= np.asarray(DEFAULT_IOU_THRESHOLDS)
+
+
+@dataclass
+class Scores:
+    """What :func:`score_split` found: scalar scores and curves by method (baselines included), the image count,
+    and each method's accumulator with the label of every slot, for the per-class table."""
+
+    methods: dict[str, dict[str, float]]
+    curves: dict[str, dict[str, list[float]]]
+    num_images: int
+    accumulators: dict[str, LocalizationAccumulator]
+    labels: np.ndarray
+
+
+def score_split(
+    explainer: Explainer,
+    batches: Iterable[dict[str, Tensor]],
+    methods: dict[str, EvalMethod],
+    device: torch.device,
+    total: int,
+    choice: Choice = "true",
+    steps: int | None = None,
+    seed: int = 0,
+    blur_sigma: float = BLUR_SIGMA,
+    progress: bool = True,
+) -> Scores:
+    """Every method's scores, and the baselines', over the ``total`` images of ``batches`` (in order).
+
+    Each batch runs the backbone once (``explainer.features_and_outputs``); each method's maps are then one
+    explanation step from those features, scored by one :class:`LocalizationAccumulator` per method (the
+    callback's too). With
+    ``steps``, also faithfulness (:mod:`cubcam.cams.faithfulness`): per method ``2 * (steps - 1) + 1`` batched
+    no-grad forwards of perturbed images, plus two per batch shared by all (the blurred canvas, the substrate).
+    The baselines (``centre_gaussian``, and with ``steps`` also ``random``, drawn from ``seed``) are scored with
+    the first method's target, so they answer "what does an uninformed map get on this score".
+    """
+    workers = torch.get_num_threads()
+    baselines = BASELINES if steps else ("centre_gaussian",)
+    names = [*methods, *baselines]
+    accumulators = {name: LocalizationAccumulator(total, workers=workers) for name in names}
+    faithful = {name: FaithfulnessAccumulator(steps) for name in names} if steps else {}
+    labels = np.full(total, -1, np.int64)
+    baseline: CentreBaseline | None = None
+    generator = torch.Generator().manual_seed(seed)
+    seen = 0
+    bar = tqdm(total=total, desc="evaluate", unit="img", file=sys.stderr, disable=not progress, dynamic_ncols=True)
+    with bar:
+        for batch in batches:
+            images = batch["image"].to(device, non_blocking=True)
+            size = (images.shape[-2], images.shape[-1])
+            activations, outputs = explainer.features_and_outputs(images)
+            slots = range(seen, seen + len(images))
+            labels[seen : seen + len(images)] = np.asarray(batch["label"])
+            boxes, parts = batch["box"], batch["parts"]
+            if baseline is None or tuple(baseline.map.shape) != size:
+                baseline = CentreBaseline(size)
+            maps: dict[str, tuple[Tensor, EvalMethod, Tensor]] = {}
+            for name, (target, weighting) in methods.items():
+                step = explain(explainer, activations, outputs, target, size, batch["label"], choice, weighting)
+                maps[name] = (step.maps.float(), (target, weighting), step.rows)
+            first = next(iter(maps.values()))
+            if steps:  # where it tells something; its many small regions would triple the cost of box metrics
+                grid = (int(activations.shape[-2]), int(activations.shape[-1]))
+                random = random_maps(len(images), grid, size, generator).to(device)
+                maps["random"] = (random, first[1], first[2])
+            maps["centre_gaussian"] = (baseline.map.to(device).expand(len(images), -1, -1), first[1], first[2])
+            for name, (cams, _, _) in maps.items():
+                hits = baseline.box_hits(boxes) if name == "centre_gaussian" else None
+                accumulators[name].update(slots, cams.cpu(), boxes, parts, hits=hits)
+            if steps:
+                perturb(explainer, images, outputs, maps, faithful, steps, blur_sigma)
+            seen += len(images)
+            bar.update(len(images))
+    scores: dict[str, dict[str, float]] = {}
+    curves: dict[str, dict[str, list[float]]] = {}
+    for name in names:
+        localized = accumulators[name].compute()
+        box_curve = np.asarray(localized["box_acc_curve"])
+        curves[name] = {f"box_acc_iou{round(100 * t)}": box_curve[:, j].tolist() for j, t in enumerate(IOUS)}
+        scores[name] = {k: float(cast(float, v)) for k, v in localized.items() if np.isscalar(v)}
+        if name in faithful:
+            result = faithful[name].compute()
+            curves[name] |= {k: cast(list[float], result.pop(k)) for k in ("deletion_curve", "insertion_curve")}
+            scores[name] |= {k: float(cast(float, v)) for k, v in result.items() if k != "num_images"}
+    return Scores(scores, curves, seen, accumulators, labels)
+
+
+def perturb(
+    explainer: Explainer,
+    images: Tensor,
+    outputs: Tensor,
+    maps: dict[str, tuple[Tensor, EvalMethod, Tensor]],
+    faithful: dict[str, FaithfulnessAccumulator],
+    steps: int,
+    blur_sigma: float,
+) -> None:
+    """Deletion/insertion curves and confidence changes of every map of a batch, into ``faithful``."""
+    with torch.no_grad():
+        canvas = blur(images, blur_sigma)
+        canvas_outputs = explainer.outputs(canvas)
+        substrate_outputs = explainer.outputs(torch.zeros_like(images[:1])).expand(len(images), -1)  # one grey image
+        for name, (cams, (explained, _), rows) in maps.items():
+            target = explained.target
+            confidence = partial(_confidence, explainer, target, rows)
+            base = target.confidence(outputs, rows)
+            ends = CurveEnds(base, target.confidence(substrate_outputs, rows), target.confidence(canvas_outputs, rows))
+            deletion, insertion = deletion_insertion(confidence, images, cams, steps, ends, canvas)
+            drop, increase = confidence_change(confidence, images, cams, base)
+            faithful[name].update(deletion, insertion, drop, increase)
+
+
+def _confidence(explainer: Explainer, target: Target, rows: Tensor, images: Tensor) -> Tensor:
+    return target.confidence(explainer.outputs(images), rows)
+
+
+def rounded(value: Any, digits: int = 6) -> Any:
+    """Floats rounded (NaN -> None) all the way down, so that two runs write byte-identical JSON."""
+    if isinstance(value, dict):
+        return {str(k): rounded(v, digits) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [rounded(v, digits) for v in value]
+    if isinstance(value, float):
+        return None if math.isnan(value) else round(value, digits)
+    return value
+
+
+def markdown_table(methods: dict[str, dict[str, float]]) -> str:
+    """Metrics as rows, methods as columns (in the given order: the baselines last), values in percent; the
+    faithfulness rows when they were measured."""
+    columns = list(methods)
+    lines = [
+        "| metric | " + " | ".join(method_name(m) for m in columns) + " |",
+        "|---|" + "---:|" * len(columns),
+    ]
+    rows = METRIC_NAMES | (FAITHFULNESS_NAMES if "deletion_auc" in methods[columns[0]] else {})
+    for key, label in rows.items():
+        values = [methods[m].get(key) for m in columns]
+        lines.append(f"| {label} | " + " | ".join(_percent(v) for v in values) + " |")
+    return "\n".join(lines) + "\n"
+
+
+PER_CLASS_KEYS = ("max_box_acc", "box_acc_iou50", "heatmap_ratio", "pointing_game")
+
+
+def per_class(scores: Scores, class_names: list[str]) -> dict[str, dict[str, Any]]:
+    """Each class's localization scores by method (``PER_CLASS_KEYS``, the thresholds chosen within the class, as
+    MaxBoxAccV2 chooses them within a split) and its image count, keyed by class name in label order."""
+    table: dict[str, dict[str, Any]] = {}
+    for label in np.unique(scores.labels[scores.labels >= 0]):
+        slots = np.flatnonzero(scores.labels == label)
+        row: dict[str, Any] = {"num_images": len(slots)}
+        for name, accumulator in scores.accumulators.items():
+            computed = accumulator.compute(slots)
+            row[name] = {key: float(cast(float, computed[key])) for key in PER_CLASS_KEYS}
+        table[class_names[int(label)]] = row
+    return table
+
+
+def per_class_table(classes: dict[str, dict[str, Any]], methods: list[str]) -> str:
+    """The per-class table, the worst-localized class (by the first method's MaxBoxAccV2) first."""
+    first = methods[0]
+    order = sorted(classes, key=lambda name: (classes[name][first]["max_box_acc"], name))
+    lines = [
+        f"Per class, worst first by {method_name(first)} MaxBoxAccV2 (%):\n",
+        "| class | images | " + " | ".join(f"{method_name(m)} MaxBoxAccV2" for m in methods) + " | "
+        f"{method_name(first)} pointing game |",
+        "|---|---:|" + "---:|" * (len(methods) + 1),
+    ]
+    for name in order:
+        row = classes[name]
+        cells = [_percent(row[m]["max_box_acc"]) for m in methods] + [_percent(row[first]["pointing_game"])]
+        lines.append(f"| {name} | {row['num_images']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{100 * value:.2f}"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="cubcam evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_common_options(parser)
+    parser.add_argument(
+        "--split", choices=SPLITS, default="test", help="split to score (val: the one held out of the training data)"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output folder (default: <checkpoint folder>/<checkpoint name>-evaluate-<split>)",
+    )
+    parser.add_argument(
+        "--weightings",
+        type=parse_weightings,
+        default=["gradcam"],
+        help="comma-separated CAM weightings to score side by side, e.g. gradcam,gradcam++,hirescam,"
+        f"xgradcam,layercam (embedding nets: each with the proxy schemes {', '.join(EVALUATE_SCHEMES)})",
+    )
+    parser.add_argument(
+        "--faithfulness",
+        action="store_true",
+        help="also score deletion/insertion AUC and Average Drop / Increase in Confidence (about "
+        "2 * steps forwards per image and method)",
+    )
+    parser.add_argument(
+        "--steps", type=positive_int, default=DEFAULT_STEPS, help="deletion/insertion curve steps (points: steps + 1)"
+    )
+    parser.add_argument(
+        "--blur",
+        type=float,
+        default=BLUR_SIGMA,
+        help="insertion canvas: Gaussian blur sigma as a fraction of the shorter image side (default %(default)s)",
+    )
+    parser.add_argument("--limit", type=int, default=None, help="score only this many images, spread over the split")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the evaluation; returns what it wrote to metrics.json."""
+    args = parse_args(argv)
+    try:
+        session = start(args)
+        dataset = session.dataset(args.split)
+        reference = session.reference(args.split) if session.method == "embeddingcam" else None
+    except START_ERRORS as err:
+        fail(err)
+    module, settings, split = session.ckpt.module, session.settings, args.split
+    scored: CUBDataset | Subset[Any] = dataset
+    if args.limit is not None:
+        scored = Subset(dataset, spread_indices(len(dataset), args.limit))
+
+    report: dict[str, Any] = {
+        "checkpoint": session.ckpt.path.name,
+        "method": module.cam_method,
+        "split": split,
+        "split_scheme": settings["split_scheme"],
+        "val_fraction": settings["val_fraction"],
+        "split_seed": settings["seed"],
+        "image_size": session.image_size,
+        "target": args.target,
+        "baseline_sigma": GAUSSIAN_SIGMA,
+    }
+    # By proxy scheme (None: a classifier's logits).
+    targets: dict[ProxyScheme | None, ExplanationTarget] = {None: session.target("normalized_mean", None, split)}
+    if reference is not None:
+        targets = {scheme: session.target(scheme, reference, split) for scheme in EVALUATE_SCHEMES}
+        picks = single_points(reference.embeddings, reference.labels, reference.num_classes, args.seed)[1]
+        report |= {
+            "reference_split": reference.split,
+            "single_point_seed": args.seed,
+            "single_point_reference_indices": picks.tolist(),
+        }
+
+    batches = loader(scored, args.batch_size, args.num_workers)
+    methods: dict[str, EvalMethod] = {
+        w if scheme is None else f"{w}/{scheme}": (target, w)
+        for w in args.weightings
+        for scheme, target in targets.items()
+    }
+    report["weightings"] = list(args.weightings)
+    steps = args.steps if args.faithfulness else None
+    explainer = HeadExplainer(module)
+    scores = score_split(
+        explainer, batches, methods, session.device, len(scored), args.target, steps, args.seed, args.blur
+    )
+    first = next(iter(methods))
+    classes = per_class(scores, dataset.class_names)
+    report |= {
+        "num_images": scores.num_images,
+        "methods": scores.methods,
+        "curves": scores.curves,
+        "thresholds": DEFAULT_THRESHOLDS.tolist(),
+        "per_class": classes,
+    }
+    if steps:
+        report |= {"faithfulness_steps": steps, "fractions": fractions(steps).tolist(), "blur_sigma": args.blur}
+    report = rounded(report)
+    out = args.out or session.ckpt.path.with_name(f"{session.ckpt.path.stem}-evaluate-{split}")
+    out.mkdir(parents=True, exist_ok=True)
+    plots = write_plots(report, out)
+    (out / "metrics.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    heading = (
+        f"{session.ckpt.path.name} on the {split} split ({scores.num_images} images, {session.image_size} px), "
+        "in %:\n\n"
+    )
+    baselines = [name for name in BASELINES if name in scores.methods]
+    text = heading + markdown_table(report["methods"]) + "\n" + per_class_table(classes, [first, *baselines])
+    (out / "metrics.md").write_text(text)
+    print(heading + markdown_table(report["methods"]))
+    print(
+        f"wrote {out / 'metrics.json'}, {out / 'metrics.md'} (with the per-class table) and "
+        + ", ".join(p.name for p in plots)
+    )
+    if args.wandb:
+        log_to_wandb(args.wandb, report, text, plots, out)
+    return report
+
+
+def write_plots(report: dict[str, Any], out: Path) -> list[Path]:
+    """The box-accuracy plot, and the deletion/insertion plot when faithfulness was measured, beside metrics.md."""
+    curves, labels = report["curves"], {name: method_name(name) for name in report["methods"]}
+    plots = [box_accuracy_plot(curves, report["thresholds"], list(IOUS), labels, out / "box_accuracy.png")]
+    if "fractions" in report:
+        plots.append(faithfulness_plot(curves, report["fractions"], labels, out / "deletion_insertion.png"))
+    return plots
+
+
+def log_to_wandb(project: str, report: dict[str, Any], text: str, plots: list[Path], out: Path) -> None:
+    """The scores (a table, and the run summary) and the plots as one W&B run of ``project`` (job type
+    ``evaluate``). A W&B failure is one warning: the files on disk are the result and are already written."""
+    try:
+        import wandb
+
+        run = wandb.init(
+            project=project,
+            job_type="evaluate",
+            name=f"evaluate-{Path(report['checkpoint']).stem}-{report['split']}",
+            dir=str(out),
+            config={k: v for k, v in report.items() if k not in ("methods", "curves", "per_class", "fractions")},
+        )
+        try:
+            keys = sorted({key for scores in report["methods"].values() for key in scores})
+            table = wandb.Table(
+                columns=["method", *keys],
+                data=[[name, *(scores.get(k) for k in keys)] for name, scores in report["methods"].items()],
+            )
+            images = {f"evaluate/{p.stem}": wandb.Image(str(p)) for p in plots}
+            run.log({"evaluate/metrics": table, **images})
+            run.summary.update(
+                {f"{name}/{k}": v for name, scores in report["methods"].items() for k, v in scores.items()}
+            )
+        finally:
+            run.finish()
+        print(f"logged to W&B: project {project}, run {run.id}")
+    except Exception as err:  # the evaluation is done and written: a dashboard failure must not hide it
+        print(f"warning: could not log to W&B ({one_line(err)}); the results are in {out}", file=sys.stderr)
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value

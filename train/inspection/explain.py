@@ -1,0 +1,345 @@
+"""``cubcam explain``: what a trained checkpoint looks at, on your images, on a dataset panel, or in a retrieval.
+
+    cubcam explain CKPT bird.jpg photo.png --out explained/           # your images (any size, any mode)
+    cubcam explain CKPT --split val --num 16 --out explained/         # a panel of the dataset (true class, GT box)
+    cubcam explain CKPT --query bird.jpg --topk 5 --out retrieval/    # an embedding net's nearest neighbours
+
+Every image goes through the evaluation preset (shorter side to ``size * 256/224``, centre crop ``size``), so the
+model sees exactly what it saw in validation; each overlay PNG is that ``size x size`` crop with the heatmap on it.
+A classifier is explained with GradCAM, an embedding net with EmbeddingCAM against a class proxy built from the
+reference split's embeddings (cached beside the checkpoint after the first run). Writes one overlay per image
+(``NN_<name>.png``), ``grid.png`` (captioned tiles; GT box green and CAM box red where a box is known) and
+``summary.json``. An image that cannot be read is reported in one line and skipped; the exit code is then 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args
+
+import torch
+from torch import Tensor
+
+from cubcam.cams import overlay
+from cubcam.cams.engine import Weighting
+from cubcam.cams.figure import grid, pair_strips, save_png
+from cubcam.cams.overlay import denormalize
+from cubcam.cams.protocol import UNKNOWN_LABEL, Choice, Explainer, HeadExplainer, explain, pair_maps
+from cubcam.cams.targets import LEGACY_SINGLE_POINT, ExplanationTarget, ProxyScheme, proxy_scheme
+from cubcam.train.data.cub import SPLITS, CUBDataset, spread_indices
+from cubcam.train.data.presets import EvalPreset, load_rgb
+from cubcam.train.inspection.checkpoint import CheckpointError, one_line
+from cubcam.train.inspection.reference import ReferenceSet
+from cubcam.train.inspection.session import START_ERRORS, Session, add_common_options, fail, start
+
+# --- inputs -------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Item:
+    """One image to explain: its source, the preset's tensor, and what the dataset knows about it (if anything)."""
+
+    source: str
+    image: Tensor
+    label: int | None = None
+    box: Tensor | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def load_user_image(path: str | Path, preset: EvalPreset) -> Tensor:
+    """A user's image file through the evaluation preset; any size, any mode (grayscale, palette, alpha)."""
+    pil = load_rgb(path)
+    width, height = pil.size
+    image, _, _ = preset(pil, torch.tensor([0.0, 0.0, width, height]), torch.zeros(15, 3))
+    return image
+
+
+def dataset_item(dataset: CUBDataset, index: int, split: str) -> Item:
+    sample = dataset[index]
+    return Item(
+        source=f"{split}[{index}]",
+        image=sample["image"],
+        label=int(sample["label"]),
+        box=sample["box"],
+        extra={"index": index, "image_id": int(sample["image_id"]), "path": str(dataset.image_path(index))},
+    )
+
+
+# --- explanation ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ImageExplainer:
+    """What a run of ``explain`` needs to turn images into maps and records: one step of
+    ``cubcam.cams.protocol.explain`` per batch."""
+
+    explainer: Explainer
+    target: ExplanationTarget  # class logits, or the reference split's proxies
+    choice: Choice  # "true" (where an image has a label) or "predicted"
+    class_names: list[str]
+    device: torch.device
+    weighting: Weighting = "gradcam"
+
+    def __call__(self, items: list[Item]) -> tuple[Tensor, list[dict[str, Any]]]:
+        images = torch.stack([item.image for item in items]).to(self.device)
+        features, outputs = self.explainer.features_and_outputs(images)
+        labels = torch.tensor([UNKNOWN_LABEL if item.label is None else item.label for item in items])
+        size = (images.shape[-2], images.shape[-1])
+        step = explain(self.explainer, features, outputs, self.target, size, labels, self.choice, self.weighting)
+        records = []
+        for item, t, p, row in zip(items, step.explained.tolist(), step.predicted.tolist(), step.class_scores):
+            kind = "true" if self.choice == "true" and item.label is not None else "predicted"
+            records.append(
+                {
+                    "source": item.source,
+                    **item.extra,
+                    "target": {"kind": kind, "class": t, "name": self.class_names[t]},
+                    "predicted": {"class": p, "name": self.class_names[p], "score": round(float(row[p]), 4)},
+                    "true": None if item.label is None else {"class": item.label, "name": self.class_names[item.label]},
+                }
+            )
+        return step.maps.cpu(), records
+
+
+def caption(record: dict[str, Any], score_name: str) -> str:
+    """A user image: its file name and the prediction; a dataset image: true and predicted class."""
+    first = f"true: {record['true']['name']}" if record["true"] is not None else Path(record["source"]).name
+    return f"{first}\npred: {record['predicted']['name']} ({score_name} {record['predicted']['score']:.2f})"
+
+
+# --- main ----------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="cubcam explain", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_common_options(parser)
+    parser.add_argument("images", nargs="*", type=Path, help="image files to explain (default: a dataset panel)")
+    parser.add_argument("--out", type=Path, required=True, help="output folder (created)")
+    parser.add_argument(
+        "--split",
+        choices=SPLITS,
+        default=None,
+        help="panel split (default: val, the split held out of the training data, or test when the checkpoint's "
+        "data had none)",
+    )
+    parser.add_argument("--num", type=int, default=16, help="panel size, spread over the split")
+    parser.add_argument(
+        "--weighting",
+        choices=get_args(Weighting),
+        default="gradcam",
+        help="how the gradients weight the map (the CAM family; works for embedding nets too)",
+    )
+    parser.add_argument(
+        "--proxy",
+        choices=(*get_args(ProxyScheme), LEGACY_SINGLE_POINT),
+        default="normalized_mean",
+        help="EmbeddingCAM proxy (from the reference split's embeddings): the class's Normalized Mean Proxy, one of "
+        "its images drawn with --seed (single_point_random; the old single_point), or each image's nearest "
+        "reference image (single_point_nearest)",
+    )
+    parser.add_argument("--query", type=Path, help="retrieval explanation of this image (embedding nets)")
+    parser.add_argument("--topk", type=int, default=5, help="neighbours shown with --query")
+    parser.add_argument("--colormap", default="jet")
+    parser.add_argument("--alpha", type=float, default=0.5)
+    return parser.parse_args(argv)
+
+
+def image_error(path: Path, err: Exception) -> str:
+    """One line naming the file and what is wrong with it; printed, and kept for summary.json."""
+    message = one_line(err) if str(path) in str(err) else f"{path}: {one_line(err)}"
+    print(f"error: {message}", file=sys.stderr)
+    return message
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        session = start(args)
+        args.split = args.split or session.ckpt.default_split()
+        if args.query is not None and session.method != "embeddingcam":
+            raise CheckpointError("--query explains a retrieval, which needs an embedding net checkpoint")
+        explained = "test" if args.images or args.query else args.split
+        panel = None if args.images or args.query else session.dataset(args.split)
+        reference = session.reference(explained) if session.method == "embeddingcam" else None
+        scheme = proxy_scheme(args.proxy, legacy="single_point_random")
+    except START_ERRORS as err:
+        fail(err)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if reference is not None and args.query is not None:
+        failed = explain_retrieval(session, reference, args)
+    else:
+        failed = explain_images(session, session.target(scheme, reference, explained), reference, args, panel)
+    if failed:
+        raise SystemExit(1)
+
+
+def explain_images(
+    session: Session,
+    target: ExplanationTarget,
+    reference: ReferenceSet | None,
+    args: argparse.Namespace,
+    panel: CUBDataset | None,
+) -> int:
+    """Overlays, grid and summary for user images or a dataset panel; returns the number of images that failed."""
+    items: list[Item] = []
+    errors: list[dict[str, str]] = []
+    preset = session.preset
+    if panel is None:
+        for path in args.images:
+            try:
+                items.append(Item(source=str(path), image=load_user_image(path, preset)))
+            except (OSError, ValueError) as err:
+                errors.append({"source": str(path), "error": image_error(path, err)})
+        class_names = reference.dataset.class_names if reference is not None else session.ckpt.module.class_names
+    else:
+        items = [dataset_item(panel, i, args.split) for i in spread_indices(len(panel), args.num)]
+        class_names = panel.class_names
+
+    explainer = ImageExplainer(
+        HeadExplainer(session.ckpt.module), target, args.target, list(class_names), session.device, args.weighting
+    )
+    records: list[dict[str, Any]] = []
+    tiles, maps_all, captions = [], [], []
+    for first in range(0, len(items), args.batch_size):
+        chunk = items[first : first + args.batch_size]
+        maps, chunk_records = explainer(chunk)
+        for n, (item, cam, record) in enumerate(zip(chunk, maps, chunk_records), start=first):
+            tile = overlay(denormalize(item.image), cam, colormap=args.colormap, alpha=args.alpha)
+            name = f"{n:02d}_{Path(record.get('path') or item.source).stem}.png"
+            save_png(tile, args.out / name)
+            record["overlay"] = name
+            records.append(record)
+            tiles.append(denormalize(item.image))
+            maps_all.append(cam)
+            captions.append(caption(record, target.target.score_name))
+    boxes = [item.box if item.box is not None and bool((item.box[2:] > 0).all()) else None for item in items]
+    if items:  # GT box green (dataset images), the CAM's box red, as in the training callback's panels
+        save_png(
+            grid(tiles, captions, ncols=4, cams=maps_all, boxes=boxes, colormap=args.colormap, alpha=args.alpha),
+            args.out / "grid.png",
+        )
+    summary = {
+        "checkpoint": str(session.ckpt.path),
+        "method": session.method,
+        "weighting": args.weighting,
+        "proxy": target.scheme,
+        "target": args.target,
+        "image_size": [preset.size, preset.size],
+        "images": records,
+        "errors": errors,
+        "grid": "grid.png" if items else None,
+    }
+    write_json(args.out / "summary.json", summary)
+    print(f"explained {len(records)} image(s) into {args.out}" + (f"; {len(errors)} failed" if errors else ""))
+    if args.wandb:
+        log_to_wandb(args, summary, [args.out / r["overlay"] for r in records], captions)
+    return len(errors)
+
+
+def explain_retrieval(session: Session, reference: ReferenceSet, args: argparse.Namespace) -> int:
+    """The query's ``topk`` nearest reference images, each pair explained both ways with a Single Point Proxy
+    (``cubcam.cams.protocol.pair_maps``, drawn as the callback's nearest-image panel draws them): the query's map
+    scores <query, neighbour>, the neighbour's map scores <neighbour, query>. Writes ``retrieval.png``."""
+    explainer, device = HeadExplainer(session.ckpt.module), session.device
+    try:
+        query = load_user_image(args.query, session.preset)
+    except (OSError, ValueError) as err:
+        message = image_error(args.query, err)
+        write_json(
+            args.out / "summary.json",
+            {
+                "checkpoint": str(session.ckpt.path),
+                "query": str(args.query),
+                "neighbours": [],
+                "errors": [{"source": str(args.query), "error": message}],
+            },
+        )
+        return 1
+    k = min(args.topk, len(reference.embeddings))
+    query_features, query_embedding = explainer.features_and_outputs(query[None].to(device))
+    similarity, indices = reference.nearest(query_embedding.cpu(), k)
+    neighbours = torch.stack([reference.dataset[int(i)]["image"] for i in indices[0]]).to(device)
+    size = (int(query.shape[-2]), int(query.shape[-1]))
+    pairs = pair_maps(
+        explainer,
+        (query_features.expand(k, *query_features.shape[1:]), query_embedding.expand(k, -1)),
+        explainer.features_and_outputs(neighbours),
+        size,
+        args.weighting,
+    )
+    labels = [int(reference.labels[i]) for i in indices[0].tolist()]
+    strips = pair_strips(
+        [denormalize(query)] * k,
+        list(denormalize(neighbours.cpu())),
+        pairs,
+        ([None] * k, [None] * k),
+        ([UNKNOWN_LABEL] * k, labels),
+        args.colormap,
+        args.alpha,
+    )
+    captions, records = [], []
+    for rank, (i, sim, label) in enumerate(zip(indices[0].tolist(), similarity[0].tolist(), labels), start=1):
+        name = reference.dataset.class_names[label]
+        captions.append(f"query | #{rank}: {name} (cos {sim:.3f})")
+        records.append(
+            {
+                "rank": rank,
+                "index": i,
+                "image_id": int(reference.dataset[i]["image_id"]),
+                "path": str(reference.dataset.image_path(i)),
+                "label": label,
+                "name": name,
+                "similarity": round(sim, 6),
+            }
+        )
+    save_png(grid([strip.boxed for strip in strips], captions, ncols=1), args.out / "retrieval.png")
+    summary = {
+        "checkpoint": str(session.ckpt.path),
+        "query": str(args.query),
+        "reference_split": reference.split,
+        "topk": k,
+        "neighbours": records,
+        "grid": "retrieval.png",
+        "errors": [],
+    }
+    write_json(args.out / "summary.json", summary)
+    print(f"query {args.query}: {k} nearest neighbours in the {reference.split} split -> {args.out / 'retrieval.png'}")
+    for r in records:
+        print(f"  #{r['rank']}  cos {r['similarity']:.3f}  {r['name']}  ({Path(r['path']).name})")
+    if args.wandb:
+        log_to_wandb(args, summary, [], [])
+    return 0
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def log_to_wandb(args: argparse.Namespace, summary: dict[str, Any], images: list[Path], captions: list[str]) -> None:
+    """One W&B run (``job_type=explain``, project ``--wandb``) with the grid and every overlay; WANDB_MODE=offline
+    keeps it local."""
+    import wandb  # only here: explaining without --wandb never starts it
+
+    run = wandb.init(
+        project=args.wandb,
+        job_type="explain",
+        dir=str(args.out),
+        config={k: v for k, v in summary.items() if not isinstance(v, (list, dict))},
+    )
+    try:
+        logged: dict[str, Any] = {
+            "explain/overlays": [wandb.Image(str(p), caption=c) for p, c in zip(images, captions)]
+        }
+        if summary.get("grid"):
+            logged["explain/grid"] = wandb.Image(str(args.out / summary["grid"]))
+        run.log(logged)
+        run_dir = Path(run.dir).parent
+        print(f"W&B run: {run_dir}" + (f"   upload with: wandb sync {run_dir}" if run.offline else ""))
+    finally:
+        run.finish()
