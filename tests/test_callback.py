@@ -351,6 +351,35 @@ def test_resumed_run_shows_the_same_birds(synthetic_cub, offline):
     assert np.abs(frames[0] - frames[1]).mean() > 1  # two different epochs, not one frame twice
 
 
+def test_state_keys_tell_every_panel_apart_and_the_old_key_still_resumes() -> None:
+    """Two panels that differ in any option that changes what they show keep their own state; a checkpoint written
+    under the key of STATE_VERSION 1 (it named num_images, method and proxy only; the deprecated "single_point"
+    for the nearest image) is filed under today's key before Lightning looks it up."""
+    base = CAMPanel()
+    variants = [
+        CAMPanel(weighting="gradcam++"),
+        CAMPanel(target_layer="net.backbone.layer4"),
+        CAMPanel(target="predicted"),
+        CAMPanel(proxy="single_point_random"),
+        CAMPanel(num_images=4),
+    ]
+    assert len({base.state_key, *(v.state_key for v in variants)}) == 1 + len(variants)
+    assert CAMPanel(seed=5).state_key == base.state_key  # another seed still resumes the same birds
+    with pytest.warns(DeprecationWarning, match="'single_point_nearest'"):
+        old_spelling = CAMPanel(proxy="single_point")
+    assert old_spelling.proxy == "single_point_nearest"
+    assert old_spelling.state_key == CAMPanel(proxy="single_point_nearest").state_key
+    v1_key = "CAMPanel{'num_images': 16, 'method': 'auto', 'proxy': 'single_point'}"
+    saved = {"panel": [3, 1], "subset": [0, 1, 2, 3], "evolution": {}}  # no version: layout 1
+    checkpoint = {"callbacks": {v1_key: saved}}
+    old_spelling.on_load_checkpoint(None, None, checkpoint)  # type: ignore[arg-type]
+    old_spelling.load_state_dict(checkpoint["callbacks"][old_spelling.state_key])
+    assert old_spelling.panel == [3, 1] and old_spelling.subset == [0, 1, 2, 3]
+    assert old_spelling.state_dict()["version"] == 2
+    with pytest.raises(ValueError, match="version 3 is newer"):
+        base.load_state_dict({"version": 3})
+
+
 # --- staying out of training's way ------------------------------------------------------------------------------
 
 

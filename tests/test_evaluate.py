@@ -108,7 +108,7 @@ def test_embedding_scores_equal_cams_localization_for_both_proxies(
     trained: Trained, tmp_path: Path, test_split
 ) -> None:
     report, _ = run(trained.embedding, tmp_path / "embedding", "--no-cache")  # reference embedded in batches of 8
-    assert set(report["methods"]) == {"gradcam/normalized_mean", "gradcam/single_point", "centre_gaussian"}
+    assert set(report["methods"]) == {"gradcam/normalized_mean", "gradcam/single_point_random", "centre_gaussian"}
     assert report["reference_split"] == "train"
 
     module = load_checkpoint(trained.embedding).module
@@ -120,7 +120,7 @@ def test_embedding_scores_equal_cams_localization_for_both_proxies(
     assert (labels[picks] == torch.arange(len(picks))).all()  # one image of each class
     proxies = {
         "gradcam/normalized_mean": normalized_mean_proxies(gallery, labels),
-        "gradcam/single_point": gallery[picks],
+        "gradcam/single_point_random": gallery[picks],
     }
     cam = EmbeddingCAM(module, module.cam_target_layer)
     for name, proxy in proxies.items():
@@ -150,7 +150,7 @@ def test_weightings_are_scored_side_by_side(trained: Trained, tmp_path: Path, te
     report, _ = run(trained.embedding, tmp_path / "embedding", "--weightings", "gradcam++")
     assert set(report["methods"]) == {
         "gradcam++/normalized_mean",
-        "gradcam++/single_point",
+        "gradcam++/single_point_random",
         "centre_gaussian",
     }
     table = (tmp_path / "embedding" / "metrics.md").read_text()
@@ -162,7 +162,7 @@ def test_weightings_are_scored_side_by_side(trained: Trained, tmp_path: Path, te
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--data.root", "{tmp}/nowhere"], "nowhere not found; pass --data.root"),
+        (["--data.root", "{tmp}/nowhere"], "nowhere does not exist; pass --data.root"),
         (["--data.split_scheme", "zero_shot", "--reference-split", "train"], "only come from the test split"),
         (["--split", "val"], "there is no val split: val_fraction is 0"),  # trained without one: val is not test
     ],

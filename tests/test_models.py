@@ -3,6 +3,8 @@ no training."""
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import socket
 
 import pytest
@@ -11,8 +13,8 @@ import torchvision
 from torch import nn
 
 from cubcam.train import models
-from cubcam.train.models import PooledLinearNet, ResNetBackbone
-from cubcam.train.modules import Classifier, EmbeddingNet
+from cubcam.train.models import BackboneConfig, PooledLinearNet, ResNetBackbone
+from cubcam.train.modules import Classifier, CUBModule, EmbeddingNet
 
 
 def torchvision_trunk(resnet: nn.Module) -> nn.Module:
@@ -29,7 +31,7 @@ def torchvision_trunk(resnet: nn.Module) -> nn.Module:
     ],
 )
 def test_backbone_grid_follows_output_stride(arch: str, size: int, stride: int, grid: int) -> None:
-    backbone = ResNetBackbone(arch, output_stride=stride)
+    backbone = ResNetBackbone(BackboneConfig(arch, output_stride=stride))
     maps = backbone(torch.randn(1, 3, size, size))
     assert maps.shape == (1, 512, grid, grid) and backbone.num_features == 512
     assert backbone.cam_layer is backbone.layer4
@@ -38,7 +40,7 @@ def test_backbone_grid_follows_output_stride(arch: str, size: int, stride: int, 
 
 def test_stride16_matches_torchvision_dilation_for_bottlenecks() -> None:
     torch.manual_seed(0)
-    ours = ResNetBackbone("resnet50", output_stride=16).eval()
+    ours = ResNetBackbone(BackboneConfig("resnet50", output_stride=16)).eval()
     reference = torchvision.models.resnet50(replace_stride_with_dilation=[False, False, True]).eval()
     reference.load_state_dict(ours.state_dict(), strict=False)  # same names; fc stays random, unused
     x = torch.randn(2, 3, 64, 64)
@@ -53,7 +55,7 @@ def test_weights_path_loads_a_torchvision_state_dict(tmp_path, drop_fc: bool) ->
     reference = torchvision.models.resnet18().eval()
     state = {k: v for k, v in reference.state_dict().items() if not (drop_fc and k.startswith("fc."))}
     torch.save(state, tmp_path / "r18.pth")
-    backbone = ResNetBackbone("resnet18", weights_path=tmp_path / "r18.pth").eval()
+    backbone = ResNetBackbone(BackboneConfig("resnet18", weights_path=tmp_path / "r18.pth")).eval()
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(backbone(x), torchvision_trunk(reference)(x))
@@ -61,14 +63,14 @@ def test_weights_path_loads_a_torchvision_state_dict(tmp_path, drop_fc: bool) ->
 
 def test_weights_path_errors_name_the_problem(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="nowhere.pth"):
-        ResNetBackbone("resnet18", weights_path=tmp_path / "nowhere.pth")
+        ResNetBackbone(BackboneConfig("resnet18", weights_path=tmp_path / "nowhere.pth"))
     torch.save(torchvision.models.resnet34().state_dict(), tmp_path / "r34.pth")
     with pytest.raises(ValueError, match="do not fit torchvision's resnet18"):
-        ResNetBackbone("resnet18", weights_path=tmp_path / "r34.pth")
+        ResNetBackbone(BackboneConfig("resnet18", weights_path=tmp_path / "r34.pth"))
     with pytest.raises(ValueError, match="arch must be one of"):
-        ResNetBackbone("vgg16")
+        ResNetBackbone(BackboneConfig("vgg16"))
     with pytest.raises(ValueError, match="output_stride"):
-        ResNetBackbone("resnet18", output_stride=8)
+        ResNetBackbone(BackboneConfig("resnet18", output_stride=8))
 
 
 def test_pretrained_reads_the_torch_hub_cache(tmp_path, monkeypatch) -> None:
@@ -79,7 +81,7 @@ def test_pretrained_reads_the_torch_hub_cache(tmp_path, monkeypatch) -> None:
     cache = tmp_path / "hub" / "checkpoints"
     cache.mkdir(parents=True)
     torch.save(reference.state_dict(), cache / models.IMAGENET_URLS["resnet18"].rsplit("/", 1)[1])
-    backbone = ResNetBackbone("resnet18", pretrained=True).eval()
+    backbone = ResNetBackbone(BackboneConfig("resnet18", pretrained=True)).eval()
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(backbone(x), torchvision_trunk(reference)(x))
@@ -93,7 +95,7 @@ def test_unreachable_pretrained_download_fails_fast_with_advice(tmp_path, monkey
     url = f"http://127.0.0.1:{port}/resnet18-f37072fd.pth"
     monkeypatch.setitem(models.IMAGENET_URLS, "resnet18", url)
     with pytest.raises(RuntimeError, match="weights_path") as info:
-        ResNetBackbone("resnet18", pretrained=True)
+        ResNetBackbone(BackboneConfig("resnet18", pretrained=True))
     assert url in str(info.value)
     assert socket.getdefaulttimeout() is None  # the temporary download timeout was put back
 
@@ -101,8 +103,8 @@ def test_unreachable_pretrained_download_fails_fast_with_advice(tmp_path, monkey
 def test_nets_split_features_and_head() -> None:
     torch.manual_seed(3)
     x = torch.randn(2, 3, 64, 64)
-    classifier = PooledLinearNet(ResNetBackbone("resnet18"), out_features=5).eval()
-    embedder = PooledLinearNet(ResNetBackbone("resnet18"), out_features=16).eval()
+    classifier = PooledLinearNet(ResNetBackbone(BackboneConfig("resnet18")), out_features=5).eval()
+    embedder = PooledLinearNet(ResNetBackbone(BackboneConfig("resnet18")), out_features=16).eval()
     with torch.no_grad():
         maps = classifier.forward_features(x)
         torch.testing.assert_close(classifier.forward_head(maps), classifier.fc(maps.mean((2, 3))))
@@ -155,3 +157,23 @@ def test_class_names_are_kept_and_checked() -> None:
     assert Classifier(num_classes=2, class_names=["Albatross", "Wren"]).class_names == ["Albatross", "Wren"]
     with pytest.raises(ValueError, match="class_names has 1 names but num_classes is 2"):
         Classifier(num_classes=2, class_names=["Albatross"])
+
+
+def test_network_arguments_are_one_contract_with_flat_keys() -> None:
+    """CUBModule takes exactly BackboneConfig's fields, with its defaults, as flat arguments; the two modules take
+    them through **kwargs, so jsonargparse still offers --model.init_args.arch and the hyper-parameters hold them."""
+    fields = {f.name: f.default for f in dataclasses.fields(BackboneConfig)}
+    parameters = inspect.signature(CUBModule.__init__).parameters
+    assert {name: parameters[name].default for name in fields} == fields
+    for cls in (Classifier, EmbeddingNet):
+        own = inspect.signature(cls.__init__).parameters
+        assert not set(fields) & set(own) and any(p.kind == p.VAR_KEYWORD for p in own.values())
+    module = Classifier(num_classes=3, arch="resnet18", output_stride=16)
+    assert module.backbone_config == BackboneConfig("resnet18", output_stride=16)
+    saved = {k: v for k, v in fields.items() if k != "image_size"}
+    assert {k: module.hparams[k] for k in saved} == saved | {"output_stride": 16}
+    assert "image_size" not in module.hparams  # None is not saved: it would clash with the datamodule's
+    assert Classifier(num_classes=3, image_size=64).hparams["image_size"] == 64
+    assert module.hparams["num_classes"] == 3
+    with pytest.raises(ValueError, match="either pretrained=True or weights_path"):
+        BackboneConfig("resnet18", pretrained=True, weights_path="w.pth")

@@ -73,9 +73,18 @@ def test_the_wheel_holds_only_the_cubcam_namespace(tmp_path: Path) -> None:
     packages = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")}
     assert packages == {"cubcam"}
     for module in (
+        "cubcam/__init__.py",
+        "cubcam/py.typed",
+        "cubcam/train/inspection/evaluate.py",
         "cubcam/cams/engine.py",
         "cubcam/callbacks/cam_panel.py",
         "cubcam/train/cli.py",
         "cubcam/train/data/cub.py",
     ):
         assert module in names
+
+
+def test_cubcam_is_a_regular_package_whose_import_runs_the_torchvision_guard(tmp_path: Path) -> None:
+    probe = "import sys, cubcam; print(cubcam.__file__ is not None, 'cubcam.cams._torchvision_guard' in sys.modules)"
+    done = python(tmp_path, "-P", "-c", probe)
+    assert done.returncode == 0 and done.stdout.split() == ["True", "True"], done.stderr

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
+import torch.nn.functional as F
 from test_callback import trainer_for as trainer
 from torch.utils.data import DataLoader, Dataset
 from wandb_records import finished_log, history_rows
@@ -20,7 +21,7 @@ from wandb_records import finished_log, history_rows
 from cubcam.callbacks import CAMPanel
 from cubcam.callbacks.measure import METRIC_KEYS
 from cubcam.callbacks.sinks import PANEL_KEY
-from cubcam.cams import GradCAM, localization
+from cubcam.cams import EmbeddingCAM, GradCAM, localization, normalized_mean_proxies
 from cubcam.train.data.datamodule import CUBDataModule
 
 REPO = Path(__file__).resolve().parents[1]
@@ -123,6 +124,40 @@ def test_embeddingcam_on_a_plain_module_uses_the_loop_s_outputs(synthetic_cub, t
     assert (tmp_path / "cam_panels" / "epoch_000.png").is_file() and panel.panel is not None
     assert all(not m._forward_hooks for m in module.modules() if m is not module)
     assert len(module._forward_hooks) == 0 and len(module._forward_pre_hooks) == 1  # ours is gone, the test's stays
+
+
+class CallsItsModel(example.LitClassifier):
+    """A validation_step that calls ``self.model(images)``, not ``self(images)``: the callback sees no output of the
+    loop's and runs one forward of its own per batch."""
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        images, labels = self.unpack(batch)
+        self.log("val/loss", F.cross_entropy(self.model(images), labels))
+
+
+@pytest.mark.parametrize("module_class", [example.LitClassifier, CallsItsModel])
+def test_embeddingcam_metrics_equal_the_engine_s_with_the_true_proxies(synthetic_cub, tmp_path, module_class) -> None:
+    """Each batch's outputs are its own, however validation_step runs the model: the epoch's Normalized Mean
+    Proxies, and with them the metrics, equal those of the engine on embeddings computed here. (The callback's own
+    forward once leaked into the next batch, which then took the previous batch's embeddings.)"""
+    data = cub_data(synthetic_cub)
+    pl.seed_everything(0, verbose=False)
+    module = module_class("test_convnext", num_classes=16)  # 16-d "embeddings"
+    panel = CAMPanel(target_layer=LAYER, num_images=4, method="embeddingcam")
+    logged = trainer(tmp_path, 1, [panel]).validate(module, datamodule=data, verbose=False)[0]
+    items = [data.val_dataset[i] for i in range(len(data.val_dataset))]
+    images = torch.stack([item["image"] for item in items])
+    labels = torch.tensor([item["label"] for item in items])
+    boxes = torch.stack([item["box"] for item in items])
+    module.eval()
+    with torch.no_grad():
+        embeddings = torch.cat([module(images[i : i + 8]) for i in range(0, len(images), 8)])
+    proxies = normalized_mean_proxies(embeddings, labels, num_classes=data.num_classes)
+    cam = EmbeddingCAM(module, LAYER)
+    maps = torch.cat([cam(images[i : i + 8], proxies[labels[i : i + 8]]) for i in range(0, len(images), 8)])
+    expected = localization.max_box_acc(maps, boxes)
+    assert logged["val/cam_max_box_acc"] == pytest.approx(expected["max_box_acc"], abs=1e-6)
+    assert logged["val/cam_heatmap_ratio"] == pytest.approx(np.mean(localization.heatmap_ratio(maps, boxes)), abs=1e-6)
 
 
 def test_weights_are_bit_identical_and_nothing_is_left_behind(synthetic_cub, tmp_path) -> None:

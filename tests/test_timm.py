@@ -177,7 +177,7 @@ def test_weights_path_loads_a_local_file_and_pretrained_offline_fails_fast(tmp_p
     torch.manual_seed(1)
     published = timm.create_model("test_convnext", pretrained=False)  # stands in for the downloaded file
     torch.save(published.state_dict(), tmp_path / "test_convnext.pth")
-    backbone = models.TimmBackbone("test_convnext", weights_path=tmp_path / "test_convnext.pth")
+    backbone = models.TimmBackbone(models.BackboneConfig("test_convnext", weights_path=tmp_path / "test_convnext.pth"))
     mine = backbone.model.state_dict()
     shared = [k for k in mine if k in published.state_dict()]
     assert len(shared) > 10 and all(torch.equal(mine[k], published.state_dict()[k]) for k in shared)
@@ -185,7 +185,7 @@ def test_weights_path_loads_a_local_file_and_pretrained_offline_fails_fast(tmp_p
     monkeypatch.setattr(models, "HF_HUB_ADDRESS", ("127.0.0.1", 9))  # nothing listens there
     start = time.monotonic()
     with pytest.raises(RuntimeError, match=r"Hugging Face hub \(127.0.0.1\) is unreachable.*weights_path=<file>"):
-        models.TimmBackbone("test_convnext", pretrained=True)
+        models.TimmBackbone(models.BackboneConfig("test_convnext", pretrained=True))
     assert time.monotonic() - start < 15
     with pytest.raises(FileNotFoundError, match="weights_path .*missing.pth does not exist"):
-        models.TimmBackbone("test_convnext", weights_path=tmp_path / "missing.pth")
+        models.TimmBackbone(models.BackboneConfig("test_convnext", weights_path=tmp_path / "missing.pth"))

@@ -4,6 +4,7 @@ each rank its own m-per-class batches. The suite's heaviest file: 64 px images, 
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -177,23 +178,33 @@ def test_classifier_learns_resumes_at_the_next_epoch_and_reloads(tiny_cub: Path,
     assert read_record(offline / "resumed")["epochs"] == [epochs]  # only the missing epoch ran
     checkpoint = torch.load(last, weights_only=True)
     assert checkpoint["epoch"] == epochs  # a second run's config save did not fail either
-    # The callbacks' state keys are those written before BestCheckpoint and the namespace existed (read off a
-    # checkpoint of that code), so older runs resume their best score and their panel.
+    # CAMPanel's state key names every option that tells two panels apart; the ModelCheckpoints' keys are those
+    # written before BestCheckpoint and the namespace existed, so older runs resume their best score.
+    panel_key = (
+        "CAMPanel{'num_images': 16, 'method': 'auto', 'proxy': 'normalized_mean', 'target': 'true', "
+        "'weighting': 'gradcam', 'target_layer': None}"
+    )
     assert sorted(checkpoint["callbacks"]) == sorted(
         [
-            "CAMPanel{'num_images': 16, 'method': 'auto', 'proxy': 'normalized_mean'}",
+            panel_key,
             "ModelCheckpoint{'monitor': 'val/acc', 'mode': 'max', 'every_n_train_steps': 0, 'every_n_epochs': 1, "
             "'train_time_interval': None}",
             "ModelCheckpoint{'monitor': None, 'mode': 'min', 'every_n_train_steps': 0, 'every_n_epochs': 1, "
             "'train_time_interval': None}",
         ]
     )
+    assert checkpoint["callbacks"][panel_key]["version"] == 2
     assert len(list(last.parent.glob("best-epoch=*.ckpt"))) == 1  # BestCheckpoint, by the module's val/acc
 
-    # A checkpoint saved before cubcam was one namespace names its class train.modules.Classifier (the only
-    # difference from today's, checked on one): fit --ckpt_path resumes it, and explain/evaluate load it.
+    # A checkpoint as the code before this layout wrote it (checked against one): its class named
+    # train.modules.Classifier (before cubcam was one namespace), the input size saved as input_size, and the
+    # panel's state (no version) under the old key. fit --ckpt_path resumes it with the same birds, and
+    # explain/evaluate load it.
     assert checkpoint["hyper_parameters"]["_class_path"] == "cubcam.train.modules.Classifier"
     checkpoint["hyper_parameters"]["_class_path"] = "train.modules.Classifier"
+    checkpoint["hyper_parameters"]["input_size"] = checkpoint["hyper_parameters"].pop("image_size")
+    old_state = {k: v for k, v in checkpoint["callbacks"].pop(panel_key).items() if k != "version"}
+    checkpoint["callbacks"]["CAMPanel{'num_images': 16, 'method': 'auto', 'proxy': 'normalized_mean'}"] = old_state
     legacy = offline / "legacy.ckpt"
     torch.save(checkpoint, legacy)
     main(
@@ -208,6 +219,10 @@ def test_classifier_learns_resumes_at_the_next_epoch_and_reloads(tiny_cub: Path,
             str(legacy),
         )
     )
+    newest = max((offline / "runs").rglob("last.ckpt"), key=lambda path: path.stat().st_mtime)
+    resumed = torch.load(newest, weights_only=True)
+    assert resumed["callbacks"][panel_key]["panel"] == old_state["panel"]
+    assert resumed["callbacks"][panel_key]["evolution"]["epochs"] == [*old_state["evolution"]["epochs"], epochs + 1]
     assert read_record(offline / "legacy")["epochs"] == [epochs + 1]
     assert type(load_checkpoint(legacy).module) is Classifier
     report = evaluate_main(
@@ -341,8 +356,25 @@ def test_real_cub_configs_run_a_step(config: str, tiny_cub: Path, offline: Path)
 @pytest.mark.parametrize("tool", ["explain", "evaluate"])
 def test_cli_hands_explain_and_evaluate_to_their_modules(tool: str, monkeypatch) -> None:
     calls = []
-    fake = type(sys)(f"cubcam.train.{tool}")
+    fake = type(sys)(f"cubcam.train.inspection.{tool}")
     fake.main = calls.append
-    monkeypatch.setitem(sys.modules, f"cubcam.train.{tool}", fake)
+    monkeypatch.setitem(sys.modules, f"cubcam.train.inspection.{tool}", fake)
     main([tool, "--checkpoint", "x.ckpt", "--out", "y"])
     assert calls == [["--checkpoint", "x.ckpt", "--out", "y"]]
+
+
+@pytest.mark.parametrize(
+    ("old", "name"),
+    [
+        ("explain", "main"),
+        ("evaluate", "score_split"),
+        ("checkpoint", "load_checkpoint"),
+        ("reference", "reference_set"),
+        ("plots", "box_accuracy_plot"),
+    ],
+)
+def test_old_import_paths_of_the_inspection_tools_still_work_with_a_warning(old: str, name: str) -> None:
+    new = importlib.import_module(f"cubcam.train.inspection.{old}")
+    with pytest.warns(DeprecationWarning, match=f"cubcam.train.{old} moved to cubcam.train.inspection.{old}"):
+        served = getattr(importlib.import_module(f"cubcam.train.{old}"), name)
+    assert served is getattr(new, name)

@@ -100,9 +100,18 @@ class CUBModule(pl.LightningModule):
         lr: float = 1e-3,
         weight_decay: float = 1e-4,
         backbone_lr_factor: float = 1.0,
+        **unknown: Any,
     ):
+        # **unknown exists for Lightning: load_from_checkpoint filters a checkpoint's saved arguments to those a
+        # constructor without **kwargs names, which would drop the class path that lets CUBModule.load_from_checkpoint
+        # build the saved subclass. Anything that arrives here is a mistake.
+        if unknown:
+            raise TypeError(f"{type(self).__name__} got unexpected arguments {sorted(unknown)}")
         super().__init__()
-        self.save_hyperparameters()  # these arguments and the subclass's (Lightning collects both frames)
+        # These arguments and the subclass's (Lightning collects both frames). An image_size of None (the net is
+        # not fixed to one) is left out: Lightning refuses to log a module and a datamodule whose hyper-parameters
+        # share a name with different values, and the datamodule's image_size is the size it serves.
+        self.save_hyperparameters(ignore=["image_size"] if image_size is None else [])
         self.backbone_config = BackboneConfig(arch, pretrained, weights_path, output_stride, image_size)
         self.lr, self.weight_decay, self.backbone_lr_factor = lr, weight_decay, backbone_lr_factor
 

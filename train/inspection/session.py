@@ -82,12 +82,14 @@ class Session:
 
     def dataset(self, split: str) -> CUBDataset:
         """A split of the checkpoint's data, through the evaluation preset."""
-        return CUBDataset(self.data_root(), split=split, transform=self.preset, **self.settings)
+        return CUBDataset(self.data_root(f"the {split} split"), split=split, transform=self.preset, **self.settings)
 
-    def data_root(self) -> str:
+    def data_root(self, needed_by: str) -> str:
+        """The dataset root, or one line saying what needs it and that it is not there."""
         if self.root is None or not Path(self.root).exists():
             raise CheckpointError(
-                f"the dataset {self.root or '(no data root saved in the checkpoint)'} does not exist; pass --data.root"
+                f"{needed_by} needs the dataset, but {self.root or 'no data root saved in the checkpoint'} does not "
+                f"exist; pass --data.root"
             )
         return self.root
 
@@ -97,7 +99,7 @@ class Session:
         return reference_set(
             self.ckpt.module,
             self.ckpt.path,
-            self.data_root(),
+            self.data_root("an embedding net's class proxies (its reference split)"),
             split=reference_split(self.settings["split_scheme"], args.reference_split, explained),
             settings=self.settings,
             image_size=self.image_size,
