@@ -13,7 +13,8 @@ insertion curves of ``--steps`` and Average Drop / Increase, for every method an
 same number of batched no-grad forwards of already perturbed batches (what the perturbation costs on top of the
 forwards it needs); and the Average Drop step alone against pytorch-grad-cam's ``DropInConfidence`` +
 ``IncreaseInConfidence`` on the same images and maps (the same quantity: its perturbation is ``x * cam``; it runs
-the model once per metric). pytorch-grad-cam's ROAD is a different perturbation (noisy linear imputation), so it is not compared.
+the model once per metric). pytorch-grad-cam's ROAD is a different perturbation (noisy linear imputation), so it
+is not compared.
 
 Then ``cubcam evaluate`` itself runs end to end (JPEG decoding, checkpoint loading, reference cache) once cold
 (the embedding net's reference split is embedded and cached) and once warm, beside a plain forward that reads the

@@ -17,7 +17,5 @@ def epoch_target(
     method: Method, proxy: ProxyScheme, index: Tensor, output: Tensor, label: Tensor, num_classes: int, seed: int = 0
 ) -> ExplanationTarget:
     """The target of an epoch whose validation images (all ranks', each once) have dataset ``index``, ``output``
-    and ``label``; ``seed`` draws ``single_point_random``'s images."""
-    if method == "gradcam":
-        return make_target(method)
+    and ``label``; ``seed`` draws ``single_point_random``'s images (a classifier's target ignores them all)."""
     return make_target(method, proxy, output, label, num_classes, seed=seed, index=index)

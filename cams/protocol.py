@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from cubcam.cams.engine import CAM, Reshape, Weighting, eval_mode, minmax_normalize
 from cubcam.cams.proxies import single_point_proxy
-from cubcam.cams.targets import ClassLogits, ExplanationTarget, Method, Proxies, Target
+from cubcam.cams.targets import ExplanationTarget, Method, Proxies, Target, make_target
 
 Choice = Literal["true", "predicted"]  # which class a map explains
 UNKNOWN_LABEL = -1  # an image without a label (a user's photo) is explained for its predicted class
@@ -168,9 +168,9 @@ class LayerExplainer:
     def check(self, images: Tensor, outputs: Tensor) -> None:
         """One map of the first image, so that a layer that does not run, or gives no map (and no reshape makes
         one), fails with its error (naming the layer) before any epoch's work is done."""
-        target: Target = ClassLogits() if self.cam_method == "gradcam" else Proxies(outputs[:1].detach().float())
-        rows = outputs[:1].argmax(1) if self.cam_method == "gradcam" else torch.zeros(1, dtype=torch.long)
-        self.maps(images[:1], (images.shape[-2], images.shape[-1]), target, rows.to(images.device), "gradcam")
+        output = outputs[:1].detach().float()
+        target = make_target(self.cam_method, "normalized_mean", output, torch.zeros(1, dtype=torch.long))
+        explain(self, images[:1], output, target, (images.shape[-2], images.shape[-1]), choice="predicted")
 
 
 def features_and_outputs(module: CAMModule, images: Tensor) -> tuple[Tensor, Tensor]:

@@ -177,10 +177,11 @@ def make_target(
     seed: int = 0,
     index: Tensor | None = None,
 ) -> ExplanationTarget:
-    """The explanation target of a model kind: class logits (``gradcam``), or proxies of ``scheme`` built from
-    reference ``embeddings`` [N, D] and their ``labels`` [N] (``embeddingcam``; ``index``: their dataset indices,
-    for ``single_point_nearest`` on the set being explained). Every scheme predicts the nearest Normalized Mean
-    Proxy's class.
+    """The explanation target of a model kind: class logits (``gradcam``: the other arguments are not needed and
+    ignored), or proxies of ``scheme`` built from reference ``embeddings`` [N, D] and their ``labels`` [N]
+    (``embeddingcam``; ``index``: their dataset indices, for ``single_point_nearest`` on the set being explained).
+    Every scheme predicts the nearest Normalized Mean Proxy's class. The one place where the two model kinds
+    differ for the callback, ``cubcam explain`` and ``cubcam evaluate``.
 
     Raises:
         ValueError: an unknown scheme, or ``embeddingcam`` without embeddings and labels.

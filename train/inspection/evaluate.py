@@ -376,7 +376,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     try:
         session = start(args)
         dataset = session.dataset(args.split)
-        reference = session.reference(args.split) if session.method == "embeddingcam" else None
+        reference = session.reference(args.split)
     except START_ERRORS as err:
         fail(err)
     module, settings, split = session.ckpt.module, session.settings, args.split

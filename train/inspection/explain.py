@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
             raise CheckpointError("--query explains a retrieval, which needs an embedding net checkpoint")
         explained = "test" if args.images or args.query else args.split
         panel = None if args.images or args.query else session.dataset(args.split)
-        reference = session.reference(explained) if session.method == "embeddingcam" else None
+        reference = session.reference(explained)
         scheme = proxy_scheme(args.proxy, legacy="single_point_random")
     except START_ERRORS as err:
         fail(err)

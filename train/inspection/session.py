@@ -93,8 +93,11 @@ class Session:
             )
         return self.root
 
-    def reference(self, explained: str) -> ReferenceSet:
-        """The embedding net's reference set for images of split ``explained`` (cached beside the checkpoint)."""
+    def reference(self, explained: str) -> ReferenceSet | None:
+        """The embedding net's reference set for images of split ``explained`` (cached beside the checkpoint); a
+        classifier needs none."""
+        if self.method != "embeddingcam":
+            return None
         args = self.args
         return reference_set(
             self.ckpt.module,
