@@ -9,8 +9,9 @@ Scenarios (each: the same module, data and Trainer settings on both sides; W&B o
   callback keeps 512 subset feature maps, gathers 5,800 embeddings and builds 200 proxies;
 - ``cub-val-layer``: the same, through the path for modules that do not speak cubcam's protocol
   (``CAMPanel(target_layer="net.backbone.layer4", method="embeddingcam")`` on an embedding net whose
-  ``validation_step`` just calls ``self(images)``): the panel and the metric subset are read from the dataset and
-  run forward and backward every epoch (``--layer-subset`` images; default: the callback's default for this path).
+  ``validation_step`` just calls ``self(images)``): the panel's and the metric subset's images are kept from the
+  loop's batches and run forward and backward every epoch (``--layer-subset`` images; default: the callback's
+  default for this path).
 
 An epoch is timed from ``on_train_epoch_start`` to ``on_train_epoch_end`` (training plus validation, which Lightning
 runs inside the epoch); the first epoch of each run is warm-up (the panel is chosen there). Runs alternate without,

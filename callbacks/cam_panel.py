@@ -1,5 +1,5 @@
 """CAMPanel: where the model looks on a fixed validation panel, and how well that matches the birds' boxes, every
-validation epoch, in W&B and as a PNG grid.
+validation epoch, in W&B or TensorBoard and as a PNG grid.
 
     trainer = pl.Trainer(callbacks=[CAMPanel(num_images=16)], logger=WandbLogger(project="cubcam"))
 

@@ -1,5 +1,5 @@
-"""Logging sinks: where a rendered :class:`~cubcam.callbacks.panel_render.Panel` goes, one small class each
-(a further logger, MLflow or Neptune, is one more class with these two methods).
+"""Logging sinks: where a rendered :class:`~cubcam.callbacks.panel_data.Panel` goes, one small class each: W&B,
+TensorBoard and the PNG files (a further logger, MLflow or Neptune, is one more class with these two methods).
 
 Lightning removed ``log_image`` from its base logger, so each logger is spoken to in its own API. A sink gets the
 panel, its epoch and the step of that epoch's ``val/*`` metrics, so panels and metrics line up on any step axis.

@@ -44,7 +44,7 @@ ArrayLike = torch.Tensor | np.ndarray | Sequence
 DEFAULT_THRESHOLDS = np.arange(0, 1, 0.01)  # the reference's CAM threshold grid (cam_curve_interval=0.01)
 DEFAULT_IOU_THRESHOLDS = (0.3, 0.5, 0.7)
 STACK_PIXELS = 32768  # maps labelled in one pass: enough small maps to amortise the per-call cost, few enough to
-# keep the run arrays in cache (larger stacks measured slower: 128 maps at 224 px 6.7 -> 10.4 ms/map stacked by 16)
+# keep the run arrays in cache (larger stacks ran slower per map; bench/localization_speed.py)
 
 
 # --- MaxBoxAccV2 -------------------------------------------------------------------------------------------------
