@@ -48,6 +48,7 @@ without a logger. Writing or logging that fails is a warning, never an error.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from typing import Any, Literal, cast, get_args
 
 import numpy as np
@@ -336,7 +337,7 @@ class CAMPanel(pl.Callback):
                         pl_module.log(key, float(scores[name]), sync_dist=True)
                     style.box_threshold = float(scores["best_threshold_iou50"])
             if trainer.is_global_zero:
-                self._render_and_log(trainer, explainer, captured, target, style)
+                self._render_and_log(trainer, lambda: self._render(trainer, explainer, captured, target, style))
 
     # --- rendering and logging (rank zero) -----------------------------------------------------------------------
 
@@ -361,18 +362,11 @@ class CAMPanel(pl.Callback):
             except Exception as err:
                 _warn(f"could not log the CAM evolution to {sink.name}: {type(err).__name__}: {err}")
 
-    def _render_and_log(
-        self,
-        trainer: pl.Trainer,
-        explainer: Explainer,
-        captured: dict[str, Tensor] | None,
-        target: ExplanationTarget,
-        style: Style,
-    ) -> None:
+    def _render_and_log(self, trainer: pl.Trainer, render: Callable[[], Panel]) -> None:
         """Render the panel and hand it to every sink; a failure of either is one warning, never the run's end."""
         epoch = trainer.current_epoch
         try:
-            panel = self._render(trainer, explainer, captured, target, style)
+            panel = render()
             self.evolution.add(panel)
         except Exception as err:  # a figure must never end a training run
             _warn(f"could not render the panel of epoch {epoch}: {type(err).__name__}: {err}")

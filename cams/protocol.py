@@ -155,7 +155,7 @@ class LayerExplainer:
 
     def features_and_outputs(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """(the images, the outputs) of one eval-mode forward without autograd."""
-        with eval_mode(self.model), torch.no_grad():
+        with torch.no_grad():
             return images, self.outputs(images)
 
     def maps(
