@@ -104,13 +104,14 @@ class TimedCAMPanel(CAMPanel):
             times.append(0.0)
         self._timed("all", super().on_validation_epoch_start, *args)
 
+    def on_validation_batch_start(self, *args: Any, **kwargs: Any) -> None:
+        self._timed("all", super().on_validation_batch_start, *args, **kwargs)
+
     def on_validation_batch_end(self, *args: Any, **kwargs: Any) -> None:
         self._timed("all", super().on_validation_batch_end, *args, **kwargs)
 
     def on_validation_epoch_end(self, *args: Any) -> None:
-        if self._layer_module is not None:
-            self.metric_images = len(self.subset or [])
-        elif self._epoch is not None:
+        if self._epoch is not None:
             self.metric_images = len(self._epoch.subset_columns().get("index", []))
         self._timed("all", super().on_validation_epoch_end, *args)
 
