@@ -88,8 +88,9 @@ class ImageExplainer:
         images = torch.stack([item.image for item in items]).to(self.device)
         features, outputs = self.explainer.features_and_outputs(images)
         labels = torch.tensor([UNKNOWN_LABEL if item.label is None else item.label for item in items])
+        index = torch.tensor([int(item.extra.get("index", -1)) for item in items])  # -1: not a dataset image
         size = (images.shape[-2], images.shape[-1])
-        step = explain(self.explainer, features, outputs, self.target, size, labels, self.choice, self.weighting)
+        step = explain(self.explainer, features, outputs, self.target, size, labels, self.choice, self.weighting, index)
         records = []
         for item, t, p, row in zip(items, step.explained.tolist(), step.predicted.tolist(), step.class_scores):
             kind = "true" if self.choice == "true" and item.label is not None else "predicted"
