@@ -18,6 +18,7 @@ from torch import Tensor
 
 from cubcam.callbacks.panel_data import PANEL_COLUMNS, Panel
 from cubcam.cams.figure import grid
+from cubcam.cams.files import write_with
 
 THUMB = 80  # longest side of a thumbnail, px
 
@@ -93,4 +94,10 @@ def thumbnail(cell: np.ndarray) -> np.ndarray:
 def save_gif(frames: list[np.ndarray], path: Any, seconds_per_frame: float = 0.8) -> None:
     """An animated GIF looping over ``frames`` (all padded to the first frame's size)."""
     images = [Image.fromarray(frame) for frame in frames]
-    images[0].save(path, save_all=True, append_images=images[1:], duration=int(seconds_per_frame * 1000), loop=0)
+    duration = int(seconds_per_frame * 1000)
+    write_with(
+        path,
+        lambda file: images[0].save(
+            file, format="GIF", save_all=True, append_images=images[1:], duration=duration, loop=0
+        ),
+    )

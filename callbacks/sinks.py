@@ -22,6 +22,7 @@ from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
 from cubcam.callbacks.evolution import Evolution, save_gif
 from cubcam.callbacks.panel_data import Panel, name
 from cubcam.cams.figure import Strip, grid, png_bytes, save_png
+from cubcam.cams.files import write_bytes
 
 PANEL_KEY = "val/cam_panel"
 TABLE_KEY = "val/cam_table"
@@ -176,8 +177,7 @@ class PngSink:
         self.name = f"the PNG grid in {folder}"
 
     def log_panel(self, panel: Panel, step: int) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        (self.folder / f"epoch_{panel.epoch:03d}.png").write_bytes(panel.grid_png)
+        write_bytes(self.folder / f"epoch_{panel.epoch:03d}.png", panel.grid_png)
 
     def log_evolution(self, evolution: Evolution, step: int) -> None:
         for index, strip in zip(evolution.indices, evolution.bird_strips()):

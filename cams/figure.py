@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
+from cubcam.cams.files import write_bytes
 from cubcam.cams.localization import boxes_from_map
 from cubcam.cams.overlay import overlay
 from cubcam.cams.protocol import PairMaps
@@ -151,10 +152,7 @@ def save_png(array: np.ndarray, path: str | Path, compress_level: int = 1) -> Pa
     Compression level 1 (Pillow's default is 6): much faster to write and only slightly larger for these figures,
     the better trade for a file written every epoch of a training run (figures: README, Benchmarks).
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(png_bytes(array, compress_level))
-    return path
+    return write_bytes(path, png_bytes(array, compress_level))
 
 
 def _check_tile(tile: np.ndarray) -> np.ndarray:

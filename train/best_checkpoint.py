@@ -11,15 +11,17 @@ from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import ModelCheckpoint
+
+from cubcam.train.run_folder import RunFolderCheckpoint
 
 
-class BestCheckpoint(ModelCheckpoint):
+class BestCheckpoint(RunFolderCheckpoint):
     """``best-{epoch}.ckpt``: the best epoch so far by ``pl_module.monitor`` (a ``(key, "min" | "max")`` pair).
 
     Args:
         monitor, mode: given explicitly, they win over the module's; otherwise taken from it at ``setup``.
-        **kwargs: ModelCheckpoint's own (``filename`` defaults to ``best-{epoch}``, ``save_top_k`` to 1).
+        **kwargs: ModelCheckpoint's own (``filename`` defaults to ``best-{epoch}``, ``save_top_k`` to 1), and
+            :class:`~cubcam.train.run_folder.RunFolderCheckpoint`'s (one run folder, atomic writes).
 
     Raises:
         TypeError: at ``setup``, when neither ``monitor`` nor the module's ``monitor`` says what is best.
@@ -50,8 +52,3 @@ class BestCheckpoint(ModelCheckpoint):
                 self.mode = mode
                 self.kth_value = torch.tensor(torch.inf if mode == "min" else -torch.inf)
         super().setup(trainer, pl_module, stage)
-
-    @property
-    def state_key(self) -> str:
-        # ModelCheckpoint's key, so that runs checkpointed before this class existed resume their best score.
-        return super().state_key.replace(type(self).__qualname__, ModelCheckpoint.__qualname__, 1)

@@ -17,16 +17,17 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-import torch
 from jsonargparse import DefaultHelpFormatter, Namespace
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
-from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
+from cubcam.cams.files import WriteFailed
 from cubcam.train.data.datamodule import CUBDataModule
-from cubcam.train.inspection.checkpoint import migrate_hparams
+from cubcam.train.inspection.checkpoint import CheckpointError, migrate_hparams, read_checkpoint
 from cubcam.train.modules import Classifier, CUBModule, EmbeddingNet  # noqa: F401  (short names for --model)
+from cubcam.train.run_folder import RunConfig, exit_status
 
 TOOLS = {  # subcommands that are not Lightning's; dispatched to cubcam.train.inspection.<name>.main
     "explain": "what a checkpoint looks at: your images, a dataset panel, a retrieval (cubcam explain --help)",
@@ -50,19 +51,29 @@ class CubCamCLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         """Lightning's own (a checkpoint's hyper-parameters become the model config), with the hyper-parameters
         of older checkpoints migrated (``migrate_hparams``: class paths saved before cubcam became one package,
-        ``input_size`` now ``image_size``), so that ``fit --ckpt_path`` resumes them."""
+        ``input_size`` now ``image_size``), so that ``fit --ckpt_path`` resumes them; and checked against the
+        config (:func:`check_resume`).
+
+        Raises:
+            CheckpointError: a file that is no readable Lightning checkpoint, or one of another model.
+        """
+        self.resumed_progress: tuple[int, int] | None = None
         if not self.config.get("subcommand"):
             return
         ckpt_path = self.config[self.config.subcommand].get("ckpt_path")
-        if not ckpt_path or not Path(ckpt_path).is_file():
-            return
-        hparams: dict[str, Any] = torch.load(ckpt_path, weights_only=True, map_location="cpu").get(
-            "hyper_parameters", {}
-        )
+        if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry") or str(ckpt_path).startswith("registry:"):
+            return  # Lightning's own names for checkpoints it finds itself
+        checkpoint = read_checkpoint(ckpt_path)
+        if "pytorch-lightning_version" not in checkpoint:
+            raise CheckpointError(f"{ckpt_path} is a state_dict, not a Lightning checkpoint: it cannot resume a run")
+        self.resumed_progress = progress(checkpoint)
+        hparams: dict[str, Any] = dict(checkpoint.get("hyper_parameters", {}))
+        del checkpoint  # the memory map
         hparams.pop("_instantiator", None)
         if not hparams:
             return
         hparams = migrate_hparams(hparams)
+        check_resume(ckpt_path, self.config[self.config.subcommand].get("model"), hparams)
         if "_class_path" in hparams:
             hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
         try:
@@ -103,20 +114,45 @@ class CubCamCLI(LightningCLI):
         ):
             logger.init_args.version = run.name
 
+    def fit(self, model: pl.LightningModule, **kwargs: Any) -> None:
+        """``trainer.fit``, unless the checkpoint it resumes has finished its run: then say so and do nothing (a
+        second fit would re-test it and log its evolution again)."""
+        self.finished = False
+        done = self.resumed_progress
+        trainer = self.trainer
+        if done is not None:
+            epochs, steps = done
+            max_epochs, max_steps = trainer.max_epochs, trainer.max_steps
+            if (max_epochs is not None and max_epochs >= 0 and epochs >= max_epochs) or (0 <= max_steps <= steps):
+                limit = f"max_steps={max_steps}" if 0 <= max_steps <= steps else f"max_epochs={max_epochs}"
+                rank_zero_info(
+                    f"{kwargs.get('ckpt_path')} has finished its run ({epochs} epochs, {steps} steps; {limit}): "
+                    f"nothing to train. Raise --trainer.max_epochs to continue it."
+                )
+                self.finished = True
+                return
+        trainer.fit(model, **kwargs)
+
     def after_fit(self) -> None:
         """Score the best checkpoint once on the test split (``test/*``, into the same logger run), then say where
         the results are: a user of the demo should not have to search for them."""
         trainer = self.trainer
+        if self.finished:
+            return
+        # Read before testing: trainer.test restores the best checkpoint's callback states, older than these.
+        summary = []
+        for ckpt in _model_checkpoints(trainer):
+            if ckpt.monitor is None:
+                summary.append(f"checkpoint: latest {ckpt.last_model_path or ckpt.best_model_path or '-'}")
+            else:
+                score = float(ckpt.best_model_score) if ckpt.best_model_score is not None else "-"
+                summary.append(f"checkpoint: best {ckpt.best_model_path or '-'} ({ckpt.monitor}={score})")
         if not trainer.interrupted:
             self.test_best()
         if not trainer.is_global_zero:
             return
-        for ckpt in _model_checkpoints(trainer):
-            if ckpt.monitor is None:
-                rank_zero_info(f"checkpoint: latest {ckpt.best_model_path or '-'}")
-            else:
-                score = float(ckpt.best_model_score) if ckpt.best_model_score is not None else "-"
-                rank_zero_info(f"checkpoint: best {ckpt.best_model_path or '-'} ({ckpt.monitor}={score})")
+        for line in summary:
+            rank_zero_info(line)
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 rank_zero_info(f"TensorBoard: {logger.log_dir}   view with: tensorboard --logdir {logger.save_dir}")
@@ -139,18 +175,76 @@ def _model_checkpoints(trainer: pl.Trainer) -> list[ModelCheckpoint]:
     return [c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)]
 
 
+def progress(checkpoint: dict[str, Any]) -> tuple[int, int]:
+    """(epochs done, global step) of a Lightning checkpoint. Epochs are counted as Lightning's fit loop counts them
+    on resuming: ``processed``, which an epoch-end checkpoint already includes."""
+    loops = checkpoint.get("loops") or {}
+    current = loops.get("fit_loop", {}).get("epoch_progress", {}).get("current", {})
+    return int(current.get("processed", checkpoint.get("epoch", 0))), int(checkpoint.get("global_step", 0))
+
+
+def check_resume(ckpt_path: str, configured: Namespace | None, saved: dict[str, Any]) -> None:
+    """A resumed run is the checkpoint's model, so the config must agree with it: another class or architecture is
+    an error naming both; other model settings the config gives differently (``--model.init_args.lr 0.1``) cannot
+    be honoured and are listed in one warning.
+
+    Raises:
+        CheckpointError: the checkpoint holds another model class or architecture than the config's.
+    """
+    if not isinstance(configured, Namespace):
+        return
+    saved_class = str(saved.get("_class_path", "")).rsplit(".", 1)[-1]
+    wanted_class = str(configured.get("class_path", "")).rsplit(".", 1)[-1]
+    wanted = configured.get("init_args") or Namespace()
+    if (saved_class and wanted_class and saved_class != wanted_class) or saved.get("arch") != wanted.get("arch"):
+        raise CheckpointError(
+            f"{ckpt_path} is a {saved_class or 'model'} ({saved.get('arch')}), but the config asks for a "
+            f"{wanted_class or 'model'} ({wanted.get('arch')}): resume it with the config it was trained with"
+        )
+    ignored = [
+        f"{key}={wanted[key]!r} (kept: {saved[key]!r})"
+        for key in sorted(set(saved) & set(vars(wanted)))
+        if not key.startswith("_") and key not in LINKED and _plain(wanted[key]) and wanted[key] != saved[key]
+    ]
+    if ignored:
+        rank_zero_warn(
+            f"resuming {ckpt_path} keeps the model settings it was trained with; these config values are ignored: "
+            + ", ".join(ignored)
+        )
+
+
+LINKED = ("num_classes", "class_names")  # set from the data at instantiation, not by the user's config
+
+
+def _plain(value: Any) -> bool:
+    return value is None or isinstance(value, (bool, int, float, str, list, tuple))
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of ``cubcam`` and ``python -m cubcam.train``."""
+    """Entry point of ``cubcam`` and ``python -m cubcam.train``.
+
+    A run ended by SIGTERM or Ctrl-C exits with 143 / 130 (Lightning ends them with a bare ``SystemExit``, status 0,
+    and ``sys.exit(1)``); a checkpoint that cannot resume, or a write that failed (a full disk), is one line and
+    status 1, the partial file never left under its name.
+    """
     args = sys.argv[1:] if argv is None else list(argv)
     if args and args[0] in TOOLS:
         # Imported lazily: training never needs them.
         importlib.import_module(f"cubcam.train.inspection.{args[0]}").main(args[1:])
         return
-    CubCamCLI(
-        CUBModule,
-        CUBDataModule,
-        subclass_mode_model=True,
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={"epilog": EPILOG, "formatter_class": _HelpWithTools},
-        args=argv,
-    )  # None: LightningCLI reads sys.argv itself
+    try:
+        CubCamCLI(
+            CUBModule,
+            CUBDataModule,
+            subclass_mode_model=True,
+            save_config_callback=RunConfig,
+            parser_kwargs={"epilog": EPILOG, "formatter_class": _HelpWithTools},
+            args=argv,
+        )  # None: LightningCLI reads sys.argv itself
+    except (SystemExit, KeyboardInterrupt) as error:
+        status = exit_status(error)
+        if status is None:
+            raise
+        sys.exit(status)
+    except (CheckpointError, WriteFailed) as error:
+        sys.exit(f"error: {error}")

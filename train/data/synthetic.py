@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from cubcam.cams.files import write_text
 from cubcam.train.data.presets import PART_NAMES
 
 Color = tuple[int, int, int]
@@ -272,8 +273,9 @@ def make_synthetic_cub(out: Path | str, classes: int = 10, per_class: int = 20, 
             f"{per_class} images, shorter side {size} px, seed {seed}."
         ],
     }
-    for relative, lines in files.items():
-        (root / relative).write_text("\n".join(lines) + "\n")
+    # images.txt last: a set whose writing stopped half-way is not taken for a whole one (demo.sh checks it).
+    for relative, lines in sorted(files.items(), key=lambda item: item[0] == "images.txt"):
+        write_text(root / relative, "\n".join(lines) + "\n")
     return root
 
 

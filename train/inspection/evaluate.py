@@ -59,6 +59,7 @@ from cubcam.cams.faithfulness import (
     fractions,
     random_maps,
 )
+from cubcam.cams.files import write_text
 from cubcam.cams.localization import (
     DEFAULT_IOU_THRESHOLDS,
     DEFAULT_THRESHOLDS,
@@ -433,14 +434,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = args.out or session.ckpt.path.with_name(f"{session.ckpt.path.stem}-evaluate-{split}")
     out.mkdir(parents=True, exist_ok=True)
     plots = write_plots(report, out)
-    (out / "metrics.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    write_text(out / "metrics.json", json.dumps(report, indent=2, sort_keys=True) + "\n")
     heading = (
         f"{session.ckpt.path.name} on the {split} split ({scores.num_images} images, {session.image_size} px), "
         "in %:\n\n"
     )
     baselines = [name for name in BASELINES if name in scores.methods]
     text = heading + markdown_table(report["methods"]) + "\n" + per_class_table(classes, [first, *baselines])
-    (out / "metrics.md").write_text(text)
+    write_text(out / "metrics.md", text)
     print(heading + markdown_table(report["methods"]))
     print(
         f"wrote {out / 'metrics.json'}, {out / 'metrics.md'} (with the per-class table) and "

@@ -27,6 +27,7 @@ from torch import Tensor
 from cubcam.cams import overlay
 from cubcam.cams.engine import Weighting
 from cubcam.cams.figure import grid, pair_strips, save_png
+from cubcam.cams.files import write_text
 from cubcam.cams.overlay import denormalize
 from cubcam.cams.protocol import UNKNOWN_LABEL, Choice, Explainer, HeadExplainer, explain, pair_maps
 from cubcam.cams.targets import LEGACY_SINGLE_POINT, ExplanationTarget, ProxyScheme, proxy_scheme
@@ -319,7 +320,7 @@ def explain_retrieval(session: Session, reference: ReferenceSet, args: argparse.
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def log_to_wandb(args: argparse.Namespace, summary: dict[str, Any], images: list[Path], captions: list[str]) -> None:

@@ -11,6 +11,8 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
+from cubcam.cams.files import write_with
+
 Curves = dict[str, dict[str, list[float]]]  # method -> curve name -> values
 
 
@@ -33,8 +35,7 @@ def box_accuracy_plot(
         axis.grid(alpha=0.3)
     axes[0].set_ylabel("box accuracy (%)")
     axes[-1].legend(fontsize=7, loc="upper right")
-    figure.savefig(path, dpi=110)
-    return path
+    return write_with(path, lambda file: figure.savefig(file, format="png", dpi=110))
 
 
 def faithfulness_plot(curves: Curves, fractions: Sequence[float], labels: dict[str, str], path: Path) -> Path:
@@ -49,5 +50,4 @@ def faithfulness_plot(curves: Curves, fractions: Sequence[float], labels: dict[s
         axis.grid(alpha=0.3)
     axes[0].set_ylabel("mean score")
     axes[1].legend(fontsize=7, loc="lower right")
-    figure.savefig(path, dpi=110)
-    return path
+    return write_with(path, lambda file: figure.savefig(file, format="png", dpi=110))

@@ -21,6 +21,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from cubcam.cams.files import write_with
 from cubcam.train.data.cub import CUBDataset, SplitSettings
 from cubcam.train.data.presets import EvalPreset
 
@@ -127,7 +128,8 @@ def reference_set(
     )
     if cache:
         try:
-            torch.save({"key": key, "embeddings": embeddings, "labels": labels}, path)
+            stored = {"key": key, "embeddings": embeddings, "labels": labels}
+            write_with(path, lambda file: torch.save(stored, file))
         except OSError as err:  # a read-only checkpoint folder only costs the next run another pass
             print(f"warning: could not cache reference embeddings at {path}: {err}", file=sys.stderr)
     return ReferenceSet(embeddings, labels, dataset, split)

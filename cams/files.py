@@ -1,0 +1,93 @@
+"""Atomic writes: every file cubcam writes appears whole under its final name, or not at all.
+
+A plain ``open(path, "wb")`` truncates the previous file first, so a disk that fills half-way leaves neither the old
+file nor the new one; a temporary file in ``$TMPDIR`` moved over the target is no better when ``$TMPDIR`` is another
+file system (the move is then a copy in place). Here the temporary file sits next to the target (same directory,
+hence the same file system), is flushed and ``fsync``'d, then ``os.replace``'d over it, which POSIX makes atomic.
+A failed write removes its temporary file and raises :class:`WriteFailed`, whose message names the path and the
+free space left there: one line a user can act on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import stat
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO
+
+
+class WriteFailed(OSError):
+    """A write that did not happen; the previous file (if any) is intact. ``errno`` is the cause's."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def free_space(folder: str | Path) -> str:
+    """``"12.3 MB free"`` on the file system holding ``folder`` (or ``"free space unknown"``)."""
+    try:
+        free = float(shutil.disk_usage(folder).free)
+    except OSError:
+        return "free space unknown"
+    units = ["B", "kB", "MB", "GB", "TB"]
+    while free >= 1000 and len(units) > 1:
+        free /= 1000
+        units.pop(0)
+    return f"{free:.1f} {units[0]} free"
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO]:
+    """A file object whose contents replace ``path`` when the block ends without an exception.
+
+    The parent folders are created. The new file keeps the permissions of the file it replaces (a new one gets
+    0o644 less the umask's usual bits), not ``mkstemp``'s 0o600.
+
+    Raises:
+        WriteFailed: when the data could not be written (a full disk, a read-only folder); nothing of it is left.
+    """
+    path = Path(path)
+    temporary: str | None = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+        with os.fdopen(descriptor, mode) as file:
+            yield file
+            file.flush()
+            os.fsync(file.fileno())
+        os.chmod(temporary, stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o644)
+        os.replace(temporary, path)
+        temporary = None
+    except OSError as error:
+        if isinstance(error, WriteFailed):
+            raise
+        reason = error.strerror or str(error)
+        raise WriteFailed(error.errno, f"could not write {path}: {reason} ({free_space(path.parent)})") from error
+    finally:
+        if temporary is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+
+
+def write_bytes(path: str | Path, data: bytes) -> Path:
+    """``Path.write_bytes``, atomically (see :func:`atomic_open`)."""
+    with atomic_open(path, "wb") as file:
+        file.write(data)
+    return Path(path)
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """``Path.write_text`` (UTF-8), atomically."""
+    return write_bytes(path, text.encode("utf-8"))
+
+
+def write_with(path: str | Path, writer: Callable[[IO[bytes]], object]) -> Path:
+    """Atomically write what ``writer(file)`` writes to a binary file object (``torch.save``, ``Image.save``,
+    ``Figure.savefig`` all take one)."""
+    with atomic_open(path, "wb") as file:
+        writer(file)
+    return Path(path)
