@@ -175,6 +175,7 @@ class CAMPanel(pl.Callback):
         self.format = BatchFormat(image_key, label_key, box_key)
         self._source: ActivationSource | None = None  # made at setup, from the module
         self._told_no_boxes = False  # the info that the data has no boxes is given once
+        self._told_diverged = False  # and the warning that the maps are not finite
         # Chosen once and saved in checkpoints (dataset indices):
         self.panel: list[int] | None = None
         self.subset: list[int] | None = None
@@ -228,7 +229,7 @@ class CAMPanel(pl.Callback):
     # --- hooks ---------------------------------------------------------------------------------------------------
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._sinks, self._told_no_boxes = None, False
+        self._sinks, self._told_no_boxes, self._told_diverged = None, False, False
         if self.target_layer is not None:
             kind: Method = "gradcam" if self.method == "auto" else self.method
             self._source = LayerSource(pl_module, self.target_layer, kind, self.reshape, self.format)
@@ -335,7 +336,16 @@ class CAMPanel(pl.Callback):
                 else:
                     for key, name in METRIC_KEYS.items():
                         pl_module.log(key, float(scores[name]), sync_dist=True)
-                    style.box_threshold = float(scores["best_threshold_iou50"])
+                    if "non_finite_images" in scores:
+                        if not self._told_diverged:
+                            _warn(
+                                f"training diverged at epoch {trainer.current_epoch}: the CAM maps of "
+                                f"{scores['non_finite_images']} of {scores['num_images']} metric images are not "
+                                f"finite, so the CAM metrics are NaN"
+                            )
+                            self._told_diverged = True
+                    else:
+                        style.box_threshold = float(scores["best_threshold_iou50"])
             if trainer.is_global_zero:
                 self._render_and_log(trainer, lambda: self._render(trainer, explainer, captured, target, style))
 

@@ -105,13 +105,30 @@ class CAM:
         return maps.to(images.device)
 
     def _grid(self, tensor: Tensor) -> Tensor:
-        """The layer's output (or its gradient) as a map [B, K, h, w], through ``reshape`` when one was given."""
+        """The layer's output (or its gradient) as a map [B, K, h, w], through ``reshape`` when one was given.
+
+        Refused, naming the layer, rather than explained into maps that look fine and mean nothing: no map at all
+        (tokens [B, N, D]), a 1x1 grid (a pooled layer: its upsampled map is a constant), and a channels-last map
+        [B, h, w, K] (timm's Swin stages; read as channels-first it is K=h channels of an h x K "grid").
+        """
         grid = tensor if self.reshape is None else self.reshape(tensor)
+        fix = "" if self.reshape is None else " after its reshape"
         if not isinstance(grid, Tensor) or grid.dim() != 4:
             shape = tuple(grid.shape) if isinstance(grid, Tensor) else type(grid).__name__
             raise TypeError(
-                f"target layer {self.layer_name} gives {shape}, not a map [B, K, h, w]"
+                f"target layer {self.layer_name} gives {shape}{fix}, not a map [B, K, h, w]"
                 + ("; pass reshape=... (e.g. tokens [B, N, D] to [B, D, h, w])" if self.reshape is None else "")
+            )
+        shape = tuple(grid.shape)
+        if shape[-2:] == (1, 1):
+            raise ValueError(
+                f"target layer {self.layer_name} gives a 1x1 grid {shape}{fix}: a pooled layer has no map to show; "
+                f"pick a layer before the pooling (a ResNet's layer4, a ViT's blocks[-1].norm1)"
+            )
+        if looks_channels_last(shape):
+            raise ValueError(
+                f"target layer {self.layer_name} gives {shape}{fix}, which looks channels-last [B, h, w, K] (a "
+                f"{shape[1]}x{shape[2]} grid of {shape[3]} channels); pass reshape=lambda t: t.permute(0, 3, 1, 2)"
             )
         return grid
 
@@ -218,12 +235,25 @@ def weighted_activations(activations: Tensor, grads: Tensor, weighting: Weightin
     return torch.relu((weights * a).sum(1))
 
 
+def looks_channels_last(shape: tuple[int, ...]) -> bool:
+    """Whether a [B, d1, d2, d3] map is more plausibly channels-last: read channels-first, its grid d2 x d3 would
+    be more than 8 times longer one way than the other, where d1 x d2 would not (image grids are not that thin)."""
+    _, d1, d2, d3 = shape
+    return max(d2, d3) > 8 * min(d2, d3) and max(d1, d2) <= 8 * min(d1, d2)
+
+
 def minmax_normalize(maps: Tensor) -> Tensor:
-    """Per-map min-max to [0, 1]; a flat map becomes zeros, never NaN."""
+    """Per-map min-max to [0, 1]. A flat map becomes zeros (a ReLU'd map can be empty); a map with a non-finite
+    value (a diverged model's) becomes all NaN, checked before the stretch, so that its scores are NaN rather than
+    those of whatever the stretch would make of it."""
     flat = maps.flatten(1)
+    finite = torch.isfinite(flat).all(1)[:, None, None]
     low = flat.min(1).values[:, None, None]
     span = flat.max(1).values[:, None, None] - low
-    return torch.where(span > 0, (maps - low) / span.clamp_min(torch.finfo(maps.dtype).tiny), torch.zeros_like(maps))
+    stretched = torch.where(
+        span > 0, (maps - low) / span.clamp_min(torch.finfo(maps.dtype).tiny), torch.zeros_like(maps)
+    )
+    return torch.where(finite, stretched, torch.full_like(maps, float("nan")))
 
 
 def select_output(output: Any, selector: OutputSelector) -> Tensor:

@@ -276,9 +276,12 @@ class LocalizationAccumulator:
         """Add maps [B, H, W] of the images in ``slots`` [B] with their GT boxes [B, 4] (and parts [B, P, 3]);
         ``hits`` [B, T, I] when already known (a fixed baseline map's)."""
         index = torch.as_tensor(np.asarray(slots, dtype=np.int64))
-        cams = _maps(maps)
+        cams = _maps(maps, finite=False)  # a non-finite map is scored NaN below
         if index.shape != (len(cams),) or (len(index) and (index.min() < 0 or index.max() >= len(self.rows))):
             raise ValueError(f"slots must be [{len(cams)}] indices in [0, {len(self.rows)}), got {index.tolist()[:8]}")
+        finite = np.isfinite(cams).reshape(len(cams), -1).all(1)
+        if not finite.all():  # a diverged model's maps: scored as NaN (compute then gives NaN), never as misses
+            cams = np.where(finite[:, None, None], cams, 0.0).astype(cams.dtype)
         if hits is None:
             hits = box_hits(cams, boxes, self.thresholds, self.iou_thresholds, self.workers)
         values = np.zeros((len(cams), self.rows.shape[1]))
@@ -290,6 +293,7 @@ class LocalizationAccumulator:
             known = ~np.isnan(pointed)  # an image without visible parts has nothing to point at
             values[:, self.num_hits + 2] = np.where(known, pointed, 0.0)
             values[:, self.num_hits + 3] = known
+        values[~finite, :-1] = np.nan
         values[:, -1] = 1.0
         self.rows.index_add_(0, index, torch.from_numpy(values))
 
@@ -322,6 +326,11 @@ class LocalizationAccumulator:
         if known.any():
             scores["pointing_game_parts"] = float(rows[known, h + 2].mean())
         scores["pointing_game_parts_images"] = int(known.sum())
+        non_finite = int(np.isnan(rows[:, h]).sum())
+        if non_finite:  # some map was not finite (a diverged model): no score means anything, all are NaN
+            scores = {key: np.full(np.shape(value), np.nan) for key, value in scores.items()}
+            scores = {key: value if value.ndim else float(value) for key, value in scores.items()}
+            scores["non_finite_images"] = non_finite
         scores["num_images"] = len(rows)
         return scores
 
@@ -461,11 +470,11 @@ def _numpy(x: ArrayLike, name: str) -> np.ndarray:
         raise TypeError(f"{name} must be a tensor or an array of numbers, got {type(x).__name__}") from err
 
 
-def _maps(cams: ArrayLike) -> np.ndarray:
+def _maps(cams: ArrayLike, finite: bool = True) -> np.ndarray:
     maps = _numpy(cams, "cams")
     if maps.ndim != 3 or 0 in maps.shape[1:]:
         raise ValueError(f"cams must be [N, H, W] with H, W > 0, got shape {maps.shape}")
-    if not np.isfinite(maps).all():
+    if finite and not np.isfinite(maps).all():
         raise ValueError("cams contain NaN or infinite values")
     return maps
 

@@ -32,7 +32,7 @@ def colorize(cam_map: np.ndarray, colormap: str = "jet") -> np.ndarray:
     """Map values in [0, 1] to float RGB in [0, 1] (shape [..., 3])."""
     if colormap not in _COLORMAPS:
         raise ValueError(f"unknown colormap {colormap!r}; choose one of {sorted(_COLORMAPS)}")
-    values = np.clip(cam_map, 0.0, 1.0)
+    values = np.nan_to_num(np.clip(cam_map, 0.0, 1.0), nan=0.0)  # a diverged model's NaN map shows no heat
     channels = []
     for knots in _COLORMAPS[colormap]:
         positions, levels = (np.asarray(column, dtype=np.float64) for column in zip(*knots))
@@ -64,9 +64,17 @@ def denormalize(
     image: Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
 ) -> np.ndarray:
     """Normalised Tensor[3, H, W] or [B, 3, H, W] -> uint8 numpy [H, W, 3] or [B, H, W, 3]: what a model saw, as
-    pixels to overlay a map on."""
+    pixels to overlay a map on.
+
+    A uint8 tensor (a dataset that serves raw pixels and leaves the scaling to the model) is taken as the pixels
+    themselves; other integer types are refused, as there is no telling what their values mean.
+    """
     if image.dim() not in (3, 4) or image.shape[-3] != 3:
         raise ValueError(f"expected an image [3, H, W] or a batch [B, 3, H, W], got shape {tuple(image.shape)}")
+    if image.dtype == torch.uint8:
+        return image.detach().cpu().movedim(-3, -1).numpy()
+    if not image.is_floating_point():
+        raise TypeError(f"images must be float (normalised) or uint8 (pixels), got {image.dtype}")
     image = image.detach().float().cpu()
     pixels = image * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)
     return pixels.mul(255).round().clamp(0, 255).to(torch.uint8).movedim(-3, -1).numpy()

@@ -17,6 +17,7 @@ from typing import Any, ClassVar, Literal, cast
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from pytorch_lightning.utilities import rank_zero_warn
 from pytorch_lightning.utilities.types import OptimizerLRSchedulerConfig
 from pytorch_metric_learning import losses, miners
 from pytorch_metric_learning.distances import CosineSimilarity
@@ -292,6 +293,18 @@ class EmbeddingNet(CUBModule):
             return
         index, embeddings, labels = (torch.cat(column) for column in zip(*self._collected))
         _, embeddings, labels = gather_unique(self._all_gather, self.trainer.world_size, index, embeddings, labels)
-        metrics = self.retrieval.get_accuracy(embeddings, labels)
+        bad = int((~torch.isfinite(embeddings).all(1)).sum())
+        if bad:
+            # A diverged net: its metrics are NaN (pytorch-metric-learning cannot rank NaNs) and training stops
+            # cleanly, so the best checkpoint so far is kept, tested and reported as usual.
+            rank_zero_warn(
+                f"training diverged at epoch {self.current_epoch}: {bad} of {len(embeddings)} {stage} embeddings are "
+                f"not finite; the {stage} retrieval metrics are NaN" + ("; training stops" if stage == "val" else "")
+            )
+            metrics = dict.fromkeys(RETRIEVAL_METRICS, math.nan)
+            if stage == "val" and self.trainer.state.fn == "fit":
+                self.trainer.should_stop = True
+        else:
+            metrics = self.retrieval.get_accuracy(embeddings, labels)
         for name in RETRIEVAL_METRICS:
             self.log(f"{stage}/{name}", float(metrics[name]), prog_bar=name == "precision_at_1", sync_dist=True)

@@ -103,7 +103,13 @@ class RunFolderCheckpoint(ModelCheckpoint):
     def _remove_abandoned(self) -> None:
         """Files of this callback's pattern that its restored state does not list were written after the
         checkpoint this run resumed from, by the timeline the resume abandoned: removed, so ``save_top_k`` holds."""
-        if not getattr(self, "_fitting", False) or self.save_top_k < 0 or self.dirpath is None or self.monitor is None or not self.best_k_models:
+        if (
+            not getattr(self, "_fitting", False)
+            or self.save_top_k < 0
+            or self.dirpath is None
+            or self.monitor is None
+            or not self.best_k_models
+        ):
             return
         pattern = _glob(self.filename or "") + self.FILE_EXTENSION
         kept = {Path(path).resolve() for path in self.best_k_models}
