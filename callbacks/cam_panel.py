@@ -176,6 +176,7 @@ class CAMPanel(pl.Callback):
         self._source: ActivationSource | None = None  # made at setup, from the module
         self._told_no_boxes = False  # the info that the data has no boxes is given once
         self._told_diverged = False  # and the warning that the maps are not finite
+        self._told_invalid_boxes = False  # and that boxes were left out
         # Chosen once and saved in checkpoints (dataset indices):
         self.panel: list[int] | None = None
         self.subset: list[int] | None = None
@@ -229,7 +230,7 @@ class CAMPanel(pl.Callback):
     # --- hooks ---------------------------------------------------------------------------------------------------
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._sinks, self._told_no_boxes, self._told_diverged = None, False, False
+        self._sinks, self._told_no_boxes, self._told_diverged, self._told_invalid_boxes = None, False, False, False
         if self.target_layer is not None:
             kind: Method = "gradcam" if self.method == "auto" else self.method
             self._source = LayerSource(pl_module, self.target_layer, kind, self.reshape, self.format)
@@ -318,6 +319,12 @@ class CAMPanel(pl.Callback):
                     f"boxes and the CAM localization metrics are skipped"
                 )
                 self._told_no_boxes = True
+            if collected.invalid_boxes and not self._told_invalid_boxes:
+                _warn(
+                    f"{len(collected.invalid_boxes)} validation image(s) have a box that is not finite or has no "
+                    f"width or height (dataset indices {collected.invalid_boxes[:5]}): left out of the CAM metrics"
+                )
+                self._told_invalid_boxes = True
             if self.log_metrics and self.subset and collected.has_boxes:
                 workers = max(1, torch.get_num_threads() // trainer.num_devices)  # the cores this rank's loop uses
                 scores = measure(

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from cubcam.callbacks.batches import CUBCAM_FORMAT, BatchFormat
 from cubcam.cams.distributed import gather_unique
+from cubcam.cams.localization import check_boxes
 from cubcam.cams.protocol import CAMStepOutput, Explainer
 
 STEP_KEYS = tuple(CAMStepOutput.__annotations__)
@@ -46,6 +47,7 @@ class EpochCollector:
     subset_rows: list[dict[str, Tensor]] = field(default_factory=list)
     image_size: tuple[int, int] = (0, 0)
     has_boxes: bool = True  # every batch so far came with boxes (a dataset without boxes gets no metrics)
+    invalid_boxes: list[int] = field(default_factory=list)  # dataset indices whose box cannot be scored
 
     def __post_init__(self) -> None:
         # As tensors once, not per batch: torch.isin picks each batch's rows of the panel and the subset.
@@ -60,6 +62,17 @@ class EpochCollector:
         self.image_size = (int(images.shape[-2]), int(images.shape[-1]))
         self.has_boxes = self.has_boxes and boxes is not None
         box = torch.zeros(len(images), 4, device=images.device) if boxes is None else boxes.reshape(-1, 4)
+        scored = index
+        if boxes is not None:
+            # Clipped to the image, and a box that cannot be scored (NaN, no size) is left out of the metrics by
+            # name (the callback warns), instead of ending the run at the epoch's end or counting as a miss.
+            height, width = self.image_size
+            sizes = torch.tensor([[width, height]], dtype=torch.float64).expand(len(box), 2)
+            clipped, valid, _ = check_boxes(box.detach().cpu(), sizes)
+            box = torch.where(valid[:, None], clipped, torch.zeros_like(clipped)).to(box.device, box.dtype)
+            if not valid.all():
+                self.invalid_boxes += index[~valid.to(index.device)].tolist()
+                scored = torch.where(valid.to(index.device), index, torch.full_like(index, -1))
         if self.panel is not None:  # kept even when empty: its shapes let every rank join the gather
             self.panel_rows.append(
                 _rows(
@@ -78,7 +91,7 @@ class EpochCollector:
         if self.subset:
             rows = _rows(
                 self._subset_index,
-                index,
+                scored,
                 {
                     "index": index,
                     "activations": step["activations"],

@@ -229,6 +229,30 @@ def pointing_game(
     return result
 
 
+# --- boxes as data gives them ----------------------------------------------------------------------------------
+
+
+def check_boxes(boxes: torch.Tensor, sizes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Boxes [N, 4] (x, y, w, h) of images of ``sizes`` [N, 2] (width, height; inf where unknown) as the metrics can
+    score them: ``(clipped, valid, was_clipped)``.
+
+    A box reaching outside its image is clipped to it (a few CUB boxes overhang by a pixel); a box that is not
+    finite, has a width or height of 0 or less, or lies wholly outside its image is not ``valid``: scoring it
+    would count a miss that says nothing about the map.
+    """
+    boxes = boxes.reshape(-1, 4).to(torch.float64)
+    sizes = sizes.reshape(-1, 2).to(torch.float64)
+    finite = torch.isfinite(boxes).all(1)
+    x0, y0 = boxes[:, 0].clamp(min=0), boxes[:, 1].clamp(min=0)
+    x1 = torch.minimum(boxes[:, 0] + boxes[:, 2], sizes[:, 0])
+    y1 = torch.minimum(boxes[:, 1] + boxes[:, 3], sizes[:, 1])
+    clipped = torch.stack([x0, y0, x1 - x0, y1 - y0], 1)
+    valid = finite & (boxes[:, 2] > 0) & (boxes[:, 3] > 0) & (clipped[:, 2] > 0) & (clipped[:, 3] > 0)
+    was_clipped = valid & ((clipped - boxes).abs() > 1e-6).any(1)
+    clipped = torch.where(valid[:, None], clipped, boxes)
+    return clipped.float(), valid, was_clipped
+
+
 # --- one accumulator for every consumer ----------------------------------------------------------------------------
 
 

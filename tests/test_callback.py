@@ -12,11 +12,13 @@ import cubcam.cams  # noqa: F401  (the torchvision guard: before anything import
 
 # isort: split
 
+import errno
 import json
 import os
 import re
 import subprocess
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -453,20 +455,20 @@ class FailingWandbLogger(WandbLogger):
         super().log_metrics(metrics, step)
 
 
-WRITE_BYTES = Path.write_bytes
+MKSTEMP = tempfile.mkstemp
 
 
-def read_only_run_dir(path: Path, data: bytes) -> int:
+def read_only_run_dir(*args, dir=None, **kwargs):
     """The run's folder is read-only (the W&B strips, written to a temporary folder, still get through)."""
-    if "cam_panels" in str(path):
-        raise PermissionError("read-only file system")
-    return WRITE_BYTES(path, data)
+    if "cam_panels" in str(dir):
+        raise PermissionError(errno.EROFS, "read-only file system")
+    return MKSTEMP(*args, dir=dir, **kwargs)
 
 
 @pytest.mark.parametrize("layer", [None, LAYER])
 def test_logging_and_writing_failures_only_warn(synthetic_cub, offline, monkeypatch, layer):
     data = data_for(synthetic_cub, "classifier")
-    monkeypatch.setattr(Path, "write_bytes", read_only_run_dir)
+    monkeypatch.setattr(tempfile, "mkstemp", read_only_run_dir)  # cubcam.cams.files writes through it
     logger = FailingWandbLogger(project="cubcam", save_dir=str(offline), offline=True)
     with pytest.warns(CAMPanelWarning) as caught:
         metrics = trainer_for(offline, 1, [CAMPanel(num_images=4, target_layer=layer)], logger=logger).validate(

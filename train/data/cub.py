@@ -19,6 +19,7 @@ warning gives their count.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +32,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from cubcam.cams.localization import check_boxes
 from cubcam.cams.protocol import Sample
 from cubcam.train.data.presets import MEAN, PART_NAMES, STD, load_rgb, to_tensor
 
@@ -215,7 +217,7 @@ class CUBDataset(Dataset):
             held = held_out_images(by_class, val_fraction, seed)
             wanted = [i for i in wanted if (i in held) == (split == "val")]
         paths = {i: self.root / "images" / table["images"][i][0] for i in wanted}
-        bad = self._bad_images(paths, check_decoding=skip_bad_images)
+        bad, sizes = self._probe_images(paths, check_decoding=skip_bad_images)
         if bad and not skip_bad_images:
             first = next(iter(bad.items()))
             raise FileNotFoundError(
@@ -235,7 +237,7 @@ class CUBDataset(Dataset):
         self.image_ids = wanted
         self._paths = [paths[i] for i in wanted]
         self.labels = [label_of_class[table["images"][i][1]] for i in wanted]
-        self._boxes = torch.tensor([table["boxes"][i] for i in wanted], dtype=torch.float32)
+        self._boxes = self._checked_boxes(wanted, table["boxes"], sizes)
         self._parts = torch.zeros(len(wanted), len(PART_NAMES), 3)
         locs = table["parts"]
         row_of = torch.full((max(table["images"]) + 1,), -1, dtype=torch.long)
@@ -288,12 +290,45 @@ class CUBDataset(Dataset):
         return {"images": images, "boxes": tables["bounding_boxes.txt"], "parts": parts}
 
     @staticmethod
-    def _bad_images(paths: dict[int, Path], check_decoding: bool) -> dict[Path, int]:
-        """{path: image id} of the images that are missing (or, with ``check_decoding``, cannot be decoded)."""
-        check = _decodes if check_decoding else Path.is_file
+    def _probe_images(
+        paths: dict[int, Path], check_decoding: bool
+    ) -> tuple[dict[Path, int], dict[int, tuple[int, int]]]:
+        """({path: image id} of the images that are missing (or, with ``check_decoding``, cannot be decoded),
+        {image id: (width, height)} of those whose header reads: the boxes are checked against them)."""
         with ThreadPoolExecutor(max_workers=8) as pool:  # Pillow's decoder and stat() release the GIL
-            readable = list(pool.map(check, paths.values()))
-        return {path: image_id for (image_id, path), ok in zip(paths.items(), readable) if not ok}
+            probed = list(pool.map(lambda path: _probe(path, check_decoding), paths.values()))
+        bad = {path: image_id for (image_id, path), (ok, _) in zip(paths.items(), probed) if not ok}
+        sizes = {image_id: size for image_id, (_, size) in zip(paths, probed) if size is not None}
+        return bad, sizes
+
+    def _checked_boxes(
+        self, wanted: list[int], boxes: dict[int, list[float]], sizes: dict[int, tuple[int, int]]
+    ) -> torch.Tensor:
+        """The boxes of ``wanted`` clipped to their images (one warning counts them); a box that is not finite, or
+        of no size, or outside its image, is an error naming the file, its line and the image id."""
+        unknown = (math.inf, math.inf)  # an image whose header does not read fails when it is loaded
+        clipped, valid, was_clipped = check_boxes(
+            torch.tensor([boxes[i] for i in wanted], dtype=torch.float64).reshape(-1, 4),
+            torch.tensor([sizes.get(i, unknown) for i in wanted], dtype=torch.float64).reshape(-1, 2),
+        )
+        path = self.root / "bounding_boxes.txt"
+        if not valid.all():
+            row = int((~valid).nonzero()[0])
+            image_id = wanted[row]
+            width, height = sizes.get(image_id, unknown)
+            raise ValueError(
+                f"{path}, line {_line_of(path, image_id)}: image {image_id} has the box (x, y, w, h) = "
+                f"{tuple(boxes[image_id])}, which is not finite, has no width or height, or lies outside its "
+                f"{width}x{height} image"
+            )
+        if was_clipped.any():
+            first = wanted[int(was_clipped.nonzero()[0])]
+            warnings.warn(
+                f"clipped {int(was_clipped.sum())} box(es) of {path} that reach outside their images to them "
+                f"(e.g. image {first})",
+                stacklevel=3,
+            )
+        return clipped
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -320,15 +355,28 @@ class CUBDataset(Dataset):
         )
 
 
-def _decodes(path: Path) -> bool:
-    """Whether the whole file decodes (JPEGs at 1/8 scale through ``draft``: the full stream is still read)."""
+def _probe(path: Path, decode: bool) -> tuple[bool, tuple[int, int] | None]:
+    """(usable, (width, height) as its header says, or None). Usable: the file exists, and with ``decode`` the
+    whole file decodes (JPEGs at 1/8 scale through ``draft``: the full stream is still read)."""
+    if not path.is_file():
+        return False, None
     try:
         with Image.open(path) as image:
-            image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
-            image.load()
-        return True
+            size = image.size
+            if decode:
+                image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
+                image.load()
+        return True, size
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):  # the last one is not an OSError
-        return False
+        return not decode, None  # without decode a corrupt file fails, by name, when it is loaded
+
+
+def _line_of(path: Path, image_id: int) -> int:
+    """The line of a CUB file that starts with ``image_id`` (to name it in an error)."""
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if line.split(maxsplit=1)[:1] == [str(image_id)]:
+            return number
+    return 0
 
 
 def spread_indices(total: int, num: int) -> list[int]:
