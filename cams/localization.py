@@ -30,6 +30,7 @@ boxes against the OpenCV pipeline itself.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
@@ -352,8 +353,9 @@ class LocalizationAccumulator:
         scores["pointing_game_parts_images"] = int(known.sum())
         non_finite = int(np.isnan(rows[:, h]).sum())
         if non_finite:  # some map was not finite (a diverged model): no score means anything, all are NaN
-            scores = {key: np.full(np.shape(value), np.nan) for key, value in scores.items()}
-            scores = {key: value if value.ndim else float(value) for key, value in scores.items()}
+            scores = {
+                key: np.full(np.shape(value), np.nan) if np.ndim(value) else math.nan for key, value in scores.items()
+            }
             scores["non_finite_images"] = non_finite
         scores["num_images"] = len(rows)
         return scores

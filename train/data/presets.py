@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch import Tensor
 
 from cubcam.cams.overlay import IMAGENET_MEAN as MEAN
@@ -46,15 +46,20 @@ FLIPPED_PARTS = [
 Region = tuple[float, float, float, float]  # left, top, right, bottom in the original image's pixels
 
 
-def load_rgb(path: str | Path) -> Image.Image:
+def load_rgb(path: str | Path, exif_orientation: bool = False) -> Image.Image:
     """Decode any image file to RGB: grayscale (CUB has some), palette, CMYK, 16-bit; transparency is composited
     on white. Fully decoded here, so a truncated or corrupt file, or one over Pillow's decompression-bomb limit,
-    fails now with one ``OSError`` naming it."""
+    fails now with one ``OSError`` naming it.
+
+    ``exif_orientation`` turns the pixels as the EXIF orientation tag says, as a photo viewer shows them: for
+    users' photos (a phone stores a portrait shot sideways, with the tag). Off for datasets: CUB's boxes and parts
+    refer to the stored pixels.
+    """
     path = Path(path)
     try:
         with Image.open(path) as image:
             image.load()
-            return _to_rgb(image)
+            return _to_rgb(ImageOps.exif_transpose(image) if exif_orientation else image)
     except FileNotFoundError:
         raise FileNotFoundError(f"image file {path} does not exist") from None
     except Image.DecompressionBombError as err:  # not an OSError: above twice Image.MAX_IMAGE_PIXELS

@@ -73,7 +73,7 @@ from cubcam.train.data.cub import SPLITS, CUBDataset, spread_indices
 from cubcam.train.inspection.checkpoint import one_line
 from cubcam.train.inspection.plots import box_accuracy_plot, faithfulness_plot
 from cubcam.train.inspection.reference import loader
-from cubcam.train.inspection.session import START_ERRORS, add_common_options, fail, start
+from cubcam.train.inspection.session import START_ERRORS, add_common_options, fail, positive_int, start
 
 WEIGHTING_NAMES = {
     "gradcam": "GradCAM",
@@ -367,7 +367,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=BLUR_SIGMA,
         help="insertion canvas: Gaussian blur sigma as a fraction of the shorter image side (default %(default)s)",
     )
-    parser.add_argument("--limit", type=int, default=None, help="score only this many images, spread over the split")
+    parser.add_argument(
+        "--limit", type=positive_int, default=None, help="score only this many images, spread over the split"
+    )
     return parser.parse_args(argv)
 
 
@@ -490,10 +492,3 @@ def log_to_wandb(project: str, report: dict[str, Any], text: str, plots: list[Pa
         print(f"logged to W&B: project {project}, run {run.id}")
     except Exception as err:  # the evaluation is done and written: a dashboard failure must not hide it
         print(f"warning: could not log to W&B ({one_line(err)}); the results are in {out}", file=sys.stderr)
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +36,7 @@ from cubcam.train.data.cub import SPLITS, CUBDataset, spread_indices
 from cubcam.train.data.presets import EvalPreset, load_rgb
 from cubcam.train.inspection.checkpoint import CheckpointError, one_line
 from cubcam.train.inspection.reference import ReferenceSet
-from cubcam.train.inspection.session import START_ERRORS, Session, add_common_options, fail, start
+from cubcam.train.inspection.session import START_ERRORS, Session, add_common_options, fail, positive_int, start
 
 # --- inputs -------------------------------------------------------------------------------------------------------
 
@@ -52,8 +53,9 @@ class Item:
 
 
 def load_user_image(path: str | Path, preset: EvalPreset) -> Tensor:
-    """A user's image file through the evaluation preset; any size, any mode (grayscale, palette, alpha)."""
-    pil = load_rgb(path)
+    """A user's image file through the evaluation preset; any size, any mode (grayscale, palette, alpha), turned
+    upright by its EXIF orientation."""
+    pil = load_rgb(path, exif_orientation=True)
     width, height = pil.size
     image, _, _ = preset(pil, torch.tensor([0.0, 0.0, width, height]), torch.zeros(15, 3))
     return image
@@ -130,7 +132,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="panel split (default: val, the split held out of the training data, or test when the checkpoint's "
         "data had none)",
     )
-    parser.add_argument("--num", type=int, default=16, help="panel size, spread over the split")
+    parser.add_argument("--num", type=positive_int, default=16, help="panel size, spread over the split")
     parser.add_argument(
         "--weighting",
         choices=get_args(Weighting),
@@ -146,7 +148,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "reference image (single_point_nearest)",
     )
     parser.add_argument("--query", type=Path, help="retrieval explanation of this image (embedding nets)")
-    parser.add_argument("--topk", type=int, default=5, help="neighbours shown with --query")
+    parser.add_argument("--topk", type=positive_int, default=5, help="neighbours shown with --query")
     parser.add_argument("--colormap", default="jet")
     parser.add_argument("--alpha", type=float, default=0.5)
     return parser.parse_args(argv)
@@ -188,44 +190,49 @@ def explain_images(
     args: argparse.Namespace,
     panel: CUBDataset | None,
 ) -> int:
-    """Overlays, grid and summary for user images or a dataset panel; returns the number of images that failed."""
-    items: list[Item] = []
+    """Overlays, grid pages and summary for user images or a dataset panel; returns the number of images that
+    failed. Streams: images are read a batch at a time and each page of the grid is written when it is full, so
+    memory does not grow with the number of images."""
     errors: list[dict[str, str]] = []
     preset = session.preset
     if panel is None:
-        for path in args.images:
-            try:
-                items.append(Item(source=str(path), image=load_user_image(path, preset)))
-            except (OSError, ValueError) as err:
-                errors.append({"source": str(path), "error": image_error(path, err)})
+        sources: list[Any] = list(args.images)
         class_names = reference.dataset.class_names if reference is not None else session.ckpt.module.class_names
     else:
-        items = [dataset_item(panel, i, args.split) for i in spread_indices(len(panel), args.num)]
+        sources = spread_indices(len(panel), args.num)
         class_names = panel.class_names
+
+    def load(source: Any) -> Item | None:
+        if panel is not None:
+            return dataset_item(panel, source, args.split)
+        try:
+            return Item(source=str(source), image=load_user_image(source, preset))
+        except (OSError, ValueError) as err:
+            errors.append({"source": str(source), "error": image_error(source, err)})
+            return None
 
     explainer = ImageExplainer(
         HeadExplainer(session.ckpt.module), target, args.target, list(class_names), session.device, args.weighting
     )
+    digits = max(2, len(str(len(sources) - 1)))  # 000_... sorts past 99 images
+    pages = GridPages(args.out, math.ceil(len(sources) / GRID_PAGE), args.colormap, args.alpha)
     records: list[dict[str, Any]] = []
-    tiles, maps_all, captions = [], [], []
-    for first in range(0, len(items), args.batch_size):
-        chunk = items[first : first + args.batch_size]
+    captions: list[str] = []  # small: one line per image, for W&B
+    for first in range(0, len(sources), args.batch_size):
+        chunk = [item for item in map(load, sources[first : first + args.batch_size]) if item is not None]
+        if not chunk:
+            continue
         maps, chunk_records = explainer(chunk)
-        for n, (item, cam, record) in enumerate(zip(chunk, maps, chunk_records), start=first):
-            tile = overlay(denormalize(item.image), cam, colormap=args.colormap, alpha=args.alpha)
-            name = f"{n:02d}_{Path(record.get('path') or item.source).stem}.png"
-            save_png(tile, args.out / name)
+        for item, cam, record in zip(chunk, maps, chunk_records):
+            pixels = denormalize(item.image)
+            name = f"{len(records):0{digits}d}_{Path(record.get('path') or item.source).stem}.png"
+            save_png(overlay(pixels, cam, colormap=args.colormap, alpha=args.alpha), args.out / name)
             record["overlay"] = name
             records.append(record)
-            tiles.append(denormalize(item.image))
-            maps_all.append(cam)
             captions.append(caption(record, target.target.score_name))
-    boxes = [item.box if item.box is not None and bool((item.box[2:] > 0).all()) else None for item in items]
-    if items:  # GT box green (dataset images), the CAM's box red, as in the training callback's panels
-        save_png(
-            grid(tiles, captions, ncols=4, cams=maps_all, boxes=boxes, colormap=args.colormap, alpha=args.alpha),
-            args.out / "grid.png",
-        )
+            box = item.box if item.box is not None and bool((item.box[2:] > 0).all()) else None
+            pages.add(pixels, captions[-1], cam, box)
+    written = pages.close()
     summary = {
         "checkpoint": str(session.ckpt.path),
         "method": session.method,
@@ -235,7 +242,8 @@ def explain_images(
         "image_size": [preset.size, preset.size],
         "images": records,
         "errors": errors,
-        "grid": "grid.png" if items else None,
+        "grid": written[0] if written else None,
+        "grids": written,
     }
     write_json(args.out / "summary.json", summary)
     print(f"explained {len(records)} image(s) into {args.out}" + (f"; {len(errors)} failed" if errors else ""))
@@ -317,6 +325,54 @@ def explain_retrieval(session: Session, reference: ReferenceSet, args: argparse.
     if args.wandb:
         log_to_wandb(args, summary, [], [])
     return 0
+
+
+GRID_PAGE = 64  # tiles per grid file: a 500-image panel is 8 files of 16 x 4 tiles, not one 36,879 px tall image
+
+
+class GridPages:
+    """The captioned grid of every explained image, written a page (:data:`GRID_PAGE` tiles) at a time:
+    ``grid.png`` when one page holds them all, else ``grid_01.png``, ``grid_02.png``, ... GT box green (dataset
+    images), the CAM's box red, as in the training callback's panels."""
+
+    def __init__(self, out: Path, num_pages: int, colormap: str, alpha: float):
+        self.out, self.colormap, self.alpha = out, colormap, alpha
+        self.digits = len(str(num_pages)) if num_pages > 1 else 0
+        self.tiles: list[Any] = []
+        self.captions: list[str] = []
+        self.maps: list[Tensor] = []
+        self.boxes: list[Tensor | None] = []
+        self.written: list[str] = []
+
+    def add(self, pixels: Any, text: str, cam: Tensor, box: Tensor | None) -> None:
+        self.tiles.append(pixels)
+        self.captions.append(text)
+        self.maps.append(cam)
+        self.boxes.append(box)
+        if len(self.tiles) == GRID_PAGE:
+            self._flush()
+
+    def close(self) -> list[str]:
+        """Write the last page; the names of all the pages written, in order."""
+        self._flush()
+        return self.written
+
+    def _flush(self) -> None:
+        if not self.tiles:
+            return
+        name = f"grid_{len(self.written) + 1:0{self.digits}d}.png" if self.digits else "grid.png"
+        page = grid(
+            self.tiles,
+            self.captions,
+            ncols=4,
+            cams=self.maps,
+            boxes=self.boxes,
+            colormap=self.colormap,
+            alpha=self.alpha,
+        )
+        save_png(page, self.out / name)
+        self.written.append(name)
+        self.tiles, self.captions, self.maps, self.boxes = [], [], [], []
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

@@ -25,6 +25,22 @@ from cubcam.train.inspection.reference import ReferenceSet, reference_set, refer
 START_ERRORS = (CheckpointError, FileNotFoundError, ValueError)  # what the start-up turns into one line
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1 (``--num 0`` would explain nothing and say nothing)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer of at least 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
 def add_common_options(parser: argparse.ArgumentParser) -> None:
     """The options both tools take, with one default each."""
     parser.add_argument("checkpoint", type=Path, help="a Lightning checkpoint of a cubcam Classifier or EmbeddingNet")
@@ -46,9 +62,11 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
         help="embedding nets: split whose embeddings give the proxies and the retrieval gallery (default: train; in "
         "the zero_shot scheme the explained split, val or test)",
     )
-    parser.add_argument("--image-size", type=int, default=None, help="default: the checkpoint's data.image_size")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument(
+        "--image-size", type=positive_int, default=None, help="default: the checkpoint's data.image_size"
+    )
+    parser.add_argument("--batch-size", type=positive_int, default=32)
+    parser.add_argument("--num-workers", type=non_negative_int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
         "--seed", type=int, default=0, help="draws the single-point proxy of each class (and evaluate's random maps)"
