@@ -9,6 +9,8 @@ Shared by the training callback's per-epoch PNG panels and ``cubcam explain``, s
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -170,6 +172,13 @@ def as_uint8(tile: np.ndarray | Tensor) -> np.ndarray:
 
 
 def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    """DejaVu Sans (shipped with matplotlib, a dependency: Latin with accents, Greek, Cyrillic, where Pillow's
+    default font draws boxes for any non-ASCII letter), else Pillow's default."""
+    spec = importlib.util.find_spec("matplotlib")  # its font file only: importing matplotlib is not needed
+    if spec is not None and spec.origin is not None:
+        path = Path(spec.origin).parent / "mpl-data" / "fonts" / "ttf" / "DejaVuSans.ttf"
+        with contextlib.suppress(OSError):
+            return ImageFont.truetype(str(path), size)
     try:
         return ImageFont.load_default(size=size)  # Pillow >= 10.1 with FreeType: a scalable font
     except (TypeError, ImportError, OSError):
@@ -181,21 +190,35 @@ def _line_height(font: ImageFont.FreeTypeFont | ImageFont.ImageFont) -> int:
     return int(bottom) + 2
 
 
-def _wrap(caption: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont, width: int) -> list[str]:
-    """Greedy word wrap to ``width`` pixels; a single word wider than that is cut with '...'."""
+def _wrap(
+    caption: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont, width: int, max_lines: int = 2
+) -> list[str]:
+    """Greedy word wrap to ``width`` pixels, at most ``max_lines`` lines per caption line (a long class name would
+    otherwise make every caption of the grid as tall as its own); what does not fit is cut with '...'."""
     lines: list[str] = []
     for paragraph in str(caption).split("\n"):
+        wrapped: list[str] = []
         line = ""
         for word in paragraph.split(" "):
             candidate = f"{line} {word}" if line else word
             if line and font.getlength(candidate) > width:
-                lines.append(line)
+                wrapped.append(line)
                 candidate = word
             line = candidate
-        while font.getlength(line) > width and len(line) > 3:
-            line = line[:-4] + "..."
-        lines.append(line)
+        wrapped.append(line)
+        cut = len(wrapped) > max_lines
+        wrapped = wrapped[:max_lines]
+        lines += [_fit(text, font, width, cut and n == len(wrapped) - 1) for n, text in enumerate(wrapped)]
     return lines
+
+
+def _fit(line: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont, width: int, cut: bool) -> str:
+    """``line`` as it fits in ``width`` pixels: as it is, or shortened and ended with '...' (always, if ``cut``)."""
+    if not cut and font.getlength(line) <= width:
+        return line
+    while line and font.getlength(line + "...") > width:
+        line = line[:-1]
+    return line.rstrip() + "..."
 
 
 @dataclass
