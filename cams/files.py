@@ -62,15 +62,27 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO]:
         os.chmod(temporary, stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o644)
         os.replace(temporary, path)
         temporary = None
-    except OSError as error:
-        if isinstance(error, WriteFailed):
+    except Exception as error:
+        cause = _os_error(error)
+        if cause is None or isinstance(error, WriteFailed):
             raise
-        reason = error.strerror or str(error)
-        raise WriteFailed(error.errno, f"could not write {path}: {reason} ({free_space(path.parent)})") from error
+        reason = cause.strerror or str(cause)
+        raise WriteFailed(cause.errno, f"could not write {path}: {reason} ({free_space(path.parent)})") from error
     finally:
         if temporary is not None:
             with contextlib.suppress(OSError):
                 os.unlink(temporary)
+
+
+def _os_error(error: BaseException | None) -> OSError | None:
+    """The OSError behind ``error``: itself, or one it was raised while handling (``torch.save``'s zip writer
+    answers a full disk with a RuntimeError of its own, raised from the OSError)."""
+    seen = 0
+    while error is not None and seen < 8:
+        if isinstance(error, OSError):
+            return error
+        error, seen = error.__cause__ or error.__context__, seen + 1
+    return None
 
 
 def write_bytes(path: str | Path, data: bytes) -> Path:

@@ -198,8 +198,8 @@ def check_resume(ckpt_path: str, configured: Namespace | None, saved: dict[str, 
     wanted = configured.get("init_args") or Namespace()
     if (saved_class and wanted_class and saved_class != wanted_class) or saved.get("arch") != wanted.get("arch"):
         raise CheckpointError(
-            f"{ckpt_path} is a {saved_class or 'model'} ({saved.get('arch')}), but the config asks for a "
-            f"{wanted_class or 'model'} ({wanted.get('arch')}): resume it with the config it was trained with"
+            f"{ckpt_path} is a checkpoint of {saved_class or 'a model'} ({saved.get('arch')}), but the config asks "
+            f"for {wanted_class or 'a model'} ({wanted.get('arch')}): resume it with the config it was trained with"
         )
     ignored = [
         f"{key}={wanted[key]!r} (kept: {saved[key]!r})"
