@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 from torch import Tensor
 
 from cubcam.callbacks.panel_data import BirdRow, Panel, name
@@ -125,8 +126,10 @@ def _panel(
 ) -> Panel:
     """The panel with each bird's localization numbers, from its primary map (the first cell of its strip)."""
     boxes = np.asarray(birds["box"], dtype=np.float64).reshape(-1, 4)
-    ratios = heatmap_ratio(primary_maps, boxes)
-    peaks = pointing_game(primary_maps, boxes=boxes)
+    finite = torch.isfinite(primary_maps).flatten(1).all(1)  # a diverged model's maps: NaN numbers, no box
+    maps = torch.where(finite[:, None, None], primary_maps, torch.zeros_like(primary_maps))
+    ratios = np.where(finite.numpy(), heatmap_ratio(maps, boxes), np.nan)
+    peaks = np.where(finite.numpy(), pointing_game(maps, boxes=boxes), 0.0)
     rows: list[BirdRow] = []
     for b, index in enumerate(birds["index"].tolist()):
         box = cam_box(primary_maps[b], style.box_threshold)

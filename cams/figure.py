@@ -38,7 +38,10 @@ def cam_box(cam_map: Tensor | np.ndarray, threshold: float = 0.5) -> np.ndarray 
     quantisation, as ``cubcam.cams.localization.boxes_from_map`` cuts it), xywh; None if empty.
 
     The same boxes MaxBoxAccV2 scores (``cubcam.cams.localization.boxes_from_map``); a figure shows the biggest one.
+    A map that is not finite (a diverged model's) has none.
     """
+    if not np.isfinite(np.asarray(cam_map.detach().cpu() if isinstance(cam_map, Tensor) else cam_map)).all():
+        return None
     boxes = np.asarray(boxes_from_map(cam_map, threshold), dtype=np.float64).reshape(-1, 4)
     if len(boxes) == 0:
         return None

@@ -634,3 +634,85 @@ def test_trained_maps_find_the_birds_better_than_a_centred_blob(tmp_path, kind, 
 
 if __name__ == "__main__" and len(sys.argv) == 5 and sys.argv[1] == "ddp":
     ddp_main(sys.argv[2], sys.argv[3], sys.argv[4])
+
+
+# --- diverged models, bad boxes, dry runs (issue "Nothing lost") --------------------------------------------------
+
+
+class Diverge(pl.Callback):
+    """Test probe: from epoch ``start`` on, the module's CAM layer (its backbone's output) is all NaN."""
+
+    def __init__(self, start: int):
+        self.start, self.handle = start, None
+
+    def on_fit_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        def hook(layer, inputs, output):
+            return output * float("nan") if trainer.current_epoch >= self.start else output
+
+        self.handle = module.net.backbone.register_forward_hook(hook)
+
+    def on_fit_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        self.handle.remove()
+
+
+def test_a_diverged_classifier_logs_nan_cam_metrics_with_one_warning(synthetic_cub, tmp_path):
+    """NaN maps were min-max normalised to zeros and scored as misses (0.0); now NaN, and one warning per run."""
+    data = data_for(synthetic_cub, "classifier")
+    trainer = trainer_for(tmp_path, 3, [CAMPanel(num_images=4), Diverge(start=1)], limit_train_batches=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(module_for("classifier", data), datamodule=data)
+    for key in METRIC_KEYS:
+        assert torch.isnan(trainer.callback_metrics[key]), key
+    told = [m for m in campanel_warnings(caught) if "training diverged" in m]
+    assert len(told) == 1 and told[0].startswith("CAMPanel: training diverged at epoch 1: the CAM maps of 16 of 16")
+    assert (tmp_path / "cam_panels" / "epoch_002.png").is_file(), campanel_warnings(caught)  # drawn, without heat
+
+
+def test_a_diverged_embedding_net_logs_nan_and_stops_cleanly(synthetic_cub, tmp_path):
+    """pytorch-metric-learning died on NaN embeddings ("the first len(query) elements of reference must be equal to
+    query"); now the retrieval metrics are NaN, one warning says so, and training stops after that epoch."""
+    data = data_for(synthetic_cub, "embedding")
+    trainer = trainer_for(tmp_path, 4, [Diverge(start=1)], limit_train_batches=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(module_for("embedding", data), datamodule=data)
+    assert trainer.current_epoch == 2  # epochs 0 and 1 ran; 2 and 3 did not
+    assert torch.isnan(trainer.callback_metrics["val/precision_at_1"])
+    told = [str(w.message) for w in caught if "training diverged" in str(w.message)]
+    assert told == [
+        "training diverged at epoch 1: 16 of 16 val embeddings are not finite; the val retrieval "
+        "metrics are NaN; training stops"
+    ]
+
+
+def test_boxes_that_cannot_be_scored_are_left_out_by_dataset_index():
+    from cubcam.callbacks.collect import EpochCollector
+
+    collector = EpochCollector(panel=None, subset=[0, 1, 2, 3])
+    images = torch.zeros(4, 3, 32, 32)
+    step = {
+        "index": torch.arange(4),
+        "label": torch.zeros(4, dtype=torch.long),
+        "output": torch.zeros(4, 2),
+        "activations": torch.zeros(4, 8, 2, 2),
+    }
+    boxes = torch.tensor([[1.0, 1, 10, 10], [float("nan"), 1, 10, 10], [4, 4, -3, 5], [20, 20, 30, 30]])
+    collector.add(step, images, boxes)
+    assert collector.invalid_boxes == [1, 2]
+    columns = collector.subset_columns()
+    assert columns["index"].tolist() == [0, 3]
+    assert columns["box"].tolist() == [[1, 1, 10, 10], [20, 20, 12, 12]]  # the last one clipped to the 32 px image
+
+
+def test_fast_dev_run_writes_no_panel_files(synthetic_cub, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    data = data_for(synthetic_cub, "classifier")
+    pl.Trainer(
+        fast_dev_run=True,
+        accelerator="cpu",
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[CAMPanel(num_images=4)],
+    ).fit(module_for("classifier", data), datamodule=data)
+    assert not list(tmp_path.rglob("*.png"))  # Lightning's dry run writes no files; nor do the panels
