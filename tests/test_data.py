@@ -365,3 +365,49 @@ def test_datamodule_rejects_impossible_batches(synthetic_cub: Path) -> None:
         data.setup("fit")
     with pytest.raises(ValueError, match="sampler must be one of"):
         CUBDataModule(root=str(synthetic_cub), sampler="balanced")
+
+
+def test_boxes_are_checked_where_they_are_read(synthetic_cub: Path, tmp_path: Path) -> None:
+    """A NaN or negative width ended a run after a full epoch inside the callback, naming no image; a box reaching
+    outside its image was scored as a miss. Now: an error naming the file, line and image id; a clip with one
+    warning that counts them."""
+    root = copy_of(synthetic_cub, tmp_path)
+    boxes_file = root / "CUB_200_2011" / "bounding_boxes.txt"
+    original = boxes_file.read_text().splitlines()
+    for bad in ("nan", "-4.0", "0.0"):
+        lines = list(original)
+        image_id, x, y, _, h = lines[2].split()
+        lines[2] = " ".join([image_id, x, y, bad, h])
+        boxes_file.write_text("\n".join(lines) + "\n")
+        with pytest.raises(ValueError, match=rf"bounding_boxes.txt, line 3: image {image_id} has the box"):
+            CUBDataset(root, "train" if int(image_id) % 2 else "test")
+    lines = list(original)
+    image_id, x, y, _, h = lines[0].split()  # image 1 (train split): its box made to overhang the right edge
+    lines[0] = " ".join([image_id, x, y, "500.0", h])
+    boxes_file.write_text("\n".join(lines) + "\n")
+    with pytest.warns(UserWarning, match=r"clipped 1 box\(es\) of .*bounding_boxes.txt .* \(e.g. image 1\)"):
+        dataset = CUBDataset(root, "train")
+    width = Image.open(dataset.image_path(0)).width
+    assert dataset.image_ids[0] == 1
+    assert dataset._boxes[0].tolist() == pytest.approx([float(x), float(y), width - float(x), float(h)])
+
+
+def test_users_photos_are_turned_upright_by_exif_and_the_dataset_keeps_its_pixels(tmp_path: Path) -> None:
+    stored = Image.new("RGB", (96, 64), (255, 0, 0))
+    stored.paste((0, 0, 255), (48, 0, 96, 64))  # left red, right blue, as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to view": how a phone stores a portrait shot
+    path = tmp_path / "photo.jpg"
+    stored.save(path, exif=exif, quality=95)
+    assert load_rgb(path).size == (96, 64)  # datasets: the stored pixels (CUB's boxes refer to them)
+    upright = load_rgb(path, exif_orientation=True)
+    assert upright.size == (64, 96)
+    top, bottom = np.asarray(upright)[5, 32], np.asarray(upright)[90, 32]
+    assert top[0] > 200 > top[2] and bottom[2] > 200 > bottom[0]  # red above blue, as a viewer shows it
+
+
+def test_uint8_images_are_drawn_as_their_pixels_and_other_integers_refused() -> None:
+    pixels = torch.randint(0, 256, (3, 8, 8), dtype=torch.uint8)
+    assert (denormalize(pixels) == pixels.permute(1, 2, 0).numpy()).all()  # was: all white
+    with pytest.raises(TypeError, match="images must be float .* or uint8"):
+        denormalize(pixels.to(torch.int32))

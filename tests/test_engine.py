@@ -448,3 +448,21 @@ def test_weightings_follow_their_formulas_and_differ():
     assert all(not torch.allclose(maps[i], maps[j]) for i in range(5) for j in range(i + 1, 5))
     with pytest.raises(ValueError, match="weighting must be one of"):
         GradCAM(nn.Linear(2, 2), None, weighting="scorecam")
+
+
+def test_a_pooled_layer_is_refused_by_name_not_explained_into_noise() -> None:
+    """A 1x1 grid upsamples to a constant, which the min-max stretch made {0, 0.5, 1} noise."""
+    from torchvision.models import resnet18
+
+    model = resnet18(num_classes=4).eval()
+    with pytest.raises(ValueError, match=r"target layer avgpool gives a 1x1 grid \(2, 512, 1, 1\)"):
+        GradCAM(model, "avgpool")(torch.randn(2, 3, 64, 64))
+
+
+def test_non_finite_maps_become_nan_before_the_stretch_and_flat_ones_zeros() -> None:
+    maps = torch.stack([torch.rand(4, 4), torch.zeros(4, 4), torch.rand(4, 4)])
+    maps[2, 1, 1] = float("nan")
+    out = minmax_normalize(maps)
+    assert out[0].min() == 0 and out[0].max() == 1
+    assert (out[1] == 0).all()  # an empty (ReLU'd) map stays empty
+    assert out[2].isnan().all()  # was: zeros, scored as misses

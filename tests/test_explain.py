@@ -270,3 +270,43 @@ def test_retrieval_neighbours_equal_a_brute_force_cosine_search(trained: Trained
     assert neighbours[0]["path"] == str(train_split.image_path(neighbours[0]["index"]))
     grid = read_png(out / "retrieval.png")
     assert grid.shape[1] >= 2 * SIZE and grid.shape[0] >= 5 * SIZE  # five rows of (query, neighbour) pairs
+
+
+def test_many_images_stream_into_sorted_names_and_grid_pages(trained: Trained, tmp_path: Path, monkeypatch) -> None:
+    """explain held every image and tile in memory and drew one grid (916 x 36,879 px for 500 images): now images
+    are read a batch at a time, overlays are written as they are made, and the grid is paged."""
+    import cubcam.train.inspection.explain as explain_module
+
+    images = []
+    for k in range(101):  # past 99: the names still sort in order
+        path = tmp_path / f"bird{k}.png"
+        Image.fromarray(np.full((SIZE, SIZE, 3), 2 * k, dtype=np.uint8)).save(path)
+        images.append(path)
+    events: list[str] = []
+    tiles_per_page: list[int] = []
+    load, save, page = explain_module.load_user_image, explain_module.save_png, explain_module.grid
+    monkeypatch.setattr(explain_module, "load_user_image", lambda *a: events.append("load") or load(*a))
+    monkeypatch.setattr(explain_module, "save_png", lambda *a, **k: events.append("save") or save(*a, **k))
+    monkeypatch.setattr(
+        explain_module, "grid", lambda tiles, *a, **k: tiles_per_page.append(len(tiles)) or page(tiles, *a, **k)
+    )
+    out = tmp_path / "out"
+    main([str(trained.classifier), *map(str, images), "--out", str(out), "--batch-size", "16"])
+
+    summary = json.loads((out / "summary.json").read_text())
+    names = [record["overlay"] for record in summary["images"]]
+    assert names == sorted(names) and names[0] == "000_bird0.png" and names[100] == "100_bird100.png"
+    assert summary["grids"] == ["grid_1.png", "grid_2.png"] and tiles_per_page == [64, 37]
+    assert events.index("save") < events.index("load", 16)  # the first batch is written before the second is read
+    assert read_png(out / "grid_1.png").shape[0] < 17 * (SIZE + 60)  # 16 rows of captioned tiles, not 26
+
+
+@pytest.mark.parametrize(("tool", "option"), [("explain", "--num"), ("explain", "--topk"), ("evaluate", "--limit")])
+def test_zero_counts_are_refused_in_one_line(tool: str, option: str, trained: Trained, tmp_path: Path, capsys) -> None:
+    from cubcam.train.inspection.evaluate import main as evaluate_main
+
+    run = main if tool == "explain" else evaluate_main
+    with pytest.raises(SystemExit) as exited:
+        run([str(trained.classifier), option, "0", "--out", str(tmp_path)])
+    assert exited.value.code == 2
+    assert f"argument {option}: must be 1 or more, got 0" in capsys.readouterr().err

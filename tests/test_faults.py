@@ -241,3 +241,26 @@ def test_a_checkpoint_that_cannot_resume_the_config_is_one_line(tiny_cub: Path, 
         f"resuming {last} keeps the model settings it was trained with; these config values are "
         f"ignored: lr=0.1 (kept: 0.002)"
     ]
+
+
+def test_best_files_of_an_abandoned_timeline_are_removed_so_save_top_k_holds(tmp_path: Path) -> None:
+    """Resumed from best-epoch=1.ckpt, a run that had gone on to best-epoch=3.ckpt left both (save_top_k: 1)."""
+    from cubcam.train.best_checkpoint import BestCheckpoint
+
+    for name in ("best-epoch=1.ckpt", "best-epoch=3.ckpt", "last.ckpt"):
+        (tmp_path / name).write_bytes(b"x")
+    callback = BestCheckpoint(dirpath=tmp_path, monitor="val/acc")
+    callback._fitting = True  # as setup sets it for fit (a test restoring a best checkpoint tidies nothing)
+    kept = str(tmp_path / "best-epoch=1.ckpt")
+    callback.load_state_dict(
+        {
+            "dirpath": str(tmp_path),
+            "best_model_path": kept,
+            "best_model_score": torch.tensor(0.5),
+            "best_k_models": {kept: torch.tensor(0.5)},
+            "kth_best_model_path": kept,
+            "kth_value": torch.tensor(0.5),
+            "last_model_path": "",
+        }
+    )
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["best-epoch=1.ckpt", "last.ckpt"]

@@ -75,3 +75,32 @@ def test_grid_with_cams_overlays_and_boxes_each_tile():
     assert not (first[16, 16] == 100).all()  # the heatmap is blended in
     with pytest.raises(ValueError, match="2 tiles but 1 cams"):
         grid(images, cams=maps[:1])
+
+
+def test_long_class_names_stay_in_two_lines_of_their_tile() -> None:
+    """A long name made every caption of its grid as tall as its own wrapped name; now it is cut at two lines."""
+    from cubcam.cams.figure import _font, _wrap
+
+    font = _font(12)
+    name = "true: " + " ".join(["Extraordinarily"] * 12) + " Albatross"
+    lines = _wrap(name + "\npred: Supercalifragilisticexpialidociousbird (p 0.50)", font, 64)
+    assert len(lines) == 4 and lines[1].endswith("...") and lines[3].endswith("...")
+    assert all(font.getlength(line) <= 64 for line in lines)
+    tile = np.full((64, 64, 3), 128, dtype=np.uint8)
+    short = grid([tile, tile], ["true: a\npred: b", "true: c\npred: d"], ncols=2)
+    long = grid([tile, tile], [name + "\npred: b", "true: c\npred: d"], ncols=2)
+    assert long.shape[0] - short.shape[0] <= 2 * 16  # two lines more at most, never the whole name
+
+
+def test_non_ascii_class_names_draw_as_letters_not_boxes() -> None:
+    from cubcam.cams.figure import _font
+
+    font = _font(16)
+
+    def drawn(text: str) -> np.ndarray:
+        return np.asarray(font.getmask(text), dtype=np.uint8)
+
+    missing = drawn("\U000f0000")  # a private-use code point: no font has it, so it shows the missing-glyph box
+    for letter in ("ö", "ñ", "Ω", "Ж", "ł"):
+        shape = drawn(letter)
+        assert shape.shape != missing.shape or (shape != missing).any(), letter

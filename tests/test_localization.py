@@ -415,3 +415,33 @@ def test_maps_are_min_max_normalised_first():
 def test_bad_input_is_named(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_a_non_finite_map_makes_every_score_nan_and_is_counted() -> None:
+    from cubcam.cams.localization import LocalizationAccumulator
+
+    maps = np.zeros((3, 8, 8))
+    maps[:, 2:5, 2:5] = 1.0
+    boxes = np.array([[2.0, 2.0, 3.0, 3.0]] * 3)
+    accumulator = LocalizationAccumulator(3)
+    accumulator.update([0, 1], maps[:2], boxes[:2])
+    assert accumulator.compute()["max_box_acc"] == 1.0
+    maps[2, 0, 0] = np.nan
+    accumulator.update([2], maps[2:], boxes[2:])
+    scores = accumulator.compute()
+    assert scores["non_finite_images"] == 1 and scores["num_images"] == 3
+    for key in ("max_box_acc", "box_acc_iou50", "heatmap_ratio", "pointing_game", "best_threshold_iou50"):
+        assert np.isnan(scores[key]), key
+
+
+def test_boxes_are_clipped_to_their_image_and_unscoreable_ones_flagged() -> None:
+    from cubcam.cams.localization import check_boxes
+
+    boxes = torch.tensor(
+        [[2.0, 3, 10, 10], [-2, 5, 10, 20], [0, 0, float("nan"), 4], [1, 1, -4, 4], [1, 1, 0, 4], [40, 40, 5, 5]]
+    )
+    sizes = torch.tensor([[32.0, 16]] * 6)
+    clipped, valid, was_clipped = check_boxes(boxes, sizes)
+    assert valid.tolist() == [True, True, False, False, False, False]  # NaN, negative, empty, wholly outside
+    assert was_clipped.tolist() == [False, True, False, False, False, False]
+    assert clipped[:2].tolist() == [[2, 3, 10, 10], [0, 5, 8, 11]]

@@ -189,3 +189,14 @@ def test_weights_path_loads_a_local_file_and_pretrained_offline_fails_fast(tmp_p
     assert time.monotonic() - start < 15
     with pytest.raises(FileNotFoundError, match="weights_path .*missing.pth does not exist"):
         models.TimmBackbone(models.BackboneConfig("test_convnext", weights_path=tmp_path / "missing.pth"))
+
+
+def test_a_channels_last_stage_without_reshape_is_refused_by_name() -> None:
+    """Swin's [B, 7, 7, 768] read as channels-first is 7 channels of a 7 x 768 "grid": maps that look fine and mean
+    nothing. It is one error naming the layer and the fix."""
+    model = timm.create_model(
+        "swin_tiny_patch4_window7_224", pretrained=False, num_classes=5, depths=(1, 1, 1, 1), embed_dim=24
+    ).eval()
+    with pytest.raises(ValueError, match=r"layers\.3 gives \(2, 7, 7, 192\), which looks channels-last"):
+        GradCAM(model, "layers.3")(torch.randn(2, 3, 224, 224), torch.tensor(TARGETS))
+    assert GradCAM(model, "layers.3", reshape=nhwc_to_nchw)(torch.randn(2, 3, 224, 224)).shape == (2, 224, 224)
