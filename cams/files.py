@@ -66,6 +66,10 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO]:
         cause = _os_error(error)
         if cause is None or isinstance(error, WriteFailed):
             raise
+        if temporary is not None:  # first, so that the free space reported is what there is without it
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            temporary = None
         reason = cause.strerror or str(cause)
         raise WriteFailed(cause.errno, f"could not write {path}: {reason} ({free_space(path.parent)})") from error
     finally:
