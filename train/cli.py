@@ -61,8 +61,8 @@ class CubCamCLI(LightningCLI):
         if not self.config.get("subcommand"):
             return
         ckpt_path = self.config[self.config.subcommand].get("ckpt_path")
-        if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry") or str(ckpt_path).startswith("registry:"):
-            return  # Lightning's own names for checkpoints it finds itself
+        if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry") or ":" in str(ckpt_path).split("/")[0]:
+            return  # Lightning's own names for checkpoints it finds itself, and remote ones (s3://, registry:)
         checkpoint = read_checkpoint(ckpt_path)
         if "pytorch-lightning_version" not in checkpoint:
             raise CheckpointError(f"{ckpt_path} is a state_dict, not a Lightning checkpoint: it cannot resume a run")

@@ -8,8 +8,10 @@ Every image goes through the evaluation preset (shorter side to ``size * 256/224
 model sees exactly what it saw in validation; each overlay PNG is that ``size x size`` crop with the heatmap on it.
 A classifier is explained with GradCAM, an embedding net with EmbeddingCAM against a class proxy built from the
 reference split's embeddings (cached beside the checkpoint after the first run). Writes one overlay per image
-(``NN_<name>.png``), ``grid.png`` (captioned tiles; GT box green and CAM box red where a box is known) and
-``summary.json``. An image that cannot be read is reported in one line and skipped; the exit code is then 1.
+(``NN_<name>.png``, zero-padded to sort), ``grid.png`` (captioned tiles; GT box green and CAM box red where a box is
+known; ``grid_1.png``, ``grid_2.png``, ... of 64 tiles past 64 images) and ``summary.json``, a batch at a time
+(memory does not grow with the number of images). Your photos are turned upright by their EXIF orientation. An image
+that cannot be read is reported in one line and skipped; the exit code is then 1.
 """
 
 from __future__ import annotations
