@@ -62,10 +62,11 @@ class RunFolderCheckpoint(ModelCheckpoint):
 
     def __init__(self, enable_version_counter: bool = False, **kwargs: Any):
         super().__init__(enable_version_counter=enable_version_counter, **kwargs)
+        self._fitting = False  # set at setup: a test restoring a best checkpoint's state must not tidy the folder
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        self._fitting = stage == "fit"  # a test restoring the best checkpoint's state must not tidy the folder
+        self._fitting = stage == "fit"
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default, not a user's own
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
 
@@ -104,7 +105,7 @@ class RunFolderCheckpoint(ModelCheckpoint):
         """Files of this callback's pattern that its restored state does not list were written after the
         checkpoint this run resumed from, by the timeline the resume abandoned: removed, so ``save_top_k`` holds."""
         if (
-            not getattr(self, "_fitting", False)
+            not self._fitting
             or self.save_top_k < 0
             or self.dirpath is None
             or self.monitor is None
