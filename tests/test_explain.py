@@ -310,3 +310,21 @@ def test_zero_counts_are_refused_in_one_line(tool: str, option: str, trained: Tr
         run([str(trained.classifier), option, "0", "--out", str(tmp_path)])
     assert exited.value.code == 2
     assert f"argument {option}: must be 1 or more, got 0" in capsys.readouterr().err
+
+
+def test_a_full_disk_ends_explain_and_evaluate_in_one_line(trained: Trained, tmp_path: Path, monkeypatch, capsys):
+    import errno
+    import tempfile
+
+    from cubcam.train.inspection.evaluate import main as evaluate_main
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tempfile, "mkstemp", full)  # where cubcam.cams.files starts every write
+    for run, extra in ((main, ["--num", "2"]), (evaluate_main, ["--limit", "2"])):
+        with pytest.raises(SystemExit) as exited:
+            run([str(trained.classifier), *extra, "--num-workers", "0", "--out", str(tmp_path / "out")])
+        assert exited.value.code == 2
+        (line,) = error_lines(capsys.readouterr().err)
+        assert line.startswith(f"error: could not write {tmp_path / 'out'}/") and "No space left on device (" in line

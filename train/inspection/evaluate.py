@@ -59,7 +59,7 @@ from cubcam.cams.faithfulness import (
     fractions,
     random_maps,
 )
-from cubcam.cams.files import write_text
+from cubcam.cams.files import WriteFailed, write_text
 from cubcam.cams.localization import (
     DEFAULT_IOU_THRESHOLDS,
     DEFAULT_THRESHOLDS,
@@ -434,16 +434,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         report |= {"faithfulness_steps": steps, "fractions": fractions(steps).tolist(), "blur_sigma": args.blur}
     report = rounded(report)
     out = args.out or session.ckpt.path.with_name(f"{session.ckpt.path.stem}-evaluate-{split}")
-    out.mkdir(parents=True, exist_ok=True)
-    plots = write_plots(report, out)
-    write_text(out / "metrics.json", json.dumps(report, indent=2, sort_keys=True) + "\n")
-    heading = (
-        f"{session.ckpt.path.name} on the {split} split ({scores.num_images} images, {session.image_size} px), "
-        "in %:\n\n"
-    )
-    baselines = [name for name in BASELINES if name in scores.methods]
-    text = heading + markdown_table(report["methods"]) + "\n" + per_class_table(classes, [first, *baselines])
-    write_text(out / "metrics.md", text)
+    try:  # a full disk, a read-only folder: one line, not a traceback
+        out.mkdir(parents=True, exist_ok=True)
+        plots = write_plots(report, out)
+        write_text(out / "metrics.json", json.dumps(report, indent=2, sort_keys=True) + "\n")
+        heading = (
+            f"{session.ckpt.path.name} on the {split} split ({scores.num_images} images, {session.image_size} px), "
+            "in %:\n\n"
+        )
+        baselines = [name for name in BASELINES if name in scores.methods]
+        text = heading + markdown_table(report["methods"]) + "\n" + per_class_table(classes, [first, *baselines])
+        write_text(out / "metrics.md", text)
+    except (WriteFailed, PermissionError) as err:
+        fail(err)
     print(heading + markdown_table(report["methods"]))
     print(
         f"wrote {out / 'metrics.json'}, {out / 'metrics.md'} (with the per-class table) and "

@@ -30,7 +30,7 @@ from torch import Tensor
 from cubcam.cams import overlay
 from cubcam.cams.engine import Weighting
 from cubcam.cams.figure import grid, pair_strips, save_png
-from cubcam.cams.files import write_text
+from cubcam.cams.files import WriteFailed, write_text
 from cubcam.cams.overlay import denormalize
 from cubcam.cams.protocol import UNKNOWN_LABEL, Choice, Explainer, HeadExplainer, explain, pair_maps
 from cubcam.cams.targets import LEGACY_SINGLE_POINT, ExplanationTarget, ProxyScheme, proxy_scheme
@@ -176,11 +176,14 @@ def main(argv: list[str] | None = None) -> None:
         scheme = proxy_scheme(args.proxy, legacy="single_point_random")
     except START_ERRORS as err:
         fail(err)
-    args.out.mkdir(parents=True, exist_ok=True)
-    if reference is not None and args.query is not None:
-        failed = explain_retrieval(session, reference, args)
-    else:
-        failed = explain_images(session, session.target(scheme, reference, explained), reference, args, panel)
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+        if reference is not None and args.query is not None:
+            failed = explain_retrieval(session, reference, args)
+        else:
+            failed = explain_images(session, session.target(scheme, reference, explained), reference, args, panel)
+    except (WriteFailed, PermissionError) as err:  # a full disk, a read-only folder: one line, not a traceback
+        fail(err)
     if failed:
         raise SystemExit(1)
 
