@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from typing import Any, Literal, cast, get_args
+from typing import TYPE_CHECKING, Any, Literal, cast, get_args
 
 import numpy as np
 import pytorch_lightning as pl
@@ -65,12 +65,13 @@ from cubcam.callbacks.measure import METRIC_KEYS, measure
 from cubcam.callbacks.panel_data import Panel
 from cubcam.callbacks.panel_render import Style, class_panel, neighbour_panel
 from cubcam.callbacks.panel_select import random_subset, spread_over_classes
-from cubcam.callbacks.sinks import PanelSink, metrics_step, sink_factories
+from cubcam.callbacks.sinks import PanelSink, metrics_step, png_folder, sink_factories, unserved_loggers
 from cubcam.callbacks.sources import ActivationSource, LayerSource, StepSource
 from cubcam.cams.engine import Reshape, Weighting, isolated
 from cubcam.cams.overlay import IMAGENET_MEAN, IMAGENET_STD, colorize, denormalize
 from cubcam.cams.protocol import CAMModule, Choice, Explainer
 from cubcam.cams.targets import LEGACY_SINGLE_POINT, ExplanationTarget, Method, ProxyScheme, proxy_scheme
+from cubcam.namespaces import dual
 
 MethodArg = Literal["auto", "gradcam", "embeddingcam"]  # "auto": the module's cam_method
 DEFAULT_METRICS_SUBSET = 512
@@ -85,7 +86,13 @@ class CAMPanelWarning(UserWarning):
     """A panel could not be rendered, logged or written; training goes on."""
 
 
-class CAMPanel(pl.Callback):
+if TYPE_CHECKING:  # the hooks are typed with pytorch_lightning's classes; lightning.pytorch's are the same code
+    _Callback = pl.Callback
+else:
+    _Callback = dual(pl.Callback)  # a callback to both Lightning namespaces' Trainer and LightningCLI
+
+
+class CAMPanel(_Callback):
     """GradCAM (classifiers) / EmbeddingCAM (embedding nets) heatmaps of a fixed validation panel every
     ``every_n_epochs`` validation epochs, logged as one ``wandb.Image`` list under ``val/cam_panel`` (with the
     GT and CAM boxes as W&B box groups) and written as a PNG grid; plus CAM localization metrics (see module doc).
@@ -231,6 +238,12 @@ class CAMPanel(pl.Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._sinks, self._told_no_boxes, self._told_diverged, self._told_invalid_boxes = None, False, False, False
+        unserved = unserved_loggers(trainer)
+        if unserved and trainer.is_global_zero:
+            _warn(
+                f"{', '.join(unserved)} cannot show the panels (cubcam logs images to W&B and TensorBoard); they go "
+                f"to {png_folder(trainer)} as PNG files instead"
+            )
         if self.target_layer is not None:
             kind: Method = "gradcam" if self.method == "auto" else self.method
             self._source = LayerSource(pl_module, self.target_layer, kind, self.reshape, self.format)

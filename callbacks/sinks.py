@@ -23,7 +23,10 @@ from cubcam.callbacks.evolution import Evolution, save_gif
 from cubcam.callbacks.panel_data import Panel, name
 from cubcam.cams.figure import Strip, grid, png_bytes, save_png
 from cubcam.cams.files import write_bytes
+from cubcam.namespaces import in_both
 
+WANDB_LOGGERS, TENSORBOARD_LOGGERS = in_both(WandbLogger), in_both(TensorBoardLogger)  # of either namespace
+SERVED_LOGGERS = WANDB_LOGGERS + TENSORBOARD_LOGGERS  # the loggers a sink below shows images in
 PANEL_KEY = "val/cam_panel"
 TABLE_KEY = "val/cam_table"
 EVOLUTION_KEY = "val/cam_evolution"
@@ -186,18 +189,28 @@ class PngSink:
 
 
 def sink_factories(trainer: pl.Trainer, metric_keys: list[str]) -> list[tuple[str, Callable[[], PanelSink]]]:
-    """(name, maker) of a sink per logger that can show images (W&B, TensorBoard; several at once) and of the PNG
-    files; the caller makes them, so that one logger that fails to set up costs only its own sink."""
+    """(name, maker) of a sink per logger that can show images (W&B, TensorBoard, of either Lightning namespace;
+    several at once) and of the PNG files; the caller makes them, so that one logger that fails to set up costs only
+    its own sink."""
     makers: list[tuple[str, Callable[[], PanelSink]]] = []
     for logger in trainer.loggers:
-        if isinstance(logger, WandbLogger):
+        if isinstance(logger, WANDB_LOGGERS):
             makers.append((type(logger).__name__, partial(WandbSink, logger, metric_keys)))
-        elif isinstance(logger, TensorBoardLogger):
+        elif isinstance(logger, TENSORBOARD_LOGGERS):
             makers.append((type(logger).__name__, partial(TensorBoardSink, logger)))
     if getattr(trainer, "fast_dev_run", False):  # a dry run writes no files (no logger, no checkpoints): no PNGs
         return makers
-    folder = run_dir(trainer) / "cam_panels"  # first: the grid it composes serves TensorBoard as well
-    return [(f"the PNG files in {folder}", partial(PngSink, folder)), *makers]
+    return [(f"the PNG files in {png_folder(trainer)}", partial(PngSink, png_folder(trainer))), *makers]
+
+
+def unserved_loggers(trainer: pl.Trainer) -> list[str]:
+    """The class names of the trainer's loggers that no sink can show images in (CSVLogger, Neptune, Comet, ...)."""
+    return [type(logger).__name__ for logger in trainer.loggers if not isinstance(logger, SERVED_LOGGERS)]
+
+
+def png_folder(trainer: pl.Trainer) -> Path:
+    """Where the PNG files go: ``cam_panels/`` beside the checkpoints."""
+    return run_dir(trainer) / "cam_panels"
 
 
 def run_dir(trainer: pl.Trainer) -> Path:

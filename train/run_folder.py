@@ -19,7 +19,7 @@ state; ``best-epoch=N.ckpt``), its ``config.yaml`` and its ``cam_panels/``. What
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytorch_lightning as pl
 import torch
@@ -32,6 +32,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from cubcam.cams.files import write_text, write_with
+from cubcam.namespaces import dual
 
 SIGNAL_EXIT = {"SIGINT": 130, "SIGTERM": 143}  # 128 + the signal's number: what shells and schedulers expect
 
@@ -51,7 +52,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         write_with(path, lambda file: torch.save(checkpoint, file))
 
 
-class RunFolderCheckpoint(ModelCheckpoint):
+if TYPE_CHECKING:  # typed with pytorch_lightning's classes; lightning.pytorch's are the same code
+    _ModelCheckpoint = ModelCheckpoint
+else:
+    _ModelCheckpoint = dual(ModelCheckpoint)  # a checkpoint callback to both Lightning namespaces' Trainer
+
+
+class RunFolderCheckpoint(_ModelCheckpoint):
     """ModelCheckpoint that keeps one run's checkpoints in one folder, whatever it is resumed from.
 
     Args:
