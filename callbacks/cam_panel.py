@@ -121,6 +121,10 @@ class CAMPanel(_Callback):
             embeddings.
         reshape: with ``target_layer``, how that layer's output becomes a map [B, K, h, w] (e.g. ViT tokens; see
             ``cubcam.cams.engine.Reshape``); None when it is one.
+        score: a classifier's own score, ``score(outputs [B, C], classes [B]) -> [B]`` (differentiable), for heads
+            whose logit of a class is not the score to explain (multi-label sigmoids, a margin). Without it a
+            classifier explains the class logit; a single-logit head [B, 1] is binary: class 1 explains the logit,
+            class 0 its negation.
         image_key, label_key, box_key: where dict batches and dataset items keep the images, the labels and the
             optional boxes (``[x, y, w, h]`` in the image tensor's pixels); tuples are ``(images, labels[, boxes])``.
 
@@ -147,6 +151,7 @@ class CAMPanel(_Callback):
         weighting: Weighting = "gradcam",
         target_layer: str | None = None,
         reshape: Reshape | None = None,
+        score: Callable[[Tensor, Tensor], Tensor] | None = None,
         image_key: str = "image",
         label_key: str = "label",
         box_key: str = "box",
@@ -178,7 +183,7 @@ class CAMPanel(_Callback):
         self.log_metrics, self.seed = log_metrics, seed
         default_subset = DEFAULT_METRICS_SUBSET if target_layer is None else DEFAULT_LAYER_METRICS_SUBSET
         self.metrics_subset = metrics_subset or default_subset
-        self.target_layer, self.reshape = target_layer, reshape
+        self.target_layer, self.reshape, self.score = target_layer, reshape, score
         self.format = BatchFormat(image_key, label_key, box_key)
         self._source: ActivationSource | None = None  # made at setup, from the module
         self._told_no_boxes = False  # the info that the data has no boxes is given once
@@ -244,10 +249,15 @@ class CAMPanel(_Callback):
                 f"{', '.join(unserved)} cannot show the panels (cubcam logs images to W&B and TensorBoard); they go "
                 f"to {png_folder(trainer)} as PNG files instead"
             )
+        self._source = self._activation_source(pl_module)
+        if self.score is not None and self._source.explainer.cam_method == "embeddingcam":
+            raise ValueError("CAMPanel: score= is a classifier's; an embedding net's maps explain its proxies")
+
+    def _activation_source(self, pl_module: pl.LightningModule) -> ActivationSource:
+        """The layer's (``target_layer``) or the module's own (the CAM protocol, checked here)."""
         if self.target_layer is not None:
             kind: Method = "gradcam" if self.method == "auto" else self.method
-            self._source = LayerSource(pl_module, self.target_layer, kind, self.reshape, self.format)
-            return
+            return LayerSource(pl_module, self.target_layer, kind, self.reshape, self.format)
         method = getattr(pl_module, "cam_method", None)
         if method not in get_args(Method):
             raise TypeError(
@@ -263,7 +273,7 @@ class CAMPanel(_Callback):
                 f"CAMPanel: method={self.method!r} does not fit a module with cam_method={method!r} "
                 f"(use {method!r} or 'auto')"
             )
-        self._source = StepSource(cast(CAMModule, pl_module), self.format)  # the protocol, checked above
+        return StepSource(cast(CAMModule, pl_module), self.format)  # the protocol, checked above
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._epoch = None
@@ -323,7 +333,14 @@ class CAMPanel(_Callback):
                 self.panel = self._choose_panel(outputs)
             names = _class_names(_val_dataset(trainer), pl_module)
             target = epoch_target(
-                explainer.cam_method, self.proxy, outputs.index, outputs.output, outputs.label, len(names), self.seed
+                explainer.cam_method,
+                self.proxy,
+                outputs.index,
+                outputs.output,
+                outputs.label,
+                len(names),
+                self.seed,
+                self.score,
             )
             style = Style(self.colormap, self.alpha, CAM_BOX_THRESHOLD)
             if self.log_metrics and self.subset and not collected.has_boxes and not self._told_no_boxes:

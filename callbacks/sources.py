@@ -122,7 +122,13 @@ class LayerSource:
         images, labels, boxes = self.format.read(batch)
         output = next((o for o in reversed(self._seen) if o.dim() == 2 and len(o) == len(images)), None)
         if output is None:  # validation_step did not call self(images): one forward of our own
-            _, output = self._layer.features_and_outputs(images)
+            try:
+                _, output = self._layer.features_and_outputs(images)
+            except TypeError as err:
+                raise TypeError(
+                    f"CAMPanel: {err}. With target_layer the callback explains [B, C] logits (a single logit [B, 1]: "
+                    f"a binary classifier), with score= for a score of your own, or [B, D] embeddings"
+                ) from None
         self._seen.clear()
         if not self._checked:  # a layer that gives no map fails here, once, naming the layer
             with isolated(images.device):

@@ -19,6 +19,7 @@ One-hot proxies on logits give GradCAM exactly: ``Proxies(torch.eye(C))`` and ``
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol, cast, get_args
 
@@ -55,24 +56,54 @@ class Target(Protocol):
 
 
 class ClassLogits:
-    """GradCAM's target: the logit of a class."""
+    """GradCAM's target: the logit of a class.
+
+    A single logit [B, 1] is a binary classifier (one sigmoid output, as in Lightning's transfer-learning example):
+    class 1 explains the logit and class 0 its negation, as pytorch-grad-cam's ``BinaryClassifierOutputTarget``
+    does; its class scores are ``[1 - sigmoid, sigmoid]``.
+    """
 
     method: Method = "gradcam"
     score_name = "p"
 
     def score(self, outputs: Tensor, rows: Tensor) -> Tensor:
-        if outputs.dim() != 2:
-            raise ValueError(f"GradCAM needs logits of shape [B, num_classes], got {tuple(outputs.shape)}")
-        rows = check_rows(rows, outputs.shape[0], outputs.shape[1], "targets").to(outputs.device)
+        rows = self._rows(outputs, rows)
+        if outputs.shape[1] == 1:
+            return torch.where(rows == 1, outputs[:, 0], -outputs[:, 0])
         return outputs.gather(1, rows[:, None])[:, 0]
 
     def class_scores(self, outputs: Tensor) -> Tensor:
+        if outputs.dim() == 2 and outputs.shape[1] == 1:
+            positive = outputs.float().sigmoid()
+            return torch.cat([1 - positive, positive], 1)
         return outputs.float().softmax(1)
 
     def confidence(self, outputs: Tensor, rows: Tensor) -> Tensor:
-        """The softmax probability of the class."""
-        rows = check_rows(rows, outputs.shape[0], outputs.shape[1], "targets").to(outputs.device)
-        return self.class_scores(outputs).gather(1, rows[:, None])[:, 0]
+        """The probability of the class (softmax; sigmoid for a binary classifier's single logit)."""
+        return self.class_scores(outputs).gather(1, self._rows(outputs, rows)[:, None])[:, 0]
+
+    @staticmethod
+    def _rows(outputs: Tensor, rows: Tensor) -> Tensor:
+        if outputs.dim() != 2:
+            raise ValueError(f"GradCAM needs logits of shape [B, num_classes] or [B, 1], got {tuple(outputs.shape)}")
+        classes = 2 if outputs.shape[1] == 1 else outputs.shape[1]
+        return check_rows(rows, outputs.shape[0], classes, "targets").to(outputs.device)
+
+
+class ScoreOf(ClassLogits):
+    """A classifier's target with the user's own score ``score(outputs [B, C], classes [B]) -> [B]`` (multi-label
+    sigmoid scores, a margin, ...), differentiable in ``outputs``; the class scores and predictions stay those of
+    :class:`ClassLogits`."""
+
+    def __init__(self, score: Callable[[Tensor, Tensor], Tensor]):
+        self._score = score
+
+    def score(self, outputs: Tensor, rows: Tensor) -> Tensor:
+        scores = self._score(outputs, self._rows(outputs, rows))
+        if not isinstance(scores, Tensor) or scores.shape != (outputs.shape[0],):
+            shape = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
+            raise ValueError(f"a score function must return one score per image [{outputs.shape[0]}], got {shape}")
+        return scores
 
 
 class Proxies:
@@ -176,18 +207,20 @@ def make_target(
     num_classes: int | None = None,
     seed: int = 0,
     index: Tensor | None = None,
+    score: Callable[[Tensor, Tensor], Tensor] | None = None,
 ) -> ExplanationTarget:
     """The explanation target of a model kind: class logits (``gradcam``: the other arguments are not needed and
     ignored), or proxies of ``scheme`` built from reference ``embeddings`` [N, D] and their ``labels`` [N]
     (``embeddingcam``; ``index``: their dataset indices, for ``single_point_nearest`` on the set being explained).
-    Every scheme predicts the nearest Normalized Mean Proxy's class. The one place where the two model kinds
-    differ for the callback, ``cubcam explain`` and ``cubcam evaluate``.
+    Every scheme predicts the nearest Normalized Mean Proxy's class. ``score``: a classifier's own score function
+    (:class:`ScoreOf`). The one place where the two model kinds differ for the callback, ``cubcam explain`` and
+    ``cubcam evaluate``.
 
     Raises:
         ValueError: an unknown scheme, or ``embeddingcam`` without embeddings and labels.
     """
     if method == "gradcam":
-        return ExplanationTarget(ClassLogits())
+        return ExplanationTarget(ClassLogits() if score is None else ScoreOf(score))
     if scheme not in get_args(ProxyScheme):
         raise ValueError(f"proxy scheme must be one of {get_args(ProxyScheme)}, got {scheme!r}")
     if embeddings is None or labels is None:

@@ -466,3 +466,43 @@ def test_non_finite_maps_become_nan_before_the_stretch_and_flat_ones_zeros() -> 
     assert out[0].min() == 0 and out[0].max() == 1
     assert (out[1] == 0).all()  # an empty (ReLU'd) map stays empty
     assert out[2].isnan().all()  # was: zeros, scored as misses
+
+
+def test_a_single_logit_is_a_binary_classifier_as_in_pytorch_grad_cam(net, images):
+    """Class 1 explains the logit, class 0 its negation (pytorch-grad-cam's BinaryClassifierOutputTarget); before,
+    class 1 was refused ("targets must lie in [0, 1)")."""
+    from pytorch_grad_cam import GradCAM as PGCGradCAM
+    from pytorch_grad_cam.utils.model_targets import BinaryClassifierOutputTarget
+
+    net.fc = nn.Linear(net.fc.in_features, 1)
+    targets = [1, 0, 1, 0]
+    ours = GradCAM(net, net.features)(images, torch.tensor(targets)).numpy()
+    with PGCGradCAM(model=net, target_layers=[net.features]) as cam:
+        theirs = cam(input_tensor=images, targets=[BinaryClassifierOutputTarget(t) for t in targets])
+    assert np.abs(ours - theirs).max() < 1e-2 and _corr(ours, theirs) > 0.999
+    from cubcam.cams.targets import ClassLogits
+
+    logit = torch.tensor([[2.0], [-1.0]])
+    scores = ClassLogits().class_scores(logit)
+    torch.testing.assert_close(scores[:, 1], logit[:, 0].sigmoid())
+    torch.testing.assert_close(scores.sum(1), torch.ones(2))
+
+
+def test_a_score_function_of_ones_own_drives_the_map(net, images):
+    from cubcam.cams.engine import CAM
+    from cubcam.cams.targets import ScoreOf, make_target
+
+    def sigmoid_of_class(outputs, classes):  # multi-label heads explain a class's probability
+        return outputs.gather(1, classes[:, None])[:, 0].sigmoid()
+
+    classes = torch.tensor([1, 4, 0, 3])
+    target = make_target("gradcam", score=sigmoid_of_class).target
+    assert isinstance(target, ScoreOf)
+    ours = CAM(net, "features").explain(images, target, classes, upsample=False, normalize=False)
+    # d sigmoid(z) = sigmoid'(z) dz: the same map as the logit's, scaled per image by sigmoid'(z) > 0 before ReLU.
+    logits = net(images).detach().gather(1, classes[:, None])[:, 0]
+    slope = logits.sigmoid() * (1 - logits.sigmoid())
+    plain = GradCAM(net, "features")(images, classes, upsample=False, normalize=False)
+    torch.testing.assert_close(ours, plain * slope[:, None, None], atol=1e-6, rtol=1e-4)
+    with pytest.raises(ValueError, match=r"must return one score per image \[4\], got \(4, 5\)"):
+        CAM(net, "features").explain(images, make_target("gradcam", score=lambda o, c: o).target, classes)

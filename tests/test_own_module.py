@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from test_callback import trainer_for as trainer
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from wandb_records import finished_log, history_rows
 
@@ -233,3 +235,67 @@ def test_validation_leaves_no_grads_batchnorm_changes_or_rng_traces(synthetic_cu
     assert all(p.grad is None for p in module.parameters())
     assert all(not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks for m in module.modules())
     assert all(m.training for m in module.modules())
+
+
+class BinaryDataset(Dataset):
+    """A CUB split as dict items with a binary label (even / odd class), boxes kept."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        item = self.dataset[i]
+        return {**item, "label": item["label"] % 2}
+
+
+class TransferLearning(pl.LightningModule):
+    """Lightning's transfer-learning example's shape (domain_templates/computer_vision_fine_tuning.py): a ResNet
+    feature extractor frozen by ``BaseFinetuning``, a one-logit head, BCE."""
+
+    def __init__(self):
+        super().__init__()
+        from torchvision.models import resnet18
+
+        backbone = resnet18()
+        self.feature_extractor = nn.Sequential(*list(backbone.children())[:-2])
+        self.fc = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, 1))
+
+    def forward(self, images):
+        return self.fc(self.feature_extractor(images))
+
+    def training_step(self, batch, batch_idx):
+        return F.binary_cross_entropy_with_logits(self(batch["image"])[:, 0], batch["label"].float())
+
+    def validation_step(self, batch, batch_idx):
+        self(batch["image"])
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(filter(lambda p: p.requires_grad, self.parameters()), lr=1e-3)
+
+
+def test_a_binary_head_with_a_frozen_backbone_gets_panels_and_metrics(synthetic_cub, tmp_path) -> None:
+    """It trained, but every epoch warned "targets must lie in [0, 1), got range [0, 1]" and drew no panel."""
+    from pytorch_lightning.callbacks import BaseFinetuning
+
+    class Freeze(BaseFinetuning):
+        def freeze_before_training(self, module):
+            self.freeze(module.feature_extractor)
+
+        def finetune_function(self, module, epoch, optimizer):
+            pass
+
+    data = cub_data(synthetic_cub)
+    train = DataLoader(BinaryDataset(data.train_dataset), batch_size=8, shuffle=True, drop_last=True)
+    val = DataLoader(BinaryDataset(data.val_dataset), batch_size=8)
+    torch.manual_seed(0)
+    panel = CAMPanel(num_images=4, target_layer="feature_extractor.7")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        done = trainer(tmp_path, 1, [panel, Freeze()], limit_train_batches=2)
+        done.fit(TransferLearning(), train, val)
+    assert not [str(w.message) for w in caught if "CAMPanel" in str(w.message)]
+    assert all(key in done.callback_metrics for key in METRIC_KEYS)
+    assert (tmp_path / "cam_panels" / "epoch_000.png").is_file()
