@@ -497,8 +497,14 @@ def _to_rgb(dataset: Any, images: Tensor) -> list[np.ndarray]:
 
 
 def _class_names(dataset: Any, module: Any) -> list[str]:
-    """Names of the validation labels: the dataset's (zero-shot splits have their own classes), else the model's."""
-    return list(getattr(dataset, "class_names", None) or getattr(module, "class_names", None) or [])
+    """Names of the validation labels: the dataset's (``class_names``; an ``ImageFolder``'s ``classes``; zero-shot
+    splits have their own classes), through ``Subset`` wrappers, else the model's."""
+    while dataset is not None:
+        names = getattr(dataset, "class_names", None) or getattr(dataset, "classes", None)
+        if names:
+            return [str(name) for name in names]
+        dataset = getattr(dataset, "dataset", None)  # torch.utils.data.Subset and the like
+    return list(getattr(module, "class_names", None) or [])
 
 
 def _warn(message: str) -> None:

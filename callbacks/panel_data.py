@@ -23,9 +23,10 @@ class BirdRow(TypedDict):
     true: str
     predicted: str  # the predicted class (embedding nets: the nearest proxy's; nearest image: the neighbour's)
     score: float  # its probability or cosine
-    cam_box_iou: float  # IoU of the primary map's CAM box with the GT box (0 without a box)
-    heatmap_ratio: float  # share of the primary map's mass inside the GT box
-    peak_in_box: bool  # the primary map's peak lies inside the GT box
+    # None where the bird has no GT box (the data has none): an empty table cell, not a 0.0 or False.
+    cam_box_iou: float | None  # IoU of the primary map's CAM box with the GT box (0 when the map has no box)
+    heatmap_ratio: float | None  # share of the primary map's mass inside the GT box
+    peak_in_box: bool | None  # the primary map's peak lies inside the GT box
 
 
 @dataclass

@@ -132,17 +132,17 @@ def _panel(
     peaks = np.where(finite.numpy(), pointing_game(maps, boxes=boxes), 0.0)
     rows: list[BirdRow] = []
     for b, index in enumerate(birds["index"].tolist()):
-        box = cam_box(primary_maps[b], style.box_threshold)
-        iou = float(box_iou(box, boxes[b])) if box is not None else 0.0
+        has_box = bool((boxes[b, 2:] > 0).all())  # data without boxes: nothing to score, empty cells
+        box = cam_box(primary_maps[b], style.box_threshold) if has_box else None
         rows.append(
             BirdRow(
                 index=index,
                 true=truth[b],
                 predicted=predictions[b][0],
                 score=predictions[b][1],
-                cam_box_iou=iou,
-                heatmap_ratio=float(ratios[b]),
-                peak_in_box=bool(peaks[b] > 0.5),
+                cam_box_iou=(float(box_iou(box, boxes[b])) if box is not None else 0.0) if has_box else None,
+                heatmap_ratio=float(ratios[b]) if has_box else None,
+                peak_in_box=bool(peaks[b] > 0.5) if has_box else None,
             )
         )
     width = int(birds["rgb"][0].shape[1])

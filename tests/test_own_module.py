@@ -6,6 +6,8 @@ after a resume, one clear error for a bad layer."""
 from __future__ import annotations
 
 import importlib.util
+import json
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -84,7 +86,15 @@ def test_the_readme_example_runs_as_written_and_logs_a_panel_every_epoch(tmp_pat
     panels = [row for row in rows if PANEL_KEY in row]
     assert [row[PANEL_KEY]["count"] for row in panels] == [8, 8]  # one panel of 8 birds per epoch
     assert "epoch 1" in panels[1][PANEL_KEY]["captions"][0]
+    # The ImageFolder's class names (its classes), not "class 0".
+    folders = {p.name for p in (tmp_path / "cub" / "CUB_200_2011" / "images").iterdir()}
+    named = [re.search(r"true: (\S+)", caption).group(1) for caption in panels[0][PANEL_KEY]["captions"]]
+    assert set(named) <= folders and len(set(named)) > 1, named
     assert not any(key in row for row in rows for key in METRIC_KEYS)  # no boxes: no metrics, and no error
+    table = json.loads(next(iter(sorted(run_dir.glob("files/media/table/val/cam_table_*.table.json")))).read_text())
+    columns = table["columns"]
+    for name in ("cam_box_iou", "heatmap_ratio", "peak_in_box"):  # no box: empty cells, not 0.0 or False
+        assert {row[columns.index(name)] for row in table["data"]} == {None}, name
     assert sorted(p.name for p in run_dir.parent.parent.glob("cubcam-own/*/cam_panels/epoch_*.png")) == [
         "epoch_000.png",
         "epoch_001.png",

@@ -155,7 +155,10 @@ class CubCamCLI(LightningCLI):
             rank_zero_info(line)
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
-                rank_zero_info(f"TensorBoard: {logger.log_dir}   view with: tensorboard --logdir {logger.save_dir}")
+                rank_zero_info(
+                    f"TensorBoard: {logger.log_dir}   view with: tensorboard --logdir {logger.save_dir} "
+                    f"--samples_per_plugin images={trainer.current_epoch + 2}"  # its UI keeps 10 images per tag
+                )
             if isinstance(logger, WandbLogger):
                 run_dir = Path(logger.experiment.dir).parent  # <save_dir>/wandb/offline-run-<time>-<id>
                 rank_zero_info(f"W&B run: {run_dir}   upload with: wandb sync {run_dir}")
