@@ -65,11 +65,18 @@ class WandbSink:
     so they can go with their temporary folder; only where the run may symlink media (the ``allow_media_symlink``
     setting) does W&B get the arrays. The CAM scores are defined with ``summary="max"`` (the runs table shows the
     best epoch's), by exact key, on W&B's step axis ``trainer/global_step`` as WandbLogger defines ``*``.
+
+    The table is one across epochs (column ``epoch``; W&B users compare epochs in one table, wandb issue #6286):
+    ``wandb.Table(log_mode="INCREMENTAL")`` (wandb >= 0.19) gets each epoch's rows and uploads only those; a resumed
+    run's rows are increments of the same key. Offline, each increment is a file of its epoch's rows (``media/
+    table/val/cam_table_*.table.json``; W&B documents Server >= 0.70 for incremental tables). Where wandb has no
+    ``log_mode``, each epoch logs a table of its own.
     """
 
     def __init__(self, logger: Any, metric_keys: list[str]):
         self.logger = logger
         self.name = type(logger).__name__
+        self._rows: Any = None  # the incremental table, made with the first panel
         for key in metric_keys:
             logger.experiment.define_metric(key, summary="max", step_metric="trainer/global_step")
 
@@ -104,8 +111,7 @@ class WandbSink:
             for source, strip, caption in zip(sources, panel.strips, panel.captions)
         ]
 
-    @staticmethod
-    def _table(panel: Panel, images: list[Any]) -> Any:
+    def _table(self, panel: Panel, images: list[Any]) -> Any:
         import wandb
 
         rows = [
@@ -122,7 +128,14 @@ class WandbSink:
             ]
             for row, image in zip(panel.rows, images)
         ]
-        return wandb.Table(columns=list[str | int](TABLE_COLUMNS), data=rows)
+        if self._rows is None:
+            try:
+                self._rows = wandb.Table(columns=list[str | int](TABLE_COLUMNS), log_mode="INCREMENTAL")
+            except TypeError:  # wandb < 0.19: a table per epoch
+                return wandb.Table(columns=list[str | int](TABLE_COLUMNS), data=rows)
+        for row in rows:
+            self._rows.add_data(*row)
+        return self._rows
 
     def log_evolution(self, evolution: Evolution, step: int) -> None:
         import wandb

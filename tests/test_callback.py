@@ -257,13 +257,15 @@ def test_one_panel_per_epoch_with_boxes_captions_and_metrics(synthetic_cub, offl
 def assert_tables_metrics_and_evolution(
     run_dir: Path, rows: list[dict], panel: CAMPanel, dataset, epochs: int, folder: Path
 ) -> None:
-    """val/cam_table every panel epoch (rows in the run's files, pixels in its run_table artifact), the CAM
-    scores defined with summary max, and the evolution (image list and GIF) once at the end, also as files."""
+    """val/cam_table: one incremental table, each panel epoch's rows an increment (in the run's files, pixels in
+    its run_table artifacts), the CAM scores defined with summary max, and the evolution (image list and GIF) once
+    at the end, also as files."""
     num = len(panel.panel)
     panels = [row for row in rows if PANEL_KEY in row]
     for epoch, row in enumerate(panels):
         table = row[TABLE_KEY]
-        assert table["_type"] == "table-file" and (table["nrows"], table["ncols"]) == (num, len(TABLE_COLUMNS))
+        assert table["_type"] == "incremental-table-file" and table["increment_num"] == epoch
+        assert (table["nrows"], table["ncols"]) == (num * (epoch + 1), len(TABLE_COLUMNS))  # the table so far
         content = json.loads((run_dir / "files" / table["path"]).read_text())
         assert content["columns"] == TABLE_COLUMNS
         columns = {name: [r[k] for r in content["data"]] for k, name in enumerate(TABLE_COLUMNS)}
@@ -274,8 +276,8 @@ def assert_tables_metrics_and_evolution(
         assert all(isinstance(v, bool) for v in columns["peak_in_box"])
     records = list(read_records(finished_log(run_dir)))
     artifacts = [r.artifact for r in records if r.WhichOneof("record_type") == "artifact"]
-    tables = [a for a in artifacts if a.type == "run_table" and TABLE_KEY.replace("/", "") in a.name]
-    assert len(tables) == epochs
+    tables = [a for a in artifacts if a.type == "wandb-run-incremental-table" and "valcam_table" in a.name]
+    assert len(tables) == epochs and len({a.name for a in tables}) == 1  # one table, an increment per epoch
     for artifact in tables:
         images = [entry for entry in artifact.manifest.contents if entry.path.endswith(".png")]
         assert len(images) == num
@@ -351,6 +353,15 @@ def test_resumed_run_shows_the_same_birds(synthetic_cub, offline):
         gif.seek(k)
         frames.append(np.asarray(gif.convert("RGB")).astype(int))
     assert np.abs(frames[0] - frames[1]).mean() > 1  # two different epochs, not one frame twice
+    # The one W&B table across epochs: offline each increment is a file of its epoch's rows; both runs' together
+    # hold every epoch's birds once.
+    increments = [
+        json.loads(path.read_text())
+        for run in (finished_run(first_logger), run_dir)
+        for path in run.glob("files/media/table/val/cam_table_*.table.json")
+    ]
+    epoch_column = TABLE_COLUMNS.index("epoch")
+    assert sorted(row[epoch_column] for table in increments for row in table["data"]) == [0] * 4 + [1] * 4
 
 
 def test_state_keys_tell_every_panel_apart_and_the_old_key_still_resumes() -> None:
