@@ -246,8 +246,8 @@ class CAMPanel(_Callback):
         unserved = unserved_loggers(trainer)
         if unserved and trainer.is_global_zero:
             _warn(
-                f"{', '.join(unserved)} cannot show the panels (cubcam logs images to W&B and TensorBoard); they go "
-                f"to {png_folder(trainer)} as PNG files instead"
+                f"{', '.join(unserved)} cannot show the panels (cubcam logs images to W&B, TensorBoard and MLflow); "
+                f"they go to {png_folder(trainer)} as PNG files instead"
             )
         self._source = self._activation_source(pl_module)
         if self.score is not None and self._source.explainer.cam_method == "embeddingcam":

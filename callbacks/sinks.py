@@ -1,5 +1,6 @@
 """Logging sinks: where a rendered :class:`~cubcam.callbacks.panel_data.Panel` goes, one small class each: W&B,
-TensorBoard and the PNG files (a further logger, MLflow or Neptune, is one more class with these two methods).
+TensorBoard, MLflow and the PNG files (a further logger, Neptune or Comet, is one more class with these two
+methods).
 
 Lightning removed ``log_image`` from its base logger, so each logger is spoken to in its own API. A sink gets the
 panel, its epoch and the step of that epoch's ``val/*`` metrics, so panels and metrics line up on any step axis.
@@ -17,7 +18,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import pytorch_lightning as pl
-from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
+from pytorch_lightning.loggers import MLFlowLogger, TensorBoardLogger, WandbLogger
 
 from cubcam.callbacks.evolution import Evolution, save_gif
 from cubcam.callbacks.panel_data import Panel, name
@@ -25,8 +26,11 @@ from cubcam.cams.figure import Strip, grid, png_bytes, save_png
 from cubcam.cams.files import write_bytes
 from cubcam.namespaces import in_both
 
-WANDB_LOGGERS, TENSORBOARD_LOGGERS = in_both(WandbLogger), in_both(TensorBoardLogger)  # of either namespace
-SERVED_LOGGERS = WANDB_LOGGERS + TENSORBOARD_LOGGERS  # the loggers a sink below shows images in
+# The loggers a sink below shows images in, of either Lightning namespace.
+WANDB_LOGGERS, TENSORBOARD_LOGGERS, MLFLOW_LOGGERS = (
+    in_both(c) for c in (WandbLogger, TensorBoardLogger, MLFlowLogger)
+)
+SERVED_LOGGERS = WANDB_LOGGERS + TENSORBOARD_LOGGERS + MLFLOW_LOGGERS
 PANEL_KEY = "val/cam_panel"
 TABLE_KEY = "val/cam_table"
 EVOLUTION_KEY = "val/cam_evolution"
@@ -184,6 +188,34 @@ class TensorBoardSink:
         file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=encoded)]), step)
 
 
+class MlflowSink:
+    """MLflow: the PNG grid per panel epoch as an image under ``val/cam_panel`` at the epoch's step
+    (``MlflowClient.log_image(run_id, image, key=, step=)``; the run page's image view steps through them), the bird
+    table per epoch as ``cam_table/epoch_NNN.json`` (``log_table`` has no step: an artifact per epoch; the
+    ``overlay`` column is left out, as the grid holds the pictures) and the evolution at the end under
+    ``cam_evolution/`` (every bird's strip, and the GIF). Through ``MLFlowLogger.experiment`` (an ``MlflowClient``)
+    and its ``run_id``; the CAM scores are metrics Lightning logs itself."""
+
+    def __init__(self, logger: Any):
+        self.client, self.run_id = logger.experiment, logger.run_id
+        self.name = type(logger).__name__
+
+    def log_panel(self, panel: Panel, step: int) -> None:
+        self.client.log_image(self.run_id, panel.grid, key=PANEL_KEY, step=step)
+        columns = [c for c in TABLE_COLUMNS if c != "overlay"]
+        rows = [{**row, "epoch": panel.epoch} for row in panel.rows]
+        table = {column: [row[column] for row in rows] for column in columns}
+        self.client.log_table(self.run_id, data=table, artifact_file=f"cam_table/epoch_{panel.epoch:03d}.json")
+
+    def log_evolution(self, evolution: Evolution, step: int) -> None:
+        for index, strip in zip(evolution.indices, evolution.bird_strips()):
+            self.client.log_image(self.run_id, strip, artifact_file=f"cam_evolution/evolution_{index}.png")
+        with tempfile.TemporaryDirectory(prefix="cubcam-evolution-") as folder:
+            path = Path(folder) / "evolution.gif"
+            save_gif(evolution.panel_frames(), path)
+            self.client.log_artifact(self.run_id, str(path), "cam_evolution")
+
+
 class PngSink:
     """Files beside the checkpoints, with any logger or none: ``cam_panels/epoch_NNN.png`` every panel epoch, and
     at the end ``cam_panels/evolution_<dataset index>.png`` per bird and ``cam_panels/evolution.gif``."""
@@ -211,6 +243,8 @@ def sink_factories(trainer: pl.Trainer, metric_keys: list[str]) -> list[tuple[st
             makers.append((type(logger).__name__, partial(WandbSink, logger, metric_keys)))
         elif isinstance(logger, TENSORBOARD_LOGGERS):
             makers.append((type(logger).__name__, partial(TensorBoardSink, logger)))
+        elif isinstance(logger, MLFLOW_LOGGERS):
+            makers.append((type(logger).__name__, partial(MlflowSink, logger)))
     if getattr(trainer, "fast_dev_run", False):  # a dry run writes no files (no logger, no checkpoints): no PNGs
         return makers
     return [(f"the PNG files in {png_folder(trainer)}", partial(PngSink, png_folder(trainer))), *makers]

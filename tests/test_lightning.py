@@ -166,7 +166,7 @@ def test_a_logger_no_sink_serves_is_named_once_with_where_the_panels_go(syntheti
         trainer.fit(user_module("pytorch_lightning", data.num_classes), train, val)
     told = [str(w.message) for w in caught if "cannot show the panels" in str(w.message)]
     assert told == [
-        f"CAMPanel: CSVLogger cannot show the panels (cubcam logs images to W&B and TensorBoard); they go to "
-        f"{Path(logger.log_dir) / 'cam_panels'} as PNG files instead"
+        f"CAMPanel: CSVLogger cannot show the panels (cubcam logs images to W&B, TensorBoard and MLflow); they go "
+        f"to {Path(logger.log_dir) / 'cam_panels'} as PNG files instead"
     ]
     assert (Path(logger.log_dir) / "cam_panels" / "epoch_000.png").is_file()

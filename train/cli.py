@@ -20,7 +20,7 @@ import pytorch_lightning as pl
 from jsonargparse import DefaultHelpFormatter, Namespace
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
-from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
+from pytorch_lightning.loggers import MLFlowLogger, TensorBoardLogger, WandbLogger
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
 from cubcam.cams.files import WriteFailed
@@ -159,6 +159,9 @@ class CubCamCLI(LightningCLI):
                     f"TensorBoard: {logger.log_dir}   view with: tensorboard --logdir {logger.save_dir} "
                     f"--samples_per_plugin images={trainer.current_epoch + 2}"  # its UI keeps 10 images per tag
                 )
+            if isinstance(logger, MLFlowLogger):
+                uri = logger._tracking_uri or "./mlruns"
+                rank_zero_info(f"MLflow: run {logger.run_id} in {uri}   view with: mlflow ui --backend-store-uri {uri}")
             if isinstance(logger, WandbLogger):
                 run_dir = Path(logger.experiment.dir).parent  # <save_dir>/wandb/offline-run-<time>-<id>
                 rank_zero_info(f"W&B run: {run_dir}   upload with: wandb sync {run_dir}")
