@@ -25,15 +25,26 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
 from cubcam.cams.files import WriteFailed
 from cubcam.train.data.datamodule import CUBDataModule
+from cubcam.train.demo import packaged_configs
 from cubcam.train.inspection.checkpoint import CheckpointError, migrate_hparams, read_checkpoint
 from cubcam.train.modules import Classifier, CUBModule, EmbeddingNet  # noqa: F401  (short names for --model)
 from cubcam.train.run_folder import RunConfig, exit_status
 
-TOOLS = {  # subcommands that are not Lightning's; dispatched to cubcam.train.inspection.<name>.main
-    "explain": "what a checkpoint looks at: your images, a dataset panel, a retrieval (cubcam explain --help)",
-    "evaluate": "localization scores of a checkpoint's maps over a split (cubcam evaluate --help)",
+TOOLS = {  # subcommands that are not Lightning's: (module, function, help); imported only when called
+    "explain": (
+        "cubcam.train.inspection.explain",
+        "main",
+        "what a checkpoint looks at: your images, a dataset panel, a retrieval (cubcam explain --help)",
+    ),
+    "evaluate": (
+        "cubcam.train.inspection.evaluate",
+        "main",
+        "localization scores of a checkpoint's maps over a split (cubcam evaluate --help)",
+    ),
+    "demo": ("cubcam.train.demo", "main", "both demo models on synthetic CUB-format data, W&B offline"),
+    "configs": ("cubcam.train.demo", "configs_main", "copy the packaged configs to a folder, to edit"),
 }
-EPILOG = "inspection tools:\n" + "\n".join(f"  cubcam {name:<9} {text}" for name, text in TOOLS.items())
+EPILOG = "more commands:\n" + "\n".join(f"  cubcam {name:<9} {text}" for name, (_, _, text) in TOOLS.items())
 
 
 class _HelpWithTools(DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -139,6 +150,7 @@ class CubCamCLI(LightningCLI):
         trainer = self.trainer
         if self.finished:
             return
+        self.best_checkpoint = best_checkpoint(trainer)  # what `cubcam demo` points the tools at
         # Read before testing: trainer.test restores the best checkpoint's callback states, older than these.
         summary = []
         for ckpt in _model_checkpoints(trainer):
@@ -171,9 +183,14 @@ class CubCamCLI(LightningCLI):
         """``trainer.test`` on the test split with the best checkpoint (chosen on the validation split), or with the
         final weights when no checkpoint was kept by a score; on every rank, as Lightning needs."""
         trainer = self.trainer
-        best = next((c.best_model_path for c in _model_checkpoints(trainer) if c.monitor and c.best_model_path), "")
+        best = best_checkpoint(trainer)
         rank_zero_info(f"testing {'the best checkpoint ' + best if best else 'the final weights'} on the test split")
         trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None, verbose=trainer.is_global_zero)
+
+
+def best_checkpoint(trainer: pl.Trainer) -> str:
+    """The path of the best checkpoint by a score, or "" when no checkpoint callback keeps one."""
+    return next((c.best_model_path for c in _model_checkpoints(trainer) if c.monitor and c.best_model_path), "")
 
 
 def _model_checkpoints(trainer: pl.Trainer) -> list[ModelCheckpoint]:
@@ -227,7 +244,13 @@ def _plain(value: Any) -> bool:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of ``cubcam`` and ``python -m cubcam.train``.
+    """Entry point of ``cubcam`` and ``python -m cubcam.train`` (a console script exits with what it returns:
+    nothing, here); see :func:`run`."""
+    run(argv)
+
+
+def run(argv: list[str] | None = None) -> CubCamCLI | None:
+    """The command line ``argv`` (default: ``sys.argv[1:]``); returns the CLI of a Lightning subcommand.
 
     A run ended by SIGTERM or Ctrl-C exits with 143 / 130 (Lightning ends them with a bare ``SystemExit``, status 0,
     and ``sys.exit(1)``); a checkpoint that cannot resume, or a write that failed (a full disk), is one line and
@@ -235,18 +258,19 @@ def main(argv: list[str] | None = None) -> None:
     """
     args = sys.argv[1:] if argv is None else list(argv)
     if args and args[0] in TOOLS:
-        # Imported lazily: training never needs them.
-        importlib.import_module(f"cubcam.train.inspection.{args[0]}").main(args[1:])
-        return
+        module, function, _ = TOOLS[args[0]]
+        getattr(importlib.import_module(module), function)(args[1:])
+        return None
+    args = packaged_configs(args)  # --config demo/classifier.yaml: the packaged file, where none is here
     try:
-        CubCamCLI(
+        return CubCamCLI(
             CUBModule,
             CUBDataModule,
             subclass_mode_model=True,
             save_config_callback=RunConfig,
             parser_kwargs={"epilog": EPILOG, "formatter_class": _HelpWithTools},
-            args=argv,
-        )  # None: LightningCLI reads sys.argv itself
+            args=args,
+        )
     except (SystemExit, KeyboardInterrupt) as error:
         status = exit_status(error)
         if status is None:
