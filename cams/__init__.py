@@ -10,7 +10,7 @@ from cubcam.cams import (
     localization,
 )
 from cubcam.cams.engine import CAM, EmbeddingCAM, GradCAM, minmax_normalize
-from cubcam.cams.overlay import overlay
+from cubcam.cams.overlay import denormalize, overlay
 from cubcam.cams.protocol import CAMModule, CAMStepOutput, Explanation, explain
 from cubcam.cams.proxies import normalized_mean_proxies, single_point_proxy
 from cubcam.cams.targets import ClassLogits, Method, Proxies, Target
@@ -26,6 +26,7 @@ __all__ = [
     "Method",
     "Proxies",
     "Target",
+    "denormalize",
     "explain",
     "localization",
     "minmax_normalize",

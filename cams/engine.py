@@ -17,9 +17,10 @@ Why this engine is safe to call in the middle of training:
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Literal, get_args
+from types import EllipsisType
+from typing import Any, Literal, cast, get_args
 
 import numpy as np
 import torch
@@ -55,12 +56,30 @@ class CAM:
     def __init__(
         self,
         model: Callable[[Tensor], Any],
-        target_layer: nn.Module | str | None,
+        target_layer: nn.Module | str | EllipsisType | None = ...,
         output: OutputSelector = None,
         weighting: Weighting = "gradcam",
         reshape: Reshape | None = None,
         layer_name: str | None = None,
+        *,
+        target_layers: Sequence[nn.Module | str] | None = None,
+        reshape_transform: Reshape | None = None,
     ):
+        # pytorch-grad-cam's names: target_layers=[layer] (cubcam explains one layer) and reshape_transform=.
+        # target_layer has no default: None means "the model is a head", never "forgot the layer".
+        if target_layers is not None:
+            if target_layer is not ... or len(target_layers) != 1:
+                raise ValueError(
+                    "cubcam explains one layer: pass target_layer=<the layer> (or target_layers=[<one layer>]), "
+                    f"got target_layer={target_layer!r} and {len(target_layers)} target_layers"
+                )
+            target_layer = target_layers[0]
+        if target_layer is ...:
+            raise TypeError("pass target_layer: the layer to explain (a module or its dotted name; None: a head)")
+        if reshape_transform is not None:
+            if reshape is not None:
+                raise ValueError("pass reshape= or reshape_transform= (pytorch-grad-cam's name), not both")
+            reshape = reshape_transform
         if weighting not in get_args(Weighting):
             raise ValueError(f"weighting must be one of {get_args(Weighting)}, got {weighting!r}")
         self.model = model
@@ -185,14 +204,46 @@ class GradCAM(CAM):
     """
 
     def __call__(
-        self, images: Tensor, targets: Tensor | None = None, *, upsample: bool = True, normalize: bool = True
+        self,
+        images: Tensor | None = None,
+        targets: Tensor | int | Sequence[Any] | None = None,
+        *,
+        upsample: bool = True,
+        normalize: bool = True,
+        input_tensor: Tensor | None = None,
     ) -> Tensor:
-        target = ClassLogits()
+        """``targets``: class indices [B], one class for the whole batch (an int), or None (the predicted classes).
+        pytorch-grad-cam's spelling works too: ``input_tensor=`` for the images, and a list of its
+        ``ClassifierOutputTarget(c)`` (or any object with an int ``category``) for the classes."""
+        if (images is None) == (input_tensor is None):
+            raise TypeError("GradCAM needs the images: pass them first (or as input_tensor=, pytorch-grad-cam's name)")
+        images = cast(Tensor, images if images is not None else input_tensor)
+        target, classes = ClassLogits(), class_indices(targets, images.shape[0])
 
         def class_score(logits: Tensor) -> Tensor:
-            return target.score(logits, logits.argmax(1) if targets is None else targets)
+            return target.score(logits, logits.argmax(1) if classes is None else classes)
 
         return self._maps(images, class_score, upsample, normalize)
+
+
+def class_indices(targets: Tensor | int | Sequence[Any] | None, batch: int) -> Tensor | None:
+    """Classes [B] from an int (the whole batch), a sequence of ints or of pytorch-grad-cam target objects (their
+    ``category``), or a tensor; None stays None (the predicted classes)."""
+    if targets is None or isinstance(targets, Tensor):
+        return targets
+    if isinstance(targets, int):
+        return torch.full((batch,), targets, dtype=torch.long)
+    classes = []
+    for item in targets:
+        category = getattr(item, "category", item)
+        if not isinstance(category, int):
+            raise TypeError(
+                f"targets must be class indices (a tensor, ints, or targets with an int category such as "
+                f"pytorch-grad-cam's ClassifierOutputTarget); got {type(item).__name__}. For another score of the "
+                f"output use CAM(...).explain with a target of cubcam.cams.targets (ScoreOf for a function)"
+            )
+        classes.append(category)
+    return torch.tensor(classes, dtype=torch.long)
 
 
 class EmbeddingCAM(CAM):

@@ -45,7 +45,8 @@ def overlay(
 ) -> np.ndarray:
     """Blend a heatmap over an image: ``(1 - alpha) * image + alpha * colormap(map)`` as uint8 [H, W, 3].
 
-    ``image``: float [3, H, W] in [0, 1] (a de-normalised tensor) or uint8 [H, W, 3] / [H, W].
+    ``image``: float [3, H, W] in [0, 1] (a de-normalised tensor), uint8 [H, W, 3] / [H, W], or a float numpy
+    [H, W, 3] in [0, 1] (pytorch-grad-cam's ``show_cam_on_image`` convention).
     ``cam_map``: [H, W] in [0, 1]; a map of another size is resized bilinearly to the image.
     """
     if not 0.0 <= alpha <= 1.0:
@@ -89,8 +90,15 @@ def _as_float_rgb(image: Tensor | np.ndarray) -> np.ndarray:
             raise ValueError("a float image must lie in [0, 1]; de-normalise it first")
         return image.expand(3, -1, -1).permute(1, 2, 0).clamp(0, 1).numpy()
     array = np.asarray(image)
+    if np.issubdtype(array.dtype, np.floating) and array.ndim == 3 and array.shape[-1] == 3:
+        # pytorch-grad-cam's show_cam_on_image convention: float [H, W, 3] in [0, 1]
+        if array.min() < -1e-3 or array.max() > 1 + 1e-3:
+            raise ValueError("a float [H, W, 3] image must lie in [0, 1]")
+        return array.astype(np.float64).clip(0, 1)
     if array.dtype != np.uint8:
-        raise ValueError(f"a numpy image must be uint8 [H, W, 3] or [H, W], got {array.dtype}")
+        raise ValueError(
+            f"a numpy image must be uint8 [H, W, 3] or [H, W] (or float [H, W, 3] in [0, 1]), got {array.dtype}"
+        )
     if array.ndim == 2:
         array = np.repeat(array[..., None], 3, axis=-1)
     if array.ndim != 3 or array.shape[-1] not in (3, 4):

@@ -506,3 +506,29 @@ def test_a_score_function_of_ones_own_drives_the_map(net, images):
     torch.testing.assert_close(ours, plain * slope[:, None, None], atol=1e-6, rtol=1e-4)
     with pytest.raises(ValueError, match=r"must return one score per image \[4\], got \(4, 5\)"):
         CAM(net, "features").explain(images, make_target("gradcam", score=lambda o, c: o).target, classes)
+
+
+def test_pytorch_grad_cam_habits_map_onto_the_engine_or_say_the_cubcam_way(net, images):
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    from cubcam.cams import denormalize, overlay  # noqa: F401  (denormalize is exported)
+
+    targets = [4, 0, 2, 1]
+    ours = GradCAM(net, net.features)(images, torch.tensor(targets))
+    habit = GradCAM(model=net, target_layers=[net.features])(
+        input_tensor=images, targets=[ClassifierOutputTarget(t) for t in targets]
+    )
+    torch.testing.assert_close(habit, ours)
+    torch.testing.assert_close(
+        GradCAM(net, "features")(images, 2), GradCAM(net, "features")(images, torch.full((4,), 2))
+    )
+    with pytest.raises(ValueError, match="cubcam explains one layer"):
+        GradCAM(net, target_layers=[net.features, net.fc])
+    with pytest.raises(TypeError, match="pass target_layer"):
+        GradCAM(net)
+    with pytest.raises(TypeError, match="targets must be class indices"):
+        GradCAM(net, "features")(images, [object()] * 4)
+    # show_cam_on_image's convention: a float HWC image in [0, 1].
+    rgb = np.random.default_rng(0).random((32, 32, 3))
+    as_uint8 = (rgb * 255).round().astype(np.uint8)
+    assert np.abs(overlay(rgb, ours[0]).astype(int) - overlay(as_uint8, ours[0]).astype(int)).max() <= 1
