@@ -197,6 +197,19 @@ def test_wandb_run_gets_the_grid_and_overlays(trained: Trained, tmp_path: Path, 
     assert len(list(media.glob("grid_*.png"))) == 1 and len(list(media.glob("overlays_*.png"))) == 2
 
 
+def test_wandb_without_a_key_logs_offline_from_the_start(trained: Trained, tmp_path: Path, monkeypatch, capsys):
+    """Without a key W&B stopped at the end, after the work, to ask for one; now the run is offline at once."""
+    for name in ("WANDB_MODE", "WANDB_API_KEY"):
+        monkeypatch.setenv(name, "")  # recorded, so that teardown restores what was there before
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "logged"
+    main([str(trained.classifier), "--num", "2", "--out", str(out), "--wandb"])
+    assert "--wandb logs offline" in capsys.readouterr().out
+    assert len(list(out.glob("wandb/offline-run-*"))) == 1
+
+
 class NotATensor:
     """Pickled into a checkpoint, it must not be unpickled."""
 

@@ -9,7 +9,10 @@ problem and exit status 2 (:func:`fail`).
 from __future__ import annotations
 
 import argparse
+import netrc
+import os
 import sys
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
@@ -149,6 +152,10 @@ class Session:
 
 def start(args: argparse.Namespace) -> Session:
     """Open the checkpoint of ``args`` (the common options). Raises one of ``START_ERRORS``."""
+    if args.wandb and not os.environ.get("WANDB_MODE") and not wandb_key_known():
+        # Decided now, not when the results are logged minutes later (W&B would stop there to ask for a key).
+        os.environ["WANDB_MODE"] = "offline"
+        print("note: no W&B API key here (WANDB_API_KEY, ~/.netrc): --wandb logs offline; `wandb sync` uploads later")
     device = torch.device(args.device)
     ckpt = load_checkpoint(args.checkpoint, map_location=device)
     wanted = ckpt.module.cam_method
@@ -165,6 +172,18 @@ def start(args: argparse.Namespace) -> Session:
         device=device,
         args=args,
     )
+
+
+def wandb_key_known() -> bool:
+    """Whether W&B has an API key to log online with: ``WANDB_API_KEY``, or a ``~/.netrc`` entry for its host (what
+    ``wandb login`` writes)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urllib.parse.urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or ""
+    try:
+        return netrc.netrc().authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
 
 
 def fail(message: object) -> NoReturn:
