@@ -18,7 +18,7 @@ from torch import Tensor
 
 from cubcam.callbacks.panel_data import BirdRow, Panel, name
 from cubcam.cams.engine import Weighting
-from cubcam.cams.figure import Cell, Strip, cam_box, pair_strips, render_strip
+from cubcam.cams.figure import Cell, Strip, cam_box, marked, pair_strips, render_strip
 from cubcam.cams.localization import box_iou, heatmap_ratio, pointing_game
 from cubcam.cams.protocol import Choice, Explainer, explain, pair_maps
 from cubcam.cams.targets import ExplanationTarget
@@ -62,10 +62,17 @@ def class_panel(
         ]
         strips.append(render_strip(cells, style.colormap, style.alpha, style.box_threshold))
         t, p = (first, second) if choice == "true" else (second, first)
+        true_map, predicted_map = (
+            (primary_maps[b], other_maps[b]) if choice == "true" else (other_maps[b], primary_maps[b])
+        )
+        maps = (
+            f"maps: {marked('true', true_map)} | {marked('predicted', predicted_map)}"
+            if t != p
+            else f"map: {marked('true = predicted', primary_maps[b])}"
+        )
         captions.append(
             f"#{index}, epoch {epoch}\ntrue: {name(names, t)} ({symbol} {scores[b, t]:.2f})\n"
-            f"pred: {name(names, p)} ({symbol} {scores[b, p]:.2f})\n"
-            f"{'maps: true | predicted' if t != p else 'map: true = predicted'}"
+            f"pred: {name(names, p)} ({symbol} {scores[b, p]:.2f})\n{maps}"
         )
     truth = [name(names, t) for t in labels.tolist()]
     preds = [(name(names, p), float(scores[b, p])) for b, p in enumerate(primary.predicted.tolist())]

@@ -33,6 +33,12 @@ BoxLike = Tensor | np.ndarray | Sequence[float]
 GAP = 4  # white pixels between the cells of a strip
 
 
+def marked(label: str, cam: Tensor) -> str:
+    """A caption's ``label`` for a map, with "(empty map)" where the map is all zeros (nothing passed the ReLU):
+    otherwise its tile is a flat blue that looks like a drawing fault."""
+    return label if bool((cam > 0).any()) or bool(cam.isnan().any()) else f"{label} (empty map)"
+
+
 def cam_box(cam_map: Tensor | np.ndarray, threshold: float = 0.5) -> np.ndarray | None:
     """The CAM's box: the largest (by box area) connected region of the map above ``threshold`` (on its 8-bit
     quantisation, as ``cubcam.cams.localization.boxes_from_map`` cuts it), xywh; None if empty.

@@ -104,3 +104,23 @@ def test_non_ascii_class_names_draw_as_letters_not_boxes() -> None:
     for letter in ("ö", "ñ", "Ω", "Ж", "ł"):
         shape = drawn(letter)
         assert shape.shape != missing.shape or (shape != missing).any(), letter
+
+
+def test_an_empty_map_says_so_in_its_caption_and_explain_names_the_class_it_explains() -> None:
+    from cubcam.cams.figure import marked
+    from cubcam.train.inspection.explain import caption
+
+    assert marked("true", torch.zeros(4, 4)) == "true (empty map)"  # was: a flat blue tile, nothing said
+    assert marked("true", torch.eye(4)) == "true"
+    record = {
+        "source": "bird.jpg",
+        "true": None,
+        "predicted": {"class": 1, "name": "Albatross", "score": 0.9},
+        "target": {"kind": "predicted", "class": 1, "name": "Albatross"},
+    }
+    assert caption(record, "p", torch.eye(4)).splitlines() == [
+        "bird.jpg",
+        "pred: Albatross (p 0.90)",
+        "map: Albatross (predicted)",
+    ]
+    assert caption(record, "p", torch.zeros(4, 4)).endswith("map: Albatross (predicted) (empty map)")

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from cubcam.cams import overlay
 from cubcam.cams.engine import Weighting
-from cubcam.cams.figure import grid, pair_strips, save_png
+from cubcam.cams.figure import grid, marked, pair_strips, save_png
 from cubcam.cams.files import WriteFailed, write_text
 from cubcam.cams.overlay import denormalize
 from cubcam.cams.protocol import UNKNOWN_LABEL, Choice, Explainer, HeadExplainer, explain, pair_maps
@@ -111,10 +111,13 @@ class ImageExplainer:
         return step.maps.cpu(), records
 
 
-def caption(record: dict[str, Any], score_name: str) -> str:
-    """A user image: its file name and the prediction; a dataset image: true and predicted class."""
+def caption(record: dict[str, Any], score_name: str, cam: Tensor) -> str:
+    """A user image: its file name and the prediction; a dataset image: true and predicted class; then the class
+    the map explains (and "empty map" where nothing passed the ReLU)."""
     first = f"true: {record['true']['name']}" if record["true"] is not None else Path(record["source"]).name
-    return f"{first}\npred: {record['predicted']['name']} ({score_name} {record['predicted']['score']:.2f})"
+    explained = marked(f"{record['target']['name']} ({record['target']['kind']})", cam)
+    pred = f"pred: {record['predicted']['name']} ({score_name} {record['predicted']['score']:.2f})"
+    return f"{first}\n{pred}\nmap: {explained}"
 
 
 # --- main ----------------------------------------------------------------------------------------------------------
@@ -234,7 +237,7 @@ def explain_images(
             save_png(overlay(pixels, cam, colormap=args.colormap, alpha=args.alpha), args.out / name)
             record["overlay"] = name
             records.append(record)
-            captions.append(caption(record, target.target.score_name))
+            captions.append(caption(record, target.target.score_name, cam))
             box = item.box if item.box is not None and bool((item.box[2:] > 0).all()) else None
             pages.add(pixels, captions[-1], cam, box)
     written = pages.close()
