@@ -124,3 +124,17 @@ def test_an_empty_map_says_so_in_its_caption_and_explain_names_the_class_it_expl
         "map: Albatross (predicted)",
     ]
     assert caption(record, "p", torch.zeros(4, 4)).endswith("map: Albatross (predicted) (empty map)")
+
+
+def test_coinciding_curves_are_told_apart_in_evaluates_plots() -> None:
+    from matplotlib.figure import Figure
+
+    from cubcam.train.inspection.plots import plot_curves
+
+    axis = Figure().subplots()
+    same = [0.1, 0.5, 0.3]
+    labels = {"gradcam": "GradCAM", "hirescam": "HiResCAM", "layercam": "LayerCAM"}
+    plot_curves(axis, [0, 1, 2], {"gradcam": same, "hirescam": list(same), "layercam": [0.2, 0.4, 0.1]}, labels)
+    assert axis.get_legend_handles_labels()[1] == ["GradCAM", "HiResCAM (= GradCAM)", "LayerCAM"]
+    solid, dashed, _ = axis.get_lines()
+    assert solid.get_linestyle() == "-" and dashed.get_linestyle() != "-"  # the second stays visible on the first

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 from matplotlib.figure import Figure
 
 from cubcam.cams.files import write_with
@@ -20,6 +22,20 @@ def _style(name: str) -> dict[str, object]:
     return {"linestyle": "--", "linewidth": 1.2} if name in ("random", "centre_gaussian") else {"linewidth": 1.8}
 
 
+def plot_curves(axis: Any, x: Sequence[float], series: dict[str, Sequence[float]], labels: dict[str, str]) -> None:
+    """One line per method. A curve equal to one drawn before it (GradCAM, HiResCAM and XGradCAM coincide under a
+    global-average-pool head) is labelled ``(= that one)`` and dashed with an offset, so both stay visible."""
+    drawn: list[tuple[str, Sequence[float]]] = []
+    for name, values in series.items():
+        same = next((other for other, seen in drawn if np.allclose(seen, values, atol=1e-9, equal_nan=True)), None)
+        style, label = _style(name), labels[name]
+        if same is not None:
+            label = f"{label} (= {labels[same]})"
+            style = {**style, "linestyle": (3 * len(drawn) % 8, (3, 5)), "linewidth": 1.4}
+        axis.plot(x, values, label=label, **style)
+        drawn.append((name, values))
+
+
 def box_accuracy_plot(
     curves: Curves, thresholds: Sequence[float], ious: Sequence[float], labels: dict[str, str], path: Path
 ) -> Path:
@@ -28,9 +44,8 @@ def box_accuracy_plot(
     figure = Figure(figsize=(4.2 * len(ious), 3.6), layout="constrained")
     axes = figure.subplots(1, len(ious), sharey=True, squeeze=False)[0]
     for axis, iou in zip(axes, ious):
-        for name, curve in curves.items():
-            values = [100 * v for v in curve[f"box_acc_iou{round(100 * iou)}"]]
-            axis.plot(thresholds, values, label=labels[name], **_style(name))
+        key = f"box_acc_iou{round(100 * iou)}"
+        plot_curves(axis, thresholds, {name: [100 * v for v in curve[key]] for name, curve in curves.items()}, labels)
         axis.set(title=f"IoU ≥ {iou:.1f}", xlabel="CAM threshold", xlim=(0, 1), ylim=(0, 100))
         axis.grid(alpha=0.3)
     axes[0].set_ylabel("box accuracy (%)")
@@ -44,8 +59,7 @@ def faithfulness_plot(curves: Curves, fractions: Sequence[float], labels: dict[s
     axes = figure.subplots(1, 2, sharey=True)
     titles = {"deletion_curve": "deletion (most important first)", "insertion_curve": "insertion onto a blur"}
     for axis, (key, title) in zip(axes, titles.items()):
-        for name, curve in curves.items():
-            axis.plot([100 * f for f in fractions], curve[key], label=labels[name], **_style(name))
+        plot_curves(axis, [100 * f for f in fractions], {name: curve[key] for name, curve in curves.items()}, labels)
         axis.set(title=title, xlabel="pixels moved (%)", xlim=(0, 100), ylim=(0, 1))
         axis.grid(alpha=0.3)
     axes[0].set_ylabel("mean score")
