@@ -49,13 +49,18 @@ class Evolution:
         return len(self.epochs)
 
     def bird_strips(self) -> list[np.ndarray]:
-        """Per bird: its thumbnails left to right, each labelled with its epoch underneath (made once for all
-        sinks)."""
+        """Per bird: its thumbnails left to right, each labelled with its epoch underneath, the first also with the
+        bird (``#<dataset index>``), so that a label sits on its own strip where strips are stacked (made once for
+        all sinks)."""
         if "strips" not in self._figures:
-            labels = [f"epoch {e}" for e in self.epochs]
             self._figures["strips"] = [
-                grid([frame[b].numpy() for frame in self.frames], labels, ncols=len(self.frames), font_size=11)
-                for b in range(len(self.indices))
+                grid(
+                    [frame[b].numpy() for frame in self.frames],
+                    [f"#{index}, epoch {e}" if k == 0 else f"epoch {e}" for k, e in enumerate(self.epochs)],
+                    ncols=len(self.frames),
+                    font_size=11,
+                )
+                for b, index in enumerate(self.indices)
             ]
         return self._figures["strips"]
 

@@ -169,7 +169,7 @@ class TensorBoardSink:
         self._add_image(PANEL_KEY, panel.grid, step, panel.grid_png)
 
     def log_evolution(self, evolution: Evolution, step: int) -> None:
-        image = grid(evolution.bird_strips(), [f"#{i}" for i in evolution.indices], ncols=1)
+        image = grid(evolution.bird_strips(), ncols=1)  # each strip names its bird (on the strip, not below it)
         self._add_image(EVOLUTION_KEY, image, step, png_bytes(image))
         self.logger.experiment.flush()
 

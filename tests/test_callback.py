@@ -727,3 +727,16 @@ def test_fast_dev_run_writes_no_panel_files(synthetic_cub, tmp_path, monkeypatch
         callbacks=[CAMPanel(num_images=4)],
     ).fit(module_for("classifier", data), datamodule=data)
     assert not list(tmp_path.rglob("*.png"))  # Lightning's dry run writes no files; nor do the panels
+
+
+def test_each_evolution_strip_names_its_bird_on_the_strip(monkeypatch):
+    """Stacked strips (TensorBoard's val/cam_evolution) had each bird's label under it, read as the next one's."""
+    import cubcam.callbacks.evolution as evolution_module
+
+    captions = []
+    monkeypatch.setattr(evolution_module, "grid", lambda tiles, labels, **kw: captions.append(labels) or tiles[0])
+    evolution = evolution_module.Evolution(
+        indices=[7, 9], epochs=[0, 1], frames=[torch.zeros(2, 8, 8, 3, dtype=torch.uint8)] * 2
+    )
+    evolution.bird_strips()
+    assert captions == [["#7, epoch 0", "epoch 1"], ["#9, epoch 0", "epoch 1"]]
