@@ -13,7 +13,7 @@ localization metrics). The panel goes to W&B (offline here; ``wandb sync`` uploa
 
 from __future__ import annotations
 
-import cubcam.cams  # noqa: F401  (cubcam's torchvision guard, before timm and torchvision)
+import cubcam  # noqa: F401  (first: its torchvision guard, before timm and torchvision)
 
 # isort: split
 

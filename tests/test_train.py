@@ -378,3 +378,17 @@ def test_old_import_paths_of_the_inspection_tools_still_work_with_a_warning(old:
     with pytest.warns(DeprecationWarning, match=f"cubcam.train.{old} moved to cubcam.train.inspection.{old}"):
         served = getattr(importlib.import_module(f"cubcam.train.{old}"), name)
     assert served is getattr(new, name)
+
+
+def test_the_same_seed_gives_the_same_numbers(tiny_cub: Path, offline: Path) -> None:
+    """The demo's promise: run it again, get the same figures (seeded weights, batches and workers, deterministic
+    algorithms)."""
+    for record in ("first", "second"):
+        main(
+            fit_args(
+                ["demo/classifier.yaml"], tiny_cub, offline / record, record, "--trainer.max_epochs", "2", wandb=False
+            )
+        )
+    first, second = (read_record(offline / r / r) for r in ("first", "second"))
+    assert first["batches"] == second["batches"]
+    assert first["metrics"] == second["metrics"] and "val/cam_max_box_acc" in first["metrics"]
