@@ -251,7 +251,10 @@ def sink_factories(trainer: pl.Trainer, metric_keys: list[str]) -> list[tuple[st
 
 
 def unserved_loggers(trainer: pl.Trainer) -> list[str]:
-    """The class names of the trainer's loggers that no sink can show images in (CSVLogger, Neptune, Comet, ...)."""
+    """The class names of the trainer's loggers that no sink can show images in (CSVLogger, Neptune, Comet, ...);
+    none in a ``fast_dev_run``, whose stand-in logger logs nothing and which writes no files."""
+    if getattr(trainer, "fast_dev_run", False):
+        return []
     return [type(logger).__name__ for logger in trainer.loggers if not isinstance(logger, SERVED_LOGGERS)]
 
 
