@@ -103,5 +103,6 @@ def main(argv: list[str] | None = None) -> None:
         print(f"   {config:<22} best checkpoint: {path or '-'}")
     classifier = best.get(configs[0])
     if classifier:
-        print(f"look at what it learned:  cubcam explain {classifier} --split val --out panel/")
-        print(f"                          cubcam evaluate {classifier} --out eval/")
+        cubcam = sys.argv[0] if Path(sys.argv[0]).name == "cubcam" else "cubcam"  # as it was called: .venv/bin/...
+        print(f"look at what it learned:  {cubcam} explain {classifier} --split val --out panel/")
+        print(f"                          {cubcam} evaluate {classifier} --out eval/")
