@@ -309,3 +309,19 @@ def test_a_binary_head_with_a_frozen_backbone_gets_panels_and_metrics(synthetic_
     assert not [str(w.message) for w in caught if "CAMPanel" in str(w.message)]
     assert all(key in done.callback_metrics for key in METRIC_KEYS)
     assert (tmp_path / "cam_panels" / "epoch_000.png").is_file()
+
+
+def test_an_output_the_callback_cannot_explain_is_one_error_naming_its_shape_and_the_options(
+    synthetic_cub, tmp_path
+) -> None:
+    """A head of [B, C, 2] (two scores a class): not a warning every epoch, one error at the first batch."""
+
+    class TwoScores(TransferLearning):
+        def forward(self, images):
+            return super().forward(images).repeat(1, 6).view(-1, 3, 2)
+
+    data = cub_data(synthetic_cub)
+    with pytest.raises(TypeError, match=r"got \(8, 3, 2\).*\[B, C\] logits .*score= .*embeddings"):
+        trainer(tmp_path, 1, [CAMPanel(target_layer="feature_extractor.7", num_images=4)]).validate(
+            TwoScores(), datamodule=data, verbose=False
+        )
