@@ -44,18 +44,27 @@ def load_example():
 example = load_example()
 
 
-class TupleDataset(Dataset):
-    """A CUB split as ``(image, label)`` tuples, as an ImageFolder gives them (no boxes)."""
+class Mapped(Dataset):
+    """A CUB split whose items pass through ``convert``, as another kind of dataset would give them."""
 
-    def __init__(self, dataset):
-        self.dataset = dataset
+    def __init__(self, dataset, convert):
+        self.dataset, self.convert = dataset, convert
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, i: int):
-        item = self.dataset[i]
-        return item["image"], item["label"]
+        return self.convert(self.dataset[i])
+
+
+def as_tuple(item: dict) -> tuple:
+    """``(image, label)``, as an ImageFolder gives them (no boxes)."""
+    return item["image"], item["label"]
+
+
+def as_binary(item: dict) -> dict:
+    """The item with a binary label (even / odd class), its box kept."""
+    return {**item, "label": item["label"] % 2}
 
 
 def cub_data(root: Path) -> CUBDataModule:
@@ -71,8 +80,8 @@ def plain_module(num_classes: int) -> pl.LightningModule:
 
 def tuple_loaders(data: CUBDataModule) -> tuple[DataLoader, DataLoader]:
     return (
-        DataLoader(TupleDataset(data.train_dataset), batch_size=8, shuffle=True, drop_last=True),
-        DataLoader(TupleDataset(data.val_dataset), batch_size=8),
+        DataLoader(Mapped(data.train_dataset, as_tuple), batch_size=8, shuffle=True, drop_last=True),
+        DataLoader(Mapped(data.val_dataset, as_tuple), batch_size=8),
     )
 
 
@@ -247,20 +256,6 @@ def test_validation_leaves_no_grads_batchnorm_changes_or_rng_traces(synthetic_cu
     assert all(m.training for m in module.modules())
 
 
-class BinaryDataset(Dataset):
-    """A CUB split as dict items with a binary label (even / odd class), boxes kept."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, i: int):
-        item = self.dataset[i]
-        return {**item, "label": item["label"] % 2}
-
-
 class TransferLearning(pl.LightningModule):
     """Lightning's transfer-learning example's shape (domain_templates/computer_vision_fine_tuning.py): a ResNet
     feature extractor frozen by ``BaseFinetuning``, a one-logit head, BCE."""
@@ -298,8 +293,8 @@ def test_a_binary_head_with_a_frozen_backbone_gets_panels_and_metrics(synthetic_
             pass
 
     data = cub_data(synthetic_cub)
-    train = DataLoader(BinaryDataset(data.train_dataset), batch_size=8, shuffle=True, drop_last=True)
-    val = DataLoader(BinaryDataset(data.val_dataset), batch_size=8)
+    train = DataLoader(Mapped(data.train_dataset, as_binary), batch_size=8, shuffle=True, drop_last=True)
+    val = DataLoader(Mapped(data.val_dataset, as_binary), batch_size=8)
     torch.manual_seed(0)
     panel = CAMPanel(num_images=4, target_layer="feature_extractor.7")
     with warnings.catch_warnings(record=True) as caught:
