@@ -186,9 +186,7 @@ class CAMPanel(_Callback):
         self.target_layer, self.reshape, self.score = target_layer, reshape, score
         self.format = BatchFormat(image_key, label_key, box_key)
         self._source: ActivationSource | None = None  # made at setup, from the module
-        self._told_no_boxes = False  # the info that the data has no boxes is given once
-        self._told_diverged = False  # and the warning that the maps are not finite
-        self._told_invalid_boxes = False  # and that boxes were left out
+        self._told: set[str] = set()  # what a run is told once: no boxes, boxes left out, diverged maps
         # Chosen once and saved in checkpoints (dataset indices):
         self.panel: list[int] | None = None
         self.subset: list[int] | None = None
@@ -242,7 +240,7 @@ class CAMPanel(_Callback):
     # --- hooks ---------------------------------------------------------------------------------------------------
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._sinks, self._told_no_boxes, self._told_diverged, self._told_invalid_boxes = None, False, False, False
+        self._sinks, self._told = None, set()
         unserved = unserved_loggers(trainer)
         if unserved and trainer.is_global_zero:
             _warn(
@@ -343,18 +341,19 @@ class CAMPanel(_Callback):
                 self.score,
             )
             style = Style(self.colormap, self.alpha, CAM_BOX_THRESHOLD)
-            if self.log_metrics and self.subset and not collected.has_boxes and not self._told_no_boxes:
-                rank_zero_info(
-                    f"CAMPanel: the validation data has no {self.format.box_key!r} boxes: the panel is drawn without "
-                    f"boxes and the CAM localization metrics are skipped"
+            if self.log_metrics and self.subset and not collected.has_boxes:
+                self._once(
+                    "no boxes",
+                    f"the validation data has no {self.format.box_key!r} boxes: the panel is drawn without boxes and "
+                    f"the CAM localization metrics are skipped",
+                    warn=False,
                 )
-                self._told_no_boxes = True
-            if collected.invalid_boxes and not self._told_invalid_boxes:
-                _warn(
+            if collected.invalid_boxes:
+                self._once(
+                    "invalid boxes",
                     f"{len(collected.invalid_boxes)} validation image(s) have a box that is not finite or has no "
-                    f"width or height (dataset indices {collected.invalid_boxes[:5]}): left out of the CAM metrics"
+                    f"width or height (dataset indices {collected.invalid_boxes[:5]}): left out of the CAM metrics",
                 )
-                self._told_invalid_boxes = True
             if self.log_metrics and self.subset and collected.has_boxes:
                 workers = max(1, torch.get_num_threads() // trainer.num_devices)  # the cores this rank's loop uses
                 scores = measure(
@@ -374,17 +373,26 @@ class CAMPanel(_Callback):
                     for key, name in METRIC_KEYS.items():
                         pl_module.log(key, float(scores[name]), sync_dist=True)
                     if "non_finite_images" in scores:
-                        if not self._told_diverged:
-                            _warn(
-                                f"training diverged at epoch {trainer.current_epoch}: the CAM maps of "
-                                f"{scores['non_finite_images']} of {scores['num_images']} metric images are not "
-                                f"finite, so the CAM metrics are NaN"
-                            )
-                            self._told_diverged = True
+                        self._once(
+                            "diverged",
+                            f"training diverged at epoch {trainer.current_epoch}: the CAM maps of "
+                            f"{scores['non_finite_images']} of {scores['num_images']} metric images are not finite, "
+                            f"so the CAM metrics are NaN",
+                        )
                     else:
                         style.box_threshold = float(scores["best_threshold_iou50"])
             if trainer.is_global_zero:
                 self._render_and_log(trainer, lambda: self._render(trainer, explainer, captured, target, style))
+
+    def _once(self, what: str, message: str, warn: bool = True) -> None:
+        """``message`` the first time in a run that ``what`` happens: a warning, or (``warn=False``) an info line."""
+        if what in self._told:
+            return
+        self._told.add(what)
+        if warn:
+            _warn(message)
+        else:
+            rank_zero_info(f"CAMPanel: {message}")
 
     # --- rendering and logging (rank zero) -----------------------------------------------------------------------
 
