@@ -348,11 +348,12 @@ class CAMPanel(_Callback):
                     f"the CAM localization metrics are skipped",
                     warn=False,
                 )
-            if collected.invalid_boxes:
+            invalid = collected.invalid_boxes
+            if invalid:
                 self._once(
                     "invalid boxes",
-                    f"{len(collected.invalid_boxes)} validation image(s) have a box that is not finite or has no "
-                    f"width or height (dataset indices {collected.invalid_boxes[:5]}): left out of the CAM metrics",
+                    f"{len(invalid)} validation image(s) have a box that is not finite or has no width or height "
+                    f"(dataset indices {invalid[:5]}): left out of the CAM metrics",
                 )
             if self.log_metrics and self.subset and collected.has_boxes:
                 workers = max(1, torch.get_num_threads() // trainer.num_devices)  # the cores this rank's loop uses

@@ -47,7 +47,7 @@ class EpochCollector:
     subset_rows: list[dict[str, Tensor]] = field(default_factory=list)
     image_size: tuple[int, int] = (0, 0)
     has_boxes: bool = True  # every batch so far came with boxes (a dataset without boxes gets no metrics)
-    invalid_boxes: list[int] = field(default_factory=list)  # dataset indices whose box cannot be scored
+    scoreable: list[tuple[Tensor, Tensor]] = field(default_factory=list)  # per batch: (index, box can be scored)
 
     def __post_init__(self) -> None:
         # As tensors once, not per batch: torch.isin picks each batch's rows of the panel and the subset.
@@ -66,13 +66,14 @@ class EpochCollector:
         if boxes is not None:
             # Clipped to the image, and a box that cannot be scored (NaN, no size) is left out of the metrics by
             # name (the callback warns), instead of ending the run at the epoch's end or counting as a miss.
+            # On the boxes' device and without a host sync: the indices are read once, at the epoch's end.
             height, width = self.image_size
-            sizes = torch.tensor([[width, height]], dtype=torch.float64).expand(len(box), 2)
-            clipped, valid, _ = check_boxes(box.detach().cpu(), sizes)
-            box = torch.where(valid[:, None], clipped, torch.zeros_like(clipped)).to(box.device, box.dtype)
-            if not valid.all():
-                self.invalid_boxes += index[~valid.to(index.device)].tolist()
-                scored = torch.where(valid.to(index.device), index, torch.full_like(index, -1))
+            sizes = torch.tensor([[width, height]], dtype=torch.float64, device=box.device).expand(len(box), 2)
+            clipped, valid, _ = check_boxes(box.detach(), sizes)
+            box = torch.where(valid[:, None], clipped, torch.zeros_like(clipped)).to(box.dtype)
+            valid = valid.to(index.device)
+            scored = torch.where(valid, index, torch.full_like(index, -1))
+            self.scoreable.append((index, valid))
         if self.panel is not None:  # kept even when empty: its shapes let every rank join the gather
             self.panel_rows.append(
                 _rows(
@@ -102,6 +103,14 @@ class EpochCollector:
             )
             if len(rows["index"]):
                 self.subset_rows.append(rows)
+
+    @property
+    def invalid_boxes(self) -> list[int]:
+        """Dataset indices of this rank's images whose box cannot be scored (left out of the metrics)."""
+        if not self.scoreable:
+            return []
+        index, valid = (torch.cat(column).cpu() for column in zip(*self.scoreable))
+        return index[~valid].tolist()
 
     def gathered_outputs(self, trainer: pl.Trainer, device: torch.device) -> Outputs:
         """All ranks' outputs, each dataset index once (a collective: every rank must call it)."""
