@@ -247,7 +247,8 @@ def sink_factories(trainer: pl.Trainer, metric_keys: list[str]) -> list[tuple[st
             makers.append((type(logger).__name__, partial(MlflowSink, logger)))
     if getattr(trainer, "fast_dev_run", False):  # a dry run writes no files (no logger, no checkpoints): no PNGs
         return makers
-    return [(f"the PNG files in {png_folder(trainer)}", partial(PngSink, png_folder(trainer))), *makers]
+    folder = png_folder(trainer)  # first: the grid it composes serves TensorBoard as well
+    return [(f"the PNG files in {folder}", partial(PngSink, folder)), *makers]
 
 
 def unserved_loggers(trainer: pl.Trainer) -> list[str]:

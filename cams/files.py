@@ -41,11 +41,11 @@ def free_space(folder: str | Path) -> str:
 
 
 @contextlib.contextmanager
-def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO]:
-    """A file object whose contents replace ``path`` when the block ends without an exception.
+def atomic_open(path: str | Path) -> Iterator[IO[bytes]]:
+    """A binary file object whose contents replace ``path`` when the block ends without an exception.
 
     The parent folders are created. The new file keeps the permissions of the file it replaces (a new one gets
-    0o644 less the umask's usual bits), not ``mkstemp``'s 0o600.
+    0o644), not ``mkstemp``'s 0o600.
 
     Raises:
         WriteFailed: when the data could not be written (a full disk, a read-only folder); nothing of it is left.
@@ -55,7 +55,7 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO]:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-        with os.fdopen(descriptor, mode) as file:
+        with os.fdopen(descriptor, "wb") as file:
             yield file
             file.flush()
             os.fsync(file.fileno())
@@ -66,16 +66,19 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO]:
         cause = _os_error(error)
         if cause is None or isinstance(error, WriteFailed):
             raise
-        if temporary is not None:  # first, so that the free space reported is what there is without it
-            with contextlib.suppress(OSError):
-                os.unlink(temporary)
-            temporary = None
+        _discard(temporary)  # first, so that the free space reported is what there is without it
+        temporary = None
         reason = cause.strerror or str(cause)
         raise WriteFailed(cause.errno, f"could not write {path}: {reason} ({free_space(path.parent)})") from error
     finally:
-        if temporary is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(temporary)
+        _discard(temporary)
+
+
+def _discard(temporary: str | None) -> None:
+    """Remove a temporary file that did not become its target (if there is one)."""
+    if temporary is not None:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
 
 
 def _os_error(error: BaseException | None) -> OSError | None:
@@ -91,7 +94,7 @@ def _os_error(error: BaseException | None) -> OSError | None:
 
 def write_bytes(path: str | Path, data: bytes) -> Path:
     """``Path.write_bytes``, atomically (see :func:`atomic_open`)."""
-    with atomic_open(path, "wb") as file:
+    with atomic_open(path) as file:
         file.write(data)
     return Path(path)
 
@@ -104,6 +107,6 @@ def write_text(path: str | Path, text: str) -> Path:
 def write_with(path: str | Path, writer: Callable[[IO[bytes]], object]) -> Path:
     """Atomically write what ``writer(file)`` writes to a binary file object (``torch.save``, ``Image.save``,
     ``Figure.savefig`` all take one)."""
-    with atomic_open(path, "wb") as file:
+    with atomic_open(path) as file:
         writer(file)
     return Path(path)

@@ -340,24 +340,18 @@ GRID_PAGE = 64  # tiles per grid file: a 500-image panel is 8 files of 16 x 4 ti
 
 class GridPages:
     """The captioned grid of every explained image, written a page (:data:`GRID_PAGE` tiles) at a time:
-    ``grid.png`` when one page holds them all, else ``grid_01.png``, ``grid_02.png``, ... GT box green (dataset
-    images), the CAM's box red, as in the training callback's panels."""
+    ``grid.png`` when one page holds them all, else ``grid_1.png``, ``grid_2.png``, ... (zero-padded past 9 pages).
+    GT box green (dataset images), the CAM's box red, as in the training callback's panels."""
 
     def __init__(self, out: Path, num_pages: int, colormap: str, alpha: float):
         self.out, self.colormap, self.alpha = out, colormap, alpha
         self.digits = len(str(num_pages)) if num_pages > 1 else 0
-        self.tiles: list[Any] = []
-        self.captions: list[str] = []
-        self.maps: list[Tensor] = []
-        self.boxes: list[Tensor | None] = []
+        self.pending: list[tuple[Any, str, Tensor, Tensor | None]] = []  # (pixels, caption, map, box) of the page
         self.written: list[str] = []
 
     def add(self, pixels: Any, text: str, cam: Tensor, box: Tensor | None) -> None:
-        self.tiles.append(pixels)
-        self.captions.append(text)
-        self.maps.append(cam)
-        self.boxes.append(box)
-        if len(self.tiles) == GRID_PAGE:
+        self.pending.append((pixels, text, cam, box))
+        if len(self.pending) == GRID_PAGE:
             self._flush()
 
     def close(self) -> list[str]:
@@ -366,21 +360,14 @@ class GridPages:
         return self.written
 
     def _flush(self) -> None:
-        if not self.tiles:
+        if not self.pending:
             return
         name = f"grid_{len(self.written) + 1:0{self.digits}d}.png" if self.digits else "grid.png"
-        page = grid(
-            self.tiles,
-            self.captions,
-            ncols=4,
-            cams=self.maps,
-            boxes=self.boxes,
-            colormap=self.colormap,
-            alpha=self.alpha,
-        )
+        tiles, captions, maps, boxes = zip(*self.pending)
+        page = grid(tiles, captions, ncols=4, cams=maps, boxes=boxes, colormap=self.colormap, alpha=self.alpha)
         save_png(page, self.out / name)
         self.written.append(name)
-        self.tiles, self.captions, self.maps, self.boxes = [], [], [], []
+        self.pending = []
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
