@@ -134,8 +134,9 @@ class CubCamCLI(LightningCLI):
         if done is not None:
             epochs, steps = done
             max_epochs, max_steps = trainer.max_epochs, trainer.max_steps
-            if (max_epochs is not None and max_epochs >= 0 and epochs >= max_epochs) or (0 <= max_steps <= steps):
-                limit = f"max_steps={max_steps}" if 0 <= max_steps <= steps else f"max_epochs={max_epochs}"
+            steps_done = 0 <= max_steps <= steps
+            if steps_done or (max_epochs is not None and 0 <= max_epochs <= epochs):
+                limit = f"max_steps={max_steps}" if steps_done else f"max_epochs={max_epochs}"
                 rank_zero_info(
                     f"{kwargs.get('ckpt_path')} has finished its run ({epochs} epochs, {steps} steps; {limit}): "
                     f"nothing to train. Raise --trainer.max_epochs to continue it."

@@ -18,6 +18,7 @@ state; ``best-epoch=N.ckpt``), its ``config.yaml`` and its ``cam_panels/``. What
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -128,18 +129,9 @@ class RunFolderCheckpoint(_ModelCheckpoint):
 
 
 def _glob(filename: str) -> str:
-    """``best-{epoch}`` -> ``best-*``: Lightning's filename template as a glob pattern."""
-    out, depth = [], 0
-    for char in filename:
-        if char == "{":
-            depth += 1
-            if depth == 1:
-                out.append("*")
-        elif char == "}":
-            depth -= 1
-        elif depth == 0:
-            out.append(char)
-    return "".join(out)
+    """``best-{epoch}`` -> ``best-*``: Lightning's filename template (``{name}`` or ``{name:fmt}`` fields) as a
+    glob pattern."""
+    return re.sub(r"\{[^{}]*\}", "*", filename)
 
 
 class LastCheckpoint(RunFolderCheckpoint):
