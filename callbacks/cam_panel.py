@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast, get_args
 
 import numpy as np
@@ -59,16 +60,16 @@ from torch import Tensor
 
 from cubcam.callbacks.batches import BatchFormat
 from cubcam.callbacks.collect import EpochCollector, Outputs, load_birds
+from cubcam.callbacks.deferred import EpochWork, Finished, Layout, Worker, finish
 from cubcam.callbacks.epoch_target import epoch_target
 from cubcam.callbacks.evolution import Evolution
-from cubcam.callbacks.measure import METRIC_KEYS, measure
-from cubcam.callbacks.panel_data import Panel
-from cubcam.callbacks.panel_render import Style, class_panel, neighbour_panel
+from cubcam.callbacks.measure import METRIC_KEYS, subset_maps
+from cubcam.callbacks.panel_render import Style, class_inputs, neighbour_inputs
 from cubcam.callbacks.panel_select import random_subset, spread_over_classes
 from cubcam.callbacks.sinks import PanelSink, metrics_step, png_folder, sink_factories, unserved_loggers
 from cubcam.callbacks.sources import ActivationSource, LayerSource, StepSource
 from cubcam.cams.engine import Reshape, Weighting, isolated
-from cubcam.cams.overlay import IMAGENET_MEAN, IMAGENET_STD, colorize, denormalize
+from cubcam.cams.overlay import IMAGENET_MEAN, IMAGENET_STD, colorize
 from cubcam.cams.protocol import CAMModule, Choice, Explainer
 from cubcam.cams.targets import LEGACY_SINGLE_POINT, ExplanationTarget, Method, ProxyScheme, proxy_scheme
 from cubcam.namespaces import dual
@@ -79,7 +80,11 @@ DEFAULT_METRICS_SUBSET = 512
 # (bench/callback_overhead.py, README).
 DEFAULT_LAYER_METRICS_SUBSET = 128
 CAM_BOX_THRESHOLD = 0.5  # where the panel's CAM box is cut until the metrics find the best IoU-0.5 threshold
-STATE_VERSION = 2  # of state_dict's layout; 1 (no "version"): panel, subset, evolution under the old state key
+# of state_dict's layout; 1 (no "version"): panel, subset, evolution under the old state key; 3 adds "pending"
+STATE_VERSION = 3
+# In a checkpoint folder: the epochs logged after checkpoints there were written with them pending (a line each).
+LEDGER = "campanel_logged.txt"
+NO_OUTPUTS = Outputs(torch.zeros(0, dtype=torch.long), torch.zeros(0, 0), torch.zeros(0, dtype=torch.long))
 
 
 class CAMPanelWarning(UserWarning):
@@ -125,8 +130,17 @@ class CAMPanel(_Callback):
             whose logit of a class is not the score to explain (multi-label sigmoids, a margin). Without it a
             classifier explains the class logit; a single-logit head [B, 1] is binary: class 1 explains the logit,
             class 0 its negation.
+        synchronous: finish every panel epoch inside ``on_validation_epoch_end`` and log the CAM metrics with
+            ``LightningModule.log``, so that they are in ``trainer.callback_metrics`` for ``EarlyStopping`` or
+            ``ModelCheckpoint(monitor="val/cam_max_box_acc")``; training waits for the box metrics and the panel
+            (seconds per epoch at CUB's size). By default (False) that work runs on a background thread while the
+            next epoch trains, and the metrics go to every logger at their epoch's own step, at most an epoch later
+            (and in ``history``).
         image_key, label_key, box_key: where dict batches and dataset items keep the images, the labels and the
             optional boxes (``[x, y, w, h]`` in the image tensor's pixels); tuples are ``(images, labels[, boxes])``.
+
+    Attributes:
+        history: the CAM metrics of every epoch this process logged, ``{epoch: {key: value}}``.
 
     Raises:
         ValueError: an argument out of range, or a ``method`` that does not fit the module (at ``setup``).
@@ -152,6 +166,7 @@ class CAMPanel(_Callback):
         target_layer: str | None = None,
         reshape: Reshape | None = None,
         score: Callable[[Tensor, Tensor], Tensor] | None = None,
+        synchronous: bool = False,
         image_key: str = "image",
         label_key: str = "label",
         box_key: str = "box",
@@ -184,6 +199,7 @@ class CAMPanel(_Callback):
         default_subset = DEFAULT_METRICS_SUBSET if target_layer is None else DEFAULT_LAYER_METRICS_SUBSET
         self.metrics_subset = metrics_subset or default_subset
         self.target_layer, self.reshape, self.score = target_layer, reshape, score
+        self.synchronous = bool(synchronous)
         self.format = BatchFormat(image_key, label_key, box_key)
         self._source: ActivationSource | None = None  # made at setup, from the module
         self._told: set[str] = set()  # what a run is told once: no boxes, boxes left out, diverged maps
@@ -193,6 +209,12 @@ class CAMPanel(_Callback):
         self.evolution = Evolution()  # the panel's thumbnails at every panel epoch (saved in checkpoints)
         self._epoch: EpochCollector | None = None  # this validation epoch's rows, while one is collected
         self._sinks: list[PanelSink] | None = None  # made on the first panel of a run
+        self._worker = Worker(self._finish)  # finishes each panel epoch off the loop's thread (not synchronous)
+        self._cores = 1  # the worker's threads for the box labelling: this rank's share of the cores
+        self._restored: list[EpochWork] = []  # a resumed checkpoint's pending epochs, finished when fit starts
+        # The CAM metrics of every epoch logged by this process, epoch -> {key: value} (as LearningRateMonitor's
+        # ``lrs``): what a script reads after fit, since they reach callback_metrics only when synchronous.
+        self.history: dict[int, dict[str, float]] = {}
 
     # --- checkpoint state ----------------------------------------------------------------------------------------
 
@@ -221,12 +243,15 @@ class CAMPanel(_Callback):
             "panel": self.panel,
             "subset": self.subset,
             "evolution": self.evolution.state_dict(),
+            # Epochs handed to the worker and not yet logged: a checkpoint written now finishes them on resume.
+            "pending": [*self._restored, *self._worker.pending()],
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state = migrate_state(state_dict)
         self.panel, self.subset = state["panel"], state["subset"]
         self.evolution.load_state_dict(state["evolution"])
+        self._restored = list(state["pending"])
 
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
@@ -274,6 +299,7 @@ class CAMPanel(_Callback):
         return StepSource(cast(CAMModule, pl_module), self.format)  # the protocol, checked above
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._log_finished(trainer, self._worker.take())
         self._epoch = None
         if self._source is None or trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
             return
@@ -288,7 +314,9 @@ class CAMPanel(_Callback):
         ):
             self.subset = random_subset(size, self.metrics_subset, self._generator(1))
         self._source.start_epoch(trainer, pl_module)
-        self._epoch = EpochCollector(self.panel, (self.subset or []) if self.log_metrics else [])
+        # Outputs only where the epoch needs them: to choose the panel, and an embedding net's proxies.
+        keep = self.panel is None or self._source.explainer.cam_method == "embeddingcam"
+        self._epoch = EpochCollector(self.panel, (self.subset or []) if self.log_metrics else [], keep)
 
     def on_validation_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
@@ -309,11 +337,33 @@ class CAMPanel(_Callback):
             return
         self._epoch.add(*self._source.rows(outputs, batch, batch_idx))
 
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._log_finished(trainer, self._worker.take())  # a glance at the queue's head: microseconds
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """A resumed run finishes the epochs its checkpoint left pending, except those its checkpoint folder's
+        ledger shows were logged after the checkpoint was written (a run that ended normally, or was killed late):
+        neither lost nor logged twice."""
+        restored, self._restored = self._restored, []
+        if not trainer.is_global_zero or not restored:
+            return
+        logged = self._ledger_epochs(Path(str(trainer.ckpt_path)).parent / LEDGER) if trainer.ckpt_path else set()
+        for work in restored:  # a logged one still gives the evolution its thumbnails
+            self._hand_over(trainer, pl_module, {**work, "log": work.get("log", True) and work["epoch"] not in logged})
+
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # Before any checkpoint callback saves on the way out (Lightning calls those last), so that a checkpoint
+        # written now holds nothing that was also logged.
+        self._drain(trainer)
         if self._source is not None:
             self._source.end_epoch()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._drain(trainer)
+        self._worker.close()
+        self._restored = []  # a test or validate run's restored state is not this run's to finish
         if self._source is not None:
             self._source.end_epoch()
 
@@ -322,14 +372,38 @@ class CAMPanel(_Callback):
         if collected is None or self._source is None:
             return
         self._source.end_epoch()
-        explainer, device = self._source.explainer, pl_module.device
+        work = self._epoch_work(trainer, pl_module, collected)  # on every rank (collectives); None off rank zero
+        if self.synchronous:
+            finished = self._finish(work) if work is not None else None
+            scores = trainer.strategy.broadcast(finished.scores if finished is not None else None, src=0)
+            if scores is not None:
+                for key, name in METRIC_KEYS.items():
+                    pl_module.log(key, float(scores[name]), sync_dist=True)
+            if finished is not None:
+                self._log_finished(trainer, [finished], loggers=False)
+        elif work is not None:
+            self._hand_over(trainer, pl_module, work)
+
+    def _hand_over(self, trainer: pl.Trainer, pl_module: pl.LightningModule, work: EpochWork) -> None:
+        """``work`` to the worker (the sinks are made here, on the loop's thread, before it needs them)."""
+        self._sinks_of(trainer)
+        self._cores = max(1, torch.get_num_threads() // max(1, trainer.num_devices))
+        self._log_finished(trainer, self._worker.submit(work))
+
+    def _epoch_work(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, collected: EpochCollector
+    ) -> EpochWork | None:
+        """What the epoch leaves for :func:`~cubcam.callbacks.deferred.finish`: the maps at the layer's grid, made
+        here on the module's device. Every rank joins its collectives; rank zero alone gets the work."""
+        explainer, device = self._source.explainer, pl_module.device  # type: ignore[union-attr]
         with isolated(device):
-            # Collectives first, on every rank in the same order; rank zero alone renders and logs afterwards.
-            outputs = collected.gathered_outputs(trainer, device)
+            # Collectives first, on every rank in the same order.
+            outputs = collected.gathered_outputs(trainer, device) or NO_OUTPUTS
             captured = collected.gathered_panel(trainer, device)
             if self.panel is None and len(outputs.index):
                 self.panel = self._choose_panel(outputs)
-            names = _class_names(_val_dataset(trainer), pl_module)
+            dataset = _val_dataset(trainer)
+            names = _class_names(dataset, pl_module)
             target = epoch_target(
                 explainer.cam_method,
                 self.proxy,
@@ -340,7 +414,6 @@ class CAMPanel(_Callback):
                 self.seed,
                 self.score,
             )
-            style = Style(self.colormap, self.alpha, CAM_BOX_THRESHOLD)
             if self.log_metrics and self.subset and not collected.has_boxes:
                 self._once(
                     "no boxes",
@@ -355,35 +428,115 @@ class CAMPanel(_Callback):
                     f"{len(invalid)} validation image(s) have a box that is not finite or has no width or height "
                     f"(dataset indices {invalid[:5]}): left out of the CAM metrics",
                 )
+            metrics = None
             if self.log_metrics and self.subset and collected.has_boxes:
-                workers = max(1, torch.get_num_threads() // trainer.num_devices)  # the cores this rank's loop uses
-                scores = measure(
+                metrics = subset_maps(
                     explainer,
                     collected.subset_columns(),
                     target,
                     self.weighting,
                     self.subset,
-                    collected.image_size,
                     device,
-                    workers,
-                    lambda rows: trainer.strategy.reduce(rows, reduce_op="sum"),
+                    trainer.strategy.all_gather,
+                    trainer.world_size,
                 )
-                if scores is None:
-                    _warn("no image of the metric subset was validated this epoch; CAM metrics skipped")
-                else:
-                    for key, name in METRIC_KEYS.items():
-                        pl_module.log(key, float(scores[name]), sync_dist=True)
-                    if "non_finite_images" in scores:
-                        self._once(
-                            "diverged",
-                            f"training diverged at epoch {trainer.current_epoch}: the CAM maps of "
-                            f"{scores['non_finite_images']} of {scores['num_images']} metric images are not finite, "
-                            f"so the CAM metrics are NaN",
+                if not len(metrics["slot"]):
+                    metrics = None
+                    if trainer.is_global_zero:
+                        _warn("no image of the metric subset was validated this epoch; CAM metrics skipped")
+            if not trainer.is_global_zero:
+                return None
+            panel: dict[str, Tensor] | None = None
+            layout: Layout = "class"
+            try:
+                panel, layout = self._panel_inputs(trainer, explainer, captured, target)
+            except Exception as err:  # a figure must never end a training run
+                _warn(f"could not render the panel of epoch {trainer.current_epoch}: {type(err).__name__}: {err}")
+        return EpochWork(
+            epoch=trainer.current_epoch,
+            step=metrics_step(trainer),
+            size=list(collected.image_size),
+            num_slots=len(self.subset or []),
+            metrics=metrics,
+            panel=panel,
+            layout=layout,
+            choice=self.target,
+            symbol=target.target.score_name,
+            names=names,
+            mean=[float(m) for m in getattr(dataset, "mean", IMAGENET_MEAN)],
+            std=[float(s) for s in getattr(dataset, "std", IMAGENET_STD)],
+            log=True,
+        )
+
+    def _finish(self, work: EpochWork) -> Finished:
+        """One work finished (the worker's task, or inline when ``synchronous``)."""
+        return finish(work, Style(self.colormap, self.alpha, CAM_BOX_THRESHOLD), self._sinks or [], self._cores)
+
+    def _log_finished(self, trainer: pl.Trainer, finished: list[Finished], loggers: bool = True) -> None:
+        """On the loop's thread: each finished epoch's warnings, CAM metrics (``loggers``: through every logger's
+        ``log_metrics`` at the epoch's own step, with ``epoch``), evolution thumbnails and sink commits."""
+        for done in finished:
+            for problem in done.problems:
+                _warn(problem)
+            if done.frame is not None:
+                self.evolution.add(done.frame)
+            if not done.log:
+                continue
+            scores = done.scores
+            if scores is not None and "non_finite_images" in scores:
+                self._once(
+                    "diverged",
+                    f"training diverged at epoch {done.epoch}: the CAM maps of {scores['non_finite_images']} of "
+                    f"{scores['num_images']} metric images are not finite, so the CAM metrics are NaN",
+                )
+            if scores is not None:
+                self.history[done.epoch] = {key: float(scores[name]) for key, name in METRIC_KEYS.items()}
+            if scores is not None and loggers:
+                row = {**self.history[done.epoch], "epoch": done.epoch}
+                for logger in trainer.loggers:
+                    try:
+                        logger.log_metrics(row, step=done.step)
+                    except Exception as err:
+                        _warn(
+                            f"could not log the CAM metrics of epoch {done.epoch} to {type(logger).__name__}: "
+                            f"{type(err).__name__}: {err}"
                         )
-                    else:
-                        style.box_threshold = float(scores["best_threshold_iou50"])
-            if trainer.is_global_zero:
-                self._render_and_log(trainer, lambda: self._render(trainer, explainer, captured, target, style))
+            for name, commit in done.commits:
+                try:
+                    commit()
+                except Exception as err:
+                    _warn(f"could not log the panel of epoch {done.epoch} to {name}: {type(err).__name__}: {err}")
+            self._record_logged(trainer, done.epoch)
+
+    def _record_logged(self, trainer: pl.Trainer, epoch: int) -> None:
+        """Append ``epoch`` to the ledger of every local checkpoint folder: the checkpoints written there before
+        now hold it as pending, and a resume from one of them must not log it again (fit only)."""
+        if trainer.state.fn != "fit":
+            return
+        for callback in trainer.checkpoint_callbacks:
+            folder = getattr(callback, "dirpath", None)
+            if folder is None or "://" in str(folder):
+                continue
+            try:
+                Path(folder).mkdir(parents=True, exist_ok=True)
+                with open(Path(folder) / LEDGER, "a", encoding="utf-8") as ledger:
+                    ledger.write(f"{self.state_key}\t{epoch}\n")
+            except OSError as err:
+                self._once("ledger", f"could not record the logged epoch in {folder}: {err}")
+
+    def _ledger_epochs(self, path: Path) -> set[int]:
+        """The epochs this panel (its ``state_key``) logged, by ``path``'s ledger (none where there is no ledger; a
+        torn last line is skipped)."""
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except OSError:
+            return set()
+        fields = (line.rpartition("\t") for line in lines)
+        return {int(epoch) for key, _, epoch in fields if key == self.state_key and epoch.isdigit()}
+
+    def _drain(self, trainer: pl.Trainer) -> None:
+        """Every pending epoch finished and logged, in order."""
+        self._log_finished(trainer, self._worker.take(wait=len(self._worker)))
 
     def _once(self, what: str, message: str, warn: bool = True) -> None:
         """``message`` the first time in a run that ``what`` happens: a warning, or (``warn=False``) an info line."""
@@ -408,7 +561,9 @@ class CAMPanel(_Callback):
         return outputs.index[chosen].tolist()
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """The CAM evolution: every panel epoch of the run (a resumed one's too), to every sink."""
+        """The CAM evolution: every panel epoch of the run (a resumed one's too), to every sink, once the pending
+        epochs are in."""
+        self._drain(trainer)
         if not trainer.is_global_zero or not len(self.evolution):
             return
         step = metrics_step(trainer)
@@ -417,22 +572,6 @@ class CAMPanel(_Callback):
                 sink.log_evolution(self.evolution, step)
             except Exception as err:
                 _warn(f"could not log the CAM evolution to {sink.name}: {type(err).__name__}: {err}")
-
-    def _render_and_log(self, trainer: pl.Trainer, render: Callable[[], Panel]) -> None:
-        """Render the panel and hand it to every sink; a failure of either is one warning, never the run's end."""
-        epoch = trainer.current_epoch
-        try:
-            panel = render()
-            self.evolution.add(panel)
-        except Exception as err:  # a figure must never end a training run
-            _warn(f"could not render the panel of epoch {epoch}: {type(err).__name__}: {err}")
-            return
-        step = metrics_step(trainer)
-        for sink in self._sinks_of(trainer):
-            try:
-                sink.log_panel(panel, step)
-            except Exception as err:
-                _warn(f"could not log the panel of epoch {epoch} to {sink.name}: {type(err).__name__}: {err}")
 
     def _sinks_of(self, trainer: pl.Trainer) -> list[PanelSink]:
         """The run's sinks, made once; a logger whose sink cannot be made is warned about and left out."""
@@ -445,34 +584,26 @@ class CAMPanel(_Callback):
                     _warn(f"cannot log the panel to {name}: {type(err).__name__}: {err}")
         return self._sinks
 
-    def _render(
+    def _panel_inputs(
         self,
         trainer: pl.Trainer,
         explainer: Explainer,
         captured: dict[str, Tensor] | None,
         target: ExplanationTarget,
-        style: Style,
-    ) -> Panel:
+    ) -> tuple[dict[str, Tensor], Layout]:
+        """The panel's maps at the layer's grid and what goes with them (``panel_render``'s ``*_inputs``)."""
         if not self.panel:
             raise RuntimeError("no panel was chosen (the validation run saw no images)")
         dataset = _val_dataset(trainer)
         device = trainer.lightning_module.device
-        birds: dict[str, Any] = (
+        birds: dict[str, Tensor] = (
             dict(captured) if captured is not None else load_birds(dataset, self.panel, explainer, device, self.format)
         )
-        birds["rgb"] = _to_rgb(dataset, birds["image"])
-        birds["box"] = birds["box"].cpu()
-        names = _class_names(dataset, trainer.lightning_module)
         if not target.neighbours or target.reference_index is None:
-            return class_panel(
-                explainer, birds, target, self.target, self.weighting, trainer.current_epoch, names, style
-            )
+            return class_inputs(explainer, birds, target, self.target, self.weighting), "class"
         rows = target.rows(birds["label"], birds["output"], birds["index"])
-        neighbours: dict[str, Any] = load_birds(
-            dataset, target.reference_index[rows.cpu()].tolist(), explainer, device, self.format
-        )
-        neighbours["rgb"], neighbours["box"] = _to_rgb(dataset, neighbours["image"]), neighbours["box"].cpu()
-        return neighbour_panel(explainer, birds, neighbours, self.weighting, trainer.current_epoch, names, style)
+        neighbours = load_birds(dataset, target.reference_index[rows.cpu()].tolist(), explainer, device, self.format)
+        return neighbour_inputs(explainer, birds, neighbours, self.weighting), "neighbour"
 
 
 def migrate_state(state: dict[str, Any]) -> dict[str, Any]:
@@ -486,6 +617,7 @@ def migrate_state(state: dict[str, Any]) -> dict[str, Any]:
         "panel": state.get("panel"),
         "subset": state.get("subset"),
         "evolution": state.get("evolution") or {},
+        "pending": list(state.get("pending") or []),
     }
 
 
@@ -496,13 +628,6 @@ def _val_dataset(trainer: pl.Trainer) -> Any:
     if dataset is None or not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
         raise TypeError("CAMPanel needs a map-style validation dataset (len() and dataset[i])")
     return dataset
-
-
-def _to_rgb(dataset: Any, images: Tensor) -> list[np.ndarray]:
-    """Normalised images back to uint8 [H, W, 3] with the dataset's mean/std (ImageNet's if it has none)."""
-    return list(
-        denormalize(images.cpu(), getattr(dataset, "mean", IMAGENET_MEAN), getattr(dataset, "std", IMAGENET_STD))
-    )
 
 
 def _class_names(dataset: Any, module: Any) -> list[str]:

@@ -36,12 +36,14 @@ class EpochCollector:
     """The rows of one validation epoch the panel and the metrics need (on this rank, detached).
 
     ``panel`` and ``subset`` are dataset indices (the panel is None until chosen). Outputs are kept for every image
-    (small: logits or embeddings), since the panel is chosen from the labels seen and an embedding net's proxies
-    come from all embeddings; activations only for the panel and the metric subset.
+    only where the epoch needs them (``keep_outputs``: the panel is chosen from the labels seen, and an embedding
+    net's proxies come from all embeddings), activations only for the panel and the metric subset. Everything stays
+    on the device it came from: the maps leave it later, at the layer's grid (``measure.subset_maps``).
     """
 
     panel: list[int] | None
     subset: list[int]
+    keep_outputs: bool = True
     outputs: list[tuple[Tensor, Tensor, Tensor]] = field(default_factory=list)  # (output, label, index)
     panel_rows: list[dict[str, Tensor]] = field(default_factory=list)
     subset_rows: list[dict[str, Tensor]] = field(default_factory=list)
@@ -58,7 +60,8 @@ class EpochCollector:
         """One validation batch: its step output, its images and its boxes (None: the data has none; the panel
         then draws none, with the empty box (0, 0, 0, 0))."""
         index, label = step["index"].detach(), step["label"].detach()
-        self.outputs.append((step["output"].detach().float(), label, index))
+        if self.keep_outputs:
+            self.outputs.append((step["output"].detach().float(), label, index))
         self.image_size = (int(images.shape[-2]), int(images.shape[-1]))
         self.has_boxes = self.has_boxes and boxes is not None
         box = torch.zeros(len(images), 4, device=images.device) if boxes is None else boxes.reshape(-1, 4)
@@ -112,8 +115,11 @@ class EpochCollector:
         index, valid = (torch.cat(column).cpu() for column in zip(*self.scoreable))
         return index[~valid].tolist()
 
-    def gathered_outputs(self, trainer: pl.Trainer, device: torch.device) -> Outputs:
-        """All ranks' outputs, each dataset index once (a collective: every rank must call it)."""
+    def gathered_outputs(self, trainer: pl.Trainer, device: torch.device) -> Outputs | None:
+        """All ranks' outputs, each dataset index once (a collective: every rank must call it); None where they were
+        not kept (``keep_outputs``)."""
+        if not self.keep_outputs:
+            return None
         if not self.outputs:
             raise RuntimeError("the validation loop produced no batches")
         output, label, index = (torch.cat(parts).to(device) for parts in zip(*self.outputs))
@@ -167,6 +173,6 @@ def load_birds(
 
 
 def _rows(wanted: Tensor, index: Tensor, columns: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The rows of a batch whose dataset index is in ``wanted``, detached, on the CPU (possibly none)."""
+    """The rows of a batch whose dataset index is in ``wanted``, detached, where they are (possibly none)."""
     rows = torch.isin(index, wanted.to(device=index.device, dtype=index.dtype)).nonzero()[:, 0]
-    return {key: value.detach()[rows.to(value.device)].cpu() for key, value in columns.items()}
+    return {key: value.detach()[rows.to(value.device)] for key, value in columns.items()}

@@ -24,6 +24,21 @@ THUMB = 80  # longest side of a thumbnail, px
 
 
 @dataclass
+class Frame:
+    """One panel epoch's thumbnails [N, h, w, 3] (uint8) of the birds ``indices``."""
+
+    epoch: int
+    indices: list[int]
+    thumbnails: Tensor
+
+
+def frame_of(panel: Panel) -> Frame:
+    """The panel's primary maps, with their boxes, as thumbnails (made where the panel is rendered)."""
+    thumbnails = torch.from_numpy(np.stack([thumbnail(cell) for cell in panel.primary_cells()]))
+    return Frame(panel.epoch, list(panel.indices), thumbnails)
+
+
+@dataclass
 class Evolution:
     """The thumbnails of a fixed panel, one frame [N, h, w, 3] per panel epoch, in epoch order."""
 
@@ -32,18 +47,17 @@ class Evolution:
     frames: list[Tensor] = field(default_factory=list)
     _figures: dict[str, list[np.ndarray]] = field(default_factory=dict, repr=False, compare=False)  # made once
 
-    def add(self, panel: Panel) -> None:
-        """This epoch's thumbnails; a new panel (other birds) starts a new evolution."""
+    def add(self, frame: Frame) -> None:
+        """An epoch's thumbnails (:func:`frame_of`); a new panel (other birds) starts a new evolution."""
         self._figures.clear()
-        if panel.indices != self.indices:
-            self.indices, self.epochs, self.frames = list(panel.indices), [], []
-        frame = torch.from_numpy(np.stack([thumbnail(cell) for cell in panel.primary_cells()]))
-        if panel.epoch in self.epochs:
-            self.frames[self.epochs.index(panel.epoch)] = frame
+        if frame.indices != self.indices:
+            self.indices, self.epochs, self.frames = list(frame.indices), [], []
+        if frame.epoch in self.epochs:
+            self.frames[self.epochs.index(frame.epoch)] = frame.thumbnails
             return
-        position = int(np.searchsorted(self.epochs, panel.epoch))
-        self.epochs.insert(position, panel.epoch)
-        self.frames.insert(position, frame)
+        position = int(np.searchsorted(self.epochs, frame.epoch))
+        self.epochs.insert(position, frame.epoch)
+        self.frames.insert(position, frame.thumbnails)
 
     def __len__(self) -> int:
         return len(self.epochs)

@@ -5,12 +5,15 @@ differently sized images wrongly): the primary map, then the other class's map w
 vs predicted; embedding net: true class's proxy vs nearest proxy), the nearest other image with its own map, or
 else the plain image. The maps come from the explanation step of the tools (``cubcam.cams.protocol.explain`` and
 ``pair_maps``); nothing here knows Lightning or W&B objects: the sinks (``sinks.py``) take a :class:`Panel`.
+
+Each view has two halves: ``*_inputs`` runs where the model is (the loop's thread, on the module's device) and
+keeps the maps at the layer's grid; ``*_panel`` upsamples and draws them, anywhere (the callback's worker thread),
+from CPU tensors and plain values alone, so that its inputs can wait in a checkpoint.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -20,7 +23,7 @@ from cubcam.callbacks.panel_data import BirdRow, Panel, name
 from cubcam.cams.engine import Weighting
 from cubcam.cams.figure import Cell, Strip, cam_box, marked, pair_strips, render_strip
 from cubcam.cams.localization import box_iou, heatmap_ratio, pointing_game
-from cubcam.cams.protocol import Choice, Explainer, explain, pair_maps
+from cubcam.cams.protocol import Choice, Explainer, PairMaps, explain, pair_maps, upsample
 from cubcam.cams.targets import ExplanationTarget
 
 
@@ -31,34 +34,55 @@ class Style:
     box_threshold: float = 0.5  # where the CAM box is cut: MaxBoxAcc's best IoU-0.5 threshold once measured
 
 
-def class_panel(
+def class_inputs(
     explainer: Explainer,
-    birds: dict[str, Any],
+    birds: dict[str, Tensor],
     target: ExplanationTarget,
     choice: Choice,
     weighting: Weighting,
+) -> dict[str, Tensor]:
+    """What :func:`class_panel` draws, made where the model is (the loop's thread, the module's device): each bird's
+    map for the ``choice`` class and for the other one (true vs predicted) at the layer's grid, what they explain
+    and the class scores, as CPU tensors (small: a grid map is 49 to 196 numbers)."""
+    other_choice: Choice = "predicted" if choice == "true" else "true"
+    primary, other = (
+        explain(explainer, birds["activations"], birds["output"], target, None, birds["label"], c, weighting)
+        for c in (choice, other_choice)
+    )
+    columns = {key: birds[key] for key in ("index", "image", "box", "label")}
+    columns |= {
+        "primary": primary.maps,
+        "other": other.maps,
+        "first": primary.explained,
+        "second": other.explained,
+        "predicted": primary.predicted,
+        "scores": primary.class_scores.float(),
+    }
+    return {key: value.detach().cpu() for key, value in columns.items()}
+
+
+def class_panel(
+    inputs: dict[str, Tensor],
+    rgb: list[np.ndarray],
+    choice: Choice,
+    symbol: str,
     epoch: int,
     names: list[str],
     style: Style,
 ) -> Panel:
-    """Each bird's map for the ``choice`` class, then for the other one (true vs predicted) where they differ,
-    else the plain image: GradCAM of the class logit, or EmbeddingCAM of the class proxy (predicted: nearest)."""
-    size = (int(birds["image"].shape[-2]), int(birds["image"].shape[-1]))
-    other_choice: Choice = "predicted" if choice == "true" else "true"
-    primary, other = (
-        explain(explainer, birds["activations"], birds["output"], target, size, birds["label"], c, weighting)
-        for c in (choice, other_choice)
-    )
-    scores, labels = primary.class_scores.cpu(), birds["label"].cpu()
-    primary_maps, other_maps = primary.maps.cpu(), other.maps.cpu()
+    """Each bird's map for the ``choice`` class, then for the other one where they differ, else the plain image
+    (GradCAM of the class logit, or EmbeddingCAM of the class proxy; predicted: nearest), from
+    :func:`class_inputs`; ``rgb`` are the birds' pixels and ``symbol`` names the class score (p or cos)."""
+    size = (int(inputs["image"].shape[-2]), int(inputs["image"].shape[-1]))
+    primary_maps, other_maps = upsample(inputs["primary"], size), upsample(inputs["other"], size)
+    scores, labels = inputs["scores"], inputs["label"]
     strips, captions = [], []
-    symbol = target.target.score_name
     for b, (first, second, true, index) in enumerate(
-        zip(primary.explained.tolist(), other.explained.tolist(), labels.tolist(), birds["index"].tolist())
+        zip(inputs["first"].tolist(), inputs["second"].tolist(), labels.tolist(), inputs["index"].tolist())
     ):
         cells = [
-            Cell(birds["rgb"][b], birds["box"][b], true, primary_maps[b], first),
-            Cell(birds["rgb"][b], birds["box"][b], true, other_maps[b] if first != second else None, second),
+            Cell(rgb[b], inputs["box"][b], true, primary_maps[b], first),
+            Cell(rgb[b], inputs["box"][b], true, other_maps[b] if first != second else None, second),
         ]
         strips.append(render_strip(cells, style.colormap, style.alpha, style.box_threshold))
         t, p = (first, second) if choice == "true" else (second, first)
@@ -75,54 +99,69 @@ def class_panel(
             f"pred: {name(names, p)} ({symbol} {scores[b, p]:.2f})\n{maps}"
         )
     truth = [name(names, t) for t in labels.tolist()]
-    preds = [(name(names, p), float(scores[b, p])) for b, p in enumerate(primary.predicted.tolist())]
-    return _panel(epoch, birds, strips, captions, names, primary_maps, truth, preds, style)
+    preds = [(name(names, p), float(scores[b, p])) for b, p in enumerate(inputs["predicted"].tolist())]
+    return _panel(epoch, inputs, rgb, strips, captions, names, primary_maps, truth, preds, style)
 
 
-def neighbour_panel(
-    explainer: Explainer,
-    birds: dict[str, Any],
-    neighbours: dict[str, Any],
-    weighting: Weighting,
-    epoch: int,
-    names: list[str],
-    style: Style,
-) -> Panel:
-    """The nearest-image view (``single_point_nearest``): each bird against its nearest other validation image,
-    and that neighbour against the bird, side by side (each side's embedding is the other's proxy)."""
-    size = (int(birds["image"].shape[-2]), int(birds["image"].shape[-1]))
+NEIGHBOUR = "neighbour_"  # the prefix of the neighbours' columns in :func:`neighbour_inputs`
+
+
+def neighbour_inputs(
+    explainer: Explainer, birds: dict[str, Tensor], neighbours: dict[str, Tensor], weighting: Weighting
+) -> dict[str, Tensor]:
+    """What :func:`neighbour_panel` draws, made where the model is: each bird against its nearest other validation
+    image and that neighbour against the bird (each side's embedding is the other's proxy), maps at the layer's
+    grid, and their cosine, as CPU tensors; the neighbours' columns are prefixed ``NEIGHBOUR``."""
     pairs = pair_maps(
         explainer,
         (birds["activations"], birds["output"]),
         (neighbours["activations"], neighbours["output"]),
-        size,
+        None,
         weighting,
     )
-    maps, similarity = pairs.first.cpu(), pairs.cosine.cpu()
-    labels, others = birds["label"].tolist(), neighbours["label"].tolist()
+    keys = ("index", "image", "box", "label")
+    columns = {key: birds[key] for key in keys} | {NEIGHBOUR + key: neighbours[key] for key in keys}
+    columns |= {"maps": pairs.first, NEIGHBOUR + "maps": pairs.second, "cosine": pairs.cosine.float()}
+    return {key: value.detach().cpu() for key, value in columns.items()}
+
+
+def neighbour_panel(
+    inputs: dict[str, Tensor],
+    rgb: list[np.ndarray],
+    neighbour_rgb: list[np.ndarray],
+    epoch: int,
+    names: list[str],
+    style: Style,
+) -> Panel:
+    """The nearest-image view (``single_point_nearest``) from :func:`neighbour_inputs`: each bird and its nearest
+    other validation image side by side, each with its map against the other."""
+    size = (int(inputs["image"].shape[-2]), int(inputs["image"].shape[-1]))
+    pairs = PairMaps(upsample(inputs["maps"], size), upsample(inputs[NEIGHBOUR + "maps"], size), inputs["cosine"])
+    labels, others = inputs["label"].tolist(), inputs[NEIGHBOUR + "label"].tolist()
     strips = pair_strips(
-        birds["rgb"],
-        neighbours["rgb"],
+        rgb,
+        neighbour_rgb,
         pairs,
-        (birds["box"], neighbours["box"]),
+        (list(inputs["box"]), list(inputs[NEIGHBOUR + "box"])),
         (labels, others),
         style.colormap,
         style.alpha,
         style.box_threshold,
     )
     captions = [
-        f"#{int(birds['index'][b])}, epoch {epoch}\ntrue: {name(names, true)}\nnearest "
-        f"#{int(neighbours['index'][b])}: {name(names, other)} (cos {similarity[b]:.2f})"
+        f"#{int(inputs['index'][b])}, epoch {epoch}\ntrue: {name(names, true)}\nnearest "
+        f"#{int(inputs[NEIGHBOUR + 'index'][b])}: {name(names, other)} (cos {pairs.cosine[b]:.2f})"
         for b, (true, other) in enumerate(zip(labels, others))
     ]
     truth = [name(names, t) for t in labels]
-    preds = [(name(names, o), float(c)) for o, c in zip(others, similarity.tolist())]
-    return _panel(epoch, birds, strips, captions, names, maps, truth, preds, style)
+    preds = [(name(names, o), float(c)) for o, c in zip(others, pairs.cosine.tolist())]
+    return _panel(epoch, inputs, rgb, strips, captions, names, pairs.first, truth, preds, style)
 
 
 def _panel(
     epoch: int,
-    birds: dict[str, Any],
+    birds: dict[str, Tensor],
+    rgb: list[np.ndarray],
     strips: list[Strip],
     captions: list[str],
     names: list[str],
@@ -152,5 +191,5 @@ def _panel(
                 peak_in_box=bool(peaks[b] > 0.5) if has_box else None,
             )
         )
-    width = int(birds["rgb"][0].shape[1])
+    width = int(rgb[0].shape[1])
     return Panel(epoch, birds["index"].tolist(), strips, captions, names, rows, width)

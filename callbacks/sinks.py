@@ -5,13 +5,16 @@ methods).
 Lightning removed ``log_image`` from its base logger, so each logger is spoken to in its own API. A sink gets the
 panel, its epoch and the step of that epoch's ``val/*`` metrics, so panels and metrics line up on any step axis.
 A failing sink is the callback's business (it warns and goes on); a sink itself may raise.
+
+A panel is logged in two parts: ``stage_panel`` runs where the panel was rendered (the callback's worker thread,
+unless the callback is synchronous) and does the encoding and whatever its logger allows off the loop's thread;
+the :data:`Commit` it returns runs on the loop's thread (W&B's log call: wandb's ``run.log`` is not thread-safe).
 """
 
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
@@ -48,12 +51,20 @@ TABLE_COLUMNS = [
 ]
 
 
+Commit = Callable[[], None]  # a sink's last part of logging a panel, on the loop's thread
+
+
+def committed() -> None:
+    """The commit of a sink that logged all of it while staging."""
+
+
 class PanelSink(Protocol):
-    """One destination of the panel: every panel epoch, and the evolution once at the end of ``fit``."""
+    """One destination of the panel: every panel epoch, and the evolution once at the end of ``fit`` (on the loop's
+    thread)."""
 
     name: str  # for warnings: what failed
 
-    def log_panel(self, panel: Panel, step: int) -> None: ...
+    def stage_panel(self, panel: Panel, step: int) -> Commit: ...
 
     def log_evolution(self, evolution: Evolution, step: int) -> None: ...
 
@@ -64,11 +75,12 @@ class WandbSink:
     that also carries ``epoch``, at the epoch's step; the evolution as an image list and an animated GIF.
 
     The table's overlay cells are the image list's own ``wandb.Image`` objects (no second encoding). Each strip goes
-    to W&B as a PNG written here at compression level 1: W&B encodes arrays at Pillow's default level 6, several
-    times slower, a large share of the callback's time (README, Benchmarks). W&B copies the files while logging,
-    so they can go with their temporary folder; only where the run may symlink media (the ``allow_media_symlink``
-    setting) does W&B get the arrays. The CAM scores are defined with ``summary="max"`` (the runs table shows the
-    best epoch's), by exact key, on W&B's step axis ``trainer/global_step`` as WandbLogger defines ``*``.
+    to W&B as a PNG written here at compression level 1 while staging (off the loop's thread): W&B encodes arrays
+    at Pillow's default level 6, several times slower. W&B copies the files while logging (the commit, on the loop's
+    thread), so they go with their temporary folder after it; only where the run may symlink media (the
+    ``allow_media_symlink`` setting) does W&B get the arrays. Rows join the table at the commit, in epoch order.
+    The CAM scores are defined with ``summary="max"`` (the runs table shows the best epoch's), by exact key, on
+    W&B's step axis ``trainer/global_step`` as WandbLogger defines ``*``.
 
     The table is one across epochs (column ``epoch``; W&B users compare epochs in one table, wandb issue #6286):
     ``wandb.Table(log_mode="INCREMENTAL")`` (wandb >= 0.19) gets each epoch's rows and uploads only those; a resumed
@@ -84,27 +96,33 @@ class WandbSink:
         for key in metric_keys:
             logger.experiment.define_metric(key, summary="max", step_metric="trainer/global_step")
 
-    def log_panel(self, panel: Panel, step: int, table: bool = True) -> None:
-        """The image list and (``table``) the table, in one row."""
-        with self._sources(panel) as sources:
-            images = self._images(panel, sources)
-            row: dict[str, Any] = {PANEL_KEY: images, "epoch": panel.epoch}
-            if table:
-                row[TABLE_KEY] = self._table(panel, images)
-            self.logger.log_metrics(row, step=step)
+    def stage_panel(self, panel: Panel, step: int) -> Commit:
+        """The strips' PNG files and their ``wandb.Image`` objects; the commit logs them, with the table rows, in
+        one row."""
+        folder, sources = self._sources(panel)
+        images = self._images(panel, sources)
 
-    def log_table(self, panel: Panel, step: int) -> None:
-        """The table alone (``bench/callback_overhead.py`` times it apart from the image list)."""
-        with self._sources(panel) as sources:
-            self.logger.log_metrics({TABLE_KEY: self._table(panel, self._images(panel, sources))}, step=step)
+        def commit() -> None:
+            try:
+                row = {PANEL_KEY: images, TABLE_KEY: self._table(panel, images), "epoch": panel.epoch}
+                self.logger.log_metrics(row, step=step)
+            finally:
+                if folder is not None:
+                    folder.cleanup()
 
-    @contextmanager
-    def _sources(self, panel: Panel) -> Iterator[list[Any]]:
+        return commit
+
+    def _sources(self, panel: Panel) -> tuple[tempfile.TemporaryDirectory[str] | None, list[Any]]:
+        """(the temporary folder to remove after the log call, what W&B gets for each strip)."""
         if getattr(self.logger.experiment.settings, "allow_media_symlink", False):
-            yield [strip.pixels for strip in panel.strips]
-            return
-        with tempfile.TemporaryDirectory(prefix="cubcam-panel-") as folder:
-            yield [str(save_png(strip.pixels, Path(folder) / f"{k:02d}.png")) for k, strip in enumerate(panel.strips)]
+            return None, [strip.pixels for strip in panel.strips]
+        folder = tempfile.TemporaryDirectory(prefix="cubcam-panel-")
+        try:
+            paths = [str(save_png(s.pixels, Path(folder.name) / f"{k:02d}.png")) for k, s in enumerate(panel.strips)]
+        except BaseException:
+            folder.cleanup()
+            raise
+        return folder, paths
 
     @staticmethod
     def _images(panel: Panel, sources: list[Any]) -> list[Any]:
@@ -165,8 +183,10 @@ class TensorBoardSink:
         self.logger = logger
         self.name = type(logger).__name__
 
-    def log_panel(self, panel: Panel, step: int) -> None:
+    def stage_panel(self, panel: Panel, step: int) -> Commit:
+        """All of it: the event writer queues under a lock of its own (thread-safe)."""
         self._add_image(PANEL_KEY, panel.grid, step, panel.grid_png)
+        return committed
 
     def log_evolution(self, evolution: Evolution, step: int) -> None:
         image = grid(evolution.bird_strips(), ncols=1)  # each strip names its bird (on the strip, not below it)
@@ -200,12 +220,14 @@ class MlflowSink:
         self.client, self.run_id = logger.experiment, logger.run_id
         self.name = type(logger).__name__
 
-    def log_panel(self, panel: Panel, step: int) -> None:
+    def stage_panel(self, panel: Panel, step: int) -> Commit:
+        """All of it: each client call is a request of its own to the tracking server (or store)."""
         self.client.log_image(self.run_id, panel.grid, key=PANEL_KEY, step=step)
         columns = [c for c in TABLE_COLUMNS if c != "overlay"]
         rows = [{**row, "epoch": panel.epoch} for row in panel.rows]
         table = {column: [row[column] for row in rows] for column in columns}
         self.client.log_table(self.run_id, data=table, artifact_file=f"cam_table/epoch_{panel.epoch:03d}.json")
+        return committed
 
     def log_evolution(self, evolution: Evolution, step: int) -> None:
         for index, strip in zip(evolution.indices, evolution.bird_strips()):
@@ -224,8 +246,9 @@ class PngSink:
         self.folder = folder
         self.name = f"the PNG grid in {folder}"
 
-    def log_panel(self, panel: Panel, step: int) -> None:
+    def stage_panel(self, panel: Panel, step: int) -> Commit:
         write_bytes(self.folder / f"epoch_{panel.epoch:03d}.png", panel.grid_png)
+        return committed
 
     def log_evolution(self, evolution: Evolution, step: int) -> None:
         for index, strip in zip(evolution.indices, evolution.bird_strips()):

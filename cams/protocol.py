@@ -92,9 +92,10 @@ class Explainer(Protocol):
         ...
 
     def maps(
-        self, features: Tensor, size: tuple[int, int], target: Target, rows: Tensor, weighting: Weighting
+        self, features: Tensor, size: tuple[int, int] | None, target: Target, rows: Tensor, weighting: Weighting
     ) -> Tensor:
-        """Maps [B, H, W] in [0, 1] of image b for row ``rows[b]`` of ``target`` (see :func:`head_cams`)."""
+        """Maps [B, H, W] in [0, 1] of image b for row ``rows[b]`` of ``target`` (see :func:`head_cams`); with
+        ``size=None`` the raw maps at the layer's grid [B, h, w] (float32), which :func:`upsample` finishes."""
         ...
 
 
@@ -116,7 +117,7 @@ class HeadExplainer:
             return self.module(images)
 
     def maps(
-        self, features: Tensor, size: tuple[int, int], target: Target, rows: Tensor, weighting: Weighting
+        self, features: Tensor, size: tuple[int, int] | None, target: Target, rows: Tensor, weighting: Weighting
     ) -> Tensor:
         return head_cams(self.module, features, size, target, rows, weighting)
 
@@ -159,7 +160,7 @@ class LayerExplainer:
             return images, self.outputs(images)
 
     def maps(
-        self, features: Tensor, size: tuple[int, int], target: Target, rows: Tensor, weighting: Weighting
+        self, features: Tensor, size: tuple[int, int] | None, target: Target, rows: Tensor, weighting: Weighting
     ) -> Tensor:
         cam = CAM(self.outputs, self.layer, weighting=weighting, reshape=self.reshape, layer_name=self.layer_name)
         with eval_mode(self.model):
@@ -193,7 +194,7 @@ def features_and_outputs(module: CAMModule, images: Tensor) -> tuple[Tensor, Ten
 def head_cams(
     module: CAMModule,
     activations: Tensor,
-    size: tuple[int, int],
+    size: tuple[int, int] | None,
     target: Target,
     rows: Tensor,
     weighting: Weighting = "gradcam",
@@ -202,7 +203,8 @@ def head_cams(
     with any of the engine's gradient weightings.
 
     The same maps the engine computes through the whole net: the raw map at the layer's resolution, bilinearly
-    upsampled to ``size``, then min-max normalised per image. Safe inside ``torch.inference_mode`` (as in
+    upsampled to ``size``, then min-max normalised per image (``size=None``: the raw map, for :func:`upsample`
+    elsewhere: the callback sends maps off the device at the layer's grid). Safe inside ``torch.inference_mode`` (as in
     Lightning's validation hooks): it leaves inference mode for the gradient and clones inference tensors.
     """
     cam = CAM(module.forward_head, None, weighting=weighting, reshape=module.cam_reshape)
@@ -210,20 +212,27 @@ def head_cams(
 
 
 def _upsampled(
-    cam: CAM, features: Tensor, size: tuple[int, int], target: Target, rows: Tensor, dtype: torch.dtype
+    cam: CAM, features: Tensor, size: tuple[int, int] | None, target: Target, rows: Tensor, dtype: torch.dtype
 ) -> Tensor:
     """The engine's raw maps of ``features`` (cast to the model's ``dtype``: activations kept from a
-    mixed-precision loop may be half), upsampled to ``size`` and min-max normalised, outside inference mode."""
-    with torch.inference_mode(False), torch.enable_grad():
+    mixed-precision loop may be half), outside inference mode and autocast (a map is a sum over many channels:
+    float32), then :func:`upsample`d to ``size`` (None: raw)."""
+    with torch.inference_mode(False), torch.enable_grad(), torch.autocast(features.device.type, enabled=False):
         raw = cam.explain(_normal(features).to(dtype), target, _normal(rows), upsample=False, normalize=False)
-    return minmax_normalize(F.interpolate(raw[:, None], size=size, mode="bilinear", align_corners=False)[:, 0])
+    return raw.float() if size is None else upsample(raw, size)
+
+
+def upsample(raw: Tensor, size: tuple[int, int]) -> Tensor:
+    """Raw maps [B, h, w] at the layer's grid as the explanation step gives them: bilinearly upsampled to ``size``
+    and min-max normalised per image (one definition, wherever the maps are finished)."""
+    return minmax_normalize(F.interpolate(raw.float()[:, None], size=size, mode="bilinear", align_corners=False)[:, 0])
 
 
 @dataclass
 class Explanation:
     """The explanation of a batch: a map per image, what it explains, and the prediction."""
 
-    maps: Tensor  # [B, H, W] in [0, 1]
+    maps: Tensor  # [B, H, W] in [0, 1]; raw at the layer's grid [B, h, w] where the step's size was None
     explained: Tensor  # [B] the class each map explains (``choice``'s)
     rows: Tensor  # [B] the target's row each map explains: the class, or (nearest scheme) the neighbour's row
     predicted: Tensor  # [B] argmax of ``class_scores``
@@ -235,7 +244,7 @@ def explain(
     features: Tensor,
     outputs: Tensor,
     target: ExplanationTarget,
-    size: tuple[int, int],
+    size: tuple[int, int] | None,
     labels: Tensor | None = None,
     choice: Choice = "true",
     weighting: Weighting = "gradcam",
@@ -270,7 +279,7 @@ def pair_maps(
     explainer: Explainer,
     first: tuple[Tensor, Tensor],
     second: tuple[Tensor, Tensor],
-    size: tuple[int, int],
+    size: tuple[int, int] | None,
     weighting: Weighting = "gradcam",
 ) -> PairMaps:
     """Maps of (features, outputs) pairs explained against each other: the callback's single-point-nearest panel

@@ -163,7 +163,8 @@ def test_the_weighting_reaches_the_metrics(synthetic_cub, tmp_path):
     logged = {}
     for weighting in ("gradcam", "layercam"):  # (HiResCAM equals GradCAM under a pooled linear head)
         panel = CAMPanel(num_images=2, weighting=weighting)
-        logged[weighting] = trainer_for(tmp_path, 1, [panel]).validate(module, datamodule=data, verbose=False)[0]
+        trainer_for(tmp_path, 1, [panel]).validate(module, datamodule=data, verbose=False)
+        logged[weighting] = panel.history[0]
         module.eval()
         with torch.no_grad():
             activations = module.net.forward_features(images)
@@ -388,9 +389,9 @@ def test_state_keys_tell_every_panel_apart_and_the_old_key_still_resumes() -> No
     old_spelling.on_load_checkpoint(None, None, checkpoint)  # type: ignore[arg-type]
     old_spelling.load_state_dict(checkpoint["callbacks"][old_spelling.state_key])
     assert old_spelling.panel == [3, 1] and old_spelling.subset == [0, 1, 2, 3]
-    assert old_spelling.state_dict()["version"] == 2
-    with pytest.raises(ValueError, match="version 3 is newer"):
-        base.load_state_dict({"version": 3})
+    assert old_spelling.state_dict()["version"] == 3 and old_spelling.state_dict()["pending"] == []
+    with pytest.raises(ValueError, match="version 4 is newer"):
+        base.load_state_dict({"version": 4})
 
 
 # --- staying out of training's way ------------------------------------------------------------------------------
@@ -482,14 +483,16 @@ def test_logging_and_writing_failures_only_warn(synthetic_cub, offline, monkeypa
     monkeypatch.setattr(tempfile, "mkstemp", read_only_run_dir)  # cubcam.cams.files writes through it
     logger = FailingWandbLogger(project="cubcam", save_dir=str(offline), offline=True)
     with pytest.warns(CAMPanelWarning) as caught:
-        metrics = trainer_for(offline, 1, [CAMPanel(num_images=4, target_layer=layer)], logger=logger).validate(
+        trainer_for(offline, 1, [CAMPanel(num_images=4, target_layer=layer)], logger=logger).validate(
             module_for("classifier", data), datamodule=data, verbose=False
         )
-    finished_run(logger)
+    rows = history_rows(finished_log(finished_run(logger)))
     messages = campanel_warnings(caught)
     assert any("FailingWandbLogger" in m and "No space left on device" in m for m in messages), messages
     assert any("PNG grid in" in m and "cam_panels" in m and "read-only" in m for m in messages), messages
-    assert all(key in metrics[0] for key in METRIC_KEYS)  # validation finished and logged the metrics
+    # Validation finished and the metrics reached W&B, at the epoch's step, with the epoch.
+    (scores,) = [row for row in rows if "val/cam_max_box_acc" in row]
+    assert all(key in scores for key in METRIC_KEYS) and scores["epoch"] == 0
 
 
 def test_other_loggers_get_the_png_in_their_log_dir(synthetic_cub, tmp_path):
@@ -629,10 +632,11 @@ def test_trained_maps_find_the_birds_better_than_a_centred_blob(tmp_path, kind, 
     sampler = dict(sampler="m_per_class", m_per_class=4) if kind == "embedding" else {}
     data = CUBDataModule(root=str(root), image_size=size, batch_size=8, num_workers=0, val_fraction=0.0, **sampler)
     pl.seed_everything(0, verbose=False)
-    trainer = trainer_for(tmp_path, epochs, [CAMPanel(num_images=4)], check_val_every_n_epoch=epochs)
+    panel = CAMPanel(num_images=4)
+    trainer = trainer_for(tmp_path, epochs, [panel], check_val_every_n_epoch=epochs)
     trainer.fit(module_for(kind, data, lr=lr), datamodule=data)
     assert trainer.callback_metrics[quality] > floor  # it learned the birds
-    cam_score = float(trainer.callback_metrics["val/cam_max_box_acc"])
+    cam_score = panel.history[epochs - 1]["val/cam_max_box_acc"]
 
     # The same metric for a centred Gaussian on every image (its threshold sweep tries every centred box size).
     boxes = torch.stack([data.val_dataset[i]["box"] for i in range(len(data.val_dataset))])
@@ -669,12 +673,14 @@ class Diverge(pl.Callback):
 def test_a_diverged_classifier_logs_nan_cam_metrics_with_one_warning(synthetic_cub, tmp_path):
     """NaN maps were min-max normalised to zeros and scored as misses (0.0); now NaN, and one warning per run."""
     data = data_for(synthetic_cub, "classifier")
-    trainer = trainer_for(tmp_path, 3, [CAMPanel(num_images=4), Diverge(start=1)], limit_train_batches=1)
+    panel = CAMPanel(num_images=4)
+    trainer = trainer_for(tmp_path, 3, [panel, Diverge(start=1)], limit_train_batches=1)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit(module_for("classifier", data), datamodule=data)
+    assert all(np.isfinite(value) for value in panel.history[0].values())
     for key in METRIC_KEYS:
-        assert torch.isnan(trainer.callback_metrics[key]), key
+        assert np.isnan(panel.history[1][key]) and np.isnan(panel.history[2][key]), key
     told = [m for m in campanel_warnings(caught) if "training diverged" in m]
     assert len(told) == 1 and told[0].startswith("CAMPanel: training diverged at epoch 1: the CAM maps of 16 of 16")
     assert (tmp_path / "cam_panels" / "epoch_002.png").is_file(), campanel_warnings(caught)  # drawn, without heat

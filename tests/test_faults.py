@@ -20,6 +20,7 @@ import torch
 from test_train import fit_args, only, read_record
 from test_train import tiny_cub as tiny_cub  # a fixture, shared
 
+from cubcam.callbacks.cam_panel import LEDGER
 from cubcam.cams import files
 from cubcam.train.cli import main
 
@@ -107,7 +108,7 @@ def test_a_disk_that_fills_mid_save_keeps_every_checkpoint_whole(tiny_cub: Path,
     assert message.startswith("error: could not write ") and ".ckpt" in message, message
     assert "No space left on device" in message and " free)" in message, message
     folder = small_disk / "runs" / "checkpoints"
-    left = sorted(folder.iterdir())
+    left = sorted(path for path in folder.iterdir() if path.name != LEDGER)  # the CAM panel's ledger: a text file
     assert [path.suffix for path in left] == [".ckpt"] * len(left), left  # no partial file under any name
     assert "last.ckpt" in [path.name for path in left]
     for path in left:
@@ -173,7 +174,7 @@ def test_resume_from_any_checkpoint_continues_its_run_folder(
     )
     assert read_record(offline / "copied")["epochs"] == [2]
     names = sorted(path.name for path in (copy / "checkpoints").iterdir())
-    assert names == sorted(["last.ckpt", only([n for n in names if n.startswith("best-")])]), names
+    assert names == sorted(["last.ckpt", LEDGER, only([n for n in names if n.startswith("best-")])]), names
     state = torch.load(last, weights_only=True, map_location="cpu")
     assert state["epoch"] == 2
     best_state = next(v for k, v in state["callbacks"].items() if "'monitor': 'val/acc'" in k)

@@ -18,6 +18,7 @@ import torch
 import wandb
 from wandb_records import history_rows
 
+from cubcam.callbacks import CAMPanel
 from cubcam.train.cli import main
 from cubcam.train.data.datamodule import CUBDataModule
 from cubcam.train.data.synthetic import make_synthetic_cub
@@ -49,9 +50,15 @@ class Recorder(pl.Callback):
         record = {
             "epochs": self.epochs,
             "batches": self.batches,
-            "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
+            "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()} | cam_metrics(trainer),
         }
         (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+def cam_metrics(trainer: pl.Trainer) -> dict[str, float]:
+    """The last epoch's CAM metrics of the config's CAMPanel (logged through the loggers, not callback_metrics)."""
+    panels = [callback for callback in trainer.callbacks if isinstance(callback, CAMPanel) and callback.history]
+    return panels[0].history[max(panels[0].history)] if panels else {}
 
 
 def read_record(out: Path, rank: int = 0) -> dict:
