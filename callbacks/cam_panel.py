@@ -357,6 +357,7 @@ class CAMPanel(_Callback):
         # Before any checkpoint callback saves on the way out (Lightning calls those last), so that a checkpoint
         # written now holds nothing that was also logged.
         self._drain(trainer)
+        self._worker.close()  # Lightning calls no teardown hook after an exception
         if self._source is not None:
             self._source.end_epoch()
 
@@ -374,7 +375,7 @@ class CAMPanel(_Callback):
         self._source.end_epoch()
         work = self._epoch_work(trainer, pl_module, collected)  # on every rank (collectives); None off rank zero
         if self.synchronous:
-            finished = self._finish(work) if work is not None else None
+            finished = self._finish(self._ready(trainer, work)) if work is not None else None
             scores = trainer.strategy.broadcast(finished.scores if finished is not None else None, src=0)
             if scores is not None:
                 for key, name in METRIC_KEYS.items():
@@ -385,10 +386,14 @@ class CAMPanel(_Callback):
             self._hand_over(trainer, pl_module, work)
 
     def _hand_over(self, trainer: pl.Trainer, pl_module: pl.LightningModule, work: EpochWork) -> None:
-        """``work`` to the worker (the sinks are made here, on the loop's thread, before it needs them)."""
+        """``work`` to the worker."""
+        self._log_finished(trainer, self._worker.submit(self._ready(trainer, work)))
+
+    def _ready(self, trainer: pl.Trainer, work: EpochWork) -> EpochWork:
+        """``work``, with what finishing it needs made here on the loop's thread: the sinks, the cores to use."""
         self._sinks_of(trainer)
         self._cores = max(1, torch.get_num_threads() // max(1, trainer.num_devices))
-        self._log_finished(trainer, self._worker.submit(work))
+        return work
 
     def _epoch_work(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, collected: EpochCollector

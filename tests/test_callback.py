@@ -16,9 +16,11 @@ import errno
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import warnings
 from pathlib import Path
 
@@ -29,7 +31,9 @@ import torch
 from PIL import Image
 from pytorch_lightning.loggers import CSVLogger, WandbLogger
 
-from cubcam.callbacks import CAMPanel, CAMPanelWarning
+from cubcam.callbacks import CAMPanel, CAMPanelWarning, cam_panel
+from cubcam.callbacks.cam_panel import LEDGER
+from cubcam.callbacks.deferred import WORKER_NAME
 from cubcam.callbacks.measure import METRIC_KEYS
 from cubcam.callbacks.panel_select import random_subset, spread_over_classes
 from cubcam.callbacks.sinks import EVOLUTION_GIF_KEY, EVOLUTION_KEY, PANEL_KEY, TABLE_COLUMNS, TABLE_KEY
@@ -746,3 +750,139 @@ def test_each_evolution_strip_names_its_bird_on_the_strip(monkeypatch):
     )
     evolution.bird_strips()
     assert captions == [["#7, epoch 0", "epoch 1"], ["#9, epoch 0", "epoch 1"]]
+
+
+# --- off the loop's thread (issue "Invisible on a GPU") ----------------------------------------------------------
+
+
+def worker_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith(WORKER_NAME)]
+
+
+@pytest.mark.parametrize(("kind", "layer"), [("classifier", None), ("embedding", None), ("classifier", LAYER)])
+def test_deferred_work_gives_the_synchronous_numbers_and_pictures(synthetic_cub, tmp_path, kind, layer):
+    """The same run with the work inline (synchronous=True) and deferred: identical metrics every epoch and the
+    same panel files; only the synchronous run puts them in callback_metrics."""
+    data = data_for(synthetic_cub, kind)
+    runs = {}
+    for synchronous in (True, False):
+        pl.seed_everything(0, verbose=False)
+        folder = tmp_path / str(synchronous)
+        method = "embeddingcam" if kind == "embedding" and layer else "auto"
+        panel = CAMPanel(num_images=4, target_layer=layer, method=method, synchronous=synchronous)
+        trainer = trainer_for(folder, 2, [panel], limit_train_batches=2)
+        trainer.fit(module_for(kind, data), datamodule=data)
+        pngs = [(folder / "cam_panels" / f"epoch_{e:03d}.png").read_bytes() for e in (0, 1)]
+        runs[synchronous] = (panel.history, pngs, set(trainer.callback_metrics))
+        assert worker_threads() == []
+    (inline, inline_png, inline_keys), (deferred, deferred_png, deferred_keys) = runs[True], runs[False]
+    assert sorted(inline) == [0, 1] and inline == deferred  # exactly, not approximately
+    assert inline_png == deferred_png
+    assert set(METRIC_KEYS) <= inline_keys and not set(METRIC_KEYS) & deferred_keys
+
+
+def test_deferred_metrics_are_logged_at_their_epoch_s_step_in_epoch_order(synthetic_cub, offline):
+    """W&B: each epoch's CAM metrics and panel in a row of their own at the step of that epoch's val/* metrics,
+    with the epoch, once and in epoch order, though they are logged after the next epoch has started."""
+    data = data_for(synthetic_cub, "classifier")
+    logger = wandb_logger(offline)
+    trainer_for(offline, 3, [CAMPanel(num_images=4)], logger=logger, limit_train_batches=2).fit(
+        module_for("classifier", data), datamodule=data
+    )
+    rows = history_rows(finished_log(finished_run(logger)))
+    val_steps = {row["epoch"]: row["trainer/global_step"] for row in rows if "val/acc" in row}
+    scores = [row for row in rows if "val/cam_max_box_acc" in row]
+    panels = [row for row in rows if PANEL_KEY in row]
+    assert [row["epoch"] for row in scores] == [0, 1, 2] == [row["epoch"] for row in panels]
+    assert [row["trainer/global_step"] for row in scores] == [val_steps[e] for e in (0, 1, 2)]
+    assert [row["trainer/global_step"] for row in panels] == [val_steps[e] for e in (0, 1, 2)]
+    assert all(key in row for row in scores for key in METRIC_KEYS)
+
+
+class Kill(pl.Callback):
+    """Test probe: SIGKILL (nothing runs on the way out) when epoch ``epoch`` starts; epoch ``epoch - 1``'s panel
+    work is then pending in last.ckpt and not yet logged."""
+
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        if trainer.current_epoch == self.epoch:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def kill_main(out: str, root: str) -> None:
+    """The killed run of the test below (a process of its own)."""
+    torch.set_num_threads(1)
+    data = data_for(Path(root), "classifier")
+    ckpt = pl.callbacks.ModelCheckpoint(dirpath=Path(out) / "ckpt", save_last=True)
+    callbacks = [CAMPanel(num_images=4), Kill(2), ckpt]
+    trainer = trainer_for(Path(out), 3, callbacks, enable_checkpointing=True, limit_train_batches=2)
+    trainer.fit(module_for("classifier", data), datamodule=data)
+
+
+def test_a_killed_run_resumed_logs_every_epoch_s_panel_once(synthetic_cub, tmp_path):
+    """Killed (SIGKILL) as epoch 2 starts, with epoch 1's work pending in last.ckpt: the resumed run finishes epoch
+    1 from the checkpoint and trains epoch 2; each epoch's panel and metrics are logged once over both processes,
+    and the evolution has every epoch."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
+    done = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "kill", str(tmp_path), str(synthetic_cub)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]
+    # The killed run logged epoch 0 (its ledger says so) and died with epoch 1 pending in last.ckpt.
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    (state,) = [v for k, v in saved["callbacks"].items() if k.startswith("CAMPanel")]
+    assert [work["epoch"] for work in state["pending"]] == [1]
+    assert [line.rpartition("\t")[2] for line in (tmp_path / "ckpt" / LEDGER).read_text().splitlines()] == ["0"]
+
+    data = data_for(synthetic_cub, "classifier")
+    resumed_root = tmp_path / "resumed"
+    panel = CAMPanel(num_images=4)
+    trainer = trainer_for(resumed_root, 3, [panel], limit_train_batches=2)
+    trainer.fit(module_for("classifier", data), datamodule=data, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    resumed = sorted(p.name for p in (resumed_root / "cam_panels").glob("epoch_*.png"))
+    assert resumed == ["epoch_001.png", "epoch_002.png"]  # with the killed run's: every epoch once
+    assert sorted(panel.history) == [1, 2] and panel.evolution.epochs == [0, 1, 2]
+
+
+class Raise(pl.Callback):
+    def __init__(self, error: BaseException):
+        self.error = error
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        if trainer.current_epoch == 1:
+            raise self.error
+
+
+@pytest.mark.parametrize("error", [RuntimeError("boom"), KeyboardInterrupt()])
+def test_an_exception_or_ctrl_c_drains_the_work_and_leaves_no_thread(synthetic_cub, tmp_path, error):
+    data = data_for(synthetic_cub, "classifier")
+    trainer = trainer_for(tmp_path, 3, [CAMPanel(num_images=4), Raise(error)], limit_train_batches=2)
+    with pytest.raises((RuntimeError, SystemExit)):
+        trainer.fit(module_for("classifier", data), datamodule=data)
+    assert (tmp_path / "cam_panels" / "epoch_000.png").is_file()  # epoch 0's pending panel was finished
+    assert worker_threads() == []
+
+
+def test_a_failing_worker_is_a_warning_per_epoch_and_training_goes_on(synthetic_cub, tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise MemoryError("the worker ran out of memory")
+
+    monkeypatch.setattr(cam_panel, "finish", broken)
+    data = data_for(synthetic_cub, "classifier")
+    trainer = trainer_for(tmp_path, 2, [CAMPanel(num_images=4)], limit_train_batches=2)
+    with pytest.warns(CAMPanelWarning) as caught:
+        trainer.fit(module_for("classifier", data), datamodule=data)
+    failed = [m for m in campanel_warnings(caught) if "the panel worker failed" in m]
+    assert len(failed) == 2 and "MemoryError: the worker ran out of memory" in failed[0], failed
+    assert trainer.current_epoch == 2 and worker_threads() == []
+
+
+if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "kill":
+    kill_main(sys.argv[2], sys.argv[3])
