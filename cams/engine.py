@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from types import EllipsisType
 from typing import Any, Literal, cast, get_args
 
@@ -175,7 +175,7 @@ class CAM:
 
         handle = self.target_layer.register_forward_hook(hook)
         try:
-            with torch.no_grad():
+            with torch.no_grad(), eager():
                 output = self.model(images)
                 if not captured:
                     raise RuntimeError(f"target layer {self.layer_name} did not run during the forward pass")
@@ -324,6 +324,14 @@ def select_output(output: Any, selector: OutputSelector) -> Tensor:
             f"pass output= (a key, an index or a callable) to pick the tensor to explain"
         )
     return output
+
+
+def eager() -> AbstractContextManager[Any]:
+    """``torch.compile``d modules run their Python forward for the block, so that a hook registered for one call
+    fires: compiled code does not guard on hooks added after it was compiled (dynamo's
+    ``skip_nnmodule_hook_guards``), and would skip them silently. A no-op before torch 2.6 (no ``set_stance``)."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return set_stance("force_eager") if set_stance is not None else nullcontext()
 
 
 @contextmanager

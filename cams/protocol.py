@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cubcam.cams.engine import CAM, Reshape, Weighting, eval_mode, minmax_normalize
+from cubcam.cams.engine import CAM, Reshape, Weighting, eager, eval_mode, minmax_normalize
 from cubcam.cams.proxies import single_point_proxy
 from cubcam.cams.targets import ExplanationTarget, Method, Proxies, Target, make_target
 
@@ -182,7 +182,7 @@ def features_and_outputs(module: CAMModule, images: Tensor) -> tuple[Tensor, Ten
     captured: list[Tensor] = []
     handle = module.cam_target_layer.register_forward_hook(lambda _m, _i, output: captured.append(output))
     try:
-        with eval_mode(module), torch.no_grad():
+        with eval_mode(module), torch.no_grad(), eager():
             outputs = module(images)
     finally:
         handle.remove()

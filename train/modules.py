@@ -51,7 +51,8 @@ def build_optimizer(
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
     """AdamW (the pretrained trunk at ``lr * backbone_lr_factor``) with a per-step cosine decay to zero."""
     backbone = list(net.backbone.parameters())
-    head = [p for name, p in net.named_parameters() if not name.startswith("backbone.")]
+    trunk = {id(p) for p in backbone}
+    head = [p for p in net.parameters() if id(p) not in trunk]  # by identity: a compiled net's names differ
     optimizer = torch.optim.AdamW(
         [{"params": backbone, "lr": lr * backbone_lr_factor}, {"params": head, "lr": lr}], weight_decay=weight_decay
     )

@@ -34,6 +34,9 @@ LEGACY_CLASS_PATHS = {
 RENAMED_HPARAMS = {"input_size": "image_size"}  # saved name -> today's (one name for the input size)
 
 
+COMPILED = "_orig_mod."  # what torch.compile's OptimizedModule adds to the names of the module it wraps
+
+
 def current_class_path(class_path: str) -> str:
     """A saved class path as it is named today (old checkpoints name ``train.modules.Classifier``)."""
     return LEGACY_CLASS_PATHS.get(class_path, class_path)
@@ -161,8 +164,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     data_hparams = dict(checkpoint.get("datamodule_hyper_parameters") or {})
     migrated = migrate_hparams(hparams)
     source: Path | io.BytesIO = path  # load_from_checkpoint reads the file itself, unless it needs migrating
-    if migrated != hparams:
+    weights = checkpoint.get("state_dict") or {}
+    compiled = any(COMPILED in key for key in weights)  # a run whose net was torch.compile'd
+    if migrated != hparams or compiled:
         checkpoint["hyper_parameters"] = migrated
+        checkpoint["state_dict"] = {key.replace(COMPILED, ""): value for key, value in weights.items()}
         source = io.BytesIO()
         torch.save(checkpoint, source)
         source.seek(0)
