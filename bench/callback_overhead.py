@@ -1,29 +1,28 @@
-"""Epoch time with and without ``cubcam.callbacks.CAMPanel``, in one run.
+"""What ``cubcam.callbacks.CAMPanel`` costs a GPU-bound training loop: epoch time with and without it, in one run.
 
-Scenarios (each: the same module, data and Trainer settings on both sides; W&B offline on both sides):
+No GPU here, so the benchmark simulates what a GPU would see. The training step and the model's forward wait
+(``time.sleep``: the CPU stays idle, as beside a GPU) for the GPU time of the real workload, ResNet-50 at 224 px
+with mixed precision on an A100 (about 2,470 images/s: 0.4 ms per image, a third of it the forward), on CUB's real
+sizes: 5,394 training images (batches of 64), 600 validation images of 224 px with boxes, the callback's default
+metric subset, the CAM layer's real channels (2,048) and grid (7x7 at output stride 32, 14x14 at 16). The model
+is a tiny net with that layer: the images average-pooled to the grid, a 1x1 convolution to the channels, a ReLU
+(the CAM layer), a pooled linear head (200 logits, or a 128-d embedding). The batches live in memory.
 
-- ``demo-classifier`` / ``demo-embedding``: the demo configs (``configs/demo/*.yaml``: ResNet-18, output stride 16,
-  128 px) on the demo's synthetic set (8 classes x 40 images, what ``demo.sh`` writes: 128 train / 32 val images);
-- ``cub-val-embedding``: the embedding net on a CUB-sized validation set (200 classes x 29 = 5,800 images, CUB's test
-  split has 5,794) at ``--cub-size`` px, with 2 training batches per epoch: validation dominates the epoch, and the
-  callback keeps 512 subset feature maps, gathers 5,800 embeddings and builds 200 proxies;
-- ``cub-val-layer``: the same, through the path for modules that do not speak cubcam's protocol
-  (``CAMPanel(target_layer="net.backbone.layer4", method="embeddingcam")`` on an embedding net whose
-  ``validation_step`` just calls ``self(images)``): the panel's and the metric subset's images are kept from the
-  loop's batches and run forward and backward every epoch (``--layer-subset`` images; default: the callback's
-  default for this path).
+Scenarios (``--scenarios``): ``classifier`` / ``embedding`` through the CAM protocol (head-only maps from the loop's
+own activations), and ``classifier-layer`` / ``embedding-layer`` through ``target_layer=`` (a module that knows
+nothing of cubcam: the callback's own forward and backward, through the waiting model, for the panel and the
+metric subset), each at output stride 32 and 16 (``--strides``). W&B (offline) and TensorBoard on both sides.
 
-An epoch is timed from ``on_train_epoch_start`` to ``on_train_epoch_end`` (training plus validation, which Lightning
-runs inside the epoch); the first epoch of each run is warm-up (the panel is chosen there). Runs alternate without,
-with, with, without (ABBA), so drifting machine load hits both alike; medians are reported, and the time spent
-inside the callback's hooks is reported too: on a shared machine it is the steadier figure.
+An epoch is timed from ``on_train_epoch_start`` to ``on_train_epoch_end`` (training plus validation); the first
+epoch of each run is warm-up (the panel is chosen there). Runs alternate without, with, with, without (ABBA);
+medians. "Blocked" is the time the loop spent inside the callback's hooks (the loop's thread: the maps at the grid,
+the gathers, the hand-over, the W&B log calls); "backlog" what fit's end waited for the last epoch's work.
+What runs on the CPU here and on the device there (the head-only maps, the callback's forwards) is in "blocked".
 
-    python bench/callback_overhead.py [--epochs 3] [--scenarios demo-classifier demo-embedding cub-val-embedding]
+    python bench/callback_overhead.py [--epochs 4] [--scenarios classifier embedding] [--strides 32 16]
+    python bench/callback_overhead.py --device cuda       # the same scenarios on a real GPU (bench/gpu.sh)
 
-Both sides log to W&B and TensorBoard (``--no-tensorboard``: W&B only); each sink's seconds are reported per
-epoch (W&B images, W&B table, TensorBoard, the PNG files) and the evolution once at the end of fit.
-
-Target: <= 3% overhead with W&B; TensorBoard adds <= 0.5%.
+Target: the callback costs <= 2% of the simulated GPU epoch, both kinds, both paths, default settings.
 """
 
 from __future__ import annotations
@@ -35,266 +34,292 @@ import cubcam.train  # noqa: F401  (the torchvision guard: before anything impor
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytorch_lightning as pl
 import torch
-import yaml
+import torch.nn.functional as F
 from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
 
-from cubcam.callbacks import CAMPanel, cam_panel
-from cubcam.callbacks.sinks import PanelSink, WandbSink
-from cubcam.train.data.datamodule import CUBDataModule
-from cubcam.train.data.synthetic import make_synthetic_cub
-from cubcam.train.modules import Classifier, EmbeddingNet
+from cubcam.callbacks import CAMPanel
+from cubcam.cams.protocol import CAMStepOutput, step_output
 
-sys.path.insert(0, str(Path(__file__).parent))
-from train_throughput import EpochTimer
-
-REPO = Path(__file__).resolve().parents[1]
-MODULES = {"cubcam.train.modules.Classifier": Classifier, "cubcam.train.modules.EmbeddingNet": EmbeddingNet}
+TRAIN_IMAGES, VAL_IMAGES, BATCH, SIZE, CLASSES, EMBEDDING = 5394, 600, 64, 224, 200, 128
+IMAGE_MS = 0.4  # GPU time per training image (forward + backward), A100, ResNet-50, AMP
+FORWARD_SHARE = 1 / 3
 
 
-class PlainEmbeddingNet(EmbeddingNet):
-    """The embedding net as a module that knows nothing of cubcam: validation calls ``self(images)`` and returns
-    nothing (the retrieval metrics are kept, so both sides do the same validation work)."""
+class GPUTime(torch.autograd.Function):
+    """The identity that waits, forward and backward, for a GPU's time on the batch (the CPU idles)."""
 
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._collected.append((batch["index"], self(batch["image"]), batch["label"]))
-
-
-class TimedSink:
-    """A sink wrapped to add up its own seconds per epoch (``panel``) and at the end of fit (``evolution``)."""
-
-    def __init__(self, sink: PanelSink, clock: dict[str, list[float]]):
-        self.sink, self.name, self.clock = sink, sink.name, clock
-
-    def log_panel(self, panel: Any, step: int) -> None:
-        if isinstance(self.sink, WandbSink):  # timed in two parts: the image list, then the table of the same panel
-            self._time("W&B images", self.sink.log_panel, panel, step, table=False)
-            self._time("W&B table", self.sink.log_table, panel, step)
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, forward_s: float, backward_s: float) -> Tensor:
+        ctx.backward_s = backward_s
+        if x.is_cuda:
+            torch.cuda._sleep(int(forward_s * 1.4e9))  # about 1.4 GHz cycles: the stream is busy, the host is not
         else:
-            self._time(type(self.sink).__name__.removesuffix("Sink"), self.sink.log_panel, panel, step)
+            time.sleep(forward_s)
+        return x.view_as(x)
 
-    def log_evolution(self, evolution: Any, step: int) -> None:
-        self._time("evolution (all sinks, once)", self.sink.log_evolution, evolution, step)
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        if grad.is_cuda:
+            torch.cuda._sleep(int(ctx.backward_s * 1.4e9))
+        else:
+            time.sleep(ctx.backward_s)
+        return grad, None, None
 
-    def _time(self, key: str, call: Any, *args: Any, **kwargs: Any) -> None:
-        start = time.perf_counter()
-        call(*args, **kwargs)
-        self.clock.setdefault(key, [0.0])[-1] += time.perf_counter() - start
+
+class TinyNet(nn.Module):
+    """The real CAM layer's grid and channels, next to no compute; ``forward`` waits for ResNet-50's GPU time."""
+
+    def __init__(self, stride: int, channels: int, outputs: int):
+        super().__init__()
+        self.stride = stride
+        self.conv = nn.Conv2d(3, channels, 1)
+        self.cam = nn.ReLU()  # the CAM layer: [B, channels, 224 / stride, 224 / stride]
+        self.fc = nn.Linear(channels, outputs)
+
+    def forward_features(self, images: Tensor) -> Tensor:
+        per_image = IMAGE_MS / 1000 * len(images)
+        features = self.conv(F.avg_pool2d(images, self.stride))  # in the graph: its backward waits too
+        return self.cam(GPUTime.apply(features, FORWARD_SHARE * per_image, (1 - FORWARD_SHARE) * per_image))
+
+    def forward_head(self, activations: Tensor) -> Tensor:
+        return self.fc(activations.mean((2, 3)))
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(images))
+
+
+class Simulated(pl.LightningModule):
+    """The CAM protocol on :class:`TinyNet` (``cam_method``, ``cam_target_layer``, ``forward_head`` and a
+    ``validation_step`` returning the activations); a cross-entropy or a plain embedding loss."""
+
+    cam_method: ClassVar[str] = "gradcam"
+    cam_reshape = None
+
+    def __init__(self, stride: int, channels: int, embedding: bool):
+        super().__init__()
+        self.net = TinyNet(stride, channels, EMBEDDING if embedding else CLASSES)
+        if embedding:
+            self.cam_method = "embeddingcam"
+
+    @property
+    def cam_target_layer(self) -> nn.Module:
+        return self.net.cam
+
+    def forward_head(self, activations: Tensor) -> Tensor:
+        return self.net.forward_head(activations)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.net(images)
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        output = self.net(batch["image"])
+        if self.cam_method == "embeddingcam":
+            return output.pow(2).mean()
+        return F.cross_entropy(output, batch["label"])
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> CAMStepOutput:
+        activations = self.net.forward_features(batch["image"])
+        output = self.net.forward_head(activations)
+        self.log("val/loss", output.float().pow(2).mean())
+        return step_output(activations, output, batch)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=1e-3)
+
+
+class Plain(Simulated):
+    """The same, as a module that knows nothing of cubcam (``target_layer="net.cam"``): validation just calls
+    ``self(images)``."""
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:  # type: ignore[override]
+        self.log("val/loss", self(batch["image"]).float().pow(2).mean())
+
+
+class ValSet(Dataset[dict[str, Any]]):
+    """600 in-memory 224 px images with a label, a box and the dataset index."""
+
+    def __init__(self, size: int = VAL_IMAGES):
+        generator = torch.Generator().manual_seed(0)
+        self.labels = torch.arange(size) % CLASSES
+        corner = torch.randint(0, SIZE // 2, (size, 2), generator=generator).float()
+        extent = torch.randint(SIZE // 4, SIZE // 2, (size, 2), generator=generator).float()
+        self.boxes = torch.cat([corner, extent], 1)
+        # A bird: a bright blob filling its box, on a smooth background (maps with a few regions, as real CAMs
+        # have; white noise would make every map a labelling worst case).
+        background = F.interpolate(torch.randn(size, 3, 8, 8, generator=generator), size=SIZE, mode="bilinear")
+        ys, xs = torch.meshgrid(torch.arange(SIZE).float(), torch.arange(SIZE).float(), indexing="ij")
+        centre, half = corner + extent / 2, extent / 2
+        blob = torch.exp(
+            -(((xs - centre[:, 0, None, None]) / half[:, 0, None, None]) ** 2)
+            - ((ys - centre[:, 1, None, None]) / half[:, 1, None, None]) ** 2
+        )
+        self.images = 0.5 * background + 2 * blob[:, None]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"image": self.images[i], "label": int(self.labels[i]), "box": self.boxes[i], "index": i}
+
+
+class TrainBatches(Dataset[dict[str, Tensor]]):
+    """CUB's training split as ready batches (no collation on the loop's thread, as with loader workers)."""
+
+    def __init__(self, device: torch.device):
+        generator = torch.Generator().manual_seed(1)
+        self.batch = {
+            "image": torch.randn(BATCH, 3, SIZE, SIZE, generator=generator).to(device),
+            "label": torch.randint(0, CLASSES, (BATCH,), generator=generator).to(device),
+        }
+
+    def __len__(self) -> int:
+        return TRAIN_IMAGES // BATCH
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        return self.batch
+
+
+class Clock(pl.Callback):
+    """Epoch wall times (training plus validation)."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        self.seconds.append(time.perf_counter() - self._start)
+
+
+HOOKS = (
+    "on_train_batch_end",
+    "on_validation_epoch_start",
+    "on_validation_batch_start",
+    "on_validation_batch_end",
+    "on_validation_epoch_end",
+)
 
 
 class TimedCAMPanel(CAMPanel):
-    """CAMPanel that adds up the wall time spent in its hooks per epoch, in all and in its costly parts: the
-    localization metrics (proportional to the metric subset), the panel (rendered and handed to the sinks: a fixed
-    cost per epoch), each sink, and the evolution at the end of fit."""
+    """CAMPanel adding up the time the loop's thread spends in its hooks, per epoch; and fit's end apart."""
 
     def __init__(self, **kwargs: Any):
         super().__init__(**kwargs)
-        self.clock: dict[str, list[float]] = {"all": [], "metrics": [], "panel": []}
-        self.metric_images = 0
+        self.blocked: list[float] = []
+        self.at_end = 0.0
+        for hook in HOOKS:
+            setattr(self, hook, self._timed(getattr(self, hook)))
 
-    def on_validation_epoch_start(self, *args: Any) -> None:
-        for times in self.clock.values():
-            times.append(0.0)
-        self._timed("all", super().on_validation_epoch_start, *args)
+    def on_train_epoch_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        self.blocked.append(0.0)
 
-    def on_validation_batch_start(self, *args: Any, **kwargs: Any) -> None:
-        self._timed("all", super().on_validation_batch_start, *args, **kwargs)
-
-    def on_validation_batch_end(self, *args: Any, **kwargs: Any) -> None:
-        self._timed("all", super().on_validation_batch_end, *args, **kwargs)
-
-    def on_validation_epoch_end(self, *args: Any) -> None:
-        if self._epoch is not None:
-            self.metric_images = len(self._epoch.subset_columns().get("index", []))
-        self._timed("all", super().on_validation_epoch_end, *args)
-
-    def on_fit_end(self, *args: Any) -> None:
-        self.clock.setdefault("evolution (all sinks, once)", []).append(0.0)
-        super().on_fit_end(*args)
-
-    def _render_and_log(self, *args: Any) -> None:
-        self._timed("panel", super()._render_and_log, *args)
-
-    def _sinks_of(self, trainer: pl.Trainer) -> list[Any]:
-        return [TimedSink(sink, self.clock) for sink in super()._sinks_of(trainer)]
-
-    def _timed(self, key: str, hook: Any, *args: Any, **kwargs: Any) -> None:
+    def on_fit_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         start = time.perf_counter()
-        hook(*args, **kwargs)
-        self.clock[key][-1] += time.perf_counter() - start
+        super().on_fit_end(trainer, module)
+        self.at_end = time.perf_counter() - start
+
+    def _timed(self, hook: Any) -> Any:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return hook(*args, **kwargs)
+            finally:
+                if self.blocked:
+                    self.blocked[-1] += time.perf_counter() - start
+
+        return timed
 
 
-def timed_measure(*args: Any, **kwargs: Any) -> Any:
-    """``measure`` as the callback calls it, timed into the panel running it."""
-    start = time.perf_counter()
-    try:
-        return _measure(*args, **kwargs)
-    finally:
-        ACTIVE[-1].clock["metrics"][-1] += time.perf_counter() - start
-
-
-ACTIVE: list[TimedCAMPanel] = []
-_measure = cam_panel.measure
-cam_panel.measure = timed_measure  # the callback's metrics, timed
-
-
-def demo_config(kind: str) -> dict[str, Any]:
-    return yaml.safe_load((REPO / "configs" / "demo" / f"{kind}.yaml").read_text())
-
-
-def run(
-    config: dict[str, Any],
-    root: Path,
-    work: Path,
-    epochs: int,
-    with_panel: bool,
-    data_overrides: dict[str, Any],
-    trainer_overrides: dict[str, Any],
-    tensorboard: bool,
-    panel_args: dict[str, Any],
-) -> tuple[list[float], TimedCAMPanel | None]:
-    """Epoch seconds (warm-up dropped) of one fit, and its timed callback (None without)."""
+def run(args: argparse.Namespace, work: Path, kind: str, stride: int, with_panel: bool) -> dict[str, Any]:
     pl.seed_everything(0, verbose=False)
-    data = CUBDataModule(**{**config["data"], "root": str(root), **data_overrides})
-    module_class = PlainEmbeddingNet if panel_args.get("target_layer") else MODULES[config["model"]["class_path"]]
-    module = module_class(**config["model"]["init_args"], num_classes=data.num_classes, class_names=data.class_names)
-    timer = EpochTimer()
-    panel = TimedCAMPanel(**panel_args) if with_panel else None
-    if panel is not None:
-        ACTIVE.append(panel)
-    wandb_logger = WandbLogger(project="cubcam-bench", save_dir=str(work), offline=True)
-    logger = [wandb_logger, TensorBoardLogger(work, name="tensorboard")] if tensorboard else wandb_logger
+    device = torch.device(args.device)
+    layer = kind.endswith("-layer")
+    embedding = kind.startswith("embedding")
+    module = (Plain if layer else Simulated)(stride, args.channels, embedding)
+    clock = Clock()
+    panel = None
+    if with_panel:
+        options: dict[str, Any] = {"target_layer": "net.cam", "method": "embeddingcam" if embedding else "gradcam"}
+        panel = TimedCAMPanel(**(options if layer else {}))
+    loggers = [
+        WandbLogger(project="cubcam-bench", save_dir=str(work), offline=True),
+        TensorBoardLogger(str(work), name="tensorboard"),
+    ]
     trainer = pl.Trainer(
-        accelerator="cpu",
+        accelerator="gpu" if device.type == "cuda" else "cpu",
         devices=1,
-        max_epochs=epochs,
-        logger=logger,
+        max_epochs=args.epochs,
+        logger=loggers,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
-        callbacks=[panel, timer] if panel else [timer],
-        **trainer_overrides,
+        callbacks=[panel, clock] if panel else [clock],
     )
-    trainer.fit(module, datamodule=data)
-    wandb_logger.experiment.finish()
-    return timer.seconds[1:], panel
-
-
-def scenario(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    if name.startswith("demo-"):
-        kind = name.split("-", 1)[1]
-        root = work / "demo_cub40"
-        if not (root / "CUB_200_2011").exists():
-            make_synthetic_cub(root, classes=8, per_class=40, size=128, seed=0)
-        config, data_overrides, trainer_overrides = demo_config(kind), {}, {}
-    else:
-        root = work / f"cub_sized_{args.cub_size}"
-        if not (root / "CUB_200_2011").exists():
-            start = time.perf_counter()
-            make_synthetic_cub(root, classes=200, per_class=58, size=args.cub_size, seed=0)
-            print(f"  (wrote the CUB-sized synthetic set in {time.perf_counter() - start:.0f} s)", flush=True)
-        config = demo_config("embedding")
-        data_overrides = {"image_size": args.cub_size, "batch_size": 64, "val_fraction": 0.0}  # validate on 5,800
-        trainer_overrides = {"limit_train_batches": 2}
-    panel_args: dict[str, Any] = {}
-    if name == "cub-val-layer":
-        panel_args = {"target_layer": "net.backbone.layer4", "method": "embeddingcam"}
-        panel_args["metrics_subset"] = args.layer_subset
-    results: dict[str, list[float]] = {"without": [], "with": []}
-    inside: dict[str, list[float]] = {}
-    metric_images = 0
-    for side in ("without", "with", "with", "without"):
-        seconds, panel = run(
-            config,
-            root,
-            work / "runs",
-            args.epochs,
-            side == "with",
-            data_overrides,
-            trainer_overrides,
-            args.tensorboard,
-            panel_args,
-        )
-        results[side] += seconds
-        if panel is not None:  # warm-up epochs dropped, as for the epoch times (the evolution: once per fit)
-            for key, times in panel.clock.items():
-                inside.setdefault(key, []).extend(times if key.startswith("evolution") else times[1:])
-            metric_images = panel.metric_images
-    data = CUBDataModule(**{**config["data"], "root": str(root), **data_overrides})
-    data.setup("fit")
+    train = DataLoader(TrainBatches(device), batch_size=None)
+    val = DataLoader(VAL, batch_size=BATCH, pin_memory=device.type == "cuda")
+    trainer.fit(module, train, val)
+    loggers[0].experiment.finish()
     return {
-        "name": name,
-        "train": len(data.train_dataset),
-        "val": len(data.val_dataset),
-        "size": data.hparams.image_size,
-        "results": results,
-        "inside": inside,
-        "metric_images": metric_images,
+        "epochs": clock.seconds[1:],
+        "blocked": panel.blocked[1:] if panel else [],
+        "at_end": panel.at_end if panel else 0.0,
+        "logged": sorted(panel.history) if panel else [],
     }
+
+
+def scenario(args: argparse.Namespace, work: Path, kind: str, stride: int) -> None:
+    sides: dict[bool, list[dict[str, Any]]] = {False: [], True: []}
+    for with_panel in (False, True, True, False):
+        sides[with_panel].append(run(args, work, kind, stride, with_panel))
+    without = statistics.median(s for r in sides[False] for s in r["epochs"])
+    with_ = statistics.median(s for r in sides[True] for s in r["epochs"])
+    blocked = statistics.median(s for r in sides[True] for s in r["blocked"])
+    at_end = statistics.median(r["at_end"] for r in sides[True])
+    grid = SIZE // stride
+    print(
+        f"{kind} at output stride {stride} ({grid}x{grid} x {args.channels} channels): epoch without "
+        f"{without:.3f} s, with {with_:.3f} s: {100 * (with_ / without - 1):+.1f}%; blocked in the callback "
+        f"{1000 * blocked:.0f} ms = {100 * blocked / without:.1f}% of the epoch (target <= 2%); fit's end waited "
+        f"{at_end:.2f} s for the last epoch; epochs logged {sides[True][0]['logged']}",
+        flush=True,
+    )
+
+
+VAL = ValSet()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--epochs", type=int, default=3, help="per run; the first is warm-up")
-    parser.add_argument(
-        "--scenarios",
-        nargs="+",
-        default=["demo-classifier", "demo-embedding", "cub-val-embedding", "cub-val-layer"],
-        choices=["demo-classifier", "demo-embedding", "cub-val-embedding", "cub-val-layer"],
-    )
-    parser.add_argument("--layer-subset", type=int, default=None, help="cub-val-layer's metric subset")
-    parser.add_argument("--cub-size", type=int, default=64, help="image size of the CUB-sized validation set")
-    parser.add_argument(
-        "--no-tensorboard",
-        dest="tensorboard",
-        action="store_false",
-        help="W&B only (default: W&B and TensorBoard, on both sides)",
-    )
-    parser.add_argument("--work", type=Path, default=None, help="keep datasets and runs here (default: a temp dir)")
+    parser.add_argument("--epochs", type=int, default=4, help="per run; the first is warm-up")
+    kinds = ["classifier", "embedding", "classifier-layer", "embedding-layer"]
+    parser.add_argument("--scenarios", nargs="+", default=kinds, choices=kinds)
+    parser.add_argument("--strides", nargs="+", type=int, default=[32, 16], choices=[32, 16])
+    parser.add_argument("--channels", type=int, default=2048, help="of the CAM layer (ResNet-50's layer4: 2048)")
+    parser.add_argument("--device", default="cpu", help="cpu (simulated GPU time) or cuda")
     args = parser.parse_args()
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("WANDB_SILENT", "true")
-
     print(
-        f"{torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs; epochs per run {args.epochs} "
-        f"(first = warm-up), ABBA order",
+        f"{torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs, device {args.device}; {TRAIN_IMAGES} train "
+        f"/ {VAL_IMAGES} val images at {SIZE} px, {IMAGE_MS} ms GPU time per training image; {args.epochs} epochs "
+        f"per run (first = warm-up), ABBA",
         flush=True,
     )
     with tempfile.TemporaryDirectory() as tmp:
-        work = args.work or Path(tmp)
-        for name in args.scenarios:
-            r = scenario(name, args, work)
-            without, with_ = statistics.median(r["results"]["without"]), statistics.median(r["results"]["with"])
-            inside, metrics, panel = (statistics.median(r["inside"][part]) for part in ("all", "metrics", "panel"))
-            print(
-                f"{r['name']}: {r['train']} train / {r['val']} val images at {r['size']} px\n"
-                f"  epoch without {without:7.2f} s  ({', '.join(f'{s:.2f}' for s in r['results']['without'])})\n"
-                f"  epoch with    {with_:7.2f} s  ({', '.join(f'{s:.2f}' for s in r['results']['with'])})\n"
-                f"  overhead {100 * (with_ / without - 1):+.1f}% of the epoch; time inside the callback "
-                f"{inside:.3f} s = {100 * inside / without:.1f}%  "
-                f"(target <= {5 if r['name'] == 'cub-val-layer' else 3}%)\n"
-                f"  inside: metrics {metrics:.3f} s over {r['metric_images']} images "
-                f"({1000 * metrics / max(r['metric_images'], 1):.2f} ms each), panel {panel:.3f} s "
-                f"(render + sinks); within 3% from epochs of {inside / 0.03:.1f} s",
-                flush=True,
-            )
-            for key, times in r["inside"].items():
-                if key not in ("all", "metrics", "panel"):
-                    seconds = statistics.median(times)
-                    every = "at the end of fit" if key.startswith("evolution") else "per epoch"
-                    print(
-                        f"    sink {key:<28} {seconds:.3f} s {every} = {100 * seconds / without:.2f}% of an epoch"
-                        + ("  (target <= 0.5%)" if key == "TensorBoard" else ""),
-                        flush=True,
-                    )
+        for stride in args.strides:
+            for kind in args.scenarios:
+                scenario(args, Path(tmp), kind, stride)
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ without a logger. Writing or logging that fails is a warning, never an error.
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -63,12 +64,13 @@ from cubcam.callbacks.collect import EpochCollector, Outputs, load_birds
 from cubcam.callbacks.deferred import EpochWork, Finished, Layout, Worker, finish
 from cubcam.callbacks.epoch_target import epoch_target
 from cubcam.callbacks.evolution import Evolution
-from cubcam.callbacks.measure import METRIC_KEYS, subset_maps
+from cubcam.callbacks.measure import METRIC_KEYS, pays_off, subset_maps
 from cubcam.callbacks.panel_render import Style, class_inputs, neighbour_inputs
 from cubcam.callbacks.panel_select import random_subset, spread_over_classes
 from cubcam.callbacks.sinks import PanelSink, metrics_step, png_folder, sink_factories, unserved_loggers
 from cubcam.callbacks.sources import ActivationSource, LayerSource, StepSource
 from cubcam.cams.engine import Reshape, Weighting, isolated
+from cubcam.cams.labelling import ScorePool
 from cubcam.cams.overlay import IMAGENET_MEAN, IMAGENET_STD, colorize
 from cubcam.cams.protocol import CAMModule, Choice, Explainer
 from cubcam.cams.targets import LEGACY_SINGLE_POINT, ExplanationTarget, Method, ProxyScheme, proxy_scheme
@@ -210,7 +212,7 @@ class CAMPanel(_Callback):
         self._epoch: EpochCollector | None = None  # this validation epoch's rows, while one is collected
         self._sinks: list[PanelSink] | None = None  # made on the first panel of a run
         self._worker = Worker(self._finish)  # finishes each panel epoch off the loop's thread (not synchronous)
-        self._cores = 1  # the worker's threads for the box labelling: this rank's share of the cores
+        self._pool: ScorePool | None = None  # the box labelling's processes, made at the first panel epoch
         self._restored: list[EpochWork] = []  # a resumed checkpoint's pending epochs, finished when fit starts
         # The CAM metrics of every epoch logged by this process, epoch -> {key: value} (as LearningRateMonitor's
         # ``lrs``): what a script reads after fit, since they reach callback_metrics only when synchronous.
@@ -357,13 +359,13 @@ class CAMPanel(_Callback):
         # Before any checkpoint callback saves on the way out (Lightning calls those last), so that a checkpoint
         # written now holds nothing that was also logged.
         self._drain(trainer)
-        self._worker.close()  # Lightning calls no teardown hook after an exception
+        self._close()  # Lightning calls no teardown hook after an exception
         if self._source is not None:
             self._source.end_epoch()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._drain(trainer)
-        self._worker.close()
+        self._close()
         self._restored = []  # a test or validate run's restored state is not this run's to finish
         if self._source is not None:
             self._source.end_epoch()
@@ -392,7 +394,14 @@ class CAMPanel(_Callback):
     def _ready(self, trainer: pl.Trainer, work: EpochWork) -> EpochWork:
         """``work``, with what finishing it needs made here on the loop's thread: the sinks, the cores to use."""
         self._sinks_of(trainer)
-        self._cores = max(1, torch.get_num_threads() // max(1, trainer.num_devices))
+        metrics = work["metrics"]
+        if (
+            self._pool is None
+            and metrics is not None
+            and pays_off(len(metrics["slot"]), (work["size"][0], work["size"][1]))
+        ):
+            self._pool = ScorePool(score_processes(trainer))
+            self._pool.start()  # here on the loop's thread (see ScorePool.start)
         return work
 
     def _epoch_work(
@@ -475,7 +484,7 @@ class CAMPanel(_Callback):
 
     def _finish(self, work: EpochWork) -> Finished:
         """One work finished (the worker's task, or inline when ``synchronous``)."""
-        return finish(work, Style(self.colormap, self.alpha, CAM_BOX_THRESHOLD), self._sinks or [], self._cores)
+        return finish(work, Style(self.colormap, self.alpha, CAM_BOX_THRESHOLD), self._sinks or [], self._pool)
 
     def _log_finished(self, trainer: pl.Trainer, finished: list[Finished], loggers: bool = True) -> None:
         """On the loop's thread: each finished epoch's warnings, CAM metrics (``loggers``: through every logger's
@@ -538,6 +547,13 @@ class CAMPanel(_Callback):
             return set()
         fields = (line.rpartition("\t") for line in lines)
         return {int(epoch) for key, _, epoch in fields if key == self.state_key and epoch.isdigit()}
+
+    def _close(self) -> None:
+        """Join the worker thread and the labelling processes (after a drain nothing is pending)."""
+        self._worker.close()
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.close()
 
     def _drain(self, trainer: pl.Trainer) -> None:
         """Every pending epoch finished and logged, in order."""
@@ -624,6 +640,20 @@ def migrate_state(state: dict[str, Any]) -> dict[str, Any]:
         "evolution": state.get("evolution") or {},
         "pending": list(state.get("pending") or []),
     }
+
+
+def score_processes(trainer: pl.Trainer) -> int:
+    """The labelling processes of this rank: its share of the cores less its training loader's workers (the loop's
+    own thread mostly waits for the GPU), at least one and at most 8."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    loaders = getattr(trainer, "train_dataloader", None)  # a loader, or a list or dict of them; None outside fit
+    if isinstance(loaders, dict):
+        loaders = list(loaders.values())
+    workers = sum(getattr(loader, "num_workers", 0) for loader in (loaders if isinstance(loaders, list) else [loaders]))
+    return max(1, min(8, cores // max(1, trainer.num_devices) - workers))
 
 
 def _val_dataset(trainer: pl.Trainer) -> Any:

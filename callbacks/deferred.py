@@ -10,9 +10,10 @@ thread-safe, wandb #1824; logging the metrics through the loggers) comes back as
 callback logs at its next hook.
 
 :class:`Worker` is one background thread (``WORKER_NAME``) fed in epoch order, so panels and metrics come back in
-that order; a thread, not a process, since the work is NumPy/SciPy labelling and zlib encoding that release the
-GIL for most of their time, and it needs no copy of its inputs (``bench/callback_overhead.py`` measures the loop's
-slowdown beside it). Its box labelling uses further threads (``workers``); every thread is joined by ``close``.
+that order. The box labelling, interpreter-bound, goes on from there to worker processes
+(``cubcam.cams.labelling.ScorePool``: the maps at the grid in, the accumulator rows out); the rest (upsampling the
+panel, drawing, zlib encoding) releases the GIL for much of its time and needs no copy of its inputs, so one thread
+does (``bench/callback_overhead.py`` measures what either costs the loop). ``close`` joins the thread.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from cubcam.callbacks.measure import Scores, score_maps
 from cubcam.callbacks.panel_data import Panel
 from cubcam.callbacks.panel_render import NEIGHBOUR, Style, class_panel, neighbour_panel
 from cubcam.callbacks.sinks import Commit, PanelSink
+from cubcam.cams.labelling import ScorePool
 from cubcam.cams.overlay import denormalize
 from cubcam.cams.protocol import Choice
 
@@ -69,14 +71,14 @@ class Finished:
     problems: list[str] = field(default_factory=list)  # warnings, given on the loop's thread
 
 
-def finish(work: EpochWork, style: Style, sinks: list[PanelSink], workers: int) -> Finished:
+def finish(work: EpochWork, style: Style, sinks: list[PanelSink], pool: ScorePool | None) -> Finished:
     """Score, render and stage one epoch's work; a failure of any part is a problem in the result, never a raise."""
     done = Finished(work["epoch"], work["step"], work["log"])
     size = (work["size"][0], work["size"][1])
     style = Style(style.colormap, style.alpha, style.box_threshold)
     if work["metrics"] is not None:  # also for thumbnails alone: the CAM box is cut at the scores' threshold
         try:
-            done.scores = score_maps(work["metrics"], work["num_slots"], size, workers)
+            done.scores = score_maps(work["metrics"], work["num_slots"], size, pool)
         except Exception as err:
             done.problems.append(f"could not compute the CAM metrics of epoch {done.epoch}: {_error(err)}")
         if done.scores is not None and "non_finite_images" not in done.scores:

@@ -297,14 +297,11 @@ def minmax_normalize(maps: Tensor) -> Tensor:
     """Per-map min-max to [0, 1]. A flat map becomes zeros (a ReLU'd map can be empty); a map with a non-finite
     value (a diverged model's) becomes all NaN, checked before the stretch, so that its scores are NaN rather than
     those of whatever the stretch would make of it."""
-    flat = maps.flatten(1)
-    finite = torch.isfinite(flat).all(1)[:, None, None]
-    low = flat.min(1).values[:, None, None]
-    span = flat.max(1).values[:, None, None] - low
-    stretched = torch.where(
-        span > 0, (maps - low) / span.clamp_min(torch.finfo(maps.dtype).tiny), torch.zeros_like(maps)
-    )
-    return torch.where(finite, stretched, torch.full_like(maps, float("nan")))
+    low, high = torch.aminmax(maps.flatten(1), dim=1)  # one pass; a NaN propagates into both, an inf into one
+    finite = (low.isfinite() & high.isfinite())[:, None, None]
+    low, span = low[:, None, None], (high - low)[:, None, None]
+    stretched = torch.where(span > 0, (maps - low) / span.clamp_min(torch.finfo(maps.dtype).tiny), 0.0)
+    return torch.where(finite, stretched, float("nan"))
 
 
 def select_output(output: Any, selector: OutputSelector) -> Tensor:

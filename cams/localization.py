@@ -322,6 +322,13 @@ class LocalizationAccumulator:
         values[:, -1] = 1.0
         self.rows.index_add_(0, index, torch.from_numpy(values))
 
+    def add_rows(self, rows: torch.Tensor) -> None:
+        """Add rows another accumulator of the same slots made (e.g. in a worker process: ``cubcam.cams.labelling``);
+        a slot has one image's row, so the order of adding never changes a number."""
+        if rows.shape != self.rows.shape:
+            raise ValueError(f"rows must be {tuple(self.rows.shape)}, got {tuple(rows.shape)}")
+        self.rows += rows.to(torch.float64)
+
     def merge(self, reduce_sum: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Sum the rows over processes with ``reduce_sum`` (e.g. Lightning's ``strategy.reduce(t, "sum")``, moved
         to the process's device and back); afterwards every rank computes the same scores."""
