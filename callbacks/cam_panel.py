@@ -47,7 +47,6 @@ without a logger. Writing or logging that fails is a warning, never an error.
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -64,13 +63,13 @@ from cubcam.callbacks.collect import EpochCollector, Outputs, load_birds
 from cubcam.callbacks.deferred import EpochWork, Finished, Layout, Worker, finish
 from cubcam.callbacks.epoch_target import epoch_target
 from cubcam.callbacks.evolution import Evolution
-from cubcam.callbacks.measure import METRIC_KEYS, pays_off, subset_maps
+from cubcam.callbacks.measure import METRIC_KEYS, subset_maps
 from cubcam.callbacks.panel_render import Style, class_inputs, neighbour_inputs
 from cubcam.callbacks.panel_select import random_subset, spread_over_classes
 from cubcam.callbacks.sinks import PanelSink, metrics_step, png_folder, sink_factories, unserved_loggers
 from cubcam.callbacks.sources import ActivationSource, LayerSource, StepSource
 from cubcam.cams.engine import Reshape, Weighting, isolated
-from cubcam.cams.labelling import ScorePool
+from cubcam.cams.labelling import ScorePool, cores, pays_off
 from cubcam.cams.overlay import IMAGENET_MEAN, IMAGENET_STD, colorize
 from cubcam.cams.protocol import CAMModule, Choice, Explainer
 from cubcam.cams.targets import LEGACY_SINGLE_POINT, ExplanationTarget, Method, ProxyScheme, proxy_scheme
@@ -645,15 +644,11 @@ def migrate_state(state: dict[str, Any]) -> dict[str, Any]:
 def score_processes(trainer: pl.Trainer) -> int:
     """The labelling processes of this rank: its share of the cores less its training loader's workers (the loop's
     own thread mostly waits for the GPU), at least one and at most 8."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
     loaders = getattr(trainer, "train_dataloader", None)  # a loader, or a list or dict of them; None outside fit
     if isinstance(loaders, dict):
         loaders = list(loaders.values())
     workers = sum(getattr(loader, "num_workers", 0) for loader in (loaders if isinstance(loaders, list) else [loaders]))
-    return max(1, min(8, cores // max(1, trainer.num_devices) - workers))
+    return max(1, min(8, cores() // max(1, trainer.num_devices) - workers))
 
 
 def _val_dataset(trainer: pl.Trainer) -> Any:

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from cubcam.cams.distributed import AllGather, gather_unique
 from cubcam.cams.engine import Weighting
-from cubcam.cams.labelling import ScorePool, score_rows
+from cubcam.cams.labelling import ScorePool, pays_off, score_rows
 from cubcam.cams.localization import LocalizationAccumulator
 from cubcam.cams.protocol import Explainer, explain
 from cubcam.cams.targets import ExplanationTarget
@@ -28,8 +28,6 @@ METRIC_KEYS = {  # logged key -> LocalizationAccumulator key
     "val/cam_pointing_game": "pointing_game",  # the peak inside the GT box
 }
 METRIC_CHUNK = 64  # subset images per explanation / box-metric batch
-# Below this many map pixels an epoch's scoring stays in the worker thread: starting processes costs seconds.
-POOL_PIXELS = 64 * 224 * 224
 Scores = dict[str, float | np.ndarray]
 
 
@@ -81,24 +79,20 @@ def subset_maps(
     return {"slot": slot_of[index], "maps": maps.float().cpu(), "box": box.cpu()}
 
 
-def pays_off(count: int, size: tuple[int, int]) -> bool:
-    """Whether ``count`` maps of ``size`` are worth the labelling processes (``POOL_PIXELS``)."""
-    return count * size[0] * size[1] >= POOL_PIXELS
-
-
 def score_maps(
     maps: dict[str, Tensor], num_slots: int, size: tuple[int, int], pool: ScorePool | None = None
 ) -> Scores | None:
     """The localization scores of :func:`subset_maps`' maps upsampled to ``size`` (the images'), in ``pool``'s
-    worker processes where the maps are many enough to pay for them (``POOL_PIXELS``), else here; the same
-    function scores each chunk either way. None when no subset image was validated this epoch."""
+    worker processes where the maps are many enough to pay for them (``pays_off``), else here; the same function
+    scores each chunk either way. None when no subset image was validated this epoch."""
     accumulator = LocalizationAccumulator(num_slots)
     chunks = [slice(start, start + METRIC_CHUNK) for start in range(0, len(maps["slot"]), METRIC_CHUNK)]
-    args = [(num_slots, maps["slot"][c], maps["maps"][c], maps["box"][c], size) for c in chunks]
     if pool is not None and pays_off(len(maps["slot"]), size):
-        for future in [pool.submit(*arg) for arg in args]:
-            accumulator.add_rows(future.result())
+        futures = [pool.submit(maps["maps"][c], maps["box"][c], size) for c in chunks]
+        for chunk, future in zip(chunks, futures):
+            accumulator.add_rows(maps["slot"][chunk], future.result())
     else:
-        for num, slots, raw, boxes, image in args:
-            accumulator.add_rows(score_rows(num, slots.numpy(), raw.numpy(), boxes.numpy(), image))
+        for chunk in chunks:
+            rows = score_rows(maps["maps"][chunk].numpy(), maps["box"][chunk].double().numpy(), size)
+            accumulator.add_rows(maps["slot"][chunk], rows)
     return accumulator.compute() if accumulator.num_images else None

@@ -2,20 +2,21 @@
 work (threads recover little of it: ``bench/localization_speed.py``), so it scales with processes.
 
     pool = ScorePool(processes=4)
-    pool.start()                                                        # from the main thread
-    rows = pool.submit(num_slots, slots, raw_maps, boxes, (224, 224))   # a future: the batch's accumulator rows
-    accumulator.add_rows(rows.result())
+    pool.start()                                              # from the main thread
+    rows = pool.submit(raw_maps, boxes, (224, 224))           # a future: the batch's accumulator rows
+    accumulator.add_rows(slots, rows.result())
 
 A task is one batch of maps at the layer's grid (``[B, h, w]``, kilobytes), upsampled and scored in the worker
-with ``LocalizationAccumulator.update`` itself, so the numbers are those of scoring in this process; back comes the
-accumulator's rows (a float64 row per slot). Workers start with the ``spawn`` method (forking after CUDA is
-initialised is unsafe), run one thread each, ignore Ctrl-C (the parent decides: it finishes or drops the pending
-batches and then joins them) and are joined by :meth:`ScorePool.close`.
+with ``LocalizationAccumulator.update`` itself, so the numbers are those of scoring in this process; back come
+the batch's accumulator rows (a float64 row per image, 2.4 KB). Workers start with the ``spawn`` method (forking
+after CUDA is initialised is unsafe), run one thread each, ignore Ctrl-C (the parent decides: it finishes or drops
+the pending batches and then joins them) and are joined by :meth:`ScorePool.close`.
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import os
 import signal
 import sys
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -28,12 +29,32 @@ from torch import Tensor
 from cubcam.cams.localization import LocalizationAccumulator
 from cubcam.cams.protocol import upsample
 
+# Below this many map pixels a job's scoring stays in its own process: starting processes costs seconds.
+POOL_PIXELS = 64 * 224 * 224
 
-def score_rows(num_slots: int, slots: np.ndarray, raw: np.ndarray, boxes: np.ndarray, size: tuple[int, int]) -> Tensor:
-    """The accumulator rows of ``raw`` maps [B, h, w] (upsampled to ``size``) with their GT ``boxes`` in ``slots``."""
-    accumulator = LocalizationAccumulator(num_slots)
-    accumulator.update(slots, upsample(torch.from_numpy(raw), size), boxes)
+
+def pays_off(count: int, size: tuple[int, int]) -> bool:
+    """Whether ``count`` maps of ``size`` are worth worker processes (``POOL_PIXELS``)."""
+    return count * size[0] * size[1] >= POOL_PIXELS
+
+
+def score_rows(maps: np.ndarray, boxes: np.ndarray, size: tuple[int, int], parts: np.ndarray | None = None) -> Tensor:
+    """The accumulator rows [B, C] of ``maps`` [B, h, w] (upsampled to ``size`` where they are at the layer's
+    grid) with their GT ``boxes`` (and ``parts``), for ``LocalizationAccumulator.add_rows``."""
+    cams = torch.from_numpy(maps)
+    if tuple(cams.shape[-2:]) != tuple(size):
+        cams = upsample(cams, size)
+    accumulator = LocalizationAccumulator(len(cams))
+    accumulator.update(np.arange(len(cams)), cams, boxes, parts)
     return accumulator.rows
+
+
+def cores() -> int:
+    """The CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def _quiet_worker() -> None:
@@ -77,13 +98,13 @@ class ScorePool:
             main.__dict__.update(saved)
         self._executor = executor
 
-    def submit(
-        self, num_slots: int, slots: Tensor, raw: Tensor, boxes: Tensor, size: tuple[int, int]
-    ) -> Future[Tensor]:
+    def submit(self, maps: Tensor, boxes: Tensor, size: tuple[int, int], parts: Tensor | None = None) -> Future[Tensor]:
+        """:func:`score_rows` of a batch, in a worker."""
         self.start()
         assert self._executor is not None
-        slot, maps, box = (a.detach().cpu().numpy() for a in (slots.long(), raw.float(), boxes.double()))
-        return self._executor.submit(score_rows, num_slots, slot, maps, box, size)
+        grid, box = maps.detach().float().cpu().numpy(), boxes.detach().double().cpu().numpy()
+        extra = None if parts is None else parts.detach().double().cpu().numpy()
+        return self._executor.submit(score_rows, grid, box, size, extra)
 
     def close(self) -> None:
         """Join the workers (pending batches are dropped)."""

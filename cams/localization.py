@@ -322,12 +322,14 @@ class LocalizationAccumulator:
         values[:, -1] = 1.0
         self.rows.index_add_(0, index, torch.from_numpy(values))
 
-    def add_rows(self, rows: torch.Tensor) -> None:
-        """Add rows another accumulator of the same slots made (e.g. in a worker process: ``cubcam.cams.labelling``);
-        a slot has one image's row, so the order of adding never changes a number."""
-        if rows.shape != self.rows.shape:
-            raise ValueError(f"rows must be {tuple(self.rows.shape)}, got {tuple(rows.shape)}")
-        self.rows += rows.to(torch.float64)
+    def add_rows(self, slots: ArrayLike, rows: torch.Tensor) -> None:
+        """Add the rows [B, C] another accumulator made for images in ``slots`` (e.g. one of B slots, in a worker
+        process: ``cubcam.cams.labelling``); an image's row is the same wherever it is computed, and adding it to
+        its slot's zeros is exact."""
+        index = torch.as_tensor(np.asarray(slots, dtype=np.int64))
+        if rows.shape != (len(index), self.rows.shape[1]):
+            raise ValueError(f"rows must be [{len(index)}, {self.rows.shape[1]}], got {tuple(rows.shape)}")
+        self.rows.index_add_(0, index, rows.to(torch.float64))
 
     def merge(self, reduce_sum: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Sum the rows over processes with ``reduce_sum`` (e.g. Lightning's ``strategy.reduce(t, "sum")``, moved

@@ -14,6 +14,7 @@ import cubcam.cams  # noqa: F401  (the torchvision guard: before anything import
 
 import errno
 import json
+import multiprocessing
 import os
 import re
 import signal
@@ -31,7 +32,7 @@ import torch
 from PIL import Image
 from pytorch_lightning.loggers import CSVLogger, WandbLogger
 
-from cubcam.callbacks import CAMPanel, CAMPanelWarning, cam_panel
+from cubcam.callbacks import CAMPanel, CAMPanelWarning, cam_panel, measure
 from cubcam.callbacks.cam_panel import LEDGER
 from cubcam.callbacks.deferred import WORKER_NAME
 from cubcam.callbacks.measure import METRIC_KEYS
@@ -886,3 +887,26 @@ def test_a_failing_worker_is_a_warning_per_epoch_and_training_goes_on(synthetic_
 
 if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "kill":
     kill_main(sys.argv[2], sys.argv[3])
+
+
+def test_labelling_processes_give_the_same_numbers_and_are_joined(synthetic_cub, tmp_path, monkeypatch):
+    """With the box labelling forced into worker processes (a real run uses them from 64 maps of 224 px up): the
+    numbers of scoring in the worker thread, and no process left after a fit or after Ctrl-C."""
+    data = data_for(synthetic_cub, "classifier")
+    logged = {}
+    for forced in (False, True):
+        for module in (cam_panel, measure):
+            monkeypatch.setattr(module, "pays_off", lambda count, size, forced=forced: forced)
+        pl.seed_everything(0, verbose=False)
+        panel = CAMPanel(num_images=4)
+        trainer_for(tmp_path / str(forced), 2, [panel], limit_train_batches=2).fit(
+            module_for("classifier", data), datamodule=data
+        )
+        logged[forced] = panel.history
+        assert multiprocessing.active_children() == []
+    assert sorted(logged[True]) == [0, 1] and logged[True] == logged[False]
+    trainer = trainer_for(tmp_path / "interrupted", 3, [CAMPanel(num_images=4), Raise(KeyboardInterrupt())])
+    with pytest.raises(SystemExit):
+        trainer.fit(module_for("classifier", data), datamodule=data)
+    assert multiprocessing.active_children() == [] and worker_threads() == []
+    assert (tmp_path / "interrupted" / "cam_panels" / "epoch_000.png").is_file()

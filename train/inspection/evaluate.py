@@ -32,10 +32,13 @@ scheme the scored split itself), whose embeddings are cached beside the checkpoi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
+from collections import deque
 from collections.abc import Iterable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -60,6 +63,7 @@ from cubcam.cams.faithfulness import (
     random_maps,
 )
 from cubcam.cams.files import WriteFailed, write_text
+from cubcam.cams.labelling import ScorePool, cores, pays_off
 from cubcam.cams.localization import (
     DEFAULT_IOU_THRESHOLDS,
     DEFAULT_THRESHOLDS,
@@ -187,8 +191,14 @@ def score_split(
     no-grad forwards of perturbed images, plus two per batch shared by all (the blurred canvas, the substrate).
     The baselines (``centre_gaussian``, and with ``steps`` also ``random``, drawn from ``seed``) are scored with
     the first method's target, so they answer "what does an uninformed map get on this score".
+
+    Where the split is large enough to pay for them (``cubcam.cams.labelling.pays_off``), the box metrics of a
+    batch's maps run in worker processes on every core while the next batches run forward (and through the
+    faithfulness perturbations); the numbers are those of scoring here.
     """
     workers = torch.get_num_threads()
+    pool: ScorePool | None = None  # worker processes for the box labelling, where the split pays for them
+    pending: deque[tuple[str, range, Future[Tensor]]] = deque()  # (method, slots, its rows) being labelled
     baselines = BASELINES if steps else ("centre_gaussian",)
     names = [*methods, *baselines]
     accumulators = {name: LocalizationAccumulator(total, workers=workers) for name in names}
@@ -198,10 +208,14 @@ def score_split(
     generator = torch.Generator().manual_seed(seed)
     seen = 0
     bar = tqdm(total=total, desc="evaluate", unit="img", file=sys.stderr, disable=not progress, dynamic_ncols=True)
-    with bar:
+    with bar, contextlib.ExitStack() as stack:
         for batch in batches:
             images = batch["image"].to(device, non_blocking=True)
             size = (images.shape[-2], images.shape[-1])
+            if pool is None and not seen and pays_off(total, size):
+                pool = ScorePool(cores())
+                stack.callback(pool.close)
+                pool.start()
             activations, outputs = explainer.features_and_outputs(images)
             slots = range(seen, seen + len(images))
             labels[seen : seen + len(images)] = np.asarray(batch["label"])
@@ -219,12 +233,21 @@ def score_split(
                 maps["random"] = (random, first[1], first[2])
             maps["centre_gaussian"] = (baseline.map.to(device).expand(len(images), -1, -1), first[1], first[2])
             for name, (cams, _, _) in maps.items():
-                hits = baseline.box_hits(boxes) if name == "centre_gaussian" else None
-                accumulators[name].update(slots, cams.cpu(), boxes, parts, hits=hits)
+                if pool is None or name == "centre_gaussian":  # the centre's hits are known: nothing to label
+                    hits = baseline.box_hits(boxes) if name == "centre_gaussian" else None
+                    accumulators[name].update(slots, cams.cpu(), boxes, parts, hits=hits)
+                else:  # labelled by a worker while the next batches run forward
+                    pending.append((name, slots, pool.submit(cams, boxes, size, parts)))
             if steps:
                 perturb(explainer, images, outputs, maps, faithful, steps, blur_sigma)
             seen += len(images)
             bar.update(len(images))
+            while pool is not None and len(pending) > 2 * pool.processes:  # a bounded backlog
+                name, done, rows = pending.popleft()
+                accumulators[name].add_rows(done, rows.result())
+        while pending:
+            name, done, rows = pending.popleft()
+            accumulators[name].add_rows(done, rows.result())
     scores: dict[str, dict[str, float]] = {}
     curves: dict[str, dict[str, list[float]]] = {}
     for name in names:
