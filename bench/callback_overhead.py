@@ -32,6 +32,7 @@ import cubcam.train  # noqa: F401  (the torchvision guard: before anything impor
 # isort: split
 
 import argparse
+import functools
 import os
 import statistics
 import tempfile
@@ -54,24 +55,38 @@ IMAGE_MS = 0.4  # GPU time per training image (forward + backward), A100, ResNet
 FORWARD_SHARE = 1 / 3
 
 
+def wait(seconds: float, on: Tensor) -> None:
+    """The GPU's time: on a CPU the thread sleeps; on a GPU a kernel spins that long (the host queues it and goes on,
+    as it does with real kernels)."""
+    if on.is_cuda:
+        torch.cuda._sleep(int(seconds * cycles_per_second()))
+    else:
+        time.sleep(seconds)
+
+
+@functools.cache
+def cycles_per_second() -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(10**7)  # warm-up
+    start.record()
+    torch.cuda._sleep(10**8)
+    end.record()
+    end.synchronize()
+    return 10**8 / (start.elapsed_time(end) / 1000)
+
+
 class GPUTime(torch.autograd.Function):
-    """The identity that waits, forward and backward, for a GPU's time on the batch (the CPU idles)."""
+    """The identity that waits, forward and backward, for a GPU's time on the batch."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, forward_s: float, backward_s: float) -> Tensor:
         ctx.backward_s = backward_s
-        if x.is_cuda:
-            torch.cuda._sleep(int(forward_s * 1.4e9))  # about 1.4 GHz cycles: the stream is busy, the host is not
-        else:
-            time.sleep(forward_s)
+        wait(forward_s, x)
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
-        if grad.is_cuda:
-            torch.cuda._sleep(int(ctx.backward_s * 1.4e9))
-        else:
-            time.sleep(ctx.backward_s)
+        wait(ctx.backward_s, grad)
         return grad, None, None
 
 

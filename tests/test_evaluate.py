@@ -198,9 +198,10 @@ def test_the_callback_and_evaluate_report_the_same_scores_on_the_same_images(
         enable_progress_bar=False,
         enable_model_summary=False,
         default_root_dir=str(tmp_path),
-        callbacks=[CAMPanel(num_images=4)],
+        callbacks=[panel := CAMPanel(num_images=4)],
     )
-    logged = trainer.validate(module, datamodule=data, verbose=False)[0]
+    trainer.validate(module, datamodule=data, verbose=False)
+    logged = panel.history[0]
     report = classifier_runs[0]["methods"]["gradcam"]
     assert len(data.val_dataset) == classifier_runs[0]["num_images"]  # the subset is the whole split here
     for key, name in METRIC_KEYS.items():

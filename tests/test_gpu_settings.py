@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
+import yaml
 
 from cubcam.callbacks import CAMPanel
 from cubcam.train.data.datamodule import CUBDataModule
@@ -104,3 +105,14 @@ def test_channels_last_weights_give_the_same_metrics(synthetic_cub, tmp_path):
             fit=False,
         )
         assert told == [] and last == pytest.approx(plain, abs=1e-5), layer
+
+
+def test_the_gpu_overlay_layers_on_the_real_configs(capsys) -> None:
+    from cubcam.train.cli import main
+
+    for config in ("classifier.yaml", "embedding.yaml"):
+        with pytest.raises(SystemExit):
+            main(["fit", "--config", config, "--config", "trainer/gpu.yaml", "--print_config"])
+        printed = yaml.safe_load(capsys.readouterr().out)
+        assert printed["trainer"]["precision"] == "bf16-mixed" and printed["trainer"]["accelerator"] == "gpu"
+        assert printed["data"]["num_workers"] == 8 and printed["model"]["init_args"]["arch"] == "resnet50"

@@ -200,7 +200,7 @@ def test_classifier_learns_resumes_at_the_next_epoch_and_reloads(tiny_cub: Path,
             "'train_time_interval': None}",
         ]
     )
-    assert checkpoint["callbacks"][panel_key]["version"] == 2
+    assert checkpoint["callbacks"][panel_key]["version"] == 3
     assert len(list(last.parent.glob("best-epoch=*.ckpt"))) == 1  # BestCheckpoint, by the module's val/acc
 
     # A checkpoint as the code before this layout wrote it (checked against one): its class named
@@ -210,7 +210,9 @@ def test_classifier_learns_resumes_at_the_next_epoch_and_reloads(tiny_cub: Path,
     assert checkpoint["hyper_parameters"]["_class_path"] == "cubcam.train.modules.Classifier"
     checkpoint["hyper_parameters"]["_class_path"] = "train.modules.Classifier"
     checkpoint["hyper_parameters"]["input_size"] = checkpoint["hyper_parameters"].pop("image_size")
-    old_state = {k: v for k, v in checkpoint["callbacks"].pop(panel_key).items() if k != "version"}
+    old_state = {
+        k: v for k, v in checkpoint["callbacks"].pop(panel_key).items() if k in ("panel", "subset", "evolution")
+    }
     checkpoint["callbacks"]["CAMPanel{'num_images': 16, 'method': 'auto', 'proxy': 'normalized_mean'}"] = old_state
     legacy = offline / "legacy.ckpt"
     torch.save(checkpoint, legacy)

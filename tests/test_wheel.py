@@ -66,7 +66,7 @@ def test_the_demo_and_the_packaged_configs_run_from_a_wheel(wheel_venv: Path, ti
     assert where.stdout.strip().startswith(str(wheel_venv))  # the wheel's cubcam, not the checkout's
 
     copied = run([cubcam, "configs", "mine"], tmp_path)
-    assert "wrote 9 config files to mine" in copied.stdout
+    assert "wrote 10 config files to mine" in copied.stdout
     assert (tmp_path / "mine" / "demo" / "classifier.yaml").is_file() and (tmp_path / "mine" / "shared").is_dir()
     for config in ("demo/classifier.yaml", "mine/demo/classifier.yaml"):  # a packaged name, the copied file
         printed = run([cubcam, "fit", "--config", config, "--print_config"], tmp_path)
