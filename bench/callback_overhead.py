@@ -15,9 +15,10 @@ metric subset), each at output stride 32 and 16 (``--strides``). W&B (offline) a
 
 An epoch is timed from ``on_train_epoch_start`` to ``on_train_epoch_end`` (training plus validation); the first
 epoch of each run is warm-up (the panel is chosen there). Runs alternate without, with, with, without (ABBA);
-medians. "Blocked" is the time the loop spent inside the callback's hooks (the loop's thread: the maps at the grid,
-the gathers, the hand-over, the W&B log calls); "backlog" what fit's end waited for the last epoch's work.
-What runs on the CPU here and on the device there (the head-only maps, the callback's forwards) is in "blocked".
+medians. "Blocked" is the time the loop spent inside the callback's hooks, split into device work (keeping the
+batch's rows, the maps at the grid, the gathers, the callback's own forwards: kernels on a GPU, CPU work here) and
+host work (the hand-over, W&B's log call, the metrics to every logger, waiting for a worker behind), the part a
+GPU would see; fit's end waits for the last epoch's work apart.
 
     python bench/callback_overhead.py [--epochs 4] [--scenarios classifier embedding] [--strides 32 16]
     python bench/callback_overhead.py --device cuda       # the same scenarios on a real GPU (bench/gpu.sh)
@@ -38,7 +39,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -53,6 +54,7 @@ from cubcam.cams.protocol import CAMStepOutput, step_output
 TRAIN_IMAGES, VAL_IMAGES, BATCH, SIZE, CLASSES, EMBEDDING = 5394, 600, 64, 224, 200, 128
 IMAGE_MS = 0.4  # GPU time per training image (forward + backward), A100, ResNet-50, AMP
 FORWARD_SHARE = 1 / 3
+GPU_EPOCH = (TRAIN_IMAGES // BATCH * BATCH + FORWARD_SHARE * VAL_IMAGES) * IMAGE_MS / 1000  # the waits alone
 
 
 def wait(seconds: float, on: Tensor) -> None:
@@ -116,14 +118,12 @@ class Simulated(pl.LightningModule):
     """The CAM protocol on :class:`TinyNet` (``cam_method``, ``cam_target_layer``, ``forward_head`` and a
     ``validation_step`` returning the activations); a cross-entropy or a plain embedding loss."""
 
-    cam_method: ClassVar[str] = "gradcam"
     cam_reshape = None
 
     def __init__(self, stride: int, channels: int, embedding: bool):
         super().__init__()
         self.net = TinyNet(stride, channels, EMBEDDING if embedding else CLASSES)
-        if embedding:
-            self.cam_method = "embeddingcam"
+        self.cam_method = "embeddingcam" if embedding else "gradcam"
 
     @property
     def cam_target_layer(self) -> nn.Module:
@@ -226,31 +226,38 @@ HOOKS = (
 
 
 class TimedCAMPanel(CAMPanel):
-    """CAMPanel adding up the time the loop's thread spends in its hooks, per epoch; and fit's end apart."""
+    """CAMPanel adding up the time the loop's thread spends in its hooks, per epoch, and apart from it the part
+    that is device work (keeping the batch's rows, the maps at the grid and the gathers: kernels on a GPU, CPU work
+    here); and fit's end apart."""
 
     def __init__(self, **kwargs: Any):
         super().__init__(**kwargs)
         self.blocked: list[float] = []
+        self.device: list[float] = []
         self.at_end = 0.0
         for hook in HOOKS:
-            setattr(self, hook, self._timed(getattr(self, hook)))
+            setattr(self, hook, self._timed(getattr(self, hook), self.blocked))
+        for part in ("on_validation_batch_end", "_epoch_work"):
+            setattr(self, part, self._timed(getattr(self, part), self.device))
 
     def on_train_epoch_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         self.blocked.append(0.0)
+        self.device.append(0.0)
 
     def on_fit_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         start = time.perf_counter()
         super().on_fit_end(trainer, module)
         self.at_end = time.perf_counter() - start
 
-    def _timed(self, hook: Any) -> Any:
+    @staticmethod
+    def _timed(hook: Any, clock: list[float]) -> Any:
         def timed(*args: Any, **kwargs: Any) -> Any:
             start = time.perf_counter()
             try:
                 return hook(*args, **kwargs)
             finally:
-                if self.blocked:
-                    self.blocked[-1] += time.perf_counter() - start
+                if clock:
+                    clock[-1] += time.perf_counter() - start
 
         return timed
 
@@ -266,10 +273,8 @@ def run(args: argparse.Namespace, work: Path, kind: str, stride: int, with_panel
     if with_panel:
         options: dict[str, Any] = {"target_layer": "net.cam", "method": "embeddingcam" if embedding else "gradcam"}
         panel = TimedCAMPanel(**(options if layer else {}))
-    loggers = [
-        WandbLogger(project="cubcam-bench", save_dir=str(work), offline=True),
-        TensorBoardLogger(str(work), name="tensorboard"),
-    ]
+    wandb_logger = WandbLogger(project="cubcam-bench", save_dir=str(work), offline=True)
+    loggers = [wandb_logger, TensorBoardLogger(str(work), name="tensorboard")]
     trainer = pl.Trainer(
         accelerator="gpu" if device.type == "cuda" else "cpu",
         devices=1,
@@ -284,10 +289,11 @@ def run(args: argparse.Namespace, work: Path, kind: str, stride: int, with_panel
     train = DataLoader(TrainBatches(device), batch_size=None)
     val = DataLoader(VAL, batch_size=BATCH, pin_memory=device.type == "cuda")
     trainer.fit(module, train, val)
-    loggers[0].experiment.finish()
+    wandb_logger.experiment.finish()
     return {
         "epochs": clock.seconds[1:],
         "blocked": panel.blocked[1:] if panel else [],
+        "device": panel.device[1:] if panel else [],
         "at_end": panel.at_end if panel else 0.0,
         "logged": sorted(panel.history) if panel else [],
     }
@@ -300,13 +306,17 @@ def scenario(args: argparse.Namespace, work: Path, kind: str, stride: int) -> No
     without = statistics.median(s for r in sides[False] for s in r["epochs"])
     with_ = statistics.median(s for r in sides[True] for s in r["epochs"])
     blocked = statistics.median(s for r in sides[True] for s in r["blocked"])
+    device = statistics.median(s for r in sides[True] for s in r["device"])
+    host = statistics.median(b - d for r in sides[True] for b, d in zip(r["blocked"], r["device"]))
     at_end = statistics.median(r["at_end"] for r in sides[True])
     grid = SIZE // stride
     print(
         f"{kind} at output stride {stride} ({grid}x{grid} x {args.channels} channels): epoch without "
-        f"{without:.3f} s, with {with_:.3f} s: {100 * (with_ / without - 1):+.1f}%; blocked in the callback "
-        f"{1000 * blocked:.0f} ms = {100 * blocked / without:.1f}% of the epoch (target <= 2%); fit's end waited "
-        f"{at_end:.2f} s for the last epoch; epochs logged {sides[True][0]['logged']}",
+        f"{without:.3f} s, with {with_:.3f} s ({100 * (with_ / without - 1):+.1f}%); the loop blocked in the "
+        f"callback {1000 * blocked:.0f} ms = {100 * blocked / without:.1f}% of the epoch: device work "
+        f"{1000 * device:.0f} ms, host work {1000 * host:.0f} ms = {100 * host / GPU_EPOCH:.1f}% of the "
+        f"{GPU_EPOCH:.2f} s simulated GPU epoch (target <= 2%); fit's end waited {at_end:.2f} s for the last epoch; "
+        f"epochs logged {sides[True][0]['logged']}",
         flush=True,
     )
 

@@ -15,8 +15,9 @@ The work is split into sibling modules, each on ``cubcam.cams`` alone: where a b
 (``sources.py``: one interface, the protocol's step outputs or any module through its layer), collecting them
 (``collect.py``: gathered from every rank), what the epoch's maps explain (``epoch_target.py``: the tools' target
 factory), measuring (``measure.py``: the localization metrics through
-``cubcam.cams.localization.LocalizationAccumulator``), rendering (``panel_render.py``), the evolution
-(``evolution.py``) and logging (``sinks.py``: W&B, TensorBoard, the PNG grid). Every map is the tools' explanation
+``cubcam.cams.localization.LocalizationAccumulator``), rendering (``panel_render.py``), finishing an epoch off the
+loop's thread (``deferred.py``), the evolution (``evolution.py``) and logging (``sinks.py``: W&B, TensorBoard, MLflow,
+the PNG grid). Every map is the tools' explanation
 step (``cubcam.cams.protocol.explain``) on the features and outputs the validation loop already produced for
 those birds. Only the epoch that chooses the panel, and the neighbours of ``proxy="single_point_nearest"``, read
 images from the dataset and run a forward.
@@ -35,9 +36,15 @@ validation set (``metrics_subset``, default 512 images or all when fewer), from 
 loop already produced (head-only CAMs: no second backbone pass). A subset because (1) an embedding net's proxies
 exist only once the epoch's embeddings are all in, so the features must be kept until the epoch ends, and a whole
 CUB-sized split's activation maps would not fit in memory; (2) MaxBoxAccV2 labels connected regions at 100
-thresholds per image, which over a whole split would cost a large share of an epoch. From about 180 px square up
-the labelling runs in threads (training waits at the epoch's end, so its cores are free).
+thresholds per image, which over a whole split would cost a large share of an epoch.
 The subset's CAMs are for the true class (classifier; the WSOL convention) or its proxy (embedding net).
+
+What the loop waits for (README, "What runs where"): at a validation epoch's end only the collectives and the
+head-only maps at the layer's grid, on the module's device. Upsampling, the box metrics (in worker processes),
+rendering, encoding and the thread-safe sinks run on a background thread while the next epoch trains; what only
+the loop's thread may do (W&B's log call, the metrics through each logger's ``log_metrics`` at the epoch's own
+step) happens at its next hook. ``synchronous=True`` does it all at the epoch's end and logs the metrics with
+``LightningModule.log`` (``trainer.callback_metrics``).
 
 The panel row in W&B carries ``epoch`` and sits at the step of the epoch's ``val/*`` metrics. The PNG grid goes to
 ``<save_dir>/<name>/<version>/cam_panels/epoch_NNN.png`` of the first logger, i.e. beside Lightning's
