@@ -36,6 +36,7 @@ import argparse
 import functools
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -50,6 +51,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from cubcam.callbacks import CAMPanel
 from cubcam.cams.protocol import CAMStepOutput, step_output
+
+sys.path.insert(0, str(Path(__file__).parent))
+from train_throughput import EpochTimer
 
 TRAIN_IMAGES, VAL_IMAGES, BATCH, SIZE, CLASSES, EMBEDDING = 5394, 600, 64, 224, 200, 128
 IMAGE_MS = 0.4  # GPU time per training image (forward + backward), A100, ResNet-50, AMP
@@ -203,19 +207,6 @@ class TrainBatches(Dataset[dict[str, Tensor]]):
         return self.batch
 
 
-class Clock(pl.Callback):
-    """Epoch wall times (training plus validation)."""
-
-    def __init__(self) -> None:
-        self.seconds: list[float] = []
-
-    def on_train_epoch_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        self._start = time.perf_counter()
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        self.seconds.append(time.perf_counter() - self._start)
-
-
 HOOKS = (
     "on_train_batch_end",
     "on_validation_epoch_start",
@@ -268,7 +259,7 @@ def run(args: argparse.Namespace, work: Path, kind: str, stride: int, with_panel
     layer = kind.endswith("-layer")
     embedding = kind.startswith("embedding")
     module = (Plain if layer else Simulated)(stride, args.channels, embedding)
-    clock = Clock()
+    clock = EpochTimer()
     panel = None
     if with_panel:
         options: dict[str, Any] = {"target_layer": "net.cam", "method": "embeddingcam" if embedding else "gradcam"}
