@@ -398,7 +398,7 @@ class CAMPanel(_Callback):
         self._log_finished(trainer, self._worker.submit(self._ready(trainer, work)))
 
     def _ready(self, trainer: pl.Trainer, work: EpochWork) -> EpochWork:
-        """``work``, with what finishing it needs made here on the loop's thread: the sinks, the cores to use."""
+        """``work``, with what finishing it needs made here on the loop's thread: the sinks, the labelling processes."""
         self._sinks_of(trainer)
         metrics = work["metrics"]
         if (

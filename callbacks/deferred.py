@@ -120,7 +120,7 @@ class Worker:
     """One background thread that finishes :class:`EpochWork` in the order it was submitted.
 
     Args:
-        run: what finishes one work (:func:`finish` with the callback's style, sinks and cores).
+        run: what finishes one work (:func:`finish` with the callback's style, sinks and labelling processes).
         max_pending: submitting more waits for the oldest first, so a worker slower than the epochs holds a bounded
             backlog (its wait is the loop's, and ``bench/callback_overhead.py`` reports it).
     """
