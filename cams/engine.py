@@ -1,9 +1,13 @@
-"""GradCAM and EmbeddingCAM: one engine, two scores, five weightings.
+"""GradCAM and EmbeddingCAM: one engine, two scores, eight weightings.
 
 For target-layer activations A (shape [B, K, h, w]) and a score y_b per image, the map is
 ReLU(sum_k w_k A^k) with w_k = mean_ij dy_b/dA^k_ij (Selvaraju et al., 2017). GradCAM scores a class logit;
 EmbeddingCAM (Bachhawat, 2024) scores <embedding, proxy>. Everything else is shared, also the other gradient
-weightings (``weighting=``: GradCAM++, HiResCAM, XGradCAM, LayerCAM; see :func:`weighted_activations`).
+weightings (``weighting=``: GradCAM++, HiResCAM, XGradCAM, LayerCAM; see :func:`weighted_activations`) and the
+gradient-free ones, which weight the same channels by what the score does when the input is masked with each
+channel (ScoreCAM) or when a channel is ablated (AblationCAM), or project them on their first principal
+component (EigenCAM, no score at all); see :mod:`cubcam.cams.gradient_free`. Each needs only a score, so each
+explains an embedding net's proxy score as it explains a logit.
 
 Why this engine is safe to call in the middle of training:
 - the forward below the target layer runs without autograd (nothing is stored for it), and the backward is one
@@ -19,6 +23,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from functools import partial
 from types import EllipsisType
 from typing import Any, Literal, cast, get_args
 
@@ -27,13 +32,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cubcam.cams import gradient_free
 from cubcam.cams.targets import ClassLogits, Target, per_image
 
-Weighting = Literal["gradcam", "gradcam++", "hirescam", "xgradcam", "layercam"]  # how gradients weight the map
+GradientWeighting = Literal["gradcam", "gradcam++", "hirescam", "xgradcam", "layercam"]  # from dscore/dA
+GradientFree = Literal["scorecam", "ablationcam", "eigencam"]  # from no-grad forwards, or from A alone
+Weighting = Literal[GradientWeighting, GradientFree]  # how the layer's channels are weighted into the map
+GRADIENT_FREE: tuple[GradientFree, ...] = get_args(GradientFree)
+# Weightings whose forwards run the whole model on masked images: K forwards per image (K channels), and no maps
+# from stored activations alone.
+NEEDS_IMAGES: tuple[Weighting, ...] = ("scorecam",)
+DEFAULT_CHANNEL_BATCH = 32  # channels per batched forward of ScoreCAM and AblationCAM (pytorch-grad-cam's 32)
 GRADCAM_PP_EPS = 1e-6  # pytorch-grad-cam's, in the alpha denominator
 XGRADCAM_EPS = 1e-7  # pytorch-grad-cam's, in the normalising sum
 OutputSelector = str | int | Callable[[Any], Tensor] | None
-ScoreFn = Callable[[Tensor], Tensor]  # model output [B, ...] -> one score per image [B]
+# (model output [N, ...], the image each output row belongs to [N]) -> one score per row [N]. Its first call scores
+# the batch as given (rows 0..B-1): a score that picks the predicted class picks it there, once.
+ScoreFn = Callable[[Tensor, Tensor], Tensor]
 # The target layer's output (e.g. ViT tokens [B, N, D], Swin's NHWC maps) -> a map [B, K, h, w]; applied to the
 # activations and to their gradients alike (pytorch-grad-cam's reshape_transform).
 Reshape = Callable[[Tensor], Tensor]
@@ -64,6 +79,7 @@ class CAM:
         *,
         target_layers: Sequence[nn.Module | str] | None = None,
         reshape_transform: Reshape | None = None,
+        channel_batch_size: int = DEFAULT_CHANNEL_BATCH,
     ):
         # pytorch-grad-cam's names: target_layers=[layer] (cubcam explains one layer) and reshape_transform=.
         # target_layer has no default: None means "the model is a head", never "forgot the layer".
@@ -82,6 +98,9 @@ class CAM:
             reshape = reshape_transform
         if weighting not in get_args(Weighting):
             raise ValueError(f"weighting must be one of {get_args(Weighting)}, got {weighting!r}")
+        if channel_batch_size < 1:
+            raise ValueError(f"channel_batch_size must be at least 1, got {channel_batch_size}")
+        self.channel_batch_size = channel_batch_size
         self.model = model
         self.output = output
         self.weighting = weighting
@@ -96,6 +115,11 @@ class CAM:
             raise TypeError(
                 f"target_layer must be an nn.Module, a dotted module name or None, got {type(target_layer).__name__}"
             )
+        if target_layer is None and weighting == "scorecam":
+            raise ValueError(
+                "scorecam masks the input images with each channel of the layer, so it needs the whole model and its "
+                "target layer, not a head (target_layer=None)"
+            )
         self.target_layer = target_layer
 
     def explain(
@@ -103,7 +127,9 @@ class CAM:
     ) -> Tensor:
         """Maps [B, H, W] of image b for row ``rows[b]`` of ``target`` (a class for :class:`ClassLogits`, a proxy
         for :class:`Proxies`)."""
-        return self._maps(images, lambda output: target.score(output, rows), upsample, normalize)
+        return self._maps(
+            images, lambda output, which: target.score(output, rows.to(which.device)[which]), upsample, normalize
+        )
 
     def _maps(self, images: Tensor, score_fn: ScoreFn, upsample: bool, normalize: bool) -> Tensor:
         if torch.is_inference_mode_enabled():
@@ -113,10 +139,14 @@ class CAM:
         if images.is_inference():
             images = images.clone()  # outside inference mode a clone is a normal tensor that autograd accepts
         with eval_mode(self.model):
-            activations, scores = self._forward(images, score_fn)
-            with torch.enable_grad():  # the caller may be inside torch.no_grad()
-                (grads,) = torch.autograd.grad(scores.sum(), activations)
-        maps = weighted_activations(self._grid(activations.detach()), self._grid(grads), self.weighting)
+            if self.weighting in GRADIENT_FREE:
+                maps = self._gradient_free(images, score_fn)
+            else:
+                activations, scores = self._forward(images, score_fn)
+                with torch.enable_grad():  # the caller may be inside torch.no_grad()
+                    (grads,) = torch.autograd.grad(scores.sum(), activations)
+                weighting = cast(GradientWeighting, self.weighting)
+                maps = weighted_activations(self._grid(activations.detach()), self._grid(grads), weighting)
         if upsample:
             maps = F.interpolate(maps[:, None], size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
         if normalize:
@@ -153,41 +183,86 @@ class CAM:
 
     def _forward(self, images: Tensor, score_fn: ScoreFn) -> tuple[Tensor, Tensor]:
         """Run the model; return (activations as a grad leaf, scores [B]) with a graph only above the layer."""
+        batch = torch.arange(len(images), device=images.device)
         if self.target_layer is None:  # the model is a head: its input is the activation map
             activations = images.detach().requires_grad_(True)
             with torch.enable_grad():
-                return activations, self._score(self.model(activations), score_fn)
-
+                return activations, self._score(self.model(activations), score_fn, batch)
         captured: list[Tensor] = []
 
-        def hook(module: nn.Module, inputs: Any, output: Any) -> Tensor:
+        def leaf(output: Tensor) -> Tensor:
+            self._grid(output)  # fail before the rest of the forward if it is no map (and no reshape makes one)
+            captured.append(output.detach().requires_grad_(True))
+            torch.set_grad_enabled(True)  # record the graph from here on; the no_grad block restores the mode
+            return captured[0]
+
+        scores = self._hooked(images, leaf, lambda output: self._score(output, score_fn, batch))
+        return captured[0], scores
+
+    def _hooked(self, images: Tensor, on_layer: Callable[[Tensor], Tensor | None], then: Callable[[Any], Any]) -> Any:
+        """``then(model(images))`` under no_grad, with ``on_layer`` called on the target layer's output (what it
+        returns replaces that output) by a hook that lives for this call only."""
+        assert self.target_layer is not None
+        calls = 0
+
+        def hook(module: nn.Module, inputs: Any, output: Any) -> Tensor | None:
+            nonlocal calls
             if not isinstance(output, Tensor):
                 raise TypeError(f"target layer {self.layer_name} outputs a {type(output).__name__}, not a tensor")
-            if captured:
+            if calls:
                 raise RuntimeError(
                     f"target layer {self.layer_name} ran more than once in one forward; pick a module that runs once"
                 )
-            self._grid(output)  # fail before the rest of the forward if it is no map (and no reshape makes one)
-            leaf = output.detach().requires_grad_(True)
-            captured.append(leaf)
-            torch.set_grad_enabled(True)  # record the graph from here on; the no_grad block below restores the mode
-            return leaf
+            calls += 1
+            return on_layer(output)
 
         handle = self.target_layer.register_forward_hook(hook)
         try:
             with torch.no_grad(), eager():
                 output = self.model(images)
-                if not captured:
+                if not calls:
                     raise RuntimeError(f"target layer {self.layer_name} did not run during the forward pass")
-                scores = self._score(output, score_fn)
+                return then(output)
         finally:
             handle.remove()
-        return captured[0], scores
 
-    def _score(self, output: Any, score_fn: ScoreFn) -> Tensor:
+    def _gradient_free(self, images: Tensor, score_fn: ScoreFn) -> Tensor:
+        """The raw maps [B, h, w] of ScoreCAM, AblationCAM or EigenCAM (:mod:`cubcam.cams.gradient_free`): no
+        backward at all, every forward under no_grad, ``channel_batch_size`` channels per forward."""
+        with torch.no_grad():
+            if self.target_layer is None:
+                layer, output = images, self.model(images)
+            else:
+                kept: list[Tensor] = []
+                layer, output = self._hooked(images, lambda out: kept.append(out), lambda out: (kept[0], out))
+            grid = self._grid(layer)
+            if self.weighting == "eigencam":
+                return gradient_free.eigen_cam(grid)
+            batch = torch.arange(len(images), device=images.device)
+            scores = self._score(output, score_fn, batch, needs_grad=False)  # also fixes a predicted class
+            chunk = self.channel_batch_size
+            if self.weighting == "scorecam":
+                return gradient_free.score_cam(images, grid, partial(self._scored, score_fn), chunk)
+            ablation = gradient_free.Ablation(layer, grid, self.reshape)
+
+            def ablated(image: Tensor, channel: Tensor) -> Tensor:
+                layers = ablation.batch(image, channel)
+                if self.target_layer is None:  # a head: only the part above the layer runs
+                    return self._scored(score_fn, image, layers)
+                return self._hooked(  # the layer's output replaced by the ablated copies
+                    images[image], lambda _: layers, lambda out: self._score(out, score_fn, image, needs_grad=False)
+                )
+
+            return gradient_free.ablation_cam(grid, scores, ablated, chunk)
+
+    def _scored(self, score_fn: ScoreFn, which: Tensor, images: Tensor) -> Tensor:
+        """The scores of a no-grad forward of ``images``, row r scored as image ``which[r]``."""
+        return self._score(self.model(images), score_fn, which, needs_grad=False)
+
+    def _score(self, output: Any, score_fn: ScoreFn, which: Tensor, needs_grad: bool = True) -> Tensor:
         output = select_output(output, self.output)
-        scores = score_fn(output)
-        if not scores.requires_grad:
+        scores = score_fn(output, which)
+        if needs_grad and not scores.requires_grad:
             raise RuntimeError(
                 "the score does not depend on the target layer's activations; "
                 "is the target layer part of the forward path?"
@@ -220,8 +295,11 @@ class GradCAM(CAM):
         images = cast(Tensor, images if images is not None else input_tensor)
         target, classes = ClassLogits(), class_indices(targets, images.shape[0])
 
-        def class_score(logits: Tensor) -> Tensor:
-            return target.score(logits, logits.argmax(1) if classes is None else classes)
+        def class_score(logits: Tensor, which: Tensor) -> Tensor:
+            nonlocal classes
+            if classes is None:  # the first call scores the batch as given: its predictions, fixed from then on
+                classes = logits.detach().argmax(1)
+            return target.score(logits, classes.to(which.device)[which])
 
         return self._maps(images, class_score, upsample, normalize)
 
@@ -257,7 +335,7 @@ class EmbeddingCAM(CAM):
         return self.explain(images, *per_image(proxies, images.shape[0]), upsample=upsample, normalize=normalize)
 
 
-def weighted_activations(activations: Tensor, grads: Tensor, weighting: Weighting = "gradcam") -> Tensor:
+def weighted_activations(activations: Tensor, grads: Tensor, weighting: GradientWeighting = "gradcam") -> Tensor:
     """The raw map [B, h, w] from the layer's activations A and the score's gradient g = dy/dA, computed in float32
     (also under autocast). Only the weighting differs between the methods; the score (a class logit, or an
     embedding's dot product with a proxy) is the caller's, so every weighting works for embedding nets too:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cubcam.cams.engine import CAM, Reshape, Weighting, eager, eval_mode, minmax_normalize
+from cubcam.cams.engine import CAM, NEEDS_IMAGES, Reshape, Weighting, eager, eval_mode, minmax_normalize
 from cubcam.cams.proxies import single_point_proxy
 from cubcam.cams.targets import ExplanationTarget, Method, Proxies, Target, make_target
 
@@ -92,10 +92,17 @@ class Explainer(Protocol):
         ...
 
     def maps(
-        self, features: Tensor, size: tuple[int, int] | None, target: Target, rows: Tensor, weighting: Weighting
+        self,
+        features: Tensor,
+        size: tuple[int, int] | None,
+        target: Target,
+        rows: Tensor,
+        weighting: Weighting,
+        images: Tensor | None = None,
     ) -> Tensor:
         """Maps [B, H, W] in [0, 1] of image b for row ``rows[b]`` of ``target`` (see :func:`head_cams`); with
-        ``size=None`` the raw maps at the layer's grid [B, h, w] (float32), which :func:`upsample` finishes."""
+        ``size=None`` the raw maps at the layer's grid [B, h, w] (float32), which :func:`upsample` finishes.
+        ``images``: the input images of ``features``, which ScoreCAM masks (its forwards run the whole model)."""
         ...
 
 
@@ -117,9 +124,21 @@ class HeadExplainer:
             return self.module(images)
 
     def maps(
-        self, features: Tensor, size: tuple[int, int] | None, target: Target, rows: Tensor, weighting: Weighting
+        self,
+        features: Tensor,
+        size: tuple[int, int] | None,
+        target: Target,
+        rows: Tensor,
+        weighting: Weighting,
+        images: Tensor | None = None,
     ) -> Tensor:
-        return head_cams(self.module, features, size, target, rows, weighting)
+        if weighting not in NEEDS_IMAGES:
+            return head_cams(self.module, features, size, target, rows, weighting)
+        if images is None:
+            raise ValueError(f"{weighting} masks the input images, so its maps need them: pass images=")
+        module = self.module
+        cam = CAM(module, module.cam_target_layer, weighting=weighting, reshape=module.cam_reshape)
+        return _upsampled(cam, images, size, target, rows, next(module.parameters()).dtype)
 
 
 class LayerExplainer:
@@ -160,8 +179,15 @@ class LayerExplainer:
             return images, self.outputs(images)
 
     def maps(
-        self, features: Tensor, size: tuple[int, int] | None, target: Target, rows: Tensor, weighting: Weighting
+        self,
+        features: Tensor,
+        size: tuple[int, int] | None,
+        target: Target,
+        rows: Tensor,
+        weighting: Weighting,
+        images: Tensor | None = None,
     ) -> Tensor:
+        # the features are the images: ScoreCAM masks them as they are
         cam = CAM(self.outputs, self.layer, weighting=weighting, reshape=self.reshape, layer_name=self.layer_name)
         with eval_mode(self.model):
             return _upsampled(cam, features, size, target, rows, next(self.model.parameters()).dtype)
@@ -249,11 +275,13 @@ def explain(
     choice: Choice = "true",
     weighting: Weighting = "gradcam",
     index: Tensor | None = None,
+    images: Tensor | None = None,
 ) -> Explanation:
     """The one explanation step of the callback, ``cubcam explain`` and ``cubcam evaluate``: maps (by
     ``weighting``) for the true class (``choice="true"``; images whose label is ``UNKNOWN_LABEL`` fall back to the
     predicted class) or the predicted one, through ``target``'s row of each image (``index``: the images' dataset
-    indices, so that the nearest-image scheme never picks an image itself), and the prediction."""
+    indices, so that the nearest-image scheme never picks an image itself), and the prediction. ``images``: the
+    inputs of ``features``, for a weighting in ``NEEDS_IMAGES``."""
     class_scores = target.target.class_scores(outputs)
     predicted = class_scores.argmax(1)
     explained = predicted
@@ -261,7 +289,7 @@ def explain(
         labels = labels.to(predicted.device)
         explained = torch.where(labels == UNKNOWN_LABEL, predicted, labels)
     rows = target.rows(explained, outputs, index)
-    maps = explainer.maps(features, size, target.target, rows.to(features.device), weighting)
+    maps = explainer.maps(features, size, target.target, rows.to(features.device), weighting, images)
     return Explanation(maps, explained, rows, predicted, class_scores)
 
 

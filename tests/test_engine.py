@@ -447,7 +447,7 @@ def test_weightings_follow_their_formulas_and_differ():
     maps = [weighted_activations(a, g, w) for w in WEIGHTINGS]
     assert all(not torch.allclose(maps[i], maps[j]) for i in range(5) for j in range(i + 1, 5))
     with pytest.raises(ValueError, match="weighting must be one of"):
-        GradCAM(nn.Linear(2, 2), None, weighting="scorecam")
+        GradCAM(nn.Linear(2, 2), None, weighting="gradcam--")
 
 
 def test_a_pooled_layer_is_refused_by_name_not_explained_into_noise() -> None:
