@@ -137,7 +137,7 @@ def main() -> None:
 
         def evaluate() -> None:
             methods = {name: (target, "gradcam") for name, target in targets.items()}
-            score_split(HeadExplainer(module), batches, methods, torch.device("cpu"), n, progress=False)
+            score_split(module, batches, methods, torch.device("cpu"), n, progress=False)
 
         forward_only(), evaluate()  # warm-up: allocator, thread pools, lazy imports
         times: dict[str, list[float]] = {"forward": [], "evaluate": []}

@@ -75,7 +75,7 @@ from cubcam.callbacks.panel_render import Style, class_inputs, neighbour_inputs
 from cubcam.callbacks.panel_select import random_subset, spread_over_classes
 from cubcam.callbacks.sinks import PanelSink, metrics_step, png_folder, sink_factories, unserved_loggers
 from cubcam.callbacks.sources import ActivationSource, LayerSource, StepSource
-from cubcam.cams.engine import Reshape, Weighting, isolated
+from cubcam.cams.engine import NEEDS_IMAGES, Reshape, Weighting, isolated
 from cubcam.cams.labelling import ScorePool, cores, pays_off
 from cubcam.cams.overlay import IMAGENET_MEAN, IMAGENET_STD, colorize
 from cubcam.cams.protocol import CAMModule, Choice, Explainer
@@ -124,8 +124,14 @@ class CAMPanel(_Callback):
         metrics_subset: validation images the metrics use (None: 512, or all when fewer; 128 with
             ``target_layer``, where each costs a forward and a backward every epoch).
         seed: seeds the choice of the panel and of the metric subset.
-        weighting: how the gradients weight the maps, for either model kind: "gradcam" (default), "gradcam++",
-            "hirescam", "xgradcam" or "layercam" (``cubcam.cams.engine.weighted_activations``).
+        weighting: how the layer's channels are weighted into the maps, for either model kind: by gradients,
+            "gradcam" (default), "gradcam++", "hirescam", "xgradcam" or "layercam"
+            (``cubcam.cams.engine.weighted_activations``); or without, "eigencam" (an SVD per image, no score: the
+            same map for every class) and "ablationcam" (K head-only forwards per image for K channels: for
+            ResNet-50's 2048 channels, about 2048 x (the metric subset + the panel) pooled linear layers an epoch).
+            "scorecam", and "ablationcam" with ``target_layer``, need a whole forward per channel and image, which
+            no training loop can afford each epoch: they are refused here (``cubcam explain`` and
+            ``cubcam evaluate`` run them).
         target_layer: for a module that does not speak the CAM protocol (any LightningModule): the dotted name of
             the layer to explain inside it, e.g. ``"net.layer4"`` or ``"model.stages.3"``. The callback then runs
             its own eval-mode forward and backward on the panel (and the metric subset, when the data has boxes)
@@ -151,7 +157,8 @@ class CAMPanel(_Callback):
         history: the CAM metrics of every epoch this process logged, ``{epoch: {key: value}}``.
 
     Raises:
-        ValueError: an argument out of range, or a ``method`` that does not fit the module (at ``setup``).
+        ValueError: an argument out of range, a weighting the loop cannot afford (above), or a ``method`` that
+            does not fit the module (at ``setup``).
         TypeError: at ``setup``, a module that does not speak the CAM protocol and no ``target_layer``; at a
             validation batch, a step output that is not a ``CAMStepOutput``, or a batch that ``image_key`` /
             ``label_key`` do not fit; a validation dataset that is not map-style, or a shuffled validation loader.
@@ -191,6 +198,14 @@ class CAMPanel(_Callback):
         ):
             if mode not in get_args(modes):  # the Literal types are the one list of the modes
                 raise ValueError(f"CAMPanel: {arg} must be one of {get_args(modes)}, got {mode!r}")
+        if weighting in NEEDS_IMAGES or (weighting == "ablationcam" and target_layer is not None):
+            raise ValueError(
+                f"CAMPanel: weighting {weighting!r}"
+                + (" with target_layer" if weighting not in NEEDS_IMAGES else "")
+                + " needs a forward of the whole model per channel and image (K forwards per image for a layer of K "
+                "channels), every epoch; use cubcam explain / cubcam evaluate --weightings for it, or a cheaper "
+                "weighting here (ablationcam of a CAM module runs its head alone)"
+            )
         try:
             scheme = proxy_scheme(proxy, legacy="single_point_nearest")
         except ValueError as err:

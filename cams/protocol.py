@@ -92,17 +92,10 @@ class Explainer(Protocol):
         ...
 
     def maps(
-        self,
-        features: Tensor,
-        size: tuple[int, int] | None,
-        target: Target,
-        rows: Tensor,
-        weighting: Weighting,
-        images: Tensor | None = None,
+        self, features: Tensor, size: tuple[int, int] | None, target: Target, rows: Tensor, weighting: Weighting
     ) -> Tensor:
         """Maps [B, H, W] in [0, 1] of image b for row ``rows[b]`` of ``target`` (see :func:`head_cams`); with
-        ``size=None`` the raw maps at the layer's grid [B, h, w] (float32), which :func:`upsample` finishes.
-        ``images``: the input images of ``features``, which ScoreCAM masks (its forwards run the whole model)."""
+        ``size=None`` the raw maps at the layer's grid [B, h, w] (float32), which :func:`upsample` finishes."""
         ...
 
 
@@ -124,21 +117,14 @@ class HeadExplainer:
             return self.module(images)
 
     def maps(
-        self,
-        features: Tensor,
-        size: tuple[int, int] | None,
-        target: Target,
-        rows: Tensor,
-        weighting: Weighting,
-        images: Tensor | None = None,
+        self, features: Tensor, size: tuple[int, int] | None, target: Target, rows: Tensor, weighting: Weighting
     ) -> Tensor:
-        if weighting not in NEEDS_IMAGES:
-            return head_cams(self.module, features, size, target, rows, weighting)
-        if images is None:
-            raise ValueError(f"{weighting} masks the input images, so its maps need them: pass images=")
-        module = self.module
-        cam = CAM(module, module.cam_target_layer, weighting=weighting, reshape=module.cam_reshape)
-        return _upsampled(cam, images, size, target, rows, next(module.parameters()).dtype)
+        if weighting in NEEDS_IMAGES:
+            raise ValueError(
+                f"{weighting} masks the input images, so its maps cannot be made from the layer's activations: "
+                f"explain with explainer_for(module, {weighting!r}), whose features are the images"
+            )
+        return head_cams(self.module, features, size, target, rows, weighting)
 
 
 class LayerExplainer:
@@ -179,13 +165,7 @@ class LayerExplainer:
             return images, self.outputs(images)
 
     def maps(
-        self,
-        features: Tensor,
-        size: tuple[int, int] | None,
-        target: Target,
-        rows: Tensor,
-        weighting: Weighting,
-        images: Tensor | None = None,
+        self, features: Tensor, size: tuple[int, int] | None, target: Target, rows: Tensor, weighting: Weighting
     ) -> Tensor:
         # the features are the images: ScoreCAM masks them as they are
         cam = CAM(self.outputs, self.layer, weighting=weighting, reshape=self.reshape, layer_name=self.layer_name)
@@ -198,6 +178,20 @@ class LayerExplainer:
         output = outputs[:1].detach().float()
         target = make_target(self.cam_method, "normalized_mean", output, torch.zeros(1, dtype=torch.long))
         explain(self, images[:1], output, target, (images.shape[-2], images.shape[-1]), choice="predicted")
+
+
+def explainer_for(module: CAMModule, weighting: Weighting = "gradcam") -> HeadExplainer | LayerExplainer:
+    """The explainer of a CAM module for ``weighting``: its head alone (:class:`HeadExplainer`), or, for a
+    weighting that masks the input images (``NEEDS_IMAGES``: ScoreCAM), the whole module at its CAM layer
+    (:class:`LayerExplainer`, whose features are the images)."""
+    if weighting not in NEEDS_IMAGES:
+        return HeadExplainer(module)
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"{weighting} runs the whole module: it must be an nn.Module, got {type(module).__name__}")
+    layer = next((name for name, m in module.named_modules() if m is module.cam_target_layer), None)
+    if layer is None:
+        raise ValueError("the module's cam_target_layer is not one of its submodules")
+    return LayerExplainer(module, layer, module.cam_method, module.cam_reshape)
 
 
 def features_and_outputs(module: CAMModule, images: Tensor) -> tuple[Tensor, Tensor]:
@@ -275,13 +269,11 @@ def explain(
     choice: Choice = "true",
     weighting: Weighting = "gradcam",
     index: Tensor | None = None,
-    images: Tensor | None = None,
 ) -> Explanation:
     """The one explanation step of the callback, ``cubcam explain`` and ``cubcam evaluate``: maps (by
     ``weighting``) for the true class (``choice="true"``; images whose label is ``UNKNOWN_LABEL`` fall back to the
     predicted class) or the predicted one, through ``target``'s row of each image (``index``: the images' dataset
-    indices, so that the nearest-image scheme never picks an image itself), and the prediction. ``images``: the
-    inputs of ``features``, for a weighting in ``NEEDS_IMAGES``."""
+    indices, so that the nearest-image scheme never picks an image itself), and the prediction."""
     class_scores = target.target.class_scores(outputs)
     predicted = class_scores.argmax(1)
     explained = predicted
@@ -289,7 +281,7 @@ def explain(
         labels = labels.to(predicted.device)
         explained = torch.where(labels == UNKNOWN_LABEL, predicted, labels)
     rows = target.rows(explained, outputs, index)
-    maps = explainer.maps(features, size, target.target, rows.to(features.device), weighting, images)
+    maps = explainer.maps(features, size, target.target, rows.to(features.device), weighting)
     return Explanation(maps, explained, rows, predicted, class_scores)
 
 

@@ -146,7 +146,9 @@ def test_panel_spreads_over_classes_deterministically_without_the_global_rng():
         ({"alpha": 2}, "alpha"),
         ({"colormap": "viridis"}, "colormap"),
         ({"metrics_subset": 0}, "metrics_subset"),
-        ({"weighting": "scorecam"}, "weighting"),
+        ({"weighting": "bogus"}, "weighting"),
+        ({"weighting": "scorecam"}, "'scorecam' needs a forward of the whole model per channel and image"),
+        ({"weighting": "ablationcam", "target_layer": "net.layer4"}, "'ablationcam' with target_layer needs"),
     ],
 )
 def test_bad_arguments_name_the_problem(kwargs, message):
@@ -166,7 +168,8 @@ def test_the_weighting_reaches_the_metrics(synthetic_cub, tmp_path):
     images, labels = torch.stack([it["image"] for it in items]), torch.tensor([it["label"] for it in items])
     boxes = torch.stack([it["box"] for it in items])
     logged = {}
-    for weighting in ("gradcam", "layercam"):  # (HiResCAM equals GradCAM under a pooled linear head)
+    # (HiResCAM equals GradCAM under a pooled linear head); the gradient-free ones the loop can afford
+    for weighting in ("gradcam", "layercam", "ablationcam", "eigencam"):
         panel = CAMPanel(num_images=2, weighting=weighting)
         trainer_for(tmp_path, 1, [panel]).validate(module, datamodule=data, verbose=False)
         logged[weighting] = panel.history[0]
@@ -176,7 +179,8 @@ def test_the_weighting_reaches_the_metrics(synthetic_cub, tmp_path):
         maps = head_cams(module, activations, (SIZE, SIZE), ClassLogits(), labels, weighting)
         expected = float(np.mean(heatmap_ratio(maps, boxes)))
         assert logged[weighting]["val/cam_heatmap_ratio"] == pytest.approx(expected, abs=1e-4), weighting
-    assert logged["gradcam"]["val/cam_heatmap_ratio"] != pytest.approx(logged["layercam"]["val/cam_heatmap_ratio"])
+    ratios = [logged[w]["val/cam_heatmap_ratio"] for w in logged]
+    assert all(ratios[i] != pytest.approx(ratios[j]) for i in range(4) for j in range(i + 1, 4)), logged
 
 
 def test_method_must_fit_the_model(synthetic_cub, tmp_path):

@@ -16,7 +16,7 @@ from trained_checkpoints import SIZE, Trained, trained_checkpoints
 
 from cubcam.cams import EmbeddingCAM, GradCAM, normalized_mean_proxies
 from cubcam.cams.localization import heatmap_ratio, max_box_acc, pointing_game
-from cubcam.train.data.cub import CUBDataset
+from cubcam.train.data.cub import CUBDataset, spread_indices
 from cubcam.train.data.presets import EvalPreset
 from cubcam.train.inspection.checkpoint import load_checkpoint
 from cubcam.train.inspection.evaluate import main
@@ -157,7 +157,21 @@ def test_weightings_are_scored_side_by_side(trained: Trained, tmp_path: Path, te
     table = (tmp_path / "embedding" / "metrics.md").read_text()
     assert "EmbeddingCAM, GradCAM++ weighting (normalized mean proxy)" in table
     with pytest.raises(SystemExit):
-        main([str(trained.classifier), "--weightings", "gradcam,scorecam"])
+        main([str(trained.classifier), "--weightings", "gradcam,lime"])
+
+
+def test_gradient_free_weightings_are_scored_on_the_engines_maps(trained: Trained, tmp_path: Path, test_split) -> None:
+    """ScoreCAM (from the images: a forward per channel), AblationCAM (head-only) and EigenCAM in evaluate: each
+    column equals cams.localization on the engine's maps of the same images, and the table names them."""
+    names = ("scorecam", "ablationcam", "eigencam")
+    report, _ = run(trained.classifier, tmp_path, "--weightings", ",".join(names), "--limit", "1")
+    chosen = spread_indices(len(test_split["image"]), 1)
+    split = {key: value[chosen] for key, value in test_split.items()}
+    module = load_checkpoint(trained.classifier).module
+    for name in names:
+        maps = batched(GradCAM(module, module.cam_target_layer, weighting=name), split["image"], split["label"])
+        assert_scores(report["methods"][name], expected_scores(maps, split))
+    assert "| metric | ScoreCAM | AblationCAM | EigenCAM |" in (tmp_path / "metrics.md").read_text()
 
 
 @pytest.mark.parametrize(

@@ -108,7 +108,7 @@ def test_user_images_of_any_size_and_mode_beside_bad_ones(trained: Trained, tmp_
     assert grid.shape[0] > SIZE and grid.shape[1] >= 3 * SIZE  # three captioned tiles
 
 
-@pytest.mark.parametrize("weighting", ["gradcam++", "layercam"])
+@pytest.mark.parametrize("weighting", ["gradcam++", "layercam", "scorecam"])
 def test_weighting_option_explains_with_that_weighting(trained: Trained, tmp_path: Path, weighting: str) -> None:
     path = tmp_path / "bird.png"
     Image.fromarray(np.random.default_rng(1).integers(0, 255, (100, 100, 3), dtype=np.uint8)).save(path)

@@ -15,7 +15,7 @@ from torch import nn
 
 from cubcam.cams import CAM, EmbeddingCAM, GradCAM, normalized_mean_proxies
 from cubcam.cams.gradient_free import eigen_projection
-from cubcam.cams.protocol import HeadExplainer, explain
+from cubcam.cams.protocol import HeadExplainer, explain, explainer_for
 from cubcam.cams.targets import make_target
 
 TARGETS = [4, 0, 2, 1]
@@ -122,15 +122,18 @@ def test_head_only_equals_the_hooked_call_and_chunks_do_not_matter(net, images, 
     torch.testing.assert_close(step.maps, hooked, atol=1e-5, rtol=1e-4)
 
 
-def test_scorecam_of_a_head_explainer_runs_the_whole_module_on_the_images(net, images):
-    targets = torch.tensor(TARGETS)
-    explainer, target = HeadExplainer(_AsModule(net)), make_target("gradcam")
+def test_scorecam_of_a_cam_module_runs_the_whole_module_on_the_images(net, images):
+    targets, module, target = torch.tensor(TARGETS), _AsModule(net), make_target("gradcam")
+    head = HeadExplainer(module)
+    features, outputs = head.features_and_outputs(images)
+    with pytest.raises(ValueError, match="scorecam masks the input images.*explainer_for"):
+        explain(head, features, outputs, target, None, targets, weighting="scorecam")
+    explainer = explainer_for(module, "scorecam")
     features, outputs = explainer.features_and_outputs(images)
-    with pytest.raises(ValueError, match="scorecam .* images"):
-        explain(explainer, features, outputs, target, None, targets, weighting="scorecam")
-    step = explain(explainer, features, outputs, target, None, targets, weighting="scorecam", images=images)
+    step = explain(explainer, features, outputs, target, None, targets, weighting="scorecam")
     expected = GradCAM(net, "features", weighting="scorecam")(images, targets, upsample=False, normalize=False)
     torch.testing.assert_close(step.maps, expected)
+    assert isinstance(explainer_for(module, "ablationcam"), HeadExplainer)
     with pytest.raises(ValueError, match="scorecam masks the input images"):
         CAM(net.forward_head, None, weighting="scorecam")
 

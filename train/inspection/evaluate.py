@@ -71,7 +71,7 @@ from cubcam.cams.localization import (
     box_iou,
     boxes_from_map,
 )
-from cubcam.cams.protocol import Choice, Explainer, HeadExplainer, explain
+from cubcam.cams.protocol import CAMModule, Choice, Explainer, HeadExplainer, explain, explainer_for
 from cubcam.cams.targets import ExplanationTarget, ProxyScheme, Target, single_points
 from cubcam.train.data.cub import SPLITS, CUBDataset, spread_indices
 from cubcam.train.inspection.checkpoint import one_line
@@ -85,6 +85,9 @@ WEIGHTING_NAMES = {
     "hirescam": "HiResCAM",
     "xgradcam": "XGradCAM",
     "layercam": "LayerCAM",
+    "scorecam": "ScoreCAM",
+    "ablationcam": "AblationCAM",
+    "eigencam": "EigenCAM",
 }
 EvalMethod = tuple[ExplanationTarget, Weighting]  # what a map explains, and how the gradients weight it
 # An embedding net's methods, each keyed <weighting>/<scheme>: the class proxies (one per class, so the map of an
@@ -171,7 +174,7 @@ class Scores:
 
 
 def score_split(
-    explainer: Explainer,
+    module: CAMModule,
     batches: Iterable[dict[str, Tensor]],
     methods: dict[str, EvalMethod],
     device: torch.device,
@@ -184,11 +187,11 @@ def score_split(
 ) -> Scores:
     """Every method's scores, and the baselines', over the ``total`` images of ``batches`` (in order).
 
-    Each batch runs the backbone once (``explainer.features_and_outputs``); each method's maps are then one
-    explanation step from those features, scored by one :class:`LocalizationAccumulator` per method (the
-    callback's too). With
-    ``steps``, also faithfulness (:mod:`cubcam.cams.faithfulness`): per method ``2 * (steps - 1) + 1`` batched
-    no-grad forwards of perturbed images, plus two per batch shared by all (the blurred canvas, the substrate).
+    Each batch runs the backbone once (``HeadExplainer.features_and_outputs``); each method's maps are then one
+    explanation step from those features (ScoreCAM's from the images: ``explainer_for``), scored by one
+    :class:`LocalizationAccumulator` per method (the callback's too). With ``steps``, also faithfulness
+    (:mod:`cubcam.cams.faithfulness`): per method ``2 * (steps - 1) + 1`` batched no-grad forwards of perturbed
+    images, plus two per batch shared by all (the blurred canvas, the substrate).
     The baselines (``centre_gaussian``, and with ``steps`` also ``random``, drawn from ``seed``) are scored with
     the first method's target, so they answer "what does an uninformed map get on this score".
 
@@ -196,6 +199,8 @@ def score_split(
     batch's maps run in worker processes on every core while the next batches run forward (and through the
     faithfulness perturbations); the numbers are those of scoring here.
     """
+    head = HeadExplainer(module)
+    explainers = {weighting: explainer_for(module, weighting) for _, weighting in methods.values()}
     workers = torch.get_num_threads()
     pool: ScorePool | None = None  # worker processes for the box labelling, where the split pays for them
     pending: deque[tuple[str, range, Future[Tensor]]] = deque()  # (method, slots, its rows) being labelled
@@ -216,7 +221,7 @@ def score_split(
                 pool = ScorePool(cores())
                 stack.callback(pool.close)
                 pool.start()
-            activations, outputs = explainer.features_and_outputs(images)
+            activations, outputs = head.features_and_outputs(images)
             slots = range(seen, seen + len(images))
             labels[seen : seen + len(images)] = np.asarray(batch["label"])
             boxes, parts = batch["box"], batch["parts"]
@@ -224,7 +229,9 @@ def score_split(
                 baseline = CentreBaseline(size)
             maps: dict[str, tuple[Tensor, EvalMethod, Tensor]] = {}
             for name, (target, weighting) in methods.items():
-                step = explain(explainer, activations, outputs, target, size, batch["label"], choice, weighting)
+                explainer = explainers[weighting]
+                features = activations if isinstance(explainer, HeadExplainer) else images  # ScoreCAM: images
+                step = explain(explainer, features, outputs, target, size, batch["label"], choice, weighting)
                 maps[name] = (step.maps.float(), (target, weighting), step.rows)
             first = next(iter(maps.values()))
             if steps:  # where it tells something; its many small regions would triple the cost of box metrics
@@ -239,7 +246,7 @@ def score_split(
                 else:  # labelled by a worker while the next batches run forward
                     pending.append((name, slots, pool.submit(cams, boxes, size, parts)))
             if steps:
-                perturb(explainer, images, outputs, maps, faithful, steps, blur_sigma)
+                perturb(head, images, outputs, maps, faithful, steps, blur_sigma)
             seen += len(images)
             bar.update(len(images))
             while pool is not None and len(pending) > 2 * pool.processes:  # a bounded backlog
@@ -440,9 +447,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     report["weightings"] = list(args.weightings)
     steps = args.steps if args.faithfulness else None
-    explainer = HeadExplainer(module)
     scores = score_split(
-        explainer, batches, methods, session.device, len(scored), args.target, steps, args.seed, args.blur
+        module, batches, methods, session.device, len(scored), args.target, steps, args.seed, args.blur
     )
     first = next(iter(methods))
     classes = per_class(scores, dataset.class_names)

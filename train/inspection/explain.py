@@ -32,7 +32,7 @@ from cubcam.cams.engine import Weighting
 from cubcam.cams.figure import grid, marked, pair_strips, save_png
 from cubcam.cams.files import WriteFailed, write_text
 from cubcam.cams.overlay import denormalize
-from cubcam.cams.protocol import UNKNOWN_LABEL, Choice, Explainer, HeadExplainer, explain, pair_maps
+from cubcam.cams.protocol import UNKNOWN_LABEL, Choice, Explainer, explain, explainer_for, pair_maps
 from cubcam.cams.targets import LEGACY_SINGLE_POINT, ExplanationTarget, ProxyScheme, proxy_scheme
 from cubcam.train.data.cub import SPLITS, CUBDataset, spread_indices
 from cubcam.train.data.presets import EvalPreset, load_rgb
@@ -142,7 +142,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--weighting",
         choices=get_args(Weighting),
         default="gradcam",
-        help="how the gradients weight the map (the CAM family; works for embedding nets too)",
+        help="how the layer's channels are weighted into the map: by gradients (gradcam, gradcam++, hirescam, "
+        "xgradcam, layercam) or without (scorecam, ablationcam, eigencam); each works for embedding nets too",
     )
     parser.add_argument(
         "--proxy",
@@ -220,7 +221,12 @@ def explain_images(
             return None
 
     explainer = ImageExplainer(
-        HeadExplainer(session.ckpt.module), target, args.target, list(class_names), session.device, args.weighting
+        explainer_for(session.ckpt.module, args.weighting),
+        target,
+        args.target,
+        list(class_names),
+        session.device,
+        args.weighting,
     )
     digits = max(2, len(str(len(sources) - 1)))  # 000_... sorts past 99 images
     pages = GridPages(args.out, math.ceil(len(sources) / GRID_PAGE), args.colormap, args.alpha)
@@ -264,7 +270,7 @@ def explain_retrieval(session: Session, reference: ReferenceSet, args: argparse.
     """The query's ``topk`` nearest reference images, each pair explained both ways with a Single Point Proxy
     (``cubcam.cams.protocol.pair_maps``, drawn as the callback's nearest-image panel draws them): the query's map
     scores <query, neighbour>, the neighbour's map scores <neighbour, query>. Writes ``retrieval.png``."""
-    explainer, device = HeadExplainer(session.ckpt.module), session.device
+    explainer, device = explainer_for(session.ckpt.module, args.weighting), session.device
     try:
         query = load_user_image(args.query, session.preset)
     except (OSError, ValueError) as err:
