@@ -124,17 +124,31 @@ class FaithfulnessAccumulator:
 
     :meth:`compute` gives ``deletion_auc``, ``insertion_auc`` (means of the per-image areas), ``average_drop``,
     ``increase_in_confidence`` (fractions in [0, 1]), ``num_images`` and the mean curves ``deletion_curve`` /
-    ``insertion_curve`` (lists of ``steps + 1`` scores, for plots).
+    ``insertion_curve`` (lists of ``steps + 1`` scores, for plots); where ROAD was added (:mod:`cubcam.cams.road`)
+    also ``road_morf``, ``road_lerf`` and ``road_combined`` = (LeRF - MoRF) / 2, means over the images.
     """
 
     def __init__(self, steps: int):
         self.steps = steps
         self.count = 0
-        self.sums = {name: torch.zeros((), dtype=torch.float64) for name in ("deletion", "insertion", "drop", "up")}
+        names = ("deletion", "insertion", "drop", "up", "morf", "lerf")
+        self.sums = {name: torch.zeros((), dtype=torch.float64) for name in names}
+        self.road_count = 0
         self.curves = {name: torch.zeros(steps + 1, dtype=torch.float64) for name in ("deletion", "insertion")}
 
-    def update(self, deletion: Tensor, insertion: Tensor, drop: Tensor, increase: Tensor) -> None:
-        """Add a batch's curves [B, steps + 1] and confidence changes [B]."""
+    def update(
+        self,
+        deletion: Tensor,
+        insertion: Tensor,
+        drop: Tensor,
+        increase: Tensor,
+        road: tuple[Tensor, Tensor] | None = None,
+    ) -> None:
+        """Add a batch's curves [B, steps + 1], confidence changes [B] and ROAD's (MoRF, LeRF) changes [B]."""
+        if road is not None:
+            for name, change in zip(("morf", "lerf"), road):
+                self.sums[name] += change.detach().cpu().double().sum()
+            self.road_count += len(drop)
         for name, curve in (("deletion", deletion), ("insertion", insertion)):
             curve = curve.detach().cpu().double()
             self.sums[name] += auc(curve).sum()
@@ -147,7 +161,11 @@ class FaithfulnessAccumulator:
         if not self.count:
             raise ValueError("no image was added to the faithfulness accumulator")
         n = self.count
-        return {
+        road: dict[str, float | int | list[float]] = {}
+        if self.road_count:
+            morf, lerf = (float(self.sums[name] / self.road_count) for name in ("morf", "lerf"))
+            road = {"road_morf": morf, "road_lerf": lerf, "road_combined": (lerf - morf) / 2}
+        return road | {
             "deletion_auc": float(self.sums["deletion"] / n),
             "insertion_auc": float(self.sums["insertion"] / n),
             "average_drop": float(self.sums["drop"] / n),

@@ -156,8 +156,9 @@ def test_weightings_are_scored_side_by_side(trained: Trained, tmp_path: Path, te
     }
     table = (tmp_path / "embedding" / "metrics.md").read_text()
     assert "EmbeddingCAM, GradCAM++ weighting (normalized mean proxy)" in table
-    with pytest.raises(SystemExit):
-        main([str(trained.classifier), "--weightings", "gradcam,lime"])
+    for bad in (["--weightings", "gradcam,lime"], ["--road-percentiles", "50,100"], ["--road-percentiles", "x"]):
+        with pytest.raises(SystemExit):
+            main([str(trained.classifier), *bad])
 
 
 def test_gradient_free_weightings_are_scored_on_the_engines_maps(trained: Trained, tmp_path: Path, test_split) -> None:
@@ -228,7 +229,8 @@ def faithfulness_runs(trained: Trained, tmp_path_factory) -> dict[str, tuple[dic
     out = tmp_path_factory.mktemp("faithfulness")
     runs = {}
     for kind, checkpoint in (("classifier", trained.classifier), ("embedding", trained.embedding)):
-        runs[kind] = (run(checkpoint, out / kind, "--faithfulness", "--steps", "6")[0], out / kind)
+        extra = ("--faithfulness", "--steps", "6", "--road-percentiles", "50")
+        runs[kind] = (run(checkpoint, out / kind, *extra)[0], out / kind)
     return runs
 
 
@@ -238,7 +240,8 @@ FAITHFULNESS_KEYS = {"deletion_auc", "insertion_auc", "average_drop", "increase_
 @pytest.mark.parametrize(("kind", "method"), [("classifier", "gradcam"), ("embedding", "gradcam/normalized_mean")])
 def test_trained_cams_are_more_faithful_than_a_random_map(faithfulness_runs, kind: str, method: str) -> None:
     """Deleting the CAM's pixels first costs the score more, and inserting them first restores more of it, than
-    doing so in a random map's order (both model kinds: softmax probability, clipped cosine to the proxy)."""
+    doing so in a random map's order, and ROAD's imputation of its pixels too (both model kinds: softmax probability,
+    clipped cosine to the proxy)."""
     report, _ = faithfulness_runs[kind]
     methods = report["methods"]
     for name in (method, "random", "centre_gaussian"):
@@ -249,6 +252,12 @@ def test_trained_cams_are_more_faithful_than_a_random_map(faithfulness_runs, kin
     assert methods[method]["average_drop"] < methods["random"]["average_drop"], methods
     assert report["faithfulness_steps"] == 6 and len(report["fractions"]) == 7
     assert all(len(report["curves"][name]["deletion_curve"]) == 7 for name in methods)
+    for name in methods:  # ROAD at one percentile (50): imputing the map's top half costs more than a random half
+        road = methods[name]
+        assert road["road_combined"] == pytest.approx((road["road_lerf"] - road["road_morf"]) / 2, abs=2e-6), name
+    assert methods[method]["road_morf"] < methods["random"]["road_morf"], methods
+    assert methods[method]["road_combined"] > methods["random"]["road_combined"] + 0.05, methods
+    assert report["road_percentiles"] == [50]
 
 
 def test_faithfulness_curves_start_and_end_at_the_model_s_own_scores(
@@ -295,7 +304,8 @@ def test_wandb_gets_the_table_and_the_plots(trained: Trained, tmp_path: Path, mo
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    report, _ = run(trained.classifier, tmp_path, "--faithfulness", "--steps", "2", "--limit", "8", "--wandb", "t")
+    extra = ("--faithfulness", "--steps", "2", "--road-percentiles", "none", "--limit", "8", "--wandb", "t")
+    report, _ = run(trained.classifier, tmp_path, *extra)
     log = finished_log(next((tmp_path / "wandb").glob("offline-run-*")))
     rows = history_rows(log)
     assert len(rows) == 1
@@ -314,6 +324,7 @@ def test_labelling_in_worker_processes_writes_the_same_metrics(trained: Trained,
     written = {}
     for forced in (False, True):
         monkeypatch.setattr(evaluate, "pays_off", lambda count, size, forced=forced: forced)
-        written[forced] = run(trained.classifier, tmp_path / str(forced), "--faithfulness", "--steps", "3")[1]
+        extra = ("--faithfulness", "--steps", "3", "--road-percentiles", "none")
+        written[forced] = run(trained.classifier, tmp_path / str(forced), *extra)[1]
         assert multiprocessing.active_children() == []
     assert written[True] == written[False]

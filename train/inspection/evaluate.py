@@ -13,8 +13,11 @@ side with baselines on the same images: the centre Gaussian ("the bird is in the
   ``val/cam_pointing_game``) and ``pointing_game_parts`` (the peak within 15 px of a visible part).
 - Faithfulness (``--faithfulness``, ``cubcam.cams.faithfulness``): deletion and insertion AUC over ``--steps`` steps
   (pixels to the mean colour, most important first; onto a canvas blurred with sigma ``--blur`` of the image side)
-  and Average Drop / Increase in Confidence (the image times its map), on a bounded score: the softmax probability
-  of the class, or an embedding's cosine to its proxy clipped at 0.
+  and Average Drop / Increase in Confidence (the image times its map), and ROAD (``cubcam.cams.road``: MoRF, LeRF
+  and combined at ``--road-percentiles``, the pixels removed by noisy linear imputation), on a bounded score: the
+  softmax probability of the class, or an embedding's cosine to its proxy clipped at 0.
+- Sanity (``--sanity N``, ``cubcam.train.inspection.sanity``): the maps of N images as the model's layers are
+  randomised from the head down, against the trained model's (Adebayo et al., NeurIPS 2018).
 
 Writes ``metrics.json`` (sorted keys, floats rounded to 6 decimals: identical between runs; per method the scores,
 the curves, and a per-class table), ``metrics.md`` (the table, then the classes worst-localized first), and beside
@@ -24,9 +27,11 @@ the table. ``--wandb [PROJECT]`` logs the table and plots to a W&B run too. The 
 
 Cost: localization is about one plain forward per image: each batch runs the backbone once with the target layer
 hooked; every CAM is then a head-only forward and backward from those activations, and only small per-image rows are
-kept, never the maps. Faithfulness adds ``2 * (steps - 1) + 1`` batched no-grad forwards per image and method (and
-two per batch shared by all). An embedding net's proxies come from its reference split (train; in the zero_shot
-scheme the scored split itself), whose embeddings are cached beside the checkpoint after the first run.
+kept, never the maps (ScoreCAM is a forward per channel and image, AblationCAM a head-only forward per channel and
+image). Faithfulness adds ``2 * (steps - 1) + 1`` batched no-grad forwards per image and method (and two per batch
+shared by all), and ROAD two sparse solves and two forwards per image, method and percentile. An embedding net's
+proxies come from its reference split (train; in the zero_shot scheme the scored split itself), whose embeddings
+are cached beside the checkpoint after the first run.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ import json
 import math
 import sys
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from functools import partial
@@ -72,6 +77,7 @@ from cubcam.cams.localization import (
     boxes_from_map,
 )
 from cubcam.cams.protocol import CAMModule, Choice, Explainer, HeadExplainer, explain, explainer_for
+from cubcam.cams.road import ROAD_PERCENTILES, road
 from cubcam.cams.targets import ExplanationTarget, ProxyScheme, Target, single_points
 from cubcam.train.data.cub import SPLITS, CUBDataset, spread_indices
 from cubcam.train.inspection.checkpoint import one_line
@@ -120,6 +126,19 @@ def parse_weightings(text: str) -> list[Weighting]:
     return list(dict.fromkeys(cast(list[Weighting], names)))
 
 
+def parse_percentiles(text: str) -> list[float]:
+    """``--road-percentiles 20,40,60,80`` (or ``none``): ROAD's percentiles, each in (0, 100)."""
+    if text.strip().lower() == "none":
+        return []
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or any(not 0 < v < 100 for v in values):
+        raise argparse.ArgumentTypeError(f"--road-percentiles takes numbers in (0, 100), comma-separated; got {text!r}")
+    return values
+
+
 BASELINE_NAMES = {"random": "random map (baseline)", "centre_gaussian": "centre Gaussian (baseline)"}
 METRIC_NAMES = {
     "max_box_acc": "MaxBoxAccV2",
@@ -133,6 +152,9 @@ FAITHFULNESS_NAMES = {
     "insertion_auc": "insertion AUC (higher is better)",
     "average_drop": "Average Drop (lower is better)",
     "increase_in_confidence": "Increase in Confidence (higher is better)",
+    "road_morf": "ROAD MoRF change (lower is better)",
+    "road_lerf": "ROAD LeRF change (higher is better)",
+    "road_combined": "ROAD combined (higher is better)",
 }
 DEFAULT_STEPS = 8  # deletion/insertion: 9 points; each step costs a forward of every image per method
 GAUSSIAN_SIGMA = 0.25  # of the image side; the level sets (centred discs) and so the box metrics do not depend on it
@@ -184,6 +206,7 @@ def score_split(
     seed: int = 0,
     blur_sigma: float = BLUR_SIGMA,
     progress: bool = True,
+    road_percentiles: Sequence[float] = ROAD_PERCENTILES,
 ) -> Scores:
     """Every method's scores, and the baselines', over the ``total`` images of ``batches`` (in order).
 
@@ -211,6 +234,7 @@ def score_split(
     labels = np.full(total, -1, np.int64)
     baseline: CentreBaseline | None = None
     generator = torch.Generator().manual_seed(seed)
+    road_noise = torch.Generator().manual_seed(seed)
     seen = 0
     bar = tqdm(total=total, desc="evaluate", unit="img", file=sys.stderr, disable=not progress, dynamic_ncols=True)
     with bar, contextlib.ExitStack() as stack:
@@ -246,7 +270,7 @@ def score_split(
                 else:  # labelled by a worker while the next batches run forward
                     pending.append((name, slots, pool.submit(cams, boxes, size, parts)))
             if steps:
-                perturb(head, images, outputs, maps, faithful, steps, blur_sigma)
+                perturb(head, images, outputs, maps, faithful, steps, blur_sigma, road_percentiles, road_noise)
             seen += len(images)
             bar.update(len(images))
             while pool is not None and len(pending) > 2 * pool.processes:  # a bounded backlog
@@ -277,8 +301,11 @@ def perturb(
     faithful: dict[str, FaithfulnessAccumulator],
     steps: int,
     blur_sigma: float,
+    road_percentiles: Sequence[float] = (),
+    road_noise: torch.Generator | None = None,
 ) -> None:
-    """Deletion/insertion curves and confidence changes of every map of a batch, into ``faithful``."""
+    """Deletion/insertion curves, confidence changes and ROAD's changes (at ``road_percentiles``, noise drawn from
+    ``road_noise``) of every map of a batch, into ``faithful``."""
     with torch.no_grad():
         canvas = blur(images, blur_sigma)
         canvas_outputs = explainer.outputs(canvas)
@@ -290,7 +317,10 @@ def perturb(
             ends = CurveEnds(base, target.confidence(substrate_outputs, rows), target.confidence(canvas_outputs, rows))
             deletion, insertion = deletion_insertion(confidence, images, cams, steps, ends, canvas)
             drop, increase = confidence_change(confidence, images, cams, base)
-            faithful[name].update(deletion, insertion, drop, increase)
+            removed = None
+            if road_percentiles:
+                removed = road(confidence, images, cams, base, road_noise or torch.Generator(), road_percentiles)
+            faithful[name].update(deletion, insertion, drop, increase, removed)
 
 
 def _confidence(explainer: Explainer, target: Target, rows: Tensor, images: Tensor) -> Tensor:
@@ -385,8 +415,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--faithfulness",
         action="store_true",
-        help="also score deletion/insertion AUC and Average Drop / Increase in Confidence (about "
-        "2 * steps forwards per image and method)",
+        help="also score deletion/insertion AUC, Average Drop / Increase in Confidence (about "
+        "2 * steps forwards per image and method) and ROAD (2 sparse solves per image, method and percentile)",
+    )
+    parser.add_argument(
+        "--road-percentiles",
+        type=parse_percentiles,
+        default=list(ROAD_PERCENTILES),
+        help="ROAD's percentiles, comma-separated in (0, 100), or 'none' for no ROAD (default: "
+        f"{','.join(map(str, ROAD_PERCENTILES))})",
     )
     parser.add_argument(
         "--steps", type=positive_int, default=DEFAULT_STEPS, help="deletion/insertion curve steps (points: steps + 1)"
@@ -448,7 +485,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report["weightings"] = list(args.weightings)
     steps = args.steps if args.faithfulness else None
     scores = score_split(
-        module, batches, methods, session.device, len(scored), args.target, steps, args.seed, args.blur
+        module,
+        batches,
+        methods,
+        session.device,
+        len(scored),
+        args.target,
+        steps,
+        args.seed,
+        args.blur,
+        road_percentiles=args.road_percentiles,
     )
     first = next(iter(methods))
     classes = per_class(scores, dataset.class_names)
@@ -461,6 +507,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     if steps:
         report |= {"faithfulness_steps": steps, "fractions": fractions(steps).tolist(), "blur_sigma": args.blur}
+        report["road_percentiles"] = list(args.road_percentiles)
     report = rounded(report)
     out = args.out or session.ckpt.path.with_name(f"{session.ckpt.path.stem}-evaluate-{split}")
     try:  # a full disk, a read-only folder: one line, not a traceback
