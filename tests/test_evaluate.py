@@ -20,6 +20,7 @@ from cubcam.train.data.cub import CUBDataset, spread_indices
 from cubcam.train.data.presets import EvalPreset
 from cubcam.train.inspection.checkpoint import load_checkpoint
 from cubcam.train.inspection.evaluate import main
+from cubcam.train.inspection.sanity import SANITY_LEVEL
 
 
 @pytest.fixture(scope="module")
@@ -328,3 +329,27 @@ def test_labelling_in_worker_processes_writes_the_same_metrics(trained: Trained,
         written[forced] = run(trained.classifier, tmp_path / str(forced), *extra)[1]
         assert multiprocessing.active_children() == []
     assert written[True] == written[False]
+
+
+@pytest.mark.parametrize("kind", ["classifier", "embedding"])
+def test_sanity_check_of_a_trained_checkpoint(trained: Trained, tmp_path: Path, kind: str) -> None:
+    """``--sanity 2``: the cascade from the head down over the checkpoint's blocks, GradCAM (EmbeddingCAM against
+    the trained proxies) passing, the edge baseline untouched, and the section, plot and maps figure written."""
+    from PIL import Image
+
+    report, _ = run(getattr(trained, kind), tmp_path, "--sanity", "2", "--limit", "2")
+    sanity = report["sanity"]
+    method = "gradcam" if kind == "classifier" else "gradcam/normalized_mean"
+    assert sanity["num_images"] == 2 and sanity["level"] == SANITY_LEVEL
+    assert sanity["blocks"][0] == "net.fc" and sanity["blocks"][-1] == "net.backbone.conv1", sanity["blocks"]
+    assert sanity["blocks"][1] == "net.backbone.layer4.1"
+    cascade = sanity["cascade"]
+    assert set(cascade) == {*report["methods"]} - {"centre_gaussian"} | {"edge", "random"}
+    assert all(len(curve["spearman"]) == len(sanity["blocks"]) for curve in cascade.values())
+    assert cascade["edge"]["spearman"] == pytest.approx([1.0] * len(sanity["blocks"]))
+    assert cascade[method]["spearman"][-1] < SANITY_LEVEL and sanity["failed"] == []
+    table = (tmp_path / "metrics.md").read_text()
+    assert "## Sanity check" in table and "| passes |" in table and "| baseline |" in table
+    for name in ("sanity.png", "sanity_maps.png"):
+        with Image.open(tmp_path / name) as image:
+            assert image.format == "PNG" and image.width > 600, name

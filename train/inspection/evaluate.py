@@ -1,6 +1,7 @@
 """``cubcam evaluate``: how well a checkpoint's explanations localize the birds, and how faithful they are.
 
-    cubcam evaluate CKPT [--split test|val|train] [--weightings gradcam,gradcam++,...] [--faithfulness] [--wandb]
+    cubcam evaluate CKPT [--split test|val|train] [--weightings gradcam,gradcam++,...] [--faithfulness] [--sanity N]
+        [--wandb]
 
 Scores GradCAM (classifier) or EmbeddingCAM with the class-proxy schemes ``normalized_mean`` and
 ``single_point_random`` (embedding net), for every ``--weightings``, for the true class of every image, side by
@@ -17,7 +18,9 @@ side with baselines on the same images: the centre Gaussian ("the bird is in the
   and combined at ``--road-percentiles``, the pixels removed by noisy linear imputation), on a bounded score: the
   softmax probability of the class, or an embedding's cosine to its proxy clipped at 0.
 - Sanity (``--sanity N``, ``cubcam.train.inspection.sanity``): the maps of N images as the model's layers are
-  randomised from the head down, against the trained model's (Adebayo et al., NeurIPS 2018).
+  re-initialised from the head down and one block at a time, against the trained model's (Adebayo et al., NeurIPS
+  2018): ``sanity`` in metrics.json, a section in metrics.md flagging a method that fails, ``sanity.png`` and
+  ``sanity_maps.png``.
 
 Writes ``metrics.json`` (sorted keys, floats rounded to 6 decimals: identical between runs; per method the scores,
 the curves, and a per-class table), ``metrics.md`` (the table, then the classes worst-localized first), and beside
@@ -76,13 +79,15 @@ from cubcam.cams.localization import (
     box_iou,
     boxes_from_map,
 )
+from cubcam.cams.overlay import IMAGENET_MEAN, IMAGENET_STD, denormalize
 from cubcam.cams.protocol import CAMModule, Choice, Explainer, HeadExplainer, explain, explainer_for
 from cubcam.cams.road import ROAD_PERCENTILES, road
 from cubcam.cams.targets import ExplanationTarget, ProxyScheme, Target, single_points
 from cubcam.train.data.cub import SPLITS, CUBDataset, spread_indices
 from cubcam.train.inspection.checkpoint import one_line
-from cubcam.train.inspection.plots import box_accuracy_plot, faithfulness_plot
+from cubcam.train.inspection.plots import box_accuracy_plot, faithfulness_plot, sanity_maps_figure, sanity_plot
 from cubcam.train.inspection.reference import loader
+from cubcam.train.inspection.sanity import SanityResult, blocks, sanity_check, sanity_report, sanity_table
 from cubcam.train.inspection.session import START_ERRORS, add_common_options, fail, positive_int, start
 
 WEIGHTING_NAMES = {
@@ -139,7 +144,11 @@ def parse_percentiles(text: str) -> list[float]:
     return values
 
 
-BASELINE_NAMES = {"random": "random map (baseline)", "centre_gaussian": "centre Gaussian (baseline)"}
+BASELINE_NAMES = {
+    "random": "random map (baseline)",
+    "centre_gaussian": "centre Gaussian (baseline)",
+    "edge": "Sobel edges (baseline)",  # the sanity check's
+}
 METRIC_NAMES = {
     "max_box_acc": "MaxBoxAccV2",
     "box_acc_iou50": "box accuracy @ IoU 0.5",
@@ -437,6 +446,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--limit", type=positive_int, default=None, help="score only this many images, spread over the split"
     )
+    parser.add_argument(
+        "--sanity",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="also run the model-randomisation sanity check on N images spread over the split (per method "
+        "1 + 2 * blocks explanations of them, each a forward and backward of the whole model)",
+    )
     return parser.parse_args(argv)
 
 
@@ -508,11 +525,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if steps:
         report |= {"faithfulness_steps": steps, "fractions": fractions(steps).tolist(), "blur_sigma": args.blur}
         report["road_percentiles"] = list(args.road_percentiles)
+    sanity = None
+    if args.sanity:
+        sanity = run_sanity(
+            module, Subset(dataset, spread_indices(len(dataset), args.sanity)), methods, session.device, args
+        )
+        report["sanity"] = sanity_report(sanity, min(args.sanity, len(dataset)))
     report = rounded(report)
     out = args.out or session.ckpt.path.with_name(f"{session.ckpt.path.stem}-evaluate-{split}")
     try:  # a full disk, a read-only folder: one line, not a traceback
         out.mkdir(parents=True, exist_ok=True)
-        plots = write_plots(report, out)
+        plots = write_plots(report, out, sanity, (dataset.mean, dataset.std))
         write_text(out / "metrics.json", json.dumps(report, indent=2, sort_keys=True) + "\n")
         heading = (
             f"{session.ckpt.path.name} on the {split} split ({scores.num_images} images, {session.image_size} px), "
@@ -520,6 +543,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
         baselines = [name for name in BASELINES if name in scores.methods]
         text = heading + markdown_table(report["methods"]) + "\n" + per_class_table(classes, [first, *baselines])
+        if sanity is not None:
+            text += "\n" + sanity_table(
+                report["sanity"], {name: method_name(name) for name in report["sanity"]["cascade"]}
+            )
         write_text(out / "metrics.md", text)
     except (WriteFailed, PermissionError) as err:
         fail(err)
@@ -533,12 +560,40 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return report
 
 
-def write_plots(report: dict[str, Any], out: Path) -> list[Path]:
-    """The box-accuracy plot, and the deletion/insertion plot when faithfulness was measured, beside metrics.md."""
+def run_sanity(
+    module: CAMModule,
+    images: Subset[Any],
+    methods: dict[str, EvalMethod],
+    device: torch.device,
+    args: argparse.Namespace,
+) -> SanityResult:
+    """The sanity check of every method on ``images`` (one batch), with a progress bar over its steps."""
+    batch = next(iter(loader(images, len(images), args.num_workers)))
+    steps = 2 * len(blocks(cast(torch.nn.Module, module)))
+    with tqdm(total=steps, desc="sanity", unit="step", file=sys.stderr, dynamic_ncols=True) as bar:
+        return sanity_check(module, batch["image"].to(device), batch["label"], methods, args.seed, bar.update)
+
+
+def write_plots(
+    report: dict[str, Any],
+    out: Path,
+    sanity: SanityResult | None = None,
+    normalisation: tuple[Sequence[float], Sequence[float]] = (IMAGENET_MEAN, IMAGENET_STD),
+) -> list[Path]:
+    """The box-accuracy plot, the deletion/insertion plot when faithfulness was measured, and the sanity check's
+    curves and one image's maps through its cascade (the image de-normalised with ``normalisation``: mean, std),
+    beside metrics.md."""
     curves, labels = report["curves"], {name: method_name(name) for name in report["methods"]}
     plots = [box_accuracy_plot(curves, report["thresholds"], list(IOUS), labels, out / "box_accuracy.png")]
     if "fractions" in report:
         plots.append(faithfulness_plot(curves, report["fractions"], labels, out / "deletion_insertion.png"))
+    if sanity is not None:
+        checked = report["sanity"]
+        labels = {name: method_name(name) for name in checked["cascade"]}
+        plots.append(sanity_plot(checked, labels, out / "sanity.png"))
+        maps = {name: [m.numpy() for m in series] for name, series in sanity.first_maps.items()}
+        image = denormalize(cast(Tensor, sanity.first_image), *normalisation)
+        plots.append(sanity_maps_figure(image, maps, checked["blocks"], labels, out / "sanity_maps.png"))
     return plots
 
 
@@ -553,7 +608,9 @@ def log_to_wandb(project: str, report: dict[str, Any], text: str, plots: list[Pa
             job_type="evaluate",
             name=f"evaluate-{Path(report['checkpoint']).stem}-{report['split']}",
             dir=str(out),
-            config={k: v for k, v in report.items() if k not in ("methods", "curves", "per_class", "fractions")},
+            config={
+                k: v for k, v in report.items() if k not in ("methods", "curves", "per_class", "fractions", "sanity")
+            },
         )
         try:
             keys = sorted({key for scores in report["methods"].values() for key in scores})

@@ -1,4 +1,5 @@
-"""``cubcam evaluate``'s plots: box accuracy against the CAM threshold, and the deletion / insertion curves.
+"""``cubcam evaluate``'s plots: box accuracy against the CAM threshold, the deletion / insertion curves, and the
+sanity check's curves and maps.
 
 Drawn with matplotlib's object API (``Figure``, no pyplot): no global figure state and no GUI backend, so it works
 headless and inside other programs. One line per method; the baselines dashed, so the eye finds what "good" is.
@@ -16,10 +17,11 @@ from matplotlib.figure import Figure
 from cubcam.cams.files import write_with
 
 Curves = dict[str, dict[str, list[float]]]  # method -> curve name -> values
+BASELINE_STYLED = ("random", "centre_gaussian", "edge")  # the uninformed maps, drawn dashed
 
 
 def _style(name: str) -> dict[str, object]:
-    return {"linestyle": "--", "linewidth": 1.2} if name in ("random", "centre_gaussian") else {"linewidth": 1.8}
+    return {"linestyle": "--", "linewidth": 1.2} if name in BASELINE_STYLED else {"linewidth": 1.8}
 
 
 def plot_curves(axis: Any, x: Sequence[float], series: dict[str, Sequence[float]], labels: dict[str, str]) -> None:
@@ -65,3 +67,59 @@ def faithfulness_plot(curves: Curves, fractions: Sequence[float], labels: dict[s
     axes[0].set_ylabel("mean score")
     axes[1].legend(fontsize=7, loc="lower right")
     return write_with(path, lambda file: figure.savefig(file, format="png", dpi=110))
+
+
+def short_names(names: Sequence[str]) -> list[str]:
+    """Block names without the dotted prefix they share (``net.backbone.layer4.1`` -> ``layer4.1``)."""
+    parts = [name.split(".") for name in names]
+    shared = 0
+    while all(len(p) > shared + 1 and p[shared] == parts[0][shared] for p in parts):
+        shared += 1
+    return [".".join(p[shared:]) for p in parts]
+
+
+def sanity_plot(sanity: dict[str, Any], labels: dict[str, str], path: Path) -> Path:
+    """The sanity check's curves (Adebayo et al.'s figures): the rank correlation (top) and SSIM (bottom) of each
+    method's maps with the trained model's, as the blocks are re-initialised cascading from the head (left) and one
+    at a time (right); the edge and random baselines dashed, the failing level dotted."""
+    titles = {"cascade": "cascading from the head", "independent": "one block at a time"}
+    names = short_names(sanity["blocks"])
+    lowest = min(
+        v for mode in titles for curve in sanity[mode].values() for k in ("spearman", "ssim") for v in curve[k]
+    )
+    figure = Figure(figsize=(max(9.0, 0.5 * len(names) + 4), 6.4), layout="constrained")
+    axes = figure.subplots(2, 2, sharex=True, sharey="row")
+    for column, (mode, title) in enumerate(titles.items()):
+        for row, (key, ylabel) in enumerate((("spearman", "rank correlation"), ("ssim", "SSIM"))):
+            axis = axes[row, column]
+            series = {name: curve[key] for name, curve in sanity[mode].items()}
+            plot_curves(axis, range(len(names)), series, labels)
+            if key == "spearman":
+                axis.axhline(sanity["level"], color="grey", linestyle=":", linewidth=1)
+            axis.set(ylim=(min(-0.2, lowest - 0.05), 1.05), title=title if row == 0 else None)
+            axis.set_ylabel(ylabel if column == 0 else "")
+            axis.grid(alpha=0.3)
+            axis.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
+    axes[0, 1].legend(fontsize=7, loc="lower left")
+    return write_with(path, lambda file: figure.savefig(file, format="png", dpi=110))
+
+
+def sanity_maps_figure(
+    image: np.ndarray, maps: dict[str, list[np.ndarray]], blocks: Sequence[str], labels: dict[str, str], path: Path
+) -> Path:
+    """One image (uint8 [H, W, 3], left) and its maps through the cascade: a row per method, the trained model's
+    first, then after each block re-initialised (the column names the last one)."""
+    columns = ["image", "trained", *(f"…{name}" for name in short_names(blocks))]
+    figure = Figure(figsize=(1.1 * len(columns) + 1.5, 1.25 * len(maps) + 0.6), layout="constrained")
+    axes = figure.subplots(len(maps), len(columns), squeeze=False)
+    for row, (name, series) in enumerate(maps.items()):
+        for column, (title, values) in enumerate(zip(columns, [image, *series])):
+            axis = axes[row, column]
+            axis.imshow(values, cmap="jet", vmin=0, vmax=1) if column else axis.imshow(values)
+            axis.set_xticks([])
+            axis.set_yticks([])
+            if row == 0:
+                axis.set_title(title, fontsize=6)
+            if column == 0:
+                axis.set_ylabel(labels[name], fontsize=6)
+    return write_with(path, lambda file: figure.savefig(file, format="png", dpi=100))
