@@ -13,8 +13,12 @@ insertion curves of ``--steps`` and Average Drop / Increase, for every method an
 same number of batched no-grad forwards of already perturbed batches (what the perturbation costs on top of the
 forwards it needs); and the Average Drop step alone against pytorch-grad-cam's ``DropInConfidence`` +
 ``IncreaseInConfidence`` on the same images and maps (the same quantity: its perturbation is ``x * cam``; it runs
-the model once per metric). pytorch-grad-cam's ROAD is a different perturbation (noisy linear imputation), so it
-is not compared.
+the model once per metric).
+
+ROAD (``--road-images`` of the split, ROAD's default percentiles, the first method's maps): ``cubcam.cams.road.road``
+(MoRF and LeRF) against its floor, the sparse solves alone (the systems built beforehand, one per image, mode and
+percentile) plus one batched no-grad forward per mode and percentile; and against pytorch-grad-cam's
+``ROADCombined`` on the same images, maps and score.
 
 Then ``cubcam evaluate`` itself runs end to end (JPEG decoding, checkpoint loading, reference cache) once cold
 (the embedding net's reference split is embedded and cached) and once warm, beside a plain forward that reads the
@@ -22,7 +26,8 @@ same JPEGs through the same DataLoader. Weights are random: speed does not depen
 
     python bench/evaluate_speed.py [--arch resnet18] [--size 128] [--classes 8] [--per-class 30] [--batch 32]
 
-Targets: evaluate >= 0.7x the forward-only throughput; faithfulness >= 0.8x its forward floor.
+Targets: evaluate >= 0.7x the forward-only throughput; faithfulness >= 0.8x its forward floor; ROAD >= 0.8x its
+floor.
 """
 
 from __future__ import annotations
@@ -43,14 +48,24 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 
-from cubcam.cams.protocol import HeadExplainer
+from cubcam.cams.engine import eval_mode
+from cubcam.cams.faithfulness import BLUR_SIGMA, FaithfulnessAccumulator, random_maps
+from cubcam.cams.protocol import HeadExplainer, explain
+from cubcam.cams.road import ROAD_PERCENTILES, imputation_system, kept_pixels, road
 from cubcam.cams.targets import ExplanationTarget, make_target
 from cubcam.train.data.cub import CUBDataset
 from cubcam.train.data.datamodule import CUBDataModule
 from cubcam.train.data.presets import EvalPreset
 from cubcam.train.data.synthetic import make_synthetic_cub
 from cubcam.train.inspection.checkpoint import load_checkpoint
-from cubcam.train.inspection.evaluate import BASELINES, EVALUATE_SCHEMES, CentreBaseline, perturb, score_split
+from cubcam.train.inspection.evaluate import (
+    BASELINES,
+    EVALUATE_SCHEMES,
+    CentreBaseline,
+    EvalMethod,
+    perturb,
+    score_split,
+)
 from cubcam.train.inspection.evaluate import main as evaluate_main
 from cubcam.train.inspection.reference import loader, reference_set
 from cubcam.train.modules import Classifier, EmbeddingNet
@@ -92,6 +107,7 @@ def main() -> None:
     parser.add_argument(
         "--steps", type=int, default=8, help="faithfulness curve steps (cubcam evaluate's default; 0: skip that part)"
     )
+    parser.add_argument("--road-images", type=int, default=16, help="images ROAD is timed on (0: skip it)")
     args = parser.parse_args()
     pl.seed_everything(0, verbose=False)
 
@@ -112,6 +128,7 @@ def main() -> None:
 
     kinds = {"classifier": Classifier, "embedding": EmbeddingNet}
     faithfulness: dict[str, tuple[int, float, float, float, float]] = {}
+    roads: dict[str, tuple[float, float, float]] = {}
     for kind, cls in kinds.items():
         module = cls(
             arch=args.arch, output_stride=args.output_stride, num_classes=data.num_classes, class_names=data.class_names
@@ -173,7 +190,10 @@ def main() -> None:
             f"{n / cold:.1f} / {n / warm:.1f} vs {n / disk:.1f} ({(n / warm) / (n / disk):.2f}x warm)"
         )
         if args.steps:
-            faithfulness[kind] = time_faithfulness(module, batches, targets, args.steps, args.repeats)
+            prepared = prepare(module, batches, targets)
+            faithfulness[kind] = time_faithfulness(module, prepared, targets, args.steps, args.repeats)
+            if args.road_images:
+                roads[kind] = time_road(module, prepared, next(iter(targets)), args.road_images, args.repeats)
     if not faithfulness:
         return
 
@@ -186,23 +206,29 @@ def main() -> None:
             f"{kind:<11}{methods:>8}{n / floor:>9.1f}{n / ours:>9.1f}{floor / ours:>7.2f}x   "
             f"{n / drop:.1f} vs {n / pgc:.1f} img/s ({pgc / drop:.2f}x faster)"
         )
+    if roads:
+        print(
+            f"\nROAD, percentiles {list(ROAD_PERCENTILES)}, MoRF + LeRF, {args.road_images} images, first method "
+            f"(img/s; median of {args.repeats})"
+        )
+        print(f"{'model':<11}{'floor':>9}{'ours':>9}{'ratio':>8}{'pgc':>9}{'ours/pgc':>10}")
+        m = args.road_images
+        for kind, (floor, ours, pgc) in roads.items():
+            ratio = floor / ours
+            print(
+                f"{kind:<11}{m / floor:>9.2f}{m / ours:>9.2f}{ratio:>7.2f}x{m / pgc:>9.2f}{ours / pgc:>9.2f}x"
+                f"   (target >= 0.8x of the floor: {'OK' if ratio >= 0.8 else 'MISSED'})"
+            )
 
 
-def time_faithfulness(
-    module: torch.nn.Module,
-    batches: list[dict[str, torch.Tensor]],
-    targets: dict[str, ExplanationTarget],
-    steps: int,
-    repeats: int,
-) -> tuple[int, float, float, float, float]:
-    """(methods, floor s, perturb s, our Average Drop s, pytorch-grad-cam's s) over the split, medians."""
-    from pytorch_grad_cam.metrics.cam_mult_image import DropInConfidence, IncreaseInConfidence
+Prepared = list[tuple[torch.Tensor, torch.Tensor, dict[str, tuple[torch.Tensor, EvalMethod, torch.Tensor]]]]
 
-    from cubcam.cams.engine import eval_mode
-    from cubcam.cams.faithfulness import BLUR_SIGMA, FaithfulnessAccumulator, confidence_change, random_maps
-    from cubcam.cams.protocol import explain
 
-    prepared = []  # per batch: images, outputs, every method's maps (as evaluate builds them)
+def prepare(
+    module: torch.nn.Module, batches: list[dict[str, torch.Tensor]], targets: dict[str, ExplanationTarget]
+) -> Prepared:
+    """Per batch: images, outputs, every method's and baseline's maps (as evaluate builds them)."""
+    prepared: Prepared = []
     generator = torch.Generator().manual_seed(0)
     explainer = HeadExplainer(module)
     for batch in batches:
@@ -218,6 +244,18 @@ def time_faithfulness(
         maps["random"] = (random_maps(len(images), grid, size, generator), *first[1:])
         maps["centre_gaussian"] = (CentreBaseline(size).map.expand(len(images), -1, -1), *first[1:])
         prepared.append((images, outputs, maps))
+    return prepared
+
+
+def time_faithfulness(
+    module: torch.nn.Module, prepared: Prepared, targets: dict[str, ExplanationTarget], steps: int, repeats: int
+) -> tuple[int, float, float, float, float]:
+    """(methods, floor s, perturb s, our Average Drop s, pytorch-grad-cam's s) over the split, medians."""
+    from pytorch_grad_cam.metrics.cam_mult_image import DropInConfidence, IncreaseInConfidence
+
+    from cubcam.cams.faithfulness import confidence_change
+
+    explainer = HeadExplainer(module)
     methods = len(prepared[0][2])
     forwards = 2 * (steps - 1) + 1  # per method and image; plus the canvas and the one grey image per batch
 
@@ -258,6 +296,55 @@ def time_faithfulness(
         for name, fn in (("floor", floor), ("ours", ours), ("drop", our_drop), ("pgc", pgc_drop)):
             times[name].append(timed(fn))
     return methods, *(statistics.median(times[k]) for k in ("floor", "ours", "drop", "pgc"))
+
+
+def time_road(
+    module: torch.nn.Module, prepared: Prepared, name: str, count: int, repeats: int
+) -> tuple[float, float, float]:
+    """(floor s, our ROAD s, pytorch-grad-cam's ROADCombined s) on the first ``count`` images, medians."""
+    from pytorch_grad_cam.metrics.road import ROADCombined
+    from scipy.sparse.linalg import spsolve
+
+    images = torch.cat([p[0] for p in prepared])[:count]
+    cams = torch.cat([p[2][name][0] for p in prepared])[:count]
+    rows = torch.cat([p[2][name][2] for p in prepared])[:count]
+    target = prepared[0][2][name][1][0].target
+    percentiles = list(ROAD_PERCENTILES)
+
+    def confidence(x: torch.Tensor) -> torch.Tensor:
+        return target.confidence(module(x), rows)
+
+    with eval_mode(module), torch.no_grad():
+        base = confidence(images)
+    systems = [
+        imputation_system(images[b], kept_pixels(order[b], p))
+        for order in (1 - cams, cams)
+        for p in percentiles
+        for b in range(len(images))
+    ]
+
+    def floor() -> None:
+        for matrix, right, _ in systems:
+            spsolve(matrix, right)
+        with eval_mode(module), torch.no_grad():
+            for _ in range(2 * len(percentiles)):
+                confidence(images)
+
+    def ours() -> None:
+        with eval_mode(module), torch.no_grad():
+            road(confidence, images, cams, base, torch.Generator().manual_seed(0), percentiles)
+
+    def theirs() -> None:
+        pgc_targets = [lambda out, r=int(r): target.confidence(out[None], torch.tensor([r]))[0] for r in rows]
+        with torch.random.fork_rng():
+            ROADCombined(percentiles)(images, cams.numpy(), pgc_targets, module.eval())
+
+    floor(), ours(), theirs()  # warm-up
+    times: dict[str, list[float]] = {"floor": [], "ours": [], "pgc": []}
+    for _ in range(repeats):
+        for key, fn in (("floor", floor), ("ours", ours), ("pgc", theirs)):
+            times[key].append(timed(fn))
+    return statistics.median(times["floor"]), statistics.median(times["ours"]), statistics.median(times["pgc"])
 
 
 if __name__ == "__main__":

@@ -52,15 +52,13 @@ def kept_pixels(saliency: Tensor, percentile: float) -> np.ndarray:
     return values < np.percentile(values, percentile)
 
 
-def impute(image: Tensor, kept: np.ndarray, generator: torch.Generator, noise: float = ROAD_NOISE) -> Tensor:
-    """``image`` [C, H, W] (on the CPU) with every pixel not ``kept`` [H, W] replaced by the noisy linear
-    imputation: each unknown pixel equals the weighted mean of its neighbours inside the image (the weights of
-    those outside are dropped), known neighbours entering as constants."""
+def imputation_system(image: Tensor, kept: np.ndarray) -> tuple[csc_matrix, np.ndarray, np.ndarray]:
+    """The linear imputation of ``image`` [C, H, W] (on the CPU) outside ``kept`` [H, W]: (A [n, n], b [n, C], the
+    n unknown pixels' flat indices), A x = b saying that each unknown pixel equals the weighted mean of its
+    neighbours inside the image (the weights of those outside are dropped), known neighbours entering b."""
     height, width = kept.shape
     known = kept.reshape(-1)
     unknown = np.flatnonzero(~known)
-    if not len(unknown):
-        return image.clone()
     variable = np.full(known.size, -1, dtype=np.int64)
     variable[unknown] = np.arange(len(unknown))
     flat = image.reshape(image.shape[0], -1).double().numpy()
@@ -87,6 +85,15 @@ def impute(image: Tensor, kept: np.ndarray, generator: torch.Generator, noise: f
         ),
         shape=(len(unknown), len(unknown)),
     )
+    return matrix, right, unknown
+
+
+def impute(image: Tensor, kept: np.ndarray, generator: torch.Generator, noise: float = ROAD_NOISE) -> Tensor:
+    """``image`` [C, H, W] (on the CPU) with every pixel not ``kept`` [H, W] replaced by the noisy linear
+    imputation (:func:`imputation_system` solved, plus N(0, ``noise``²) drawn from ``generator``)."""
+    if kept.all():
+        return image.clone()
+    matrix, right, unknown = imputation_system(image, kept)
     solved = torch.from_numpy(np.asarray(spsolve(matrix, right)).reshape(len(unknown), -1)).float().T
     filled = image.reshape(image.shape[0], -1).clone()
     filled[:, torch.from_numpy(unknown)] = (

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cubcam.cams import EmbeddingCAM, GradCAM, minmax_normalize, normalized_mean_proxies, single_point_proxy
+from cubcam.cams.engine import GRADIENT_FREE
 
 
 class SmallNet(nn.Module):
@@ -422,7 +423,7 @@ def test_every_weighting_matches_pytorch_grad_cam_for_classes_and_proxies(net, i
     assert _corr(ours, theirs) > 0.999, weighting
 
 
-@pytest.mark.parametrize("weighting", WEIGHTINGS)
+@pytest.mark.parametrize("weighting", [*WEIGHTINGS, *GRADIENT_FREE])
 def test_one_hot_proxies_on_logits_give_the_class_cam_for_every_weighting(net, images, weighting):
     targets = torch.tensor([1, 4, 0, 3])
     raw = {"upsample": False, "normalize": False}
