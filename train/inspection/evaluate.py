@@ -524,7 +524,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     if steps:
         report |= {"faithfulness_steps": steps, "fractions": fractions(steps).tolist(), "blur_sigma": args.blur}
-        report["road_percentiles"] = list(args.road_percentiles)
+        if args.road_percentiles:
+            report["road_percentiles"] = list(args.road_percentiles)
     sanity = None
     if args.sanity:
         sanity = run_sanity(
@@ -542,15 +543,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "in %:\n\n"
         )
         baselines = [name for name in BASELINES if name in scores.methods]
+        checked = "" if sanity is None else "\n" + sanity_table(report["sanity"], method_name)
         text = heading + markdown_table(report["methods"]) + "\n" + per_class_table(classes, [first, *baselines])
-        if sanity is not None:
-            text += "\n" + sanity_table(
-                report["sanity"], {name: method_name(name) for name in report["sanity"]["cascade"]}
-            )
-        write_text(out / "metrics.md", text)
+        write_text(out / "metrics.md", text + checked)
     except (WriteFailed, PermissionError) as err:
         fail(err)
-    print(heading + markdown_table(report["methods"]))
+    print(heading + markdown_table(report["methods"]) + checked)
     print(
         f"wrote {out / 'metrics.json'}, {out / 'metrics.md'} (with the per-class table) and "
         + ", ".join(p.name for p in plots)

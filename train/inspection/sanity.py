@@ -216,9 +216,10 @@ def sanity_report(result: SanityResult, num_images: int, level: float = SANITY_L
     }
 
 
-def sanity_table(sanity: dict, names: dict[str, str]) -> str:
-    """The check as a markdown section for ``metrics.md``: per method and baseline the rank correlation and SSIM
-    after the head alone and after the full cascade, the lowest over the independent steps, and the verdict."""
+def sanity_table(sanity: dict, name_of: Callable[[str], str]) -> str:
+    """The check as a markdown section for ``metrics.md`` (``name_of``: a method key's column title): per method and
+    baseline the rank correlation and SSIM after the head alone and after the full cascade, the lowest over the
+    independent steps, and the verdict."""
     blocks, level = sanity["blocks"], sanity["level"]
     lines = [
         f"## Sanity check: maps as the blocks are re-initialised (Adebayo et al. 2018), {sanity['num_images']} images",
@@ -237,5 +238,7 @@ def sanity_table(sanity: dict, names: dict[str, str]) -> str:
             verdict = "baseline"
         else:
             verdict = "**fails**: explains the image, not the model" if name in sanity["failed"] else "passes"
-        lines.append(f"| {names[name]} | {rank[0]:.3f} | {rank[-1]:.3f} | {ssim[-1]:.3f} | {lowest:.3f} | {verdict} |")
+        lines.append(
+            f"| {name_of(name)} | {rank[0]:.3f} | {rank[-1]:.3f} | {ssim[-1]:.3f} | {lowest:.3f} | {verdict} |"
+        )
     return "\n".join(lines) + "\n"
