@@ -20,7 +20,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cubcam.cams.engine import CAM, NEEDS_IMAGES, Reshape, Weighting, eager, eval_mode, minmax_normalize
+from cubcam.cams.engine import (
+    CAM,
+    DEFAULT_CHANNEL_BATCH,
+    NEEDS_IMAGES,
+    Reshape,
+    Weighting,
+    eager,
+    eval_mode,
+    minmax_normalize,
+)
 from cubcam.cams.proxies import single_point_proxy
 from cubcam.cams.targets import ExplanationTarget, Method, Proxies, Target, make_target
 
@@ -100,10 +109,11 @@ class Explainer(Protocol):
 
 
 class HeadExplainer:
-    """A :class:`CAMModule` explained from its CAM layer's activations: any number of maps per backbone pass."""
+    """A :class:`CAMModule` explained from its CAM layer's activations: any number of maps per backbone pass.
+    ``channel_batch_size``: AblationCAM's (image, channel) pairs per head forward."""
 
-    def __init__(self, module: CAMModule):
-        self.module = module
+    def __init__(self, module: CAMModule, channel_batch_size: int = DEFAULT_CHANNEL_BATCH):
+        self.module, self.channel_batch_size = module, channel_batch_size
 
     @property
     def cam_method(self) -> Method:
@@ -124,7 +134,7 @@ class HeadExplainer:
                 f"{weighting} masks the input images, so its maps cannot be made from the layer's activations: "
                 f"explain with explainer_for(module, {weighting!r}), whose features are the images"
             )
-        return head_cams(self.module, features, size, target, rows, weighting)
+        return head_cams(self.module, features, size, target, rows, weighting, self.channel_batch_size)
 
 
 class LayerExplainer:
@@ -138,8 +148,16 @@ class LayerExplainer:
         AttributeError: ``layer`` names no submodule of ``model`` (the message names the missing part).
     """
 
-    def __init__(self, model: nn.Module, layer: str, method: Method, reshape: Reshape | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        layer: str,
+        method: Method,
+        reshape: Reshape | None = None,
+        channel_batch_size: int = DEFAULT_CHANNEL_BATCH,
+    ):
         self.model, self.layer_name, self.reshape = model, layer, reshape
+        self.channel_batch_size = channel_batch_size  # ScoreCAM's / AblationCAM's (image, channel) pairs per forward
         self._method: Method = method
         try:
             self.layer: nn.Module = model.get_submodule(layer)
@@ -168,7 +186,14 @@ class LayerExplainer:
         self, features: Tensor, size: tuple[int, int] | None, target: Target, rows: Tensor, weighting: Weighting
     ) -> Tensor:
         # the features are the images: ScoreCAM masks them as they are
-        cam = CAM(self.outputs, self.layer, weighting=weighting, reshape=self.reshape, layer_name=self.layer_name)
+        cam = CAM(
+            self.outputs,
+            self.layer,
+            weighting=weighting,
+            reshape=self.reshape,
+            layer_name=self.layer_name,
+            channel_batch_size=self.channel_batch_size,
+        )
         with eval_mode(self.model):
             return _upsampled(cam, features, size, target, rows, next(self.model.parameters()).dtype)
 
@@ -180,18 +205,21 @@ class LayerExplainer:
         explain(self, images[:1], output, target, (images.shape[-2], images.shape[-1]), choice="predicted")
 
 
-def explainer_for(module: CAMModule, weighting: Weighting = "gradcam") -> HeadExplainer | LayerExplainer:
+def explainer_for(
+    module: CAMModule, weighting: Weighting = "gradcam", channel_batch_size: int = DEFAULT_CHANNEL_BATCH
+) -> HeadExplainer | LayerExplainer:
     """The explainer of a CAM module for ``weighting``: its head alone (:class:`HeadExplainer`), or, for a
     weighting that masks the input images (``NEEDS_IMAGES``: ScoreCAM), the whole module at its CAM layer
-    (:class:`LayerExplainer`, whose features are the images)."""
+    (:class:`LayerExplainer`, whose features are the images); ``channel_batch_size`` (image, channel) pairs per
+    forward of the gradient-free weightings."""
     if weighting not in NEEDS_IMAGES:
-        return HeadExplainer(module)
+        return HeadExplainer(module, channel_batch_size)
     if not isinstance(module, nn.Module):
         raise TypeError(f"{weighting} runs the whole module: it must be an nn.Module, got {type(module).__name__}")
     layer = next((name for name, m in module.named_modules() if m is module.cam_target_layer), None)
     if layer is None:
         raise ValueError("the module's cam_target_layer is not one of its submodules")
-    return LayerExplainer(module, layer, module.cam_method, module.cam_reshape)
+    return LayerExplainer(module, layer, module.cam_method, module.cam_reshape, channel_batch_size)
 
 
 def features_and_outputs(module: CAMModule, images: Tensor) -> tuple[Tensor, Tensor]:
@@ -218,16 +246,23 @@ def head_cams(
     target: Target,
     rows: Tensor,
     weighting: Weighting = "gradcam",
+    channel_batch_size: int = DEFAULT_CHANNEL_BATCH,
 ) -> Tensor:
     """Maps [B, H, W] in [0, 1] of image b for row ``rows[b]`` of ``target``, from the CAM layer's activations,
-    with any of the engine's gradient weightings.
+    with any of the engine's weightings but ScoreCAM (``channel_batch_size``: AblationCAM's pairs per head forward).
 
     The same maps the engine computes through the whole net: the raw map at the layer's resolution, bilinearly
     upsampled to ``size``, then min-max normalised per image (``size=None``: the raw map, for :func:`upsample`
     elsewhere: the callback sends maps off the device at the layer's grid). Safe inside ``torch.inference_mode`` (as in
     Lightning's validation hooks): it leaves inference mode for the gradient and clones inference tensors.
     """
-    cam = CAM(module.forward_head, None, weighting=weighting, reshape=module.cam_reshape)
+    cam = CAM(
+        module.forward_head,
+        None,
+        weighting=weighting,
+        reshape=module.cam_reshape,
+        channel_batch_size=channel_batch_size,
+    )
     return _upsampled(cam, activations, size, target, rows, next(module.parameters()).dtype)
 
 

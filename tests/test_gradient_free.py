@@ -181,3 +181,22 @@ class _AsModule(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+
+@pytest.mark.parametrize(("weighting", "size"), [("ablationcam", 8), ("scorecam", 24)])
+def test_explainers_forward_channel_batch_size_pairs_at_a_time(net, images, weighting, size):
+    """explainer_for(..., channel_batch_size=n) hands n to the engine: B * K (image, channel) pairs take
+    ceil(B * K / n) forwards (of the head for AblationCAM, of the whole module for ScoreCAM), plus the unmasked one."""
+    module = _AsModule(net)
+    calls: list[int] = []
+    counted = module.net.forward_head if weighting == "ablationcam" else module.net.forward
+    with pytest.MonkeyPatch.context() as patch:
+        name = "forward_head" if weighting == "ablationcam" else "forward"
+        patch.setattr(module.net, name, lambda x: (calls.append(len(x)), counted(x))[1])
+        explainer = explainer_for(module, weighting, channel_batch_size=size)
+        features, outputs = explainer.features_and_outputs(images)
+        calls.clear()
+        explain(explainer, features, outputs, make_target("gradcam"), None, torch.tensor(TARGETS), weighting=weighting)
+    pairs = len(images) * 16  # SmallNet's CAM layer has 16 channels
+    assert max(calls) == size and sum(calls) - pairs in (0, len(images)), calls
+    assert len(calls) - (sum(calls) > pairs) == -(-pairs // size), calls

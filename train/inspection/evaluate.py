@@ -59,7 +59,7 @@ from torch.utils.data import Subset
 from tqdm import tqdm
 
 from cubcam.cams import minmax_normalize
-from cubcam.cams.engine import Weighting
+from cubcam.cams.engine import DEFAULT_CHANNEL_BATCH, Weighting
 from cubcam.cams.faithfulness import (
     BLUR_SIGMA,
     CurveEnds,
@@ -216,6 +216,7 @@ def score_split(
     blur_sigma: float = BLUR_SIGMA,
     progress: bool = True,
     road_percentiles: Sequence[float] = ROAD_PERCENTILES,
+    channel_batch_size: int = DEFAULT_CHANNEL_BATCH,
 ) -> Scores:
     """Every method's scores, and the baselines', over the ``total`` images of ``batches`` (in order).
 
@@ -232,7 +233,7 @@ def score_split(
     faithfulness perturbations); the numbers are those of scoring here.
     """
     head = HeadExplainer(module)
-    explainers = {weighting: explainer_for(module, weighting) for _, weighting in methods.values()}
+    explainers = {w: explainer_for(module, w, channel_batch_size) for _, w in methods.values()}
     workers = torch.get_num_threads()
     pool: ScorePool | None = None  # worker processes for the box labelling, where the split pays for them
     pending: deque[tuple[str, range, Future[Tensor]]] = deque()  # (method, slots, its rows) being labelled
@@ -512,6 +513,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.seed,
         args.blur,
         road_percentiles=args.road_percentiles,
+        channel_batch_size=args.channel_batch_size,
     )
     first = next(iter(methods))
     classes = per_class(scores, dataset.class_names)
@@ -569,7 +571,8 @@ def run_sanity(
     batch = next(iter(loader(images, len(images), args.num_workers)))
     steps = 2 * len(blocks(cast(torch.nn.Module, module)))
     with tqdm(total=steps, desc="sanity", unit="step", file=sys.stderr, dynamic_ncols=True) as bar:
-        return sanity_check(module, batch["image"].to(device), batch["label"], methods, args.seed, bar.update)
+        pixels = batch["image"].to(device)
+        return sanity_check(module, pixels, batch["label"], methods, args.seed, bar.update, args.channel_batch_size)
 
 
 def write_plots(

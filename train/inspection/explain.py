@@ -221,7 +221,7 @@ def explain_images(
             return None
 
     explainer = ImageExplainer(
-        explainer_for(session.ckpt.module, args.weighting),
+        explainer_for(session.ckpt.module, args.weighting, args.channel_batch_size),
         target,
         args.target,
         list(class_names),
@@ -270,7 +270,7 @@ def explain_retrieval(session: Session, reference: ReferenceSet, args: argparse.
     """The query's ``topk`` nearest reference images, each pair explained both ways with a Single Point Proxy
     (``cubcam.cams.protocol.pair_maps``, drawn as the callback's nearest-image panel draws them): the query's map
     scores <query, neighbour>, the neighbour's map scores <neighbour, query>. Writes ``retrieval.png``."""
-    explainer, device = explainer_for(session.ckpt.module, args.weighting), session.device
+    explainer, device = explainer_for(session.ckpt.module, args.weighting, args.channel_batch_size), session.device
     try:
         query = load_user_image(args.query, session.preset)
     except (OSError, ValueError) as err:

@@ -39,7 +39,7 @@ from torchmetrics.functional.image import structural_similarity_index_measure
 from torchmetrics.functional.regression import spearman_corrcoef
 
 from cubcam.cams import minmax_normalize
-from cubcam.cams.engine import Weighting
+from cubcam.cams.engine import DEFAULT_CHANNEL_BATCH, Weighting
 from cubcam.cams.faithfulness import random_maps
 from cubcam.cams.protocol import CAMModule, explain, explainer_for, features_and_outputs
 from cubcam.cams.targets import ExplanationTarget
@@ -140,9 +140,11 @@ def sanity_check(
     methods: dict[str, Method],
     seed: int = 0,
     progress: Callable[[], None] | None = None,
+    channel_batch_size: int = DEFAULT_CHANNEL_BATCH,
 ) -> SanityResult:
     """The cascading and independent randomisation checks of every method on ``images`` [B, C, H, W] for their
-    ``labels`` [B] (see the module doc). ``progress`` is called after each of the ``2 * len(blocks)`` steps.
+    ``labels`` [B] (see the module doc). ``progress`` is called after each of the ``2 * len(blocks)`` steps;
+    ``channel_batch_size``: the gradient-free methods' (image, channel) pairs per forward.
 
     Raises:
         ValueError: the module has no block with parameters.
@@ -161,7 +163,7 @@ def sanity_check(
         random = random_maps(len(images), grid, size, generator).to(images.device)
         return maps | {"edge": edge_maps(images), "random": random}
 
-    trained = with_baselines(_maps(module, images, labels, methods, size))
+    trained = with_baselines(_maps(module, images, labels, methods, size, channel_batch_size))
     work = copy.deepcopy(module)
     state = {key: value.clone() for key, value in work.state_dict().items()}
     curves: dict[Mode, dict[str, Similarity]] = {m: {n: {"spearman": [], "ssim": []} for n in trained} for m in MODES}
@@ -171,7 +173,7 @@ def sanity_check(
             if mode == "independent" or step == 0:  # the cascade keeps what it re-initialised before
                 work.load_state_dict(state)
             reinitialise(work, name, seeds[name])
-            maps = with_baselines(_maps(work, images, labels, methods, size))
+            maps = with_baselines(_maps(work, images, labels, methods, size, channel_batch_size))
             for method, values in maps.items():
                 rank, ssim = similarity(values, trained[method])
                 curves[mode][method]["spearman"].append(float(rank.mean()))
@@ -192,12 +194,17 @@ def layer_grid(module: CAMModule, images: Tensor) -> tuple[int, int]:
 
 
 def _maps(
-    module: CAMModule, images: Tensor, labels: Tensor, methods: dict[str, Method], size: tuple[int, int]
+    module: CAMModule,
+    images: Tensor,
+    labels: Tensor,
+    methods: dict[str, Method],
+    size: tuple[int, int],
+    channel_batch_size: int,
 ) -> dict[str, Tensor]:
     """Every method's maps [B, H, W] of ``images`` for ``labels`` (the true classes) from ``module``."""
     maps: dict[str, Tensor] = {}
     for name, (target, weighting) in methods.items():
-        explainer = explainer_for(module, weighting)
+        explainer = explainer_for(module, weighting, channel_batch_size)
         features, outputs = explainer.features_and_outputs(images)
         maps[name] = explain(explainer, features, outputs, target, size, labels, "true", weighting).maps.float()
     return maps

@@ -19,6 +19,7 @@ from typing import NoReturn
 
 import torch
 
+from cubcam.cams.engine import DEFAULT_CHANNEL_BATCH
 from cubcam.cams.targets import ExplanationTarget, Method, ProxyScheme, make_target
 from cubcam.train.data.cub import SPLITS, CUBDataset, SplitSettings
 from cubcam.train.data.presets import EvalPreset
@@ -69,6 +70,13 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
         "--image-size", type=positive_int, default=None, help="default: the checkpoint's data.image_size"
     )
     parser.add_argument("--batch-size", type=positive_int, default=32)
+    parser.add_argument(
+        "--channel-batch-size",
+        type=positive_int,
+        default=DEFAULT_CHANNEL_BATCH,
+        help="ScoreCAM's and AblationCAM's (image, channel) pairs per forward (default %(default)s; a GPU takes "
+        "hundreds)",
+    )
     parser.add_argument("--num-workers", type=non_negative_int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
