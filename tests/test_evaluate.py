@@ -307,20 +307,29 @@ def test_plots_and_the_per_class_table_are_written(faithfulness_runs, trained: T
 
 
 def test_wandb_gets_the_table_and_the_plots(trained: Trained, tmp_path: Path, monkeypatch) -> None:
-    from wandb_records import finished_log, history_rows
+    from wandb_records import finished_log, history_rows, read_records
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    extra = ("--faithfulness", "--steps", "2", "--road-percentiles", "none", "--limit", "8", "--wandb", "t")
-    report, _ = run(trained.classifier, tmp_path, *extra)
+    extra = ("--faithfulness", "--steps", "2", "--road-percentiles", "none", "--limit", "8", "--sanity", "1")
+    report, _ = run(trained.classifier, tmp_path, *extra, "--wandb", "t")
     log = finished_log(next((tmp_path / "wandb").glob("offline-run-*")))
     rows = history_rows(log)
     assert len(rows) == 1
     row = rows[0]
     assert row["evaluate/metrics"]["_type"] == "table-file" and row["evaluate/metrics"]["ncols"] > 10
-    for name in ("box_accuracy", "deletion_insertion"):
+    for name in ("box_accuracy", "deletion_insertion", "sanity", "sanity_maps"):
         assert row[f"evaluate/{name}"]["_type"] == "image-file", row.keys()
     assert report["methods"]["gradcam"]["deletion_auc"] is not None
+    summary = {
+        item.key: json.loads(item.value_json)
+        for record in read_records(log)
+        if record.WhichOneof("record_type") == "summary"
+        for item in record.summary.update
+    }
+    final = report["sanity"]["cascade"]["gradcam"]["spearman"][-1]
+    assert summary["sanity/gradcam/rank_correlation"] == pytest.approx(final)
+    assert summary["gradcam/deletion_auc"] == pytest.approx(report["methods"]["gradcam"]["deletion_auc"])
 
 
 def test_labelling_in_worker_processes_writes_the_same_metrics(trained: Trained, tmp_path: Path, monkeypatch) -> None:

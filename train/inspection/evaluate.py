@@ -624,6 +624,9 @@ def log_to_wandb(project: str, report: dict[str, Any], text: str, plots: list[Pa
             run.summary.update(
                 {f"{name}/{k}": v for name, scores in report["methods"].items() for k, v in scores.items()}
             )
+            if "sanity" in report:  # the rank correlation after the full cascade, the check's verdict
+                cascade = report["sanity"]["cascade"].items()
+                run.summary.update({f"sanity/{name}/rank_correlation": c["spearman"][-1] for name, c in cascade})
         finally:
             run.finish()
         print(f"logged to W&B: project {project}, run {run.id}")
