@@ -32,9 +32,9 @@ Cost: localization is about one plain forward per image: each batch runs the bac
 hooked; every CAM is then a head-only forward and backward from those activations, and only small per-image rows are
 kept, never the maps (ScoreCAM is a forward per channel and image, AblationCAM a head-only forward per channel and
 image). Faithfulness adds ``2 * (steps - 1) + 1`` batched no-grad forwards per image and method (and two per batch
-shared by all), and ROAD two sparse solves and two forwards per image, method and percentile. An embedding net's
-proxies come from its reference split (train; in the zero_shot scheme the scored split itself), whose embeddings
-are cached beside the checkpoint after the first run.
+shared by all), and ROAD, per method and percentile, two sparse solves per image and two batched forwards. An
+embedding net's proxies come from its reference split (train; in the zero_shot scheme the scored split itself), whose
+embeddings are cached beside the checkpoint after the first run.
 """
 
 from __future__ import annotations
@@ -224,7 +224,8 @@ def score_split(
     explanation step from those features (ScoreCAM's from the images: ``explainer_for``), scored by one
     :class:`LocalizationAccumulator` per method (the callback's too). With ``steps``, also faithfulness
     (:mod:`cubcam.cams.faithfulness`): per method ``2 * (steps - 1) + 1`` batched no-grad forwards of perturbed
-    images, plus two per batch shared by all (the blurred canvas, the substrate).
+    images, plus two per batch shared by all (the blurred canvas, the substrate), and ROAD at ``road_percentiles``
+    (:mod:`cubcam.cams.road`, its noise drawn from a generator seeded with ``seed``).
     The baselines (``centre_gaussian``, and with ``steps`` also ``random``, drawn from ``seed``) are scored with
     the first method's target, so they answer "what does an uninformed map get on this score".
 
@@ -419,8 +420,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--weightings",
         type=parse_weightings,
         default=["gradcam"],
-        help="comma-separated CAM weightings to score side by side, e.g. gradcam,gradcam++,hirescam,"
-        f"xgradcam,layercam (embedding nets: each with the proxy schemes {', '.join(EVALUATE_SCHEMES)})",
+        help="comma-separated CAM weightings to score side by side, of "
+        f"{','.join(WEIGHTING_NAMES)} (scorecam: a forward per channel and image; embedding nets: each with the "
+        f"proxy schemes {', '.join(EVALUATE_SCHEMES)})",
     )
     parser.add_argument(
         "--faithfulness",
