@@ -368,3 +368,10 @@ def test_sanity_check_of_a_trained_checkpoint(trained: Trained, tmp_path: Path, 
     for name in ("sanity.png", "sanity_maps.png"):
         with Image.open(tmp_path / name) as image:
             assert image.format == "PNG" and image.width > 600, name
+
+
+def test_sanity_alone_takes_its_default_number_of_images() -> None:
+    from cubcam.train.inspection.evaluate import SANITY_IMAGES, parse_args
+
+    assert parse_args(["x.ckpt", "--sanity"]).sanity == SANITY_IMAGES == 8
+    assert parse_args(["x.ckpt", "--sanity", "3"]).sanity == 3 and parse_args(["x.ckpt"]).sanity is None

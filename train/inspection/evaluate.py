@@ -1,7 +1,7 @@
 """``cubcam evaluate``: how well a checkpoint's explanations localize the birds, and how faithful they are.
 
-    cubcam evaluate CKPT [--split test|val|train] [--weightings gradcam,gradcam++,...] [--faithfulness] [--sanity N]
-        [--wandb]
+    cubcam evaluate CKPT [--split test|val|train] [--weightings gradcam,gradcam++,...] [--faithfulness]
+        [--sanity [N]] [--wandb]
 
 Scores GradCAM (classifier) or EmbeddingCAM with the class-proxy schemes ``normalized_mean`` and
 ``single_point_random`` (embedding net), for every ``--weightings``, for the true class of every image, side by
@@ -165,6 +165,7 @@ FAITHFULNESS_NAMES = {
     "road_lerf": "ROAD LeRF change (higher is better)",
     "road_combined": "ROAD combined (higher is better)",
 }
+SANITY_IMAGES = 8  # --sanity without a number: enough for a mean correlation, 1 + 2 * blocks explanations each
 DEFAULT_STEPS = 8  # deletion/insertion: 9 points; each step costs a forward of every image per method
 GAUSSIAN_SIGMA = 0.25  # of the image side; the level sets (centred discs) and so the box metrics do not depend on it
 
@@ -452,10 +453,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--sanity",
         type=positive_int,
+        nargs="?",
+        const=SANITY_IMAGES,
         default=None,
         metavar="N",
-        help="also run the model-randomisation sanity check on N images spread over the split (per method "
-        "1 + 2 * blocks explanations of them, each a forward and backward of the whole model)",
+        help=f"also run the model-randomisation sanity check on N images (default {SANITY_IMAGES}) spread over the "
+        "split (per method 1 + 2 * blocks explanations of them, each a forward and backward of the whole model)",
     )
     return parser.parse_args(argv)
 
