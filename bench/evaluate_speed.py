@@ -50,7 +50,7 @@ import torch
 
 from cubcam.cams.engine import eval_mode
 from cubcam.cams.faithfulness import BLUR_SIGMA, FaithfulnessAccumulator, random_maps
-from cubcam.cams.protocol import HeadExplainer, explain
+from cubcam.cams.protocol import EvalMethod, HeadExplainer, explain
 from cubcam.cams.road import ROAD_PERCENTILES, imputation_system, kept_pixels, road
 from cubcam.cams.targets import ExplanationTarget, make_target
 from cubcam.train.data.cub import CUBDataset
@@ -62,7 +62,6 @@ from cubcam.train.inspection.evaluate import (
     BASELINES,
     EVALUATE_SCHEMES,
     CentreBaseline,
-    EvalMethod,
     perturb,
     score_split,
 )

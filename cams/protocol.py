@@ -34,6 +34,7 @@ from cubcam.cams.proxies import single_point_proxy
 from cubcam.cams.targets import ExplanationTarget, Method, Proxies, Target, make_target
 
 Choice = Literal["true", "predicted"]  # which class a map explains
+EvalMethod = tuple[ExplanationTarget, Weighting]  # a method scored side by side: what its maps explain, and how
 UNKNOWN_LABEL = -1  # an image without a label (a user's photo) is explained for its predicted class
 
 
@@ -220,6 +221,13 @@ def explainer_for(
     if layer is None:
         raise ValueError("the module's cam_target_layer is not one of its submodules")
     return LayerExplainer(module, layer, module.cam_method, module.cam_reshape, channel_batch_size)
+
+
+def features_for(explainer: Explainer, activations: Tensor, images: Tensor) -> Tensor:
+    """What ``explainer.maps`` takes, given one head forward's CAM-layer ``activations`` of ``images``: those
+    activations for a :class:`HeadExplainer`, so that every method shares the forward; the images themselves for a
+    :class:`LayerExplainer` (``explainer_for``'s ScoreCAM)."""
+    return activations if isinstance(explainer, HeadExplainer) else images
 
 
 def features_and_outputs(module: CAMModule, images: Tensor) -> tuple[Tensor, Tensor]:

@@ -80,7 +80,16 @@ from cubcam.cams.localization import (
     boxes_from_map,
 )
 from cubcam.cams.overlay import IMAGENET_MEAN, IMAGENET_STD, denormalize
-from cubcam.cams.protocol import CAMModule, Choice, Explainer, HeadExplainer, explain, explainer_for
+from cubcam.cams.protocol import (
+    CAMModule,
+    Choice,
+    EvalMethod,
+    Explainer,
+    HeadExplainer,
+    explain,
+    explainer_for,
+    features_for,
+)
 from cubcam.cams.road import ROAD_PERCENTILES, road
 from cubcam.cams.targets import ExplanationTarget, ProxyScheme, Target, single_points
 from cubcam.train.data.cub import SPLITS, CUBDataset, spread_indices
@@ -100,7 +109,6 @@ WEIGHTING_NAMES = {
     "ablationcam": "AblationCAM",
     "eigencam": "EigenCAM",
 }
-EvalMethod = tuple[ExplanationTarget, Weighting]  # what a map explains, and how the gradients weight it
 # An embedding net's methods, each keyed <weighting>/<scheme>: the class proxies (one per class, so the map of an
 # image explains its class, as the WSOL metrics ask).
 EVALUATE_SCHEMES: tuple[ProxyScheme, ...] = ("normalized_mean", "single_point_random")
@@ -266,7 +274,7 @@ def score_split(
             maps: dict[str, tuple[Tensor, EvalMethod, Tensor]] = {}
             for name, (target, weighting) in methods.items():
                 explainer = explainers[weighting]
-                features = activations if isinstance(explainer, HeadExplainer) else images  # ScoreCAM: images
+                features = features_for(explainer, activations, images)
                 step = explain(explainer, features, outputs, target, size, batch["label"], choice, weighting)
                 maps[name] = (step.maps.float(), (target, weighting), step.rows)
             first = next(iter(maps.values()))

@@ -39,17 +39,15 @@ from torchmetrics.functional.image import structural_similarity_index_measure
 from torchmetrics.functional.regression import spearman_corrcoef
 
 from cubcam.cams import minmax_normalize
-from cubcam.cams.engine import DEFAULT_CHANNEL_BATCH, Weighting
+from cubcam.cams.engine import DEFAULT_CHANNEL_BATCH
 from cubcam.cams.faithfulness import random_maps
-from cubcam.cams.protocol import CAMModule, explain, explainer_for, features_and_outputs
-from cubcam.cams.targets import ExplanationTarget
+from cubcam.cams.protocol import CAMModule, EvalMethod, explain, explainer_for, features_and_outputs, features_for
 
 SANITY_LEVEL = 0.5  # rank correlation with the trained maps above this after the full cascade: the method fails
 INIT_STD = 0.02  # parameters without a reset_parameters (timm's LayerScale, a user's nn.Parameter): N(0, 0.02^2)
 Mode = Literal["cascade", "independent"]
 MODES: tuple[Mode, ...] = get_args(Mode)
 SANITY_BASELINES = ("edge", "random")
-Method = tuple[ExplanationTarget, Weighting]  # as evaluate's: what a map explains, and how it is weighted
 Similarity = dict[str, list[float]]  # "spearman" / "ssim" -> one mean per step
 
 
@@ -137,7 +135,7 @@ def sanity_check(
     module: CAMModule,
     images: Tensor,
     labels: Tensor,
-    methods: dict[str, Method],
+    methods: dict[str, EvalMethod],
     seed: int = 0,
     progress: Callable[[], None] | None = None,
     channel_batch_size: int = DEFAULT_CHANNEL_BATCH,
@@ -159,9 +157,11 @@ def sanity_check(
     generator = torch.Generator().manual_seed(seed)
     grid = layer_grid(module, images)
 
+    edges = edge_maps(images)  # the model's weights never reach it: the same map at every step
+
     def with_baselines(maps: dict[str, Tensor]) -> dict[str, Tensor]:
         random = random_maps(len(images), grid, size, generator).to(images.device)
-        return maps | {"edge": edge_maps(images), "random": random}
+        return maps | {"edge": edges, "random": random}
 
     trained = with_baselines(_maps(module, images, labels, methods, size, channel_batch_size))
     work = copy.deepcopy(module)
@@ -197,15 +197,17 @@ def _maps(
     module: CAMModule,
     images: Tensor,
     labels: Tensor,
-    methods: dict[str, Method],
+    methods: dict[str, EvalMethod],
     size: tuple[int, int],
     channel_batch_size: int,
 ) -> dict[str, Tensor]:
-    """Every method's maps [B, H, W] of ``images`` for ``labels`` (the true classes) from ``module``."""
+    """Every method's maps [B, H, W] of ``images`` for ``labels`` (the true classes) from ``module``, all from one
+    backbone forward but ScoreCAM's (as ``cubcam evaluate`` makes them)."""
+    activations, outputs = features_and_outputs(module, images)
     maps: dict[str, Tensor] = {}
     for name, (target, weighting) in methods.items():
         explainer = explainer_for(module, weighting, channel_batch_size)
-        features, outputs = explainer.features_and_outputs(images)
+        features = features_for(explainer, activations, images)
         maps[name] = explain(explainer, features, outputs, target, size, labels, "true", weighting).maps.float()
     return maps
 
