@@ -55,6 +55,7 @@ PGC_CLASSES = {
     "xgradcam": pgc.XGradCAM,
     "layercam": pgc.LayerCAM,
 }
+PGC_FREE = {"scorecam": pgc.ScoreCAM, "ablationcam": pgc.AblationCAM, "eigencam": pgc.EigenCAM}
 
 
 def main() -> None:
@@ -226,15 +227,14 @@ def gradient_free(args: argparse.Namespace) -> None:
 
     def theirs(weighting: str) -> Callable[[], None]:
         def run() -> None:
-            classes = {"scorecam": pgc.ScoreCAM, "ablationcam": pgc.AblationCAM, "eigencam": pgc.EigenCAM}
-            with classes[weighting](model=model, target_layers=[model.layer4]) as cam:
+            with PGC_FREE[weighting](model=model, target_layers=[model.layer4]) as cam:
                 chosen = None if weighting == "eigencam" else [ClassifierOutputTarget(int(t)) for t in targets]
                 cam(input_tensor=images, targets=chosen)
             model.zero_grad(set_to_none=True)
 
         return run
 
-    names = ("scorecam", "ablationcam", "eigencam")
+    names = tuple(PGC_FREE)
     methods: dict[str, Callable[[], None]] = {"ScoreCAM floor (K*B no-grad forwards)": floor}
     for weighting in names:
         methods[f"cubcam {weighting}"] = ours(weighting)
