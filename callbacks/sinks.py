@@ -74,72 +74,98 @@ class WandbSink:
     ``wandb.Table`` under ``val/cam_table`` (a row per bird, sortable: the worst-localized birds first), in one row
     that also carries ``epoch``, at the epoch's step; the evolution as an image list and an animated GIF.
 
-    The table's overlay cells are the image list's own ``wandb.Image`` objects (no second encoding). Each strip goes
-    to W&B as a PNG written here at compression level 1 while staging (off the loop's thread): W&B encodes arrays
-    at Pillow's default level 6, several times slower. W&B copies the files while logging (the commit, on the loop's
-    thread), so they go with their temporary folder after it; only where the run may symlink media (the
-    ``allow_media_symlink`` setting) does W&B get the arrays. Rows join the table at the commit, in epoch order.
-    The CAM scores are defined with ``summary="max"`` (the runs table shows the best epoch's), by exact key, on
-    W&B's step axis ``trainer/global_step`` as WandbLogger defines ``*``.
+    Most of what W&B's log call does with an image list is file work: copying each PNG and box group into the run,
+    publishing the files, decoding every PNG again to check that the sizes match (about 100 ms for 16 birds, several
+    times that while other threads want the GIL). Staging, off the loop's thread, does that part:
+    :func:`serialized_images` binds the images to the run and makes the row's entry as wandb itself would, so the
+    commit (on the loop's thread: wandb's ``run.log`` is not thread-safe, wandb #1824) logs a ready row, plus the box
+    groups' class labels, which W&B keeps in the run's config, once per process (:func:`register_box_labels`). Where
+    this wandb lacks a part of that, the commit hands W&B the images: the same row, slower. The strips go to W&B as
+    PNGs written here at compression level 1 (W&B encodes arrays at Pillow's default level 6, several times slower),
+    in a temporary folder removed at the next staging; only where the run may symlink media (the
+    ``allow_media_symlink`` setting) does W&B get the arrays. The CAM scores are defined with ``summary="max"`` (the
+    runs table shows the best epoch's), by exact key, on W&B's step axis ``trainer/global_step`` as WandbLogger
+    defines ``*``.
 
     The table is one across epochs (column ``epoch``; W&B users compare epochs in one table, wandb issue #6286):
     ``wandb.Table(log_mode="INCREMENTAL")`` (wandb >= 0.19) gets each epoch's rows and uploads only those; a resumed
     run's rows are increments of the same key. Offline, each increment is a file of its epoch's rows (``media/
     table/val/cam_table_*.table.json``; W&B documents Server >= 0.70 for incremental tables). Where wandb has no
-    ``log_mode``, each epoch logs a table of its own.
+    ``log_mode``, each epoch logs a table of its own. Its overlay cells are the strips with their boxes drawn in, as
+    in the PNG grid, as plain images: W&B copies and hashes each file of a table's cells into the table's artifact
+    on the loop's thread, and box groups would triple the files. Rows join the table at the commit, in epoch order;
+    the table is most of the commit's time (``bench/callback_overhead.py``).
     """
 
     def __init__(self, logger: Any, metric_keys: list[str]):
         self.logger = logger
         self.name = type(logger).__name__
         self._rows: Any = None  # the incremental table, made with the first panel
+        self._labels_registered = False  # the box groups' class labels are in the run's config
+        self._spent: list[tempfile.TemporaryDirectory[str]] = []  # committed panels' files, removed while staging
         for key in metric_keys:
             logger.experiment.define_metric(key, summary="max", step_metric="trainer/global_step")
 
     def stage_panel(self, panel: Panel, step: int) -> Commit:
-        """The strips' PNG files and their ``wandb.Image`` objects; the commit logs them, with the table rows, in
-        one row."""
-        folder, sources = self._sources(panel)
-        images = self._images(panel, sources)
+        """The strips' PNG files, their ``wandb.Image`` objects bound to the run and the row's JSON, the table's
+        cells; the commit logs them, with the table rows, in one row."""
+        import wandb
+
+        run = self.logger.experiment
+        while self._spent:  # the files of panels W&B has copied already (unlinking them costs the loop ~10 ms)
+            self._spent.pop().cleanup()
+        folder, sources = self._sources(panel, run)
+        try:
+            images = [
+                wandb.Image(source, caption=caption, boxes=wandb_boxes(strip, panel.class_names))
+                for source, strip, caption in zip(sources[0], panel.strips, panel.captions)
+            ]
+            cells = [wandb.Image(source) for source in sources[1]]
+            serialized = serialized_images(run, PANEL_KEY, images, f"step{step}")
+        except BaseException:
+            if folder is not None:
+                folder.cleanup()
+            raise
 
         def commit() -> None:
             try:
-                row = {PANEL_KEY: images, TABLE_KEY: self._table(panel, images), "epoch": panel.epoch}
-                self.logger.log_metrics(row, step=step)
+                if serialized is not None and not self._labels_registered:  # else run.log registers them
+                    register_box_labels(run, PANEL_KEY, images[0])
+                    self._labels_registered = True
+                row = {PANEL_KEY: images if serialized is None else serialized, "epoch": panel.epoch}
+                self.logger.log_metrics({**row, TABLE_KEY: self._table(panel, cells)}, step=step)
             finally:
                 if folder is not None:
-                    folder.cleanup()
+                    self._spent.append(folder)
 
         return commit
 
-    def _sources(self, panel: Panel) -> tuple[tempfile.TemporaryDirectory[str] | None, list[Any]]:
-        """(the temporary folder to remove after the log call, what W&B gets for each strip)."""
-        if getattr(self.logger.experiment.settings, "allow_media_symlink", False):
-            return None, [strip.pixels for strip in panel.strips]
+    @staticmethod
+    def _sources(panel: Panel, run: Any) -> tuple[tempfile.TemporaryDirectory[str] | None, list[list[Any]]]:
+        """(the temporary folder to remove once W&B has copied its files, what W&B gets for each strip and each table
+        cell: the strip without its boxes, and with them drawn)."""
+        if getattr(run.settings, "allow_media_symlink", False):
+            return None, [[strip.pixels for strip in panel.strips], [strip.boxed for strip in panel.strips]]
         folder = tempfile.TemporaryDirectory(prefix="cubcam-panel-")
         try:
-            paths = [str(save_png(s.pixels, Path(folder.name) / f"{k:02d}.png")) for k, s in enumerate(panel.strips)]
+            sources: list[list[Any]] = [[], []]
+            for k, strip in enumerate(panel.strips):
+                for part, pixels in enumerate((strip.pixels, strip.boxed)):
+                    path = Path(folder.name) / f"{k:02d}-{part}.png"
+                    path.write_bytes(png_bytes(pixels))  # a scratch file: no atomic write, no fsync
+                    sources[part].append(str(path))
         except BaseException:
             folder.cleanup()
             raise
-        return folder, paths
+        return folder, sources
 
-    @staticmethod
-    def _images(panel: Panel, sources: list[Any]) -> list[Any]:
-        import wandb
-
-        return [
-            wandb.Image(source, caption=caption, boxes=wandb_boxes(strip, panel.class_names))
-            for source, strip, caption in zip(sources, panel.strips, panel.captions)
-        ]
-
-    def _table(self, panel: Panel, images: list[Any]) -> Any:
+    def _table(self, panel: Panel, cells: list[Any]) -> Any:
         import wandb
 
         rows = [
             [
                 row["index"],
-                image,
+                cell,
                 row["true"],
                 row["predicted"],
                 row["score"],
@@ -148,7 +174,7 @@ class WandbSink:
                 row["peak_in_box"],
                 panel.epoch,
             ]
-            for row, image in zip(panel.rows, images)
+            for row, cell in zip(panel.rows, cells)
         ]
         if self._rows is None:
             try:
@@ -162,6 +188,8 @@ class WandbSink:
     def log_evolution(self, evolution: Evolution, step: int) -> None:
         import wandb
 
+        while self._spent:
+            self._spent.pop().cleanup()
         with tempfile.TemporaryDirectory(prefix="cubcam-evolution-") as folder:
             strips = [
                 save_png(strip, Path(folder) / f"{i}.png")
@@ -325,3 +353,39 @@ def wandb_boxes(strip: Strip, class_names: list[str]) -> dict[str, Any]:
         labels = {c: name(class_names, c) for c in range(max([len(class_names)] + [int(c) + 1 for _, c in boxes]))}
         groups[group] = {"box_data": data, "class_labels": labels}
     return groups
+
+
+BOX_LABELS = "bounding_box/class_labels"  # W&B's config entry of the box groups' class labels (its _add_singleton)
+
+
+def serialized_images(run: Any, key: str, images: list[Any], namespace: str) -> dict[str, Any] | None:
+    """The JSON that ``run.log({key: images})`` makes of an image list, made here, off the loop's thread; None where
+    this wandb lacks a part (then ``run.log`` gets the images).
+
+    It is wandb's own code (``val_to_json``) split where the run's shared state begins: each image's and box
+    group's file is bound to the run (copied into its media folder, published: wandb's publishing is thread-safe),
+    then ``seq_to_json`` makes the row's entry. What it leaves out is the box groups' class labels, which W&B keeps
+    once per key in the run's config (not thread-safe): :func:`register_box_labels`. ``namespace`` is the part of
+    the file names wandb fills with its history step (unknown off the loop's thread), any unique string.
+    """
+    import wandb
+
+    try:
+        from wandb.sdk.data_types.base_types.media import Media
+
+        seq_to_json = wandb.Image.seq_to_json
+        for image in images:
+            Media.bind_to_run(image, run, key, namespace)
+            for boxes in (image._boxes or {}).values():
+                Media.bind_to_run(boxes, run, key, namespace)
+        return dict(seq_to_json(images, run, key, namespace))
+    except (ImportError, AttributeError, TypeError, AssertionError):  # another wandb's internals
+        return None
+
+
+def register_box_labels(run: Any, key: str, image: Any) -> None:
+    """Put the class labels of ``image``'s box groups in the run's config, as wandb's ``BoundingBoxes2D`` does when
+    it binds to a run, for the images :func:`serialized_images` bound (on the loop's thread). Every panel image has
+    the same labels (:func:`wandb_boxes`), so once per process does."""
+    for group, boxes in (getattr(image, "_boxes", None) or {}).items():
+        run._add_singleton(BOX_LABELS, f"{key}_wandb_delimeter_{group}", boxes._class_labels)

@@ -335,6 +335,48 @@ def test_panel_files_reach_wandb_also_where_it_may_symlink_media(synthetic_cub, 
     assert all(np.array_equal(a, b) and a.std() > 10 for a, b in zip(pixels[False], pixels[True]))
 
 
+def test_the_panel_row_made_off_the_loop_s_thread_is_the_one_wandb_makes(synthetic_cub, offline, monkeypatch):
+    """The staging binds the panel's files to the run and makes the row's entry (serialized_images), the commit adds
+    the box groups' class labels to the run's config: the same row, files and config as wandb's own run.log of the
+    images (serialized_images off), apart from the part of the file names that says when they were bound."""
+    from cubcam.callbacks import sinks
+
+    data = data_for(synthetic_cub, "classifier")
+    made = {}
+    for native in (False, True):
+        if native:
+            monkeypatch.setattr(sinks, "serialized_images", lambda *args: None)
+        logger = wandb_logger(offline / str(native))
+        pl.seed_everything(0, verbose=False)
+        trainer_for(offline, 1, [CAMPanel(num_images=4)], logger=logger).validate(
+            module_for("classifier", data), datamodule=data, verbose=False
+        )
+        run_dir = finished_run(logger)
+        (row,) = panel_rows(run_dir)
+        media = row[PANEL_KEY]
+        files = [run_dir / "files" / f for f in media["filenames"]]
+        files += [run_dir / "files" / boxes[k]["path"] for boxes in media["all_boxes"] for k in sorted(boxes)]
+        assert all(f.is_file() and f.stat().st_size for f in files)
+        shape = {
+            **media,
+            "filenames": None,
+            "all_boxes": [{k: g["_type"] for k, g in b.items()} for b in media["all_boxes"]],
+        }
+        configs = [r.config for r in read_records(finished_log(run_dir)) if r.WhichOneof("record_type") == "config"]
+        labels = {}
+        for config in configs:  # the last value of each class-label singleton
+            for item in config.update:
+                if item.key == "_wandb":
+                    labels.update(json.loads(item.value_json).get(sinks.BOX_LABELS, {}))
+        made[native] = (shape, [f.read_bytes() for f in files], labels)
+        # wandb names the files by its history step; staged, they carry the epoch's step: the path was taken
+        assert all(("_step" in name) != native for name in media["filenames"])
+    assert made[False][0] == made[True][0]
+    assert made[False][1] == made[True][1]  # the same PNGs and box groups, byte for byte
+    assert set(made[True][2]) == {f"{PANEL_KEY}_wandb_delimeter_{g}" for g in ("ground_truth", "cam")}
+    assert made[False][2] == made[True][2]
+
+
 def test_resumed_run_shows_the_same_birds(synthetic_cub, offline):
     data = data_for(synthetic_cub, "classifier")
     first_logger = wandb_logger(offline / "first")
