@@ -359,10 +359,6 @@ def time_road(
     return statistics.median(times["floor"]), statistics.median(times["ours"]), statistics.median(times["pgc"])
 
 
-if __name__ == "__main__":
-    main()
-
-
 def simulated(strides: list[int], repeats: int) -> None:
     """Localization (``score_split``) vs the forward alone, beside a simulated GPU (module doc), medians."""
     sys.path.insert(0, str(Path(__file__).parent))
@@ -418,3 +414,7 @@ def simulated(strides: list[int], repeats: int) -> None:
                 f"{forward / ours:.2f}x (target >= 0.9x)",
                 flush=True,
             )
+
+
+if __name__ == "__main__":
+    main()

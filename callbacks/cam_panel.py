@@ -467,7 +467,7 @@ class CAMPanel(_Callback):
             if self.log_metrics and self.subset and collected.has_boxes:
                 metrics = subset_maps(
                     explainer,
-                    collected.subset_columns(),
+                    collected.take_subset_columns(),
                     target,
                     self.weighting,
                     self.subset,

@@ -768,8 +768,8 @@ def test_boxes_that_cannot_be_scored_are_left_out_by_dataset_index():
     boxes = torch.tensor([[1.0, 1, 10, 10], [float("nan"), 1, 10, 10], [4, 4, -3, 5], [20, 20, 30, 30]])
     collector.add(step, images, boxes)
     assert collector.invalid_boxes == [1, 2]
-    columns = collector.subset_columns()
-    assert columns["index"].tolist() == [0, 3]
+    columns = collector.take_subset_columns()
+    assert columns["index"].tolist() == [0, 3] and collector.subset_rows == []  # taken: held once
     assert columns["box"].tolist() == [[1, 1, 10, 10], [20, 20, 12, 12]]  # the last one clipped to the 32 px image
 
 
