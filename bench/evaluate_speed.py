@@ -159,21 +159,7 @@ def main() -> None:
                 for scheme in EVALUATE_SCHEMES
             }
 
-        def forward_only() -> None:
-            with torch.inference_mode():
-                for batch in batches:
-                    module(batch["image"])
-
-        def evaluate() -> None:
-            methods = {name: (target, "gradcam") for name, target in targets.items()}
-            score_split(module, batches, methods, torch.device("cpu"), n, progress=False)
-
-        forward_only(), evaluate()  # warm-up: allocator, thread pools, lazy imports
-        times: dict[str, list[float]] = {"forward": [], "evaluate": []}
-        for _ in range(args.repeats):
-            times["forward"].append(timed(forward_only))
-            times["evaluate"].append(timed(evaluate))
-        forward_ips, evaluate_ips = (n / statistics.median(times[k]) for k in ("forward", "evaluate"))
+        forward_ips, evaluate_ips = (n / t for t in localization_times(module, batches, targets, n, args.repeats))
 
         def forward_from_disk() -> None:
             with torch.inference_mode():
@@ -231,6 +217,33 @@ def main() -> None:
                 f"{kind:<11}{m / floor:>9.2f}{m / ours:>9.2f}{ratio:>7.2f}x{m / pgc:>9.2f}{ours / pgc:>9.2f}x"
                 f"   (target >= 0.8x of the floor: {'OK' if ratio >= 0.8 else 'MISSED'})"
             )
+
+
+def localization_times(
+    module: torch.nn.Module,
+    batches: list[dict[str, torch.Tensor]],
+    targets: dict[str, ExplanationTarget],
+    n: int,
+    repeats: int,
+) -> tuple[float, float]:
+    """(forward-only s, ``score_split`` s) over ``batches``, interleaved ``repeats`` times after a warm-up
+    (allocator, thread pools, lazy imports), medians."""
+
+    def forward_only() -> None:
+        with torch.inference_mode():
+            for batch in batches:
+                module(batch["image"])
+
+    def evaluate() -> None:
+        methods: dict[str, EvalMethod] = {name: (target, "gradcam") for name, target in targets.items()}
+        score_split(module, batches, methods, torch.device("cpu"), n, progress=False)
+
+    forward_only(), evaluate()
+    times: dict[str, list[float]] = {"forward": [], "evaluate": []}
+    for _ in range(repeats):
+        times["forward"].append(timed(forward_only))
+        times["evaluate"].append(timed(evaluate))
+    return statistics.median(times["forward"]), statistics.median(times["evaluate"])
 
 
 Prepared = list[tuple[torch.Tensor, torch.Tensor, dict[str, tuple[torch.Tensor, EvalMethod, torch.Tensor]]]]
@@ -393,21 +406,7 @@ def simulated(strides: list[int], repeats: int) -> None:
                     for scheme in EVALUATE_SCHEMES
                 }
 
-            def forward_only() -> None:
-                with torch.inference_mode():
-                    for b in batches:
-                        module(b["image"])
-
-            def evaluate() -> None:
-                methods = {name: (target, "gradcam") for name, target in targets.items()}
-                score_split(module, batches, methods, torch.device("cpu"), n, progress=False)
-
-            forward_only(), evaluate()  # warm-up
-            times: dict[str, list[float]] = {"forward": [], "evaluate": []}
-            for _ in range(repeats):
-                times["forward"].append(timed(forward_only))
-                times["evaluate"].append(timed(evaluate))
-            forward, ours = (statistics.median(times[k]) for k in ("forward", "evaluate"))
+            forward, ours = localization_times(module, batches, targets, n, repeats)
             print(
                 f"{kind:<11} stride {stride} ({224 // stride}x{224 // stride}): forward {n / forward:.0f} img/s, "
                 f"evaluate {n / ours:.0f} img/s ({len(targets)} method(s) + the centre baseline) = "
