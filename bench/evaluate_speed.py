@@ -375,22 +375,14 @@ def time_road(
 def simulated(strides: list[int], repeats: int) -> None:
     """Localization (``score_split``) vs the forward alone, beside a simulated GPU (module doc), medians."""
     sys.path.insert(0, str(Path(__file__).parent))
-    from callback_overhead import BATCH, CLASSES, VAL, Simulated
+    from callback_overhead import BATCH, CLASSES, SIZE, VAL, Simulated
+    from torch.utils.data import DataLoader
 
-    batches = []
-    for start in range(0, len(VAL), BATCH):
-        items = [VAL[i] for i in range(start, min(start + BATCH, len(VAL)))]
-        batches.append(
-            {
-                "image": torch.stack([item["image"] for item in items]),
-                "label": torch.tensor([item["label"] for item in items]),
-                "box": torch.stack([item["box"] for item in items]),
-                "parts": torch.zeros(len(items), 1, 3),  # no part locations: the pointing game uses the boxes
-            }
-        )
+    # The callback benchmark's validation batches; no part locations: the pointing game uses the boxes.
+    batches = [{**batch, "parts": torch.zeros(len(batch["image"]), 1, 3)} for batch in DataLoader(VAL, BATCH)]
     n = len(VAL)
     print(
-        f"simulated GPU forward, {n} images at 224 px, batch {BATCH}, {torch.get_num_threads()} threads, "
+        f"simulated GPU forward, {n} images at {SIZE} px, batch {BATCH}, {torch.get_num_threads()} threads, "
         f"median of {repeats}"
     )
     for stride in strides:
@@ -408,7 +400,7 @@ def simulated(strides: list[int], repeats: int) -> None:
 
             forward, ours = localization_times(module, batches, targets, n, repeats)
             print(
-                f"{kind:<11} stride {stride} ({224 // stride}x{224 // stride}): forward {n / forward:.0f} img/s, "
+                f"{kind:<11} stride {stride} ({SIZE // stride}x{SIZE // stride}): forward {n / forward:.0f} img/s, "
                 f"evaluate {n / ours:.0f} img/s ({len(targets)} method(s) + the centre baseline) = "
                 f"{forward / ours:.2f}x (target >= 0.9x)",
                 flush=True,

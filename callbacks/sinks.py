@@ -112,8 +112,7 @@ class WandbSink:
         import wandb
 
         run = self.logger.experiment
-        while self._spent:  # the files of panels W&B has copied already (unlinking them costs the loop ~10 ms)
-            self._spent.pop().cleanup()
+        self._remove_spent()
         folder, sources = self._sources(panel, run)
         try:
             images = [
@@ -139,6 +138,12 @@ class WandbSink:
                     self._spent.append(folder)
 
         return commit
+
+    def _remove_spent(self) -> None:
+        """Remove the files of the panels W&B has copied already: while staging, or at the end (unlinking them in
+        the commit cost the loop's thread about 10 ms an epoch)."""
+        while self._spent:
+            self._spent.pop().cleanup()
 
     @staticmethod
     def _sources(panel: Panel, run: Any) -> tuple[tempfile.TemporaryDirectory[str] | None, list[list[Any]]]:
@@ -188,8 +193,7 @@ class WandbSink:
     def log_evolution(self, evolution: Evolution, step: int) -> None:
         import wandb
 
-        while self._spent:
-            self._spent.pop().cleanup()
+        self._remove_spent()
         with tempfile.TemporaryDirectory(prefix="cubcam-evolution-") as folder:
             strips = [
                 save_png(strip, Path(folder) / f"{i}.png")
