@@ -39,8 +39,14 @@ import numpy as np
 import torch
 from scipy import sparse
 from scipy.sparse import csgraph
+from torch import Tensor
+
+from cubcam.cams import level_sets
+from cubcam.cams.level_sets import level_set_hits
 
 ArrayLike = torch.Tensor | np.ndarray | Sequence
+Backend = Literal["auto", "numpy", "torch"]
+BACKENDS: tuple[Backend, ...] = ("auto", "numpy", "torch")
 
 DEFAULT_THRESHOLDS = np.arange(0, 1, 0.01)  # the reference's CAM threshold grid (cam_curve_interval=0.01)
 DEFAULT_IOU_THRESHOLDS = (0.3, 0.5, 0.7)
@@ -57,22 +63,46 @@ def box_hits(
     thresholds: ArrayLike | None = None,
     iou_thresholds: ArrayLike = DEFAULT_IOU_THRESHOLDS,
     workers: int = 1,
-) -> np.ndarray:
+    backend: Backend = "auto",
+) -> Tensor:
     """Per image, threshold and IoU threshold: does any region box at that threshold reach that IoU with the GT box?
 
-    ``cams`` [N, H, W], ``boxes`` [N, 4] xywh -> bool [N, T, I]. Summed over images (also over batches and ranks)
-    this is all :func:`max_box_acc_from_hits` needs, so large evaluations never keep the maps.
+    ``cams`` [N, H, W], ``boxes`` [N, 4] xywh -> bool tensor [N, T, I] on the maps' device (the CPU for arrays).
+    Summed over images (also over batches and ranks) this is all :func:`max_box_acc_from_hits` needs, so large
+    evaluations never keep the maps.
 
-    Small maps are labelled several at a time (``STACK_PIXELS``). Maps of that size and up (about 180 px square) go
-    to ``workers`` threads: their array operations are large enough to release the GIL, while on smaller maps the
-    interpreter's share dominates and threads do not pay (``bench/localization_speed.py``).
+    ``backend``: ``"torch"`` labels with torch ops on the maps' device (:mod:`cubcam.cams.level_sets`; no host copy
+    of the maps), ``"numpy"`` with NumPy and SciPy on the CPU, ``"auto"`` picks torch for accelerator tensors and
+    NumPy for CPU tensors, where it is the faster (``bench/localization_speed.py``). Both give the same hits. A
+    device without float64 (MPS) labels with NumPy. ``workers``: threads for the NumPy labeller's large maps.
     """
     if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
         raise ValueError(f"workers must be a positive integer, got {workers!r}")
     maps = _maps(cams)
-    gt = _boxes(boxes, len(maps))
+    gt = _boxes(boxes, len(maps), maps.device)
     thresholds = _thresholds(thresholds)
     ious = _iou_thresholds(iou_thresholds)
+    if labeller(maps.device, backend) == "torch":
+        return level_set_hits(maps, gt, torch.from_numpy(thresholds), torch.from_numpy(ious))
+    hits = _numpy_box_hits(_host(maps), _host(gt), thresholds, ious, workers)
+    return torch.from_numpy(hits).to(maps.device)
+
+
+def labeller(device: torch.device, backend: Backend = "auto") -> Literal["numpy", "torch"]:
+    """Which labeller ``box_hits`` runs for maps on ``device``: see its ``backend``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if device.type == "mps" or (backend == "auto" and device.type == "cpu"):
+        return "numpy"
+    return "numpy" if backend == "numpy" else "torch"
+
+
+def _numpy_box_hits(
+    maps: np.ndarray, gt: np.ndarray, thresholds: np.ndarray, ious: np.ndarray, workers: int
+) -> np.ndarray:
+    """:func:`box_hits` with NumPy and SciPy. Small maps are labelled several at a time (``STACK_PIXELS``); maps of
+    that size and up (about 180 px square) go to ``workers`` threads: their array operations are large enough to
+    release the GIL, while on smaller maps the interpreter's share dominates and threads do not pay."""
     hits = np.zeros((len(maps), len(thresholds), len(ious)), dtype=bool)
     stack = max(1, STACK_PIXELS // (maps.shape[1] * maps.shape[2]))
 
@@ -81,7 +111,7 @@ def box_hits(
             depth, level_of = _depths(_quantize(maps[start : min(start + stack, stop)]), thresholds)
             image, level, regions = _region_boxes(depth)
             best = np.zeros((len(depth), len(thresholds)))  # [n, cut index]; at most T distinct cuts per map
-            np.maximum.at(best, (image, level), box_iou(regions, gt[start + image]))
+            np.maximum.at(best, (image, level), box_iou(regions, gt[start + image]).numpy())
             hits[start : start + len(depth)] = np.take_along_axis(best, level_of, 1)[:, :, None] >= ious
 
     workers = min(workers, len(maps)) if stack == 1 else 1
@@ -136,9 +166,10 @@ def max_box_acc(
     thresholds: ArrayLike | None = None,
     iou_thresholds: ArrayLike = DEFAULT_IOU_THRESHOLDS,
     workers: int = 1,
+    backend: Backend = "auto",
 ) -> dict[str, float | np.ndarray]:
     """MaxBoxAccV2 of a set of maps [N, H, W] against their GT boxes [N, 4] (see :func:`max_box_acc_from_hits`)."""
-    hits = box_hits(cams, boxes, thresholds, iou_thresholds, workers)
+    hits = box_hits(cams, boxes, thresholds, iou_thresholds, workers, backend)
     return max_box_acc_from_hits(hits.sum(0), len(hits), thresholds, iou_thresholds)
 
 
@@ -151,48 +182,48 @@ def boxes_from_map(cam: ArrayLike, threshold: float) -> np.ndarray:
     array = _numpy(cam, "cam")
     if array.ndim != 2:
         raise ValueError(f"cam must be one map [H, W], got shape {array.shape}")
-    depth, _ = _depths(_quantize(_maps(array[None])), _thresholds([threshold]))
+    depth, _ = _depths(_quantize(_host(_maps(array[None]))), _thresholds([threshold]))
     _, _, regions = _region_boxes(depth)
     return regions[np.lexsort(regions.T[[3, 2, 0, 1]])]
 
 
-def box_iou(boxes_a: ArrayLike, boxes_b: ArrayLike) -> np.ndarray:
-    """IoU of xywh boxes, broadcast over leading dimensions ([..., 4] with [..., 4]); 0 where both are empty."""
-    a, b = _numpy(boxes_a, "boxes_a"), _numpy(boxes_b, "boxes_b")
+def box_iou(boxes_a: ArrayLike, boxes_b: ArrayLike) -> Tensor:
+    """IoU of xywh boxes, broadcast over leading dimensions ([..., 4] with [..., 4]); 0 where both are empty.
+    Float64, on the first argument's device."""
+    a = boxes_a.double() if isinstance(boxes_a, Tensor) else torch.as_tensor(_numpy(boxes_a, "boxes_a"))
+    b = torch.as_tensor(boxes_b, dtype=torch.float64, device=a.device)
     if a.shape[-1:] != (4,) or b.shape[-1:] != (4,):
-        raise ValueError(f"boxes must be [..., 4] (x, y, w, h), got shapes {a.shape} and {b.shape}")
-    iw = np.clip(np.minimum(a[..., 0] + a[..., 2], b[..., 0] + b[..., 2]) - np.maximum(a[..., 0], b[..., 0]), 0, None)
-    ih = np.clip(np.minimum(a[..., 1] + a[..., 3], b[..., 1] + b[..., 3]) - np.maximum(a[..., 1], b[..., 1]), 0, None)
-    inter = iw * ih
-    union = a[..., 2] * a[..., 3] + b[..., 2] * b[..., 3] - inter
-    return np.divide(inter, union, out=np.zeros_like(union), where=union > 0)
+        raise ValueError(f"boxes must be [..., 4] (x, y, w, h), got shapes {tuple(a.shape)} and {tuple(b.shape)}")
+    return level_sets.box_iou(a, b)
 
 
 # --- heatmap ratio and pointing game -------------------------------------------------------------------------------
 
 
-def heatmap_ratio(cams: ArrayLike, boxes: ArrayLike) -> np.ndarray:
-    """Share of each map's mass inside its GT box, float [N] in [0, 1] ("energy-based pointing game").
+def heatmap_ratio(cams: ArrayLike, boxes: ArrayLike) -> Tensor:
+    """Share of each map's mass inside its GT box, float64 [N] in [0, 1] on the maps' device ("energy-based
+    pointing game").
 
     Maps are used as given (non-negative, e.g. the engine's normalised maps); a pixel the box edge cuts counts
     with the covered fraction of its area, so float boxes are exact. An all-zero map puts no mass anywhere and
     scores 0, so a CAM that looks at nothing gets no credit (never NaN).
     """
     maps = _maps(cams)
-    gt = _boxes(boxes, len(maps))
-    if (maps < 0).any():
+    gt = _boxes(boxes, len(maps), maps.device)
+    if bool((maps < 0).any()):
         raise ValueError("heatmap_ratio needs non-negative maps (mass); got negative values")
     rows = _coverage(gt[:, 1], gt[:, 3], maps.shape[1])  # [N, H]
     cols = _coverage(gt[:, 0], gt[:, 2], maps.shape[2])  # [N, W]
-    inside = np.einsum("nhw,nh,nw->n", maps, rows, cols)
+    inside = torch.einsum("nhw,nh,nw->n", maps, rows, cols)
     total = maps.sum((1, 2))
-    return np.divide(inside, total, out=np.zeros_like(total), where=total > 0)
+    return torch.where(total > 0, inside / total.where(total > 0, torch.ones_like(total)), torch.zeros_like(total))
 
 
 def pointing_game(
     cams: ArrayLike, boxes: ArrayLike | None = None, parts: ArrayLike | None = None, radius: float = 15.0
-) -> np.ndarray:
-    """Does each map point at the object? float [N]: 1.0 hit, 0.0 miss, NaN when there is nothing to point at.
+) -> Tensor:
+    """Does each map point at the object? float64 [N] on the maps' device: 1.0 hit, 0.0 miss, NaN when there is
+    nothing to point at.
 
     Give ``boxes`` [N, 4] xywh (hit: the maximum lies in the box) or ``parts`` [N, P, 3] (x, y, visible), as the
     dataset gives them (hit: the maximum lies within ``radius`` px of a visible part, 15 px as in Zhang et al.,
@@ -203,31 +234,35 @@ def pointing_game(
     maps = _maps(cams)
     if (boxes is None) == (parts is None):
         raise ValueError("pointing_game needs boxes or parts (exactly one of them)")
-    peak = maps.max((1, 2), keepdims=True)
-    maxima = (maps == peak) & (peak > maps.min((1, 2), keepdims=True))
+    peak = maps.amax((1, 2), keepdim=True)
+    maxima = (maps == peak) & (peak > maps.amin((1, 2), keepdim=True))
     n, h, w = maps.shape
+    ys = torch.arange(h, dtype=torch.float64, device=maps.device) + 0.5
+    xs = torch.arange(w, dtype=torch.float64, device=maps.device) + 0.5
     if boxes is not None:
-        gt = _boxes(boxes, n)
-        ys, xs = np.arange(h) + 0.5, np.arange(w) + 0.5
+        gt = _boxes(boxes, n, maps.device)
         in_rows = (ys >= gt[:, 1:2]) & (ys <= gt[:, 1:2] + gt[:, 3:4])
         in_cols = (xs >= gt[:, 0:1]) & (xs <= gt[:, 0:1] + gt[:, 2:3])
         qualifies = in_rows[:, :, None] & in_cols[:, None, :]
-        return (maxima.any((1, 2)) & ~(maxima & ~qualifies).any((1, 2))).astype(np.float64)
-    assert parts is not None  # one of the two was given
-    points = _numpy(parts, "parts")
-    if points.ndim != 3 or points.shape[0] != n or points.shape[2] != 3 or not np.isfinite(points).all():
-        raise ValueError(f"parts must be finite [N, P, 3] (x, y, visible) with N = {n}, got shape {points.shape}")
-    if not radius >= 0:
-        raise ValueError(f"radius must be >= 0, got {radius}")
-    result = np.full(n, np.nan)
-    for i in range(n):
-        visible = points[i, points[i, :, 2] > 0.5, :2]
-        if len(visible) == 0:
-            continue
-        r, c = np.nonzero(maxima[i])
-        distance = np.hypot(c[:, None] + 0.5 - visible[None, :, 0], r[:, None] + 0.5 - visible[None, :, 1])
-        result[i] = float(len(r) > 0 and bool((distance.min(1) <= radius).all()))
-    return result
+    else:
+        assert parts is not None  # one of the two was given
+        points = _float64(parts, "parts", maps.device)
+        if points.ndim != 3 or points.shape[0] != n or points.shape[2] != 3 or not bool(torch.isfinite(points).all()):
+            raise ValueError(
+                f"parts must be finite [N, P, 3] (x, y, visible) with N = {n}, got shape {tuple(points.shape)}"
+            )
+        if not radius >= 0:
+            raise ValueError(f"radius must be >= 0, got {radius}")
+        visible = points[:, :, 2] > 0.5  # [N, P]
+        qualifies = torch.zeros_like(maxima)
+        for p in range(points.shape[1]):  # a part at a time: [N, H, W] each, never [N, P, H, W]
+            dx = xs[None, None, :] - points[:, p, 0, None, None]
+            dy = ys[None, :, None] - points[:, p, 1, None, None]
+            qualifies |= visible[:, p, None, None] & (torch.hypot(dx, dy) <= radius)
+    hit = (maxima.any((1, 2)) & ~(maxima & ~qualifies).any((1, 2))).double()
+    if parts is not None:
+        hit = torch.where(visible.any(1), hit, torch.full_like(hit, math.nan))
+    return hit
 
 
 # --- boxes as data gives them ----------------------------------------------------------------------------------
@@ -271,6 +306,12 @@ class LocalizationAccumulator:
     map's peak inside the GT box), ``pointing_game_parts`` (the peak within ``radius`` px of a visible part; only
     when parts were given, over the images that have visible parts: ``pointing_game_parts_images``) and
     ``num_images``.
+
+    Args:
+        num_slots: how many images the evaluated set has.
+        device: where the rows live and the maps are scored (the maps' device: no host copy of them on an
+            accelerator; the CPU for MPS, which has no float64).
+        backend: the labeller, as :func:`box_hits` takes it; ``workers``: its threads on the CPU.
     """
 
     def __init__(
@@ -280,15 +321,20 @@ class LocalizationAccumulator:
         iou_thresholds: ArrayLike = DEFAULT_IOU_THRESHOLDS,
         workers: int = 1,
         radius: float = 15.0,
+        device: torch.device | str = "cpu",
+        backend: Backend = "auto",
     ):
         if not isinstance(num_slots, int) or num_slots < 0:
             raise ValueError(f"num_slots must be a non-negative integer, got {num_slots!r}")
         self.thresholds = _thresholds(thresholds)
         self.iou_thresholds = _iou_thresholds(iou_thresholds)
         self.workers, self.radius = workers, radius
+        self.device = torch.device("cpu" if torch.device(device).type == "mps" else device)
+        self.backend = backend
+        labeller(self.device, backend)  # checks the name now, not at the first batch
         self.num_hits = len(self.thresholds) * len(self.iou_thresholds)
         # columns: hits | heatmap ratio | pointing game (box) | pointing game (parts) | has visible parts | count
-        self.rows = torch.zeros(num_slots, self.num_hits + 5, dtype=torch.float64)
+        self.rows = torch.zeros(num_slots, self.num_hits + 5, dtype=torch.float64, device=self.device)
 
     def update(
         self,
@@ -296,45 +342,47 @@ class LocalizationAccumulator:
         maps: ArrayLike,
         boxes: ArrayLike,
         parts: ArrayLike | None = None,
-        hits: np.ndarray | None = None,
+        hits: ArrayLike | None = None,
     ) -> None:
         """Add maps [B, H, W] of the images in ``slots`` [B] with their GT boxes [B, 4] (and parts [B, P, 3]);
         ``hits`` [B, T, I] when already known (a fixed baseline map's)."""
-        index = torch.as_tensor(np.asarray(slots, dtype=np.int64))
-        cams = _maps(maps, finite=False)  # a non-finite map is scored NaN below
+        index = torch.as_tensor(np.asarray(slots, dtype=np.int64), device=self.device)
+        cams = _float64(maps, "cams", self.device)
+        cams = _maps(cams, finite=False)  # a non-finite map is scored NaN below
         if index.shape != (len(cams),) or (len(index) and (index.min() < 0 or index.max() >= len(self.rows))):
             raise ValueError(f"slots must be [{len(cams)}] indices in [0, {len(self.rows)}), got {index.tolist()[:8]}")
-        finite = np.isfinite(cams).reshape(len(cams), -1).all(1)
-        if not finite.all():  # a diverged model's maps: scored as NaN (compute then gives NaN), never as misses
-            cams = np.where(finite[:, None, None], cams, 0.0).astype(cams.dtype)
+        finite = torch.isfinite(cams).flatten(1).all(1)
+        # a diverged model's maps: scored as NaN (compute then gives NaN), never as misses
+        cams = torch.where(finite[:, None, None], cams, torch.zeros_like(cams))
+        gt = _boxes(boxes, len(cams), self.device)
         if hits is None:
-            hits = box_hits(cams, boxes, self.thresholds, self.iou_thresholds, self.workers)
-        values = np.zeros((len(cams), self.rows.shape[1]))
-        values[:, : self.num_hits] = hits.reshape(len(cams), -1)
-        values[:, self.num_hits] = heatmap_ratio(cams, boxes)
-        values[:, self.num_hits + 1] = pointing_game(cams, boxes=boxes)
+            hits = box_hits(cams, gt, self.thresholds, self.iou_thresholds, self.workers, self.backend)
+        values = torch.zeros(len(cams), self.rows.shape[1], dtype=torch.float64, device=self.device)
+        values[:, : self.num_hits] = torch.as_tensor(hits, device=self.device).reshape(len(cams), -1)
+        values[:, self.num_hits] = heatmap_ratio(cams, gt)
+        values[:, self.num_hits + 1] = pointing_game(cams, boxes=gt)
         if parts is not None:
             pointed = pointing_game(cams, parts=parts, radius=self.radius)
-            known = ~np.isnan(pointed)  # an image without visible parts has nothing to point at
-            values[:, self.num_hits + 2] = np.where(known, pointed, 0.0)
-            values[:, self.num_hits + 3] = known
-        values[~finite, :-1] = np.nan
+            known = ~torch.isnan(pointed)  # an image without visible parts has nothing to point at
+            values[:, self.num_hits + 2] = torch.where(known, pointed, torch.zeros_like(pointed))
+            values[:, self.num_hits + 3] = known.double()
+        values[:, :-1] = torch.where(finite[:, None], values[:, :-1], torch.full_like(values[:, :-1], math.nan))
         values[:, -1] = 1.0
-        self.rows.index_add_(0, index, torch.from_numpy(values))
+        self.rows.index_add_(0, index, values)
 
     def add_rows(self, slots: ArrayLike, rows: torch.Tensor) -> None:
         """Add the rows [B, C] another accumulator made for images in ``slots`` (e.g. one of B slots, in a worker
         process: ``cubcam.cams.labelling``); an image's row is the same wherever it is computed, and adding it to
         its slot's zeros is exact."""
-        index = torch.as_tensor(np.asarray(slots, dtype=np.int64))
+        index = torch.as_tensor(np.asarray(slots, dtype=np.int64), device=self.device)
         if rows.shape != (len(index), self.rows.shape[1]):
             raise ValueError(f"rows must be [{len(index)}, {self.rows.shape[1]}], got {tuple(rows.shape)}")
-        self.rows.index_add_(0, index, rows.to(torch.float64))
+        self.rows.index_add_(0, index, rows.to(self.device, torch.float64))
 
     def merge(self, reduce_sum: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        """Sum the rows over processes with ``reduce_sum`` (e.g. Lightning's ``strategy.reduce(t, "sum")``, moved
-        to the process's device and back); afterwards every rank computes the same scores."""
-        self.rows = reduce_sum(self.rows).to("cpu", torch.float64)
+        """Sum the rows over processes with ``reduce_sum`` (e.g. Lightning's ``strategy.reduce(t, "sum")``: one
+        all-reduce of the rows where they are); afterwards every rank computes the same scores."""
+        self.rows = reduce_sum(self.rows).to(self.device, torch.float64)
 
     @property
     def num_images(self) -> int:
@@ -346,11 +394,11 @@ class LocalizationAccumulator:
         seen = self.rows[:, -1] > 0
         if slots is not None:
             chosen = torch.zeros_like(seen)
-            chosen[torch.as_tensor(np.asarray(slots, dtype=np.int64))] = True
+            chosen[torch.as_tensor(np.asarray(slots, dtype=np.int64), device=self.device)] = True
             seen &= chosen
         if not seen.any():
             raise ValueError("no image was added to the localization accumulator")
-        rows = (self.rows[seen] / self.rows[seen, -1:]).numpy()
+        rows = (self.rows[seen] / self.rows[seen, -1:]).cpu().numpy()
         h = self.num_hits
         counts = rows[:, :h].sum(0).reshape(len(self.thresholds), -1).round()
         scores = max_box_acc_from_hits(counts, len(rows), self.thresholds, self.iou_thresholds)
@@ -498,27 +546,39 @@ def _expand(starts: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndar
 
 def _numpy(x: ArrayLike, name: str) -> np.ndarray:
     if isinstance(x, torch.Tensor):
-        return x.detach().cpu().double().numpy()
+        return _host(x)
     try:
         return np.asarray(x, dtype=np.float64)
     except (TypeError, ValueError) as err:
         raise TypeError(f"{name} must be a tensor or an array of numbers, got {type(x).__name__}") from err
 
 
-def _maps(cams: ArrayLike, finite: bool = True) -> np.ndarray:
-    maps = _numpy(cams, "cams")
+def _host(x: Tensor) -> np.ndarray:
+    return x.detach().cpu().double().numpy()
+
+
+def _float64(x: ArrayLike, name: str, device: torch.device | None = None) -> Tensor:
+    """``x`` as a float64 tensor on ``device`` (default: its own; the CPU for arrays, and for MPS, which has no
+    float64)."""
+    tensor = x.detach() if isinstance(x, Tensor) else torch.tensor(_numpy(x, name))
+    device = tensor.device if device is None else device
+    return tensor.to("cpu" if device.type == "mps" else device, torch.float64)
+
+
+def _maps(cams: ArrayLike, finite: bool = True) -> Tensor:
+    maps = _float64(cams, "cams")
     if maps.ndim != 3 or 0 in maps.shape[1:]:
-        raise ValueError(f"cams must be [N, H, W] with H, W > 0, got shape {maps.shape}")
-    if finite and not np.isfinite(maps).all():
+        raise ValueError(f"cams must be [N, H, W] with H, W > 0, got shape {tuple(maps.shape)}")
+    if finite and not bool(torch.isfinite(maps).all()):
         raise ValueError("cams contain NaN or infinite values")
     return maps
 
 
-def _boxes(boxes: ArrayLike, n: int) -> np.ndarray:
-    gt = _numpy(boxes, "boxes")
+def _boxes(boxes: ArrayLike, n: int, device: torch.device | None = None) -> Tensor:
+    gt = _float64(boxes, "boxes", device)
     if gt.shape != (n, 4):
-        raise ValueError(f"boxes must be [N, 4] (x, y, w, h) with N = {n} (one per map), got shape {gt.shape}")
-    if not np.isfinite(gt).all() or (gt[:, 2:] < 0).any():
+        raise ValueError(f"boxes must be [N, 4] (x, y, w, h) with N = {n} (one per map), got shape {tuple(gt.shape)}")
+    if not bool(torch.isfinite(gt).all()) or bool((gt[:, 2:] < 0).any()):
         raise ValueError("boxes must be finite (x, y, w, h) with w, h >= 0")
     return gt
 
@@ -544,7 +604,7 @@ def _iou_names(ious: np.ndarray) -> list[str]:
     return names
 
 
-def _coverage(start: np.ndarray, length: np.ndarray, n: int) -> np.ndarray:
+def _coverage(start: Tensor, length: Tensor, n: int) -> Tensor:
     """[N, n]: the fraction of each unit pixel interval [k, k + 1] inside [start, start + length]."""
-    k = np.arange(n)
-    return np.clip(np.minimum(k + 1, start[:, None] + length[:, None]) - np.maximum(k, start[:, None]), 0, 1)
+    k = torch.arange(n, dtype=torch.float64, device=start.device)
+    return (torch.minimum(k + 1, start[:, None] + length[:, None]) - torch.maximum(k, start[:, None])).clamp(0, 1)

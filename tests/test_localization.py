@@ -269,7 +269,7 @@ def test_large_maps_in_threads_equal_one_thread_and_the_reference():
     expected = np.concatenate([naive_hits(cam, gt[None], thresholds) for cam, gt in zip(cams.numpy(), gts.numpy())])
     np.testing.assert_array_equal(threaded, expected)
     np.testing.assert_array_equal(box_hits(cams, gts, thresholds), expected)
-    assert 0 < threaded.sum() < threaded.size  # the maps differ: rows in the wrong place would show
+    assert 0 < threaded.sum() < threaded.numel()  # the maps differ: rows in the wrong place would show
 
 
 # --- accuracy from hit counts ------------------------------------------------------------------------------------

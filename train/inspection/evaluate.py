@@ -194,11 +194,11 @@ class CentreBaseline:
         self.map = centre_gaussian(size)
         self.regions = [boxes_from_map(self.map, t) for t in DEFAULT_THRESHOLDS]
 
-    def box_hits(self, boxes: Tensor) -> np.ndarray:
-        """Same as ``box_hits(map.expand(N, H, W), boxes)``: bool [N, T, I]."""
-        gt = np.asarray(boxes, dtype=np.float64)[:, None]
-        best = np.stack([box_iou(r[None], gt).max(1) if len(r) else np.zeros(len(gt)) for r in self.regions], 1)
-        return best[:, :, None] >= np.asarray(DEFAULT_IOU_THRESHOLDS)
+    def box_hits(self, boxes: Tensor) -> Tensor:
+        """Same as ``box_hits(map.expand(N, H, W), boxes)``: bool [N, T, I], on the boxes' device."""
+        gt = boxes.double()[:, None]
+        best = torch.stack([box_iou(gt, r[None]).amax(1) if len(r) else gt.new_zeros(len(gt)) for r in self.regions], 1)
+        return best[:, :, None] >= torch.tensor(DEFAULT_IOU_THRESHOLDS, device=boxes.device)
 
 
 @dataclass
