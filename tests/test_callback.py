@@ -177,7 +177,7 @@ def test_the_weighting_reaches_the_metrics(synthetic_cub, tmp_path):
         with torch.no_grad():
             activations = module.net.forward_features(images)
         maps = head_cams(module, activations, (SIZE, SIZE), ClassLogits(), labels, weighting)
-        expected = float(np.mean(heatmap_ratio(maps, boxes)))
+        expected = float(heatmap_ratio(maps, boxes).mean())
         assert logged[weighting]["val/cam_heatmap_ratio"] == pytest.approx(expected, abs=1e-4), weighting
     ratios = [logged[w]["val/cam_heatmap_ratio"] for w in logged]
     assert all(ratios[i] != pytest.approx(ratios[j]) for i in range(4) for j in range(i + 1, 4)), logged

@@ -51,8 +51,8 @@ def batched(fn, *tensors: torch.Tensor) -> torch.Tensor:
 
 def expected_scores(maps: torch.Tensor, split: dict[str, torch.Tensor]) -> dict[str, float]:
     scores = {k: float(v) for k, v in max_box_acc(maps, split["box"]).items() if np.isscalar(v)}
-    scores["heatmap_ratio"] = float(np.mean(heatmap_ratio(maps, split["box"])))
-    scores["pointing_game"] = float(np.mean(pointing_game(maps, boxes=split["box"])))  # the callback's meaning
+    scores["heatmap_ratio"] = float(heatmap_ratio(maps, split["box"]).mean())
+    scores["pointing_game"] = float(pointing_game(maps, boxes=split["box"]).mean())  # the callback's meaning
     pointed = np.asarray(pointing_game(maps, parts=split["parts"]), dtype=np.float64)
     scores["pointing_game_parts"] = float(np.nanmean(pointed))
     return scores

@@ -78,6 +78,7 @@ from cubcam.cams.localization import (
     LocalizationAccumulator,
     box_iou,
     boxes_from_map,
+    labeller,
 )
 from cubcam.cams.overlay import IMAGENET_MEAN, IMAGENET_STD, denormalize
 from cubcam.cams.protocol import (
@@ -238,18 +239,20 @@ def score_split(
     The baselines (``centre_gaussian``, and with ``steps`` also ``random``, drawn from ``seed``) are scored with
     the first method's target, so they answer "what does an uninformed map get on this score".
 
-    Where the split is large enough to pay for them (``cubcam.cams.labelling.pays_off``), the box metrics of a
-    batch's maps run in worker processes on every core while the next batches run forward (and through the
-    faithfulness perturbations); the numbers are those of scoring here.
+    On an accelerator the box metrics are labelled on it (``cubcam.cams.localization.box_hits``' torch labeller) and
+    ROAD's imputation is solved there. On the CPU, where the split is large enough to pay for them
+    (``cubcam.cams.labelling.pays_off``), the box metrics of a batch's maps run in worker processes on every core
+    while the next batches run forward; the numbers are the same either way.
     """
     head = HeadExplainer(module)
     explainers = {w: explainer_for(module, w, channel_batch_size) for _, w in methods.values()}
     workers = torch.get_num_threads()
-    pool: ScorePool | None = None  # worker processes for the box labelling, where the split pays for them
+    host = labeller(device) == "numpy"  # on an accelerator the maps are labelled where they are, by torch
+    pool: ScorePool | None = None  # worker processes for the CPU's box labelling, where the split pays for them
     pending: deque[tuple[str, range, Future[Tensor]]] = deque()  # (method, slots, its rows) being labelled
     baselines = BASELINES if steps else ("centre_gaussian",)
     names = [*methods, *baselines]
-    accumulators = {name: LocalizationAccumulator(total, workers=workers) for name in names}
+    accumulators = {name: LocalizationAccumulator(total, workers=workers, device=device) for name in names}
     faithful = {name: FaithfulnessAccumulator(steps) for name in names} if steps else {}
     labels = np.full(total, -1, np.int64)
     baseline: CentreBaseline | None = None
@@ -261,7 +264,7 @@ def score_split(
         for batch in batches:
             images = batch["image"].to(device, non_blocking=True)
             size = (images.shape[-2], images.shape[-1])
-            if pool is None and not seen and pays_off(total, size):
+            if host and pool is None and not seen and pays_off(total, size):
                 pool = ScorePool(cores())
                 stack.callback(pool.close)
                 pool.start()
@@ -286,7 +289,7 @@ def score_split(
             for name, (cams, _, _) in maps.items():
                 if pool is None or name == "centre_gaussian":  # the centre's hits are known: nothing to label
                     hits = baseline.box_hits(boxes) if name == "centre_gaussian" else None
-                    accumulators[name].update(slots, cams.cpu(), boxes, parts, hits=hits)
+                    accumulators[name].update(slots, cams, boxes, parts, hits=hits)
                 else:  # labelled by a worker while the next batches run forward
                     pending.append((name, slots, pool.submit(cams, boxes, size, parts)))
             if steps:
