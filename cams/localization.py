@@ -50,6 +50,7 @@ BACKENDS: tuple[Backend, ...] = ("auto", "numpy", "torch")
 
 DEFAULT_THRESHOLDS = np.arange(0, 1, 0.01)  # the reference's CAM threshold grid (cam_curve_interval=0.01)
 DEFAULT_IOU_THRESHOLDS = (0.3, 0.5, 0.7)
+PEAK_TOLERANCE = 1e-5  # of a map's range: pixels this close to its peak are maxima too (float rounding is ~1e-7)
 STACK_PIXELS = 32768  # maps labelled in one pass: enough small maps to amortise the per-call cost, few enough to
 # keep the run arrays in cache (larger stacks ran slower per map; bench/localization_speed.py)
 
@@ -228,14 +229,15 @@ def pointing_game(
     Give ``boxes`` [N, 4] xywh (hit: the maximum lies in the box) or ``parts`` [N, P, 3] (x, y, visible), as the
     dataset gives them (hit: the maximum lies within ``radius`` px of a visible part, 15 px as in Zhang et al.,
     2016; NaN for an image without visible parts). A pixel's position is its centre. Ties: the map points at all
-    its maximal pixels and hits only if every one of them qualifies, so the result never depends on scan order;
-    a flat map (including all zeros) points nowhere and never hits.
+    its maximal pixels (those within ``PEAK_TOLERANCE`` of the map's range of its peak, so that rounding, e.g. of
+    channels-last weights, never picks the peak) and hits only if every one of them qualifies, so the result never
+    depends on scan order; a flat map (including all zeros) points nowhere and never hits.
     """
     maps = _maps(cams)
     if (boxes is None) == (parts is None):
         raise ValueError("pointing_game needs boxes or parts (exactly one of them)")
-    peak = maps.amax((1, 2), keepdim=True)
-    maxima = (maps == peak) & (peak > maps.amin((1, 2), keepdim=True))
+    peak, low = maps.amax((1, 2), keepdim=True), maps.amin((1, 2), keepdim=True)
+    maxima = (maps >= peak - PEAK_TOLERANCE * (peak - low)) & (peak > low)
     n, h, w = maps.shape
     ys = torch.arange(h, dtype=torch.float64, device=maps.device) + 0.5
     xs = torch.arange(w, dtype=torch.float64, device=maps.device) + 0.5

@@ -346,6 +346,18 @@ def test_pointing_game_box_edge_is_inside():
     np.testing.assert_array_equal(pointing_game(cam, boxes=gts), [1.0, 0.0])
 
 
+def test_pointing_game_peak_is_not_decided_by_rounding():
+    """Two pixels a float32 rounding apart are both the peak (one outside the box: a miss, as for an exact tie);
+    one 1e-3 of the range below is not."""
+    cam = np.zeros((3, 8, 8), dtype=np.float32)
+    cam[:, 1, 1] = 1.0
+    cam[0, 6, 6] = 1.0  # an exact tie outside the box
+    cam[1, 6, 6] = np.nextafter(np.float32(1.0), np.float32(0.0))  # the same tie after a rounding
+    cam[2, 6, 6] = 0.999  # a lower second peak
+    gts = np.tile([[0.0, 0.0, 3.0, 3.0]], (3, 1))
+    np.testing.assert_array_equal(pointing_game(cam, boxes=gts), [0.0, 0.0, 1.0])
+
+
 def test_pointing_game_with_parts():
     cam = np.zeros((4, 64, 64))
     cam[:, 20, 30] = 1.0  # the maximum's centre is (30.5, 20.5)
