@@ -1,8 +1,11 @@
-"""How well a CAM localizes the object: MaxBoxAccV2, heatmap ratio and pointing game (NumPy/SciPy, no OpenCV).
+"""How well a CAM localizes the object: MaxBoxAccV2, heatmap ratio and pointing game, on the maps' device.
 
     from cubcam.cams import localization
     scores = localization.max_box_acc(maps, boxes)   # {"max_box_acc": ..., "box_acc_iou50": ..., ...}
     hits = localization.box_hits(maps, boxes)        # [N, T, I]: sum over batches, then max_box_acc_from_hits
+
+MaxBoxAccV2's region labelling has two backends with the same hits: NumPy/SciPy here (the faster on a CPU) and
+torch in :mod:`cubcam.cams.level_sets` (on any device); the heatmap ratio and pointing games are torch. No OpenCV.
 
 Coordinates are CUB's: a box is ``(x, y, w, h)`` in image pixels and covers the continuous rectangle
 [x, x + w] x [y, y + h]; pixel (row r, column c) is the unit square [c, c + 1] x [r, r + 1], its centre is
