@@ -366,7 +366,7 @@ def time_road(
     with eval_mode(module), torch.no_grad():
         base = confidence(images)
     systems = [
-        imputation_system(images[b], kept_pixels(order[b], p))
+        imputation_system(images[b], kept_pixels(order[b], p).numpy())
         for order in (1 - cams, cams)
         for p in percentiles
         for b in range(len(images))

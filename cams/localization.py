@@ -84,8 +84,13 @@ def box_hits(
         raise ValueError(f"workers must be a positive integer, got {workers!r}")
     maps = _maps(cams)
     gt = _boxes(boxes, len(maps), maps.device)
-    thresholds = _thresholds(thresholds)
-    ious = _iou_thresholds(iou_thresholds)
+    return _box_hits(maps, gt, _thresholds(thresholds), _iou_thresholds(iou_thresholds), workers, backend)
+
+
+def _box_hits(
+    maps: Tensor, gt: Tensor, thresholds: np.ndarray, ious: np.ndarray, workers: int, backend: Backend
+) -> Tensor:
+    """:func:`box_hits` of checked maps and boxes (float64, on one device)."""
     if labeller(maps.device, backend) == "torch":
         return level_set_hits(maps, gt, torch.from_numpy(thresholds), torch.from_numpy(ious))
     hits = _numpy_box_hits(_host(maps), _host(gt), thresholds, ious, workers)
@@ -216,9 +221,14 @@ def heatmap_ratio(cams: ArrayLike, boxes: ArrayLike) -> Tensor:
     gt = _boxes(boxes, len(maps), maps.device)
     if bool((maps < 0).any()):
         raise ValueError("heatmap_ratio needs non-negative maps (mass); got negative values")
+    return _heatmap_ratio(maps, gt)
+
+
+def _heatmap_ratio(maps: Tensor, gt: Tensor) -> Tensor:
+    """:func:`heatmap_ratio` of checked maps and boxes."""
     rows = _coverage(gt[:, 1], gt[:, 3], maps.shape[1])  # [N, H]
     cols = _coverage(gt[:, 0], gt[:, 2], maps.shape[2])  # [N, W]
-    inside = torch.einsum("nhw,nh,nw->n", maps, rows, cols)
+    inside = (torch.bmm(rows[:, None, :], maps)[:, 0] * cols).sum(1)
     total = maps.sum((1, 2))
     return torch.where(total > 0, inside / total.where(total > 0, torch.ones_like(total)), torch.zeros_like(total))
 
@@ -239,16 +249,19 @@ def pointing_game(
     maps = _maps(cams)
     if (boxes is None) == (parts is None):
         raise ValueError("pointing_game needs boxes or parts (exactly one of them)")
+    gt = None if boxes is None else _boxes(boxes, len(maps), maps.device)
+    return _pointing_game(maps, gt, parts, radius)
+
+
+def _pointing_game(maps: Tensor, gt: Tensor | None, parts: ArrayLike | None, radius: float) -> Tensor:
+    """:func:`pointing_game` of checked maps (and boxes ``gt``)."""
     peak, low = maps.amax((1, 2), keepdim=True), maps.amin((1, 2), keepdim=True)
-    maxima = (maps >= peak - PEAK_TOLERANCE * (peak - low)) & (peak > low)
-    n, h, w = maps.shape
-    ys = torch.arange(h, dtype=torch.float64, device=maps.device) + 0.5
-    xs = torch.arange(w, dtype=torch.float64, device=maps.device) + 0.5
-    if boxes is not None:
-        gt = _boxes(boxes, n, maps.device)
-        in_rows = (ys >= gt[:, 1:2]) & (ys <= gt[:, 1:2] + gt[:, 3:4])
-        in_cols = (xs >= gt[:, 0:1]) & (xs <= gt[:, 0:1] + gt[:, 2:3])
-        qualifies = in_rows[:, :, None] & in_cols[:, None, :]
+    image, row, column = torch.nonzero(maps >= peak - PEAK_TOLERANCE * (peak - low), as_tuple=True)
+    x, y = column.double() + 0.5, row.double() + 0.5  # the maximal pixels' centres: few per map
+    n = len(maps)
+    if gt is not None:
+        box = gt[image]
+        qualifies = (x >= box[:, 0]) & (x <= box[:, 0] + box[:, 2]) & (y >= box[:, 1]) & (y <= box[:, 1] + box[:, 3])
     else:
         assert parts is not None  # one of the two was given
         points = _float64(parts, "parts", maps.device)
@@ -259,12 +272,10 @@ def pointing_game(
         if not radius >= 0:
             raise ValueError(f"radius must be >= 0, got {radius}")
         visible = points[:, :, 2] > 0.5  # [N, P]
-        qualifies = torch.zeros_like(maxima)
-        for p in range(points.shape[1]):  # a part at a time: [N, H, W] each, never [N, P, H, W]
-            dx = xs[None, None, :] - points[:, p, 0, None, None]
-            dy = ys[None, :, None] - points[:, p, 1, None, None]
-            qualifies |= visible[:, p, None, None] & (torch.hypot(dx, dy) <= radius)
-    hit = (maxima.any((1, 2)) & ~(maxima & ~qualifies).any((1, 2))).double()
+        distance = torch.hypot(x[:, None] - points[image, :, 0], y[:, None] - points[image, :, 1])  # [K, P]
+        qualifies = (visible[image] & (distance <= radius)).any(1)
+    misses = torch.bincount(image[~qualifies], minlength=n)
+    hit = ((peak > low).flatten() & (misses == 0)).double()  # a flat map points nowhere
     if parts is not None:
         hit = torch.where(visible.any(1), hit, torch.full_like(hit, math.nan))
     return hit
@@ -352,22 +363,23 @@ class LocalizationAccumulator:
         """Add maps [B, H, W] of the images in ``slots`` [B] with their GT boxes [B, 4] (and parts [B, P, 3]);
         ``hits`` [B, T, I] when already known (a fixed baseline map's)."""
         index = torch.as_tensor(np.asarray(slots, dtype=np.int64), device=self.device)
-        cams = _float64(maps, "cams", self.device)
-        cams = _maps(cams, finite=False)  # a non-finite map is scored NaN below
+        cams = _maps(_float64(maps, "cams", self.device), finite=False)  # a non-finite map is scored NaN below
         if index.shape != (len(cams),) or (len(index) and (index.min() < 0 or index.max() >= len(self.rows))):
             raise ValueError(f"slots must be [{len(cams)}] indices in [0, {len(self.rows)}), got {index.tolist()[:8]}")
         finite = torch.isfinite(cams).flatten(1).all(1)
-        # a diverged model's maps: scored as NaN (compute then gives NaN), never as misses
-        cams = torch.where(finite[:, None, None], cams, torch.zeros_like(cams))
+        if not bool(finite.all()):  # a diverged model's maps: scored as NaN (compute then gives NaN), never as misses
+            cams = torch.where(finite[:, None, None], cams, torch.zeros_like(cams))
+        if bool((cams < 0).any()):
+            raise ValueError("LocalizationAccumulator needs non-negative maps (mass); got negative values")
         gt = _boxes(boxes, len(cams), self.device)
         if hits is None:
-            hits = box_hits(cams, gt, self.thresholds, self.iou_thresholds, self.workers, self.backend)
+            hits = _box_hits(cams, gt, self.thresholds, self.iou_thresholds, self.workers, self.backend)
         values = torch.zeros(len(cams), self.rows.shape[1], dtype=torch.float64, device=self.device)
         values[:, : self.num_hits] = torch.as_tensor(hits, device=self.device).reshape(len(cams), -1)
-        values[:, self.num_hits] = heatmap_ratio(cams, gt)
-        values[:, self.num_hits + 1] = pointing_game(cams, boxes=gt)
+        values[:, self.num_hits] = _heatmap_ratio(cams, gt)
+        values[:, self.num_hits + 1] = _pointing_game(cams, gt, None, self.radius)
         if parts is not None:
-            pointed = pointing_game(cams, parts=parts, radius=self.radius)
+            pointed = _pointing_game(cams, None, parts, self.radius)
             known = ~torch.isnan(pointed)  # an image without visible parts has nothing to point at
             values[:, self.num_hits + 2] = torch.where(known, pointed, torch.zeros_like(pointed))
             values[:, self.num_hits + 3] = known.double()
