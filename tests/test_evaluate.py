@@ -5,7 +5,6 @@ trained classifier localizes better than the centre-Gaussian baseline."""
 from __future__ import annotations
 
 import json
-import multiprocessing
 from pathlib import Path
 
 import numpy as np
@@ -330,20 +329,6 @@ def test_wandb_gets_the_table_and_the_plots(trained: Trained, tmp_path: Path, mo
     final = report["sanity"]["cascade"]["gradcam"]["spearman"][-1]
     assert summary["sanity/gradcam/rank_correlation"] == pytest.approx(final)
     assert summary["gradcam/deletion_auc"] == pytest.approx(report["methods"]["gradcam"]["deletion_auc"])
-
-
-def test_labelling_in_worker_processes_writes_the_same_metrics(trained: Trained, tmp_path: Path, monkeypatch) -> None:
-    """The box metrics labelled in worker processes while the next batches run forward (a real split uses them
-    from 64 maps of 224 px up; forced here): metrics.json byte for byte that of labelling inline, no process left."""
-    from cubcam.train.inspection import evaluate
-
-    written = {}
-    for forced in (False, True):
-        monkeypatch.setattr(evaluate, "pays_off", lambda count, size, forced=forced: forced)
-        extra = ("--faithfulness", "--steps", "3", "--road-percentiles", "none")
-        written[forced] = run(trained.classifier, tmp_path / str(forced), *extra)[1]
-        assert multiprocessing.active_children() == []
-    assert written[True] == written[False]
 
 
 @pytest.mark.parametrize("kind", ["classifier", "embedding"])

@@ -40,13 +40,10 @@ embeddings are cached beside the checkpoint after the first run.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import sys
-from collections import deque
 from collections.abc import Iterable, Sequence
-from concurrent.futures import Future
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -71,14 +68,12 @@ from cubcam.cams.faithfulness import (
     random_maps,
 )
 from cubcam.cams.files import WriteFailed, write_text
-from cubcam.cams.labelling import ScorePool, cores, pays_off
 from cubcam.cams.localization import (
     DEFAULT_IOU_THRESHOLDS,
     DEFAULT_THRESHOLDS,
     LocalizationAccumulator,
     box_iou,
     boxes_from_map,
-    labeller,
 )
 from cubcam.cams.overlay import IMAGENET_MEAN, IMAGENET_STD, denormalize
 from cubcam.cams.protocol import (
@@ -239,17 +234,12 @@ def score_split(
     The baselines (``centre_gaussian``, and with ``steps`` also ``random``, drawn from ``seed``) are scored with
     the first method's target, so they answer "what does an uninformed map get on this score".
 
-    On an accelerator the box metrics are labelled on it (``cubcam.cams.localization.box_hits``' torch labeller) and
-    ROAD's imputation is solved there. On the CPU, where the split is large enough to pay for them
-    (``cubcam.cams.labelling.pays_off``), the box metrics of a batch's maps run in worker processes on every core
-    while the next batches run forward; the numbers are the same either way.
+    The box metrics are labelled where the maps are (``cubcam.cams.localization.box_hits``: torch on an
+    accelerator, NumPy on the CPU), and ROAD's imputation is solved there too.
     """
     head = HeadExplainer(module)
     explainers = {w: explainer_for(module, w, channel_batch_size) for _, w in methods.values()}
     workers = torch.get_num_threads()
-    host = labeller(device) == "numpy"  # on an accelerator the maps are labelled where they are, by torch
-    pool: ScorePool | None = None  # worker processes for the CPU's box labelling, where the split pays for them
-    pending: deque[tuple[str, range, Future[Tensor]]] = deque()  # (method, slots, its rows) being labelled
     baselines = BASELINES if steps else ("centre_gaussian",)
     names = [*methods, *baselines]
     accumulators = {name: LocalizationAccumulator(total, workers=workers, device=device) for name in names}
@@ -260,14 +250,10 @@ def score_split(
     road_noise = torch.Generator().manual_seed(seed)
     seen = 0
     bar = tqdm(total=total, desc="evaluate", unit="img", file=sys.stderr, disable=not progress, dynamic_ncols=True)
-    with bar, contextlib.ExitStack() as stack:
+    with bar:
         for batch in batches:
             images = batch["image"].to(device, non_blocking=True)
             size = (images.shape[-2], images.shape[-1])
-            if host and pool is None and not seen and pays_off(total, size):
-                pool = ScorePool(cores())
-                stack.callback(pool.close)
-                pool.start()
             activations, outputs = head.features_and_outputs(images)
             slots = range(seen, seen + len(images))
             labels[seen : seen + len(images)] = np.asarray(batch["label"])
@@ -287,21 +273,12 @@ def score_split(
                 maps["random"] = (random, first[1], first[2])
             maps["centre_gaussian"] = (baseline.map.to(device).expand(len(images), -1, -1), first[1], first[2])
             for name, (cams, _, _) in maps.items():
-                if pool is None or name == "centre_gaussian":  # the centre's hits are known: nothing to label
-                    hits = baseline.box_hits(boxes) if name == "centre_gaussian" else None
-                    accumulators[name].update(slots, cams, boxes, parts, hits=hits)
-                else:  # labelled by a worker while the next batches run forward
-                    pending.append((name, slots, pool.submit(cams, boxes, size, parts)))
+                hits = baseline.box_hits(boxes) if name == "centre_gaussian" else None  # known: nothing to label
+                accumulators[name].update(slots, cams, boxes, parts, hits=hits)
             if steps:
                 perturb(head, images, outputs, maps, faithful, steps, blur_sigma, road_percentiles, road_noise)
             seen += len(images)
             bar.update(len(images))
-            while pool is not None and len(pending) > 2 * pool.processes:  # a bounded backlog
-                name, done, rows = pending.popleft()
-                accumulators[name].add_rows(done, rows.result())
-        while pending:
-            name, done, rows = pending.popleft()
-            accumulators[name].add_rows(done, rows.result())
     scores: dict[str, dict[str, float]] = {}
     curves: dict[str, dict[str, list[float]]] = {}
     for name in names:
