@@ -23,7 +23,8 @@ percentile) plus one batched no-grad forward per mode and percentile; and agains
 ``--simulate`` runs the localization part beside a GPU instead, simulated as ``bench/callback_overhead.py`` does: its
 net's forward waits for ResNet-50's A100 forward time (0.13 ms per 224 px image, the CPU idle) and has the real CAM
 layer (2,048 channels, 7x7 at output stride 32, 14x14 at 16); 600 validation images of 224 px with boxes, in memory;
-``score_split`` (its labelling processes on every core) against the forward alone, for both model kinds.
+``score_split`` (labelling in its own process: labelling processes made it 0.68-0.84x slower here, 2026-12-06) against
+the forward alone, for both model kinds.
 
 Then ``cubcam evaluate`` itself runs end to end (JPEG decoding, checkpoint loading, reference cache) once cold
 (the embedding net's reference split is embedded and cached) and once warm, beside a plain forward that reads the
@@ -51,9 +52,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from pathlib import Path
-from unittest import mock
 
 import pytorch_lightning as pl
 import torch
@@ -231,11 +230,9 @@ def localization_times(
     targets: dict[str, ExplanationTarget],
     n: int,
     repeats: int,
-    pool: bool = True,
 ) -> tuple[float, float]:
     """(forward-only s, ``score_split`` s) over ``batches``, interleaved ``repeats`` times after a warm-up
-    (allocator, thread pools, lazy imports), medians. ``pool=False``: the box labelling stays in this process
-    whatever the split's size (``pays_off`` answers no)."""
+    (allocator, thread pools, lazy imports), medians."""
 
     def forward_only() -> None:
         with torch.inference_mode():
@@ -244,8 +241,7 @@ def localization_times(
 
     def evaluate() -> None:
         methods: dict[str, EvalMethod] = {name: (target, "gradcam") for name, target in targets.items()}
-        with mock.patch("cubcam.train.inspection.evaluate.pays_off", return_value=False) if not pool else nullcontext():
-            score_split(module, batches, methods, torch.device("cpu"), n, progress=False)
+        score_split(module, batches, methods, torch.device("cpu"), n, progress=False)
 
     forward_only(), evaluate()
     times: dict[str, list[float]] = {"forward": [], "evaluate": []}
@@ -423,12 +419,10 @@ def simulated(strides: list[int], repeats: int) -> None:
                 }
 
             forward, ours = localization_times(module, batches, targets, n, repeats)
-            _, alone = localization_times(module, batches, targets, n, repeats, pool=False)
             print(
                 f"{kind:<11} stride {stride} ({SIZE // stride}x{SIZE // stride}): forward {n / forward:.0f} img/s, "
                 f"evaluate {n / ours:.0f} img/s ({len(targets)} method(s) + the centre baseline) = "
-                f"{forward / ours:.2f}x (target >= 0.9x); without the labelling processes {n / alone:.0f} img/s "
-                f"(the processes give {alone / ours:.2f}x)",
+                f"{forward / ours:.2f}x (target >= 0.9x)",
                 flush=True,
             )
 
