@@ -6,7 +6,8 @@ Each map is quantised as the reference does (float64), every pixel gets its *dep
 cuts lie below it), and each level set ``depth >= i`` is cut into horizontal runs: their number is the maps' total
 variation, not levels x pixels. Runs of one level in neighbouring rows that touch are linked, and a union-find
 labels all levels of all maps at once: hooking onto grandparents and shortcutting (FastSV, Zhang et al., 2020),
-so the rounds grow with the log of the runs, checked for convergence every ``CHECK_EVERY`` rounds (one host sync).
+so the rounds grow with the log of the runs; every ``CHECK_EVERY`` rounds the graph is contracted to the edges
+still unresolved (one host sync).
 Holes are the 4-connected components of the off-set that do not touch the border, labelled the same way.
 
 Only ops with a deterministic CUDA kernel are used (sort, searchsorted, gather, ``scatter_reduce`` with amin/amax,

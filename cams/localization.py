@@ -199,8 +199,8 @@ def boxes_from_map(cam: ArrayLike, threshold: float) -> np.ndarray:
 def box_iou(boxes_a: ArrayLike, boxes_b: ArrayLike) -> Tensor:
     """IoU of xywh boxes, broadcast over leading dimensions ([..., 4] with [..., 4]); 0 where both are empty.
     Float64, on the first argument's device."""
-    a = boxes_a.double() if isinstance(boxes_a, Tensor) else torch.as_tensor(_numpy(boxes_a, "boxes_a"))
-    b = torch.as_tensor(boxes_b, dtype=torch.float64, device=a.device)
+    a = _float64(boxes_a, "boxes_a")
+    b = _float64(boxes_b, "boxes_b", a.device)
     if a.shape[-1:] != (4,) or b.shape[-1:] != (4,):
         raise ValueError(f"boxes must be [..., 4] (x, y, w, h), got shapes {tuple(a.shape)} and {tuple(b.shape)}")
     return level_sets.box_iou(a, b)

@@ -19,8 +19,7 @@ mode (LeRF, then MoRF, as its ``ROADCombined``), per percentile, per image, one 
 the CPU. Everything else runs on the images' device, batched: the percentiles, and the imputation system solved by
 conjugate gradients on the 8-neighbour stencil in float64 (the system is symmetric positive definite), to a relative
 residual of ``SOLVE_TOLERANCE``; the scores are one batched no-grad forward per mode and percentile. On the CPU the
-solve is SciPy's direct one (SuperLU), image by image: there it is 2.7x (128 px) to 4.4x (224 px) faster than
-the iterations (``bench/evaluate_speed.py``).
+solve is SciPy's direct one (SuperLU), image by image, the faster there (``bench/road_solve.py``).
 """
 
 from __future__ import annotations
