@@ -1,12 +1,14 @@
-"""What ``cubcam.callbacks.CAMPanel`` costs a GPU-bound training loop: epoch time with and without it, in one run.
+"""What ``cubcam.callbacks.CAMPanel`` costs a GPU-bound training loop: epoch time and CPU time with and without it.
 
 No GPU here, so the benchmark simulates what a GPU would see. The training step and the model's forward wait
 (``time.sleep``: the CPU stays idle, as beside a GPU) for the GPU time of the real workload, ResNet-50 at 224 px
 with mixed precision on an A100 (about 2,470 images/s: 0.4 ms per image, a third of it the forward), on CUB's real
 sizes: 5,394 training images (batches of 64), 600 validation images of 224 px with boxes, the callback's default
-metric subset, the CAM layer's real channels (2,048) and grid (7x7 at output stride 32, 14x14 at 16). The model
-is a tiny net with that layer: the images average-pooled to the grid, a 1x1 convolution to the channels, a ReLU
-(the CAM layer), a pooled linear head (200 logits, or a 128-d embedding). The batches live in memory.
+metric subset (512), the CAM layer's real channels (2,048) and grid (7x7 at output stride 32, 14x14 at 16). The
+model is a tiny net with that layer: the images average-pooled to the grid, a 1x1 convolution to the channels, a
+ReLU (the CAM layer), a pooled linear head (200 logits, or a 128-d embedding). The batches live in memory. The box
+labeller of MaxBoxAccV2 is stood in by a wait too (``--labeller projected``): its projected GPU time, 47 ms for 512
+maps of 224 px (``bench/localization_speed.py``), with no hits; ``--labeller cpu`` runs the real one here.
 
 Scenarios (``--scenarios``): ``classifier`` / ``embedding`` through the CAM protocol (head-only maps from the loop's
 own activations), and ``classifier-layer`` / ``embedding-layer`` through ``target_layer=`` (a module that knows
@@ -14,16 +16,18 @@ nothing of cubcam: the callback's own forward and backward, through the waiting 
 metric subset), each at output stride 32 and 16 (``--strides``). W&B (offline) and TensorBoard on both sides.
 
 An epoch is timed from ``on_train_epoch_start`` to ``on_train_epoch_end`` (training plus validation); the first
-epoch of each run is warm-up (the panel is chosen there). Runs alternate without, with, with, without (ABBA);
-medians. "Blocked" is the time the loop spent inside the callback's hooks, split into device work (keeping the
-batch's rows, the maps at the grid, the gathers, the callback's own forwards: kernels on a GPU, CPU work here) and
-host work (the hand-over, W&B's log call, the metrics to every logger, waiting for a worker behind), the part a
-GPU would see; fit's end waits for the last epoch's work apart.
+epoch of each run is warm-up. Runs alternate without, with, with, without (ABBA); medians. Per epoch it reports:
+the wall time with vs without; the CPU time of the whole process tree (every thread, and child processes such as
+wandb-core) with minus without, the callback's CPU cost; and of that, the loop's device work (the maps, their
+upsampling and the box metrics other than the labeller, kernels on a GPU and CPU work here: the wall time inside
+``epoch_maps`` less the labeller's wait) and the picture thread's CPU time. fit's end (the last pictures and the
+evolution) is reported apart.
 
     python bench/callback_overhead.py [--epochs 4] [--scenarios classifier embedding] [--strides 32 16]
     python bench/callback_overhead.py --device cuda       # the same scenarios on a real GPU (bench/gpu.sh)
 
-Target: the callback costs <= 2% of the simulated GPU epoch, both kinds, both paths, default settings.
+Targets: epoch time within 2% of the run without the callback; the callback's own CPU time <= 0.5 CPU-s an epoch,
+the labeller's device time excluded.
 """
 
 from __future__ import annotations
@@ -36,7 +40,6 @@ import argparse
 import functools
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -49,16 +52,49 @@ from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from cubcam.callbacks import CAMPanel
+from cubcam.callbacks import CAMPanel, cam_panel, picture_thread
+from cubcam.cams import localization
 from cubcam.cams.protocol import CAMStepOutput, step_output
-
-sys.path.insert(0, str(Path(__file__).parent))
-from train_throughput import EpochTimer
 
 TRAIN_IMAGES, VAL_IMAGES, BATCH, SIZE, CLASSES, EMBEDDING = 5394, 600, 64, 224, 200, 128
 IMAGE_MS = 0.4  # GPU time per training image (forward + backward), A100, ResNet-50, AMP
 FORWARD_SHARE = 1 / 3
 GPU_EPOCH = (TRAIN_IMAGES // BATCH * BATCH + FORWARD_SHARE * VAL_IMAGES) * IMAGE_MS / 1000  # the waits alone
+LABELLER_S_PER_MAP = 0.047 / 512  # the torch labeller's projected GPU time at 224 px (bench/localization_speed.py)
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu_seconds() -> float:
+    """CPU seconds (user + system) of this process and every live descendant (wandb-core, worker processes), from
+    /proc: every thread counted."""
+    children: dict[int, list[int]] = {}
+    times: dict[int, float] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        pid = int(entry.name)
+        children.setdefault(int(fields[1]), []).append(pid)
+        times[pid] = (int(fields[11]) + int(fields[12])) / TICKS
+    total, todo = 0.0, [os.getpid()]
+    while todo:
+        pid = todo.pop()
+        total += times.get(pid, 0.0)
+        todo += children.get(pid, [])
+    return total
+
+
+def projected_labeller(seconds_per_map: float) -> Any:
+    """A stand-in for ``cubcam.cams.localization._box_hits``: waits the labeller's projected GPU time, finds no hit."""
+
+    def box_hits(cams: Tensor, gt: Tensor, thresholds: Any, iou_thresholds: Any, *args: Any) -> Tensor:
+        time.sleep(seconds_per_map * len(cams))
+        return torch.zeros(len(cams), len(thresholds), len(iou_thresholds), dtype=torch.bool, device=cams.device)
+
+    return box_hits
 
 
 def wait(seconds: float, on: Tensor) -> None:
@@ -231,34 +267,73 @@ HOOKS = (
 )
 
 
-class TimedCAMPanel(CAMPanel):
-    """CAMPanel adding up the time the loop's thread spends in its hooks, per epoch, and apart from it the part
-    that is device work (keeping the batch's rows, the maps at the grid and the gathers: kernels on a GPU, CPU work
-    here); and fit's end apart."""
+class Clock(pl.Callback):
+    """Per training epoch (validation included): its wall time and the process tree's CPU time."""
 
-    def __init__(self, **kwargs: Any):
-        super().__init__(**kwargs)
-        self.blocked: list[float] = []
-        self.device: list[float] = []
-        self.logging: list[float] = []
-        self.at_end = 0.0
-        for hook in HOOKS:
-            setattr(self, hook, self._timed(getattr(self, hook), self.blocked))
-        for part in ("on_validation_batch_end", "_epoch_work"):
-            setattr(self, part, self._timed(getattr(self, part), self.device))
-        self._log_finished = self._timed(self._log_finished, self.logging)  # type: ignore[method-assign]
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+        self.cpu: list[float] = []
 
     def on_train_epoch_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        self.blocked.append(0.0)
-        self.device.append(0.0)
-        self.logging.append(0.0)
+        self._start, self._cpu = time.perf_counter(), tree_cpu_seconds()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        self.seconds.append(time.perf_counter() - self._start)
+        self.cpu.append(tree_cpu_seconds() - self._cpu)
+
+
+class TimedCAMPanel(CAMPanel):
+    """CAMPanel adding up, per epoch, the loop's wall time in its hooks, the device work in them (the epoch's maps
+    and metrics, less the labeller's wait) and the picture thread's CPU time; and fit's end apart."""
+
+    def __init__(self, labeller_wait: list[float], **kwargs: Any):
+        super().__init__(**kwargs)
+        self.blocked: list[float] = []
+        self.device: list[float] = []  # CPU seconds, every thread (torch's intra-op threads work for it)
+        self.device_wall: list[float] = []
+        self.pictures: list[float] = []
+        self.at_end = 0.0
+        self.labeller_wait = labeller_wait  # seconds the labeller stand-in waited, per epoch (last entry)
+        for hook in HOOKS:
+            setattr(self, hook, self._timed(getattr(self, hook), self.blocked))
+        epoch_maps, draw = cam_panel.epoch_maps, picture_thread.draw
+        self.on_validation_batch_end = self._device_work(self.on_validation_batch_end)  # type: ignore[method-assign]
+        timed_maps = self._device_work(epoch_maps)
+
+        def timed_draw(*args: Any, **kwargs: Any) -> Any:
+            start = time.thread_time()
+            try:
+                return draw(*args, **kwargs)
+            finally:
+                if self.pictures:
+                    self.pictures[-1] += time.thread_time() - start
+
+        cam_panel.epoch_maps, picture_thread.draw = timed_maps, timed_draw  # type: ignore[assignment]
+        self._restore = (epoch_maps, draw)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        for clock in (self.blocked, self.device, self.device_wall, self.pictures, self.labeller_wait):
+            clock.append(0.0)
 
     def on_fit_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         start = time.perf_counter()
-        self.logging.append(0.0)  # the drain's logging is fit's end, not the last epoch's
         super().on_fit_end(trainer, module)
-        self.logging.pop()
         self.at_end = time.perf_counter() - start
+        cam_panel.epoch_maps, picture_thread.draw = self._restore  # type: ignore[assignment]
+
+    def _device_work(self, part: Any) -> Any:
+        """``part`` timed as device work: CPU seconds of every thread and wall seconds, less the labeller's wait."""
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start, wall, waited = time.process_time(), time.perf_counter(), self.labeller_wait[-1]
+            try:
+                return part(*args, **kwargs)
+            finally:
+                if self.device:
+                    self.device[-1] += time.process_time() - start
+                    self.device_wall[-1] += time.perf_counter() - wall - (self.labeller_wait[-1] - waited)
+
+        return timed
 
     @staticmethod
     def _timed(hook: Any, clock: list[float]) -> Any:
@@ -279,11 +354,24 @@ def run(args: argparse.Namespace, work: Path, kind: str, stride: int, with_panel
     layer = kind.endswith("-layer")
     embedding = kind.startswith("embedding")
     module = (Plain if layer else Simulated)(stride, args.channels, embedding)
-    clock = EpochTimer()
+    clock = Clock()
     panel = None
+    waits = [0.0]
     if with_panel:
         options: dict[str, Any] = {"target_layer": "net.cam", "method": "embeddingcam" if embedding else "gradcam"}
-        panel = TimedCAMPanel(**(options if layer else {}))
+        panel = TimedCAMPanel(waits, **(options if layer else {}))
+    hits = localization._box_hits
+    if args.labeller == "projected":
+        stand_in = projected_labeller(LABELLER_S_PER_MAP)
+
+        def counted(cams: Tensor, *rest: Any) -> Tensor:
+            start = time.perf_counter()
+            try:
+                return stand_in(cams, *rest)
+            finally:
+                waits[-1] += time.perf_counter() - start
+
+        localization._box_hits = counted
     wandb_logger = WandbLogger(project="cubcam-bench", save_dir=str(work), offline=True)
     loggers = [wandb_logger, TensorBoardLogger(str(work), name="tensorboard")]
     trainer = pl.Trainer(
@@ -299,15 +387,20 @@ def run(args: argparse.Namespace, work: Path, kind: str, stride: int, with_panel
     )
     train = DataLoader(TrainBatches(device), batch_size=None)
     val = DataLoader(VAL, batch_size=BATCH, pin_memory=device.type == "cuda")
-    trainer.fit(module, train, val)
+    try:
+        trainer.fit(module, train, val)
+    finally:
+        localization._box_hits = hits
     wandb_logger.experiment.finish()
     return {
         "epochs": clock.seconds[1:],
+        "cpu": clock.cpu[1:],
         "blocked": panel.blocked[1:] if panel else [],
         "device": panel.device[1:] if panel else [],
-        "logging": panel.logging[1:] if panel else [],
+        "device_wall": panel.device_wall[1:] if panel else [],
+        "pictures": panel.pictures[1:] if panel else [],
         "at_end": panel.at_end if panel else 0.0,
-        "logged": sorted(panel.history) if panel else [],
+        "logged": sorted(k for k in trainer.callback_metrics if k.startswith("val/cam_")),
     }
 
 
@@ -315,22 +408,25 @@ def scenario(args: argparse.Namespace, work: Path, kind: str, stride: int) -> No
     sides: dict[bool, list[dict[str, Any]]] = {False: [], True: []}
     for with_panel in (False, True, True, False):
         sides[with_panel].append(run(args, work, kind, stride, with_panel))
-    without = statistics.median(s for r in sides[False] for s in r["epochs"])
-    with_ = statistics.median(s for r in sides[True] for s in r["epochs"])
-    blocked = statistics.median(s for r in sides[True] for s in r["blocked"])
-    device = statistics.median(s for r in sides[True] for s in r["device"])
-    host = statistics.median(b - d for r in sides[True] for b, d in zip(r["blocked"], r["device"]))
-    logging = statistics.median(s for r in sides[True] for s in r["logging"])
+
+    def median(side: bool, key: str) -> float:
+        return statistics.median(s for r in sides[side] for s in r[key])
+
+    without, with_ = median(False, "epochs"), median(True, "epochs")
+    cpu = median(True, "cpu") - median(False, "cpu")
+    device, pictures, blocked = median(True, "device"), median(True, "pictures"), median(True, "blocked")
+    device_wall = median(True, "device_wall")
     at_end = statistics.median(r["at_end"] for r in sides[True])
     grid = SIZE // stride
     print(
-        f"{kind} at output stride {stride} ({grid}x{grid} x {args.channels} channels): epoch without "
-        f"{without:.3f} s, with {with_:.3f} s ({100 * (with_ / without - 1):+.1f}%); the loop blocked in the "
-        f"callback {1000 * blocked:.0f} ms = {100 * blocked / without:.1f}% of the epoch: device work "
-        f"{1000 * device:.0f} ms, host work {1000 * host:.0f} ms = {100 * host / GPU_EPOCH:.1f}% of the "
-        f"{GPU_EPOCH:.2f} s simulated GPU epoch (target <= 2%), of which logging {1000 * logging:.0f} ms; fit's end "
-        f"waited {at_end:.2f} s for the last epoch; "
-        f"epochs logged {sides[True][0]['logged']}",
+        f"{kind} at output stride {stride} ({grid}x{grid} x {args.channels} channels), labeller {args.labeller}: "
+        f"epoch without {without:.3f} s, with {with_:.3f} s ({100 * (with_ / without - 1):+.1f}%; target <= 2%); "
+        f"less the device work ({device_wall:.3f} s) {with_ - device_wall:.3f} s "
+        f"({100 * ((with_ - device_wall) / without - 1):+.1f}%). CPU per epoch, the process tree: {cpu:+.2f} CPU-s "
+        f"with the callback, of which the loop's device work {device:.2f} CPU-s and the picture thread "
+        f"{pictures:.2f} CPU-s; without the device work {cpu - device:.2f} CPU-s (target <= 0.5). The loop in the "
+        f"callback's hooks {1000 * blocked:.0f} ms; fit's end {at_end:.2f} s; "
+        f"metrics {sides[True][0]['logged']}",
         flush=True,
     )
 
@@ -346,6 +442,9 @@ def main() -> None:
     parser.add_argument("--strides", nargs="+", type=int, default=[32, 16], choices=[32, 16])
     parser.add_argument("--channels", type=int, default=2048, help="of the CAM layer (ResNet-50's layer4: 2048)")
     parser.add_argument("--device", default="cpu", help="cpu (simulated GPU time) or cuda")
+    parser.add_argument(
+        "--labeller", default="projected", choices=["projected", "cpu"], help="the box labeller: a wait, or run here"
+    )
     args = parser.parse_args()
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("WANDB_SILENT", "true")

@@ -10,12 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
 from cubcam.callbacks.batches import CUBCAM_FORMAT, BatchFormat
-from cubcam.cams.distributed import gather_unique
+from cubcam.cams.distributed import AllGather, gather_unique
 from cubcam.cams.localization import check_boxes
 from cubcam.cams.protocol import CAMStepOutput, Explainer
 
@@ -38,7 +37,7 @@ class EpochCollector:
     ``panel`` and ``subset`` are dataset indices (the panel is None until chosen). Outputs are kept for every image
     only where the epoch needs them (``keep_outputs``: the panel is chosen from the labels seen, and an embedding
     net's proxies come from all embeddings), activations only for the panel and the metric subset. Everything stays
-    on the device it came from: the maps leave it later, at the layer's grid (``measure.subset_maps``).
+    on the device it came from, where the epoch's maps and metrics are made (``epoch_maps.py``).
     """
 
     panel: list[int] | None
@@ -115,7 +114,7 @@ class EpochCollector:
         index, valid = (torch.cat(column).cpu() for column in zip(*self.scoreable))
         return index[~valid].tolist()
 
-    def gathered_outputs(self, trainer: pl.Trainer, device: torch.device) -> Outputs | None:
+    def gathered_outputs(self, all_gather: AllGather, world_size: int, device: torch.device) -> Outputs | None:
         """All ranks' outputs, each dataset index once (a collective: every rank must call it); None where they were
         not kept (``keep_outputs``)."""
         if not self.keep_outputs:
@@ -123,17 +122,17 @@ class EpochCollector:
         if not self.outputs:
             raise RuntimeError("the validation loop produced no batches")
         output, label, index = (torch.cat(parts).to(device) for parts in zip(*self.outputs))
-        index, output, label = gather_unique(trainer.strategy.all_gather, trainer.world_size, index, output, label)
+        index, output, label = gather_unique(all_gather, world_size, index, output, label)
         return Outputs(index.cpu(), output.cpu(), label.cpu())
 
-    def gathered_panel(self, trainer: pl.Trainer, device: torch.device) -> dict[str, Tensor] | None:
+    def gathered_panel(self, all_gather: AllGather, world_size: int, device: torch.device) -> dict[str, Tensor] | None:
         """The panel birds' rows in panel order, from all ranks (a collective); None if the epoch skipped a bird
         (e.g. ``limit_val_batches``)."""
         if self.panel is None or not self.panel_rows:
             return None
         keys = list(self.panel_rows[0])
         columns = [torch.cat([rows[key] for rows in self.panel_rows]).to(device) for key in keys]
-        captured = dict(zip(keys, gather_unique(trainer.strategy.all_gather, trainer.world_size, *columns)))
+        captured = dict(zip(keys, gather_unique(all_gather, world_size, *columns)))
         where = {int(i): row for row, i in enumerate(captured["index"].tolist())}
         if any(i not in where for i in self.panel):
             return None

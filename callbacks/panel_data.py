@@ -39,11 +39,6 @@ class Panel:
     captions: list[str]
     class_names: list[str]
     rows: list[BirdRow]
-    cell_width: int  # of one cell of a strip: the primary map is ``strip.boxed[:, :cell_width]``
-
-    def primary_cells(self) -> list[np.ndarray]:
-        """Each bird's primary map with its boxes, as drawn in the PNG: what the CAM evolution shows."""
-        return [strip.boxed[:, : self.cell_width] for strip in self.strips]
 
     @cached_property
     def grid(self) -> np.ndarray:

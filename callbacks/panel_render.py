@@ -7,8 +7,8 @@ else the plain image. The maps come from the explanation step of the tools (``cu
 ``pair_maps``); nothing here knows Lightning or W&B objects: the sinks (``sinks.py``) take a :class:`Panel`.
 
 Each view has two halves: ``*_inputs`` runs where the model is (the loop's thread, on the module's device) and
-keeps the maps at the layer's grid; ``*_panel`` upsamples and draws them, anywhere (the callback's worker thread),
-from CPU tensors and plain values alone, so that its inputs can wait in a checkpoint.
+keeps the maps at the layer's grid; ``*_panel`` upsamples and draws them on the picture thread, from CPU tensors
+and plain values alone.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from torch import Tensor
 
 from cubcam.callbacks.panel_data import BirdRow, Panel, name
 from cubcam.cams.engine import Weighting
-from cubcam.cams.figure import Cell, Strip, cam_box, marked, pair_strips, render_strip
+from cubcam.cams.figure import Cell, Strip, marked, pair_strips, render_strip
 from cubcam.cams.localization import box_iou, heatmap_ratio, pointing_game
 from cubcam.cams.protocol import Choice, Explainer, PairMaps, explain, pair_maps, upsample
 from cubcam.cams.targets import ExplanationTarget
@@ -179,7 +179,7 @@ def _panel(
     rows: list[BirdRow] = []
     for b, index in enumerate(birds["index"].tolist()):
         has_box = bool((boxes[b, 2:] > 0).all())  # data without boxes: nothing to score, empty cells
-        box = cam_box(primary_maps[b], style.box_threshold) if has_box else None
+        box = strips[b].cell_cam_boxes[0] if has_box else None  # the primary map's, as drawn
         rows.append(
             BirdRow(
                 index=index,
@@ -191,5 +191,4 @@ def _panel(
                 peak_in_box=bool(peaks[b] > 0.5) if has_box else None,
             )
         )
-    width = int(rgb[0].shape[1])
-    return Panel(epoch, birds["index"].tolist(), strips, captions, names, rows, width)
+    return Panel(epoch, birds["index"].tolist(), strips, captions, names, rows)

@@ -12,7 +12,7 @@ of module, so that the callback holds one flow.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Protocol, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, cast, get_args
 
 import pytorch_lightning as pl
 import torch
@@ -24,6 +24,9 @@ from cubcam.callbacks.batches import BatchFormat
 from cubcam.cams.engine import Reshape, isolated
 from cubcam.cams.protocol import CAMModule, CAMStepOutput, Explainer, HeadExplainer, LayerExplainer
 from cubcam.cams.targets import Method
+
+if TYPE_CHECKING:
+    from cubcam.callbacks.options import PanelOptions
 
 STEP_KEYS = tuple(CAMStepOutput.__annotations__)
 
@@ -144,3 +147,56 @@ class LayerSource:
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+
+
+def activation_source(module: pl.LightningModule, options: PanelOptions) -> ActivationSource:
+    """The layer's (``options.target_layer``) or the module's own (the CAM protocol, checked here).
+
+    Raises:
+        TypeError: a module that does not speak the CAM protocol and no ``target_layer``.
+        ValueError: a ``method`` that does not fit the module, or ``score`` for an embedding net.
+    """
+    if options.target_layer is not None:
+        kind: Method = "gradcam" if options.method == "auto" else options.method
+        source: ActivationSource = LayerSource(module, options.target_layer, kind, options.reshape, options.format)
+    else:
+        method = getattr(module, "cam_method", None)
+        if method not in get_args(Method):
+            raise TypeError(
+                f"CAMPanel needs target_layer='<dotted layer name>' (e.g. 'net.layer4') for a module that does not "
+                f"speak the CAM protocol (cam_method 'gradcam' or 'embeddingcam'); {type(module).__name__} has "
+                f"cam_method={method!r}"
+            )
+        for attribute in ("cam_target_layer", "forward_head"):
+            if not hasattr(module, attribute):
+                raise TypeError(f"CAMPanel: {type(module).__name__} lacks {attribute!r} (the CAM protocol)")
+        if options.method not in ("auto", method):
+            raise ValueError(
+                f"CAMPanel: method={options.method!r} does not fit a module with cam_method={method!r} "
+                f"(use {method!r} or 'auto')"
+            )
+        source = StepSource(cast(CAMModule, module), options.format)  # the protocol, checked above
+    if options.score is not None and source.explainer.cam_method == "embeddingcam":
+        raise ValueError("CAMPanel: score= is a classifier's; an embedding net's maps explain its proxies")
+    return source
+
+
+def val_dataset(trainer: pl.Trainer) -> Any:
+    """The (first) validation loader's dataset; TypeError where it is not map-style."""
+    loaders = trainer.val_dataloaders
+    loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
+    dataset = getattr(loader, "dataset", None)
+    if dataset is None or not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
+        raise TypeError("CAMPanel needs a map-style validation dataset (len() and dataset[i])")
+    return dataset
+
+
+def class_names(dataset: Any, module: Any) -> list[str]:
+    """Names of the validation labels: the dataset's (``class_names``; an ``ImageFolder``'s ``classes``; zero-shot
+    splits have their own classes), through ``Subset`` wrappers, else the model's."""
+    while dataset is not None:
+        names = getattr(dataset, "class_names", None) or getattr(dataset, "classes", None)
+        if names:
+            return [str(name) for name in names]
+        dataset = getattr(dataset, "dataset", None)  # torch.utils.data.Subset and the like
+    return list(getattr(module, "class_names", None) or [])

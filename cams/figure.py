@@ -130,6 +130,34 @@ def grid(
     elif boxes is not None:
         tiles = [draw_boxes(as_uint8(t), box) for t, box in zip(tiles, boxes)]
     arrays = [_check_tile(as_uint8(t)) for t in tiles]
+    font, wrapped, origins, (height, width) = _layout(arrays, captions, ncols, pad, font_size)
+    cell_h = max(a.shape[0] for a in arrays)
+    line_h = _line_height(font)
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for array, lines, (left, top) in zip(arrays, wrapped, origins):
+        canvas.paste(Image.fromarray(array), (left, top))
+        for n, line in enumerate(lines):
+            draw.text((left, top + cell_h + pad // 2 + n * line_h), line, fill=(0, 0, 0), font=font)
+    return np.asarray(canvas)
+
+
+def tile_origins(
+    tiles: Sequence[np.ndarray],
+    captions: Sequence[str] | None = None,
+    ncols: int = 4,
+    pad: int = 4,
+    font_size: int | None = None,
+) -> list[tuple[int, int]]:
+    """Where :func:`grid` pastes each tile, (left, top) in the grid's pixels: to draw boxes over the grid elsewhere
+    (W&B's box groups over the one grid image)."""
+    return _layout([as_uint8(t) for t in tiles], captions, ncols, pad, font_size)[2]
+
+
+def _layout(
+    arrays: Sequence[np.ndarray], captions: Sequence[str] | None, ncols: int, pad: int, font_size: int | None
+) -> tuple[ImageFont.FreeTypeFont | ImageFont.ImageFont, list[list[str]], list[tuple[int, int]], tuple[int, int]]:
+    """:func:`grid`'s layout: (font, each caption's lines, each tile's origin, the grid's (height, width))."""
     cell_h, cell_w = max(a.shape[0] for a in arrays), max(a.shape[1] for a in arrays)
     font = _font(font_size or max(10, min(16, cell_w // 12)))
     line_h = _line_height(font)
@@ -137,17 +165,9 @@ def grid(
     caption_h = max(len(lines) for lines in wrapped) * line_h + (pad if any(wrapped) else 0)
     ncols = min(ncols, len(arrays))
     nrows = -(-len(arrays) // ncols)
-    height = pad + nrows * (cell_h + caption_h + pad)
-    width = pad + ncols * (cell_w + pad)
-    canvas = Image.new("RGB", (width, height), (255, 255, 255))
-    draw = ImageDraw.Draw(canvas)
-    for k, (array, lines) in enumerate(zip(arrays, wrapped)):
-        left = pad + (k % ncols) * (cell_w + pad)
-        top = pad + (k // ncols) * (cell_h + caption_h + pad)
-        canvas.paste(Image.fromarray(array), (left, top))
-        for n, line in enumerate(lines):
-            draw.text((left, top + cell_h + pad // 2 + n * line_h), line, fill=(0, 0, 0), font=font)
-    return np.asarray(canvas)
+    step_x, step_y = cell_w + pad, cell_h + caption_h + pad
+    origins = [(pad + (k % ncols) * step_x, pad + (k // ncols) * step_y) for k in range(len(arrays))]
+    return font, wrapped, origins, (pad + nrows * step_y, pad + ncols * step_x)
 
 
 def png_bytes(array: np.ndarray, compress_level: int = 1) -> bytes:
@@ -249,16 +269,18 @@ class Strip:
     boxed: np.ndarray
     gt_boxes: list[tuple[np.ndarray, int]] = field(default_factory=list)  # (x, y, w, h in strip pixels, class)
     cam_boxes: list[tuple[np.ndarray, int]] = field(default_factory=list)
+    cell_cam_boxes: list[np.ndarray | None] = field(default_factory=list)  # each cell's CAM box, in its pixels
 
 
 def render_strip(cells: list[Cell], colormap: str, alpha: float, threshold: float) -> Strip:
     """Overlay each cell's CAM, box its largest region at ``threshold`` (see ``cubcam.cams.figure.cam_box``), join the
     cells left to right with a white gap; box coordinates are shifted into the strip."""
-    plain, boxed, gt_boxes, cam_boxes = [], [], [], []
+    plain, boxed, gt_boxes, cam_boxes, cell_boxes = [], [], [], [], []
     left = 0
     for cell in cells:
         pixels = overlay(cell.image, cell.cam, colormap, alpha) if cell.cam is not None else as_uint8(cell.image)
         box = cam_box(cell.cam, threshold) if cell.cam is not None else None
+        cell_boxes.append(box)
         gt = None if cell.gt_box is None else np.asarray(cell.gt_box, dtype=np.float64).reshape(4)
         plain.append(pixels)
         boxed.append(draw_boxes(pixels, gt, box))
@@ -268,7 +290,7 @@ def render_strip(cells: list[Cell], colormap: str, alpha: float, threshold: floa
         if box is not None:
             cam_boxes.append((box + shift, cell.cam_class if cell.cam_class is not None else cell.gt_class))
         left += pixels.shape[1] + GAP
-    return Strip(_join(plain), _join(boxed), gt_boxes, cam_boxes)
+    return Strip(_join(plain), _join(boxed), gt_boxes, cam_boxes, cell_boxes)
 
 
 def pair_strips(

@@ -387,15 +387,6 @@ class LocalizationAccumulator:
         values[:, -1] = 1.0
         self.rows.index_add_(0, index, values)
 
-    def add_rows(self, slots: ArrayLike, rows: torch.Tensor) -> None:
-        """Add the rows [B, C] another accumulator made for images in ``slots`` (e.g. one of B slots, in a worker
-        process: ``cubcam.cams.labelling``); an image's row is the same wherever it is computed, and adding it to
-        its slot's zeros is exact."""
-        index = torch.as_tensor(np.asarray(slots, dtype=np.int64), device=self.device)
-        if rows.shape != (len(index), self.rows.shape[1]):
-            raise ValueError(f"rows must be [{len(index)}, {self.rows.shape[1]}], got {tuple(rows.shape)}")
-        self.rows.index_add_(0, index, rows.to(self.device, torch.float64))
-
     def merge(self, reduce_sum: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Sum the rows over processes with ``reduce_sum`` (e.g. Lightning's ``strategy.reduce(t, "sum")``: one
         all-reduce of the rows where they are); afterwards every rank computes the same scores."""

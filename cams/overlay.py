@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import numpy as np
@@ -28,16 +29,26 @@ _COLORMAPS: dict[str, tuple[tuple[tuple[float, float], ...], ...]] = {
 }
 
 
+LEVELS = 1024  # a colormap is looked up at this many evenly spaced values (a step of 1/1023: under a uint8 level)
+
+
 def colorize(cam_map: np.ndarray, colormap: str = "jet") -> np.ndarray:
-    """Map values in [0, 1] to float RGB in [0, 1] (shape [..., 3])."""
+    """Map values in [0, 1] to float32 RGB in [0, 1] (shape [..., 3]), through a table of ``LEVELS`` colours."""
+    values = np.nan_to_num(np.clip(cam_map, 0.0, 1.0), nan=0.0)  # a diverged model's NaN map shows no heat
+    return _table(colormap)[np.rint(values * (LEVELS - 1)).astype(np.intp)]
+
+
+@functools.cache
+def _table(colormap: str) -> np.ndarray:
+    """The colormap's colours at ``LEVELS`` evenly spaced values, float32 [LEVELS, 3]."""
     if colormap not in _COLORMAPS:
         raise ValueError(f"unknown colormap {colormap!r}; choose one of {sorted(_COLORMAPS)}")
-    values = np.nan_to_num(np.clip(cam_map, 0.0, 1.0), nan=0.0)  # a diverged model's NaN map shows no heat
+    values = np.linspace(0.0, 1.0, LEVELS)
     channels = []
     for knots in _COLORMAPS[colormap]:
         positions, levels = (np.asarray(column, dtype=np.float64) for column in zip(*knots))
         channels.append(np.interp(values, positions, levels))
-    return np.stack(channels, axis=-1)
+    return np.stack(channels, axis=-1).astype(np.float32)
 
 
 def overlay(
@@ -57,7 +68,7 @@ def overlay(
         raise ValueError(f"cam_map must be [H, W], got shape {tuple(cam.shape)}")
     if cam.shape != rgb.shape[:2]:
         cam = F.interpolate(cam[None, None], size=rgb.shape[:2], mode="bilinear", align_corners=False)[0, 0]
-    blended = (1.0 - alpha) * rgb + alpha * colorize(cam.numpy(), colormap)
+    blended = (1.0 - alpha) * rgb.astype(np.float32) + alpha * colorize(cam.numpy(), colormap)
     return np.rint(np.clip(blended, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 

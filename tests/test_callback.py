@@ -14,7 +14,6 @@ import cubcam.cams  # noqa: F401  (the torchvision guard: before anything import
 
 import errno
 import json
-import multiprocessing
 import os
 import re
 import signal
@@ -22,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -32,11 +32,10 @@ import torch
 from PIL import Image
 from pytorch_lightning.loggers import CSVLogger, WandbLogger
 
-from cubcam.callbacks import CAMPanel, CAMPanelWarning, cam_panel, measure
-from cubcam.callbacks.cam_panel import LEDGER
-from cubcam.callbacks.deferred import WORKER_NAME
-from cubcam.callbacks.measure import METRIC_KEYS
+from cubcam.callbacks import CAMPanel, CAMPanelWarning
+from cubcam.callbacks.epoch_maps import METRIC_KEYS
 from cubcam.callbacks.panel_select import random_subset, spread_over_classes
+from cubcam.callbacks.picture_thread import THREAD_NAME
 from cubcam.callbacks.sinks import EVOLUTION_GIF_KEY, EVOLUTION_KEY, PANEL_KEY, TABLE_COLUMNS, TABLE_KEY
 from cubcam.cams import GradCAM, localization
 from cubcam.cams.figure import GAP
@@ -101,7 +100,21 @@ def panel_rows(run_dir: Path) -> list[dict]:
 
 
 def panel_indices(row: dict) -> list[int]:
-    return [int(re.match(r"#(\d+),", caption).group(1)) for caption in row[PANEL_KEY]["captions"]]
+    """The birds of a logged panel, from its grid's caption (``epoch N: #i #j ...``)."""
+    return [int(i) for i in re.findall(r"#(\d+)", row[PANEL_KEY]["caption"])]
+
+
+class CamMetrics(pl.Callback):
+    """Test probe: the CAM metrics in ``trainer.callback_metrics`` after each validation epoch, ``{epoch: {key:
+    value}}`` (an epoch without them has none)."""
+
+    def __init__(self) -> None:
+        self.epochs: dict[int, dict[str, float]] = {}
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        found = {k: float(v) for k, v in trainer.callback_metrics.items() if k in METRIC_KEYS}
+        if found and not trainer.sanity_checking:
+            self.epochs[trainer.current_epoch] = found
 
 
 def campanel_warnings(records: list[warnings.WarningMessage]) -> list[str]:
@@ -170,9 +183,9 @@ def test_the_weighting_reaches_the_metrics(synthetic_cub, tmp_path):
     logged = {}
     # (HiResCAM equals GradCAM under a pooled linear head); the gradient-free ones the loop can afford
     for weighting in ("gradcam", "layercam", "ablationcam", "eigencam"):
-        panel = CAMPanel(num_images=2, weighting=weighting)
-        trainer_for(tmp_path, 1, [panel]).validate(module, datamodule=data, verbose=False)
-        logged[weighting] = panel.history[0]
+        trainer = trainer_for(tmp_path, 1, [CAMPanel(num_images=2, weighting=weighting)])
+        trainer.validate(module, datamodule=data, verbose=False)
+        logged[weighting] = {key: float(trainer.callback_metrics[key]) for key in METRIC_KEYS}
         module.eval()
         with torch.no_grad():
             activations = module.net.forward_features(images)
@@ -217,38 +230,48 @@ def test_one_panel_per_epoch_with_boxes_captions_and_metrics(synthetic_cub, offl
     labels = [dataset.labels[i] for i in panel.panel]
     assert len(set(labels)) == min(num, len(dataset.class_names))  # spread over every class of this tiny set
     steps_per_epoch = trainer.global_step // epochs
+    strip = 2 * SIZE + GAP  # a bird's two cells
     primary_cam_boxes = 0
     for epoch, row in enumerate(panels):
         media = row[PANEL_KEY]
-        assert media["_type"] == "images/separated" and media["count"] == num
-        # The panel row carries its epoch and the step of that epoch's val/* metrics (one below global_step).
+        assert media["_type"] == "image-file" and media["caption"].startswith(f"epoch {epoch}: ")
+        # The CAM metrics are in Lightning's own row of the epoch's val/* metrics; the panel is at that step.
         metrics = [r for r in rows if r.get("epoch") == epoch and "val/cam_max_box_acc" in r]
-        assert row["epoch"] == epoch and len(metrics) == 1
+        assert len(metrics) == 1 and any(key.startswith("val/") and "cam" not in key for key in metrics[0])
+        assert row["epoch"] == epoch
         assert row["trainer/global_step"] == metrics[0]["trainer/global_step"] == (epoch + 1) * steps_per_epoch - 1
         assert panel_indices(row) == panel.panel
-        for caption, index in zip(media["captions"], panel.panel):
-            assert f"#{index}, epoch {epoch}" in caption
-            assert f"true: {dataset.class_names[dataset.labels[index]]}" in caption
-            assert ("nearest #" if proxy == "single_point_nearest" else "pred: ") in caption
-        assert (media["width"], media["height"]) == (2 * SIZE + GAP, SIZE)
-        for filename, boxes, index in zip(media["filenames"], media["all_boxes"], panel.panel):
-            pixels = np.asarray(Image.open(run_dir / "files" / filename).convert("RGB"))
-            assert pixels.shape == (SIZE, 2 * SIZE + GAP, 3) and pixels.std() > 10  # decodes, not blank
-            assert set(boxes) == {"ground_truth", "cam"}
-            groups = {key: json.loads((run_dir / "files" / group["path"]).read_text()) for key, group in boxes.items()}
-            gt = groups["ground_truth"]["box_data"][0]
+        pixels = np.asarray(Image.open(run_dir / "files" / media["path"]).convert("RGB"))
+        assert pixels.shape == (media["height"], media["width"], 3) and pixels.std() > 10  # decodes, not blank
+        assert media["width"] == 4 + 4 * (strip + 4)  # four strips a row
+        groups = {
+            key: json.loads((run_dir / "files" / group["path"]).read_text()) for key, group in media["boxes"].items()
+        }
+        assert set(groups) == {"ground_truth", "cam"}
+        gts = groups["ground_truth"]["box_data"]
+        assert len(gts) == 2 * num  # each bird's box in both of its cells
+        tops: dict[int, set[int]] = {}
+        for k, index in enumerate(panel.panel):  # the first cell's GT box, moved to the bird's place in the grid
+            gt = gts[2 * k]
             x, y, w, h = dataset[index]["box"].tolist()
+            left = 4 + (k % 4) * (strip + 4)
             assert gt["class_id"] == dataset.labels[index] and gt["domain"] == "pixel"
-            assert gt["position"] == {"minX": round(x), "maxX": round(x + w), "minY": round(y), "maxY": round(y + h)}
-            assert groups["ground_truth"]["class_labels"][str(gt["class_id"])] == dataset.class_names[gt["class_id"]]
-            for box in groups["cam"]["box_data"]:  # each CAM box lies inside the cell of its map
-                position = box["position"]
-                left = 0 if position["maxX"] <= SIZE else SIZE + GAP
-                assert left <= position["minX"] < position["maxX"] <= left + SIZE
-                assert 0 <= position["minY"] < position["maxY"] <= SIZE
-                primary_cam_boxes += left == 0
-    # A barely trained net's GradCAM is often flat (the ReLU of a negative sum: no box); seeded, 5 of the
-    # classifier's 12 primary maps have one, as before the refactoring, and 12 of 12 for the embedding nets.
+            assert gt["position"]["minX"] == round(left + x) and gt["position"]["maxX"] == round(left + x + w)
+            assert gt["position"]["maxY"] - gt["position"]["minY"] in (round(h) - 1, round(h), round(h) + 1)
+            tops.setdefault(k // 4, set()).add(gt["position"]["minY"] - round(y))
+        assert tops[0] == {4} and all(len(top) == 1 for top in tops.values())  # one row of strips, one top
+        assert (
+            groups["ground_truth"]["class_labels"][str(gts[0]["class_id"])] == dataset.class_names[gts[0]["class_id"]]
+        )
+        for box in groups["cam"]["box_data"]:  # each CAM box lies inside the cell of its map
+            position = box["position"]
+            k = (position["minX"] - 4) // (strip + 4)
+            offset = position["minX"] - 4 - k * (strip + 4)
+            left = 4 + k * (strip + 4) + (0 if offset < SIZE else SIZE + GAP)
+            assert left <= position["minX"] < position["maxX"] <= left + SIZE
+            primary_cam_boxes += offset < SIZE
+    # A barely trained net's GradCAM is often flat (the ReLU of a negative sum: no box); seeded, several of the
+    # primary maps have one.
     assert primary_cam_boxes >= epochs
 
     metric_rows = [row for row in rows if all(key in row for key in METRIC_KEYS)]
@@ -267,9 +290,8 @@ def test_one_panel_per_epoch_with_boxes_captions_and_metrics(synthetic_cub, offl
 def assert_tables_metrics_and_evolution(
     run_dir: Path, rows: list[dict], panel: CAMPanel, dataset, epochs: int, folder: Path
 ) -> None:
-    """val/cam_table: one incremental table, each panel epoch's rows an increment (in the run's files, pixels in
-    its run_table artifacts), the CAM scores defined with summary max, and the evolution (image list and GIF) once
-    at the end, also as files."""
+    """val/cam_table: one incremental table of numbers, each panel epoch's rows an increment, the CAM scores defined
+    with summary max, and the evolution (image list and GIF) once at the end, also as files."""
     num = len(panel.panel)
     panels = [row for row in rows if PANEL_KEY in row]
     for epoch, row in enumerate(panels):
@@ -280,7 +302,6 @@ def assert_tables_metrics_and_evolution(
         assert content["columns"] == TABLE_COLUMNS
         columns = {name: [r[k] for r in content["data"]] for k, name in enumerate(TABLE_COLUMNS)}
         assert columns["index"] == panel.panel and columns["epoch"] == [epoch] * num
-        assert columns["overlay"] == ["Image"] * num  # the pixels wait in the run_table artifact
         assert columns["true"] == [dataset.class_names[dataset.labels[i]] for i in panel.panel]
         assert all(0 <= v <= 1 for key in ("score", "cam_box_iou", "heatmap_ratio") for v in columns[key])
         assert all(isinstance(v, bool) for v in columns["peak_in_box"])
@@ -288,12 +309,8 @@ def assert_tables_metrics_and_evolution(
     artifacts = [r.artifact for r in records if r.WhichOneof("record_type") == "artifact"]
     tables = [a for a in artifacts if a.type == "wandb-run-incremental-table" and "valcam_table" in a.name]
     assert len(tables) == epochs and len({a.name for a in tables}) == 1  # one table, an increment per epoch
-    for artifact in tables:
-        images = [entry for entry in artifact.manifest.contents if entry.path.endswith(".png")]
-        assert len(images) == num
-        for entry in images:
-            pixels = np.asarray(Image.open(entry.local_path).convert("RGB"))
-            assert pixels.shape == (SIZE, 2 * SIZE + GAP, 3) and pixels.std() > 10
+    for artifact in tables:  # numbers only: no image for W&B to copy on the loop's thread
+        assert not [entry for entry in artifact.manifest.contents if entry.path.endswith(".png")]
     defined = {r.metric.name: r.metric for r in records if r.WhichOneof("record_type") == "metric"}
     for key in METRIC_KEYS:
         assert defined[key].summary.max and defined[key].step_metric == "trainer/global_step", key
@@ -313,8 +330,9 @@ def assert_tables_metrics_and_evolution(
 
 
 def test_panel_files_reach_wandb_also_where_it_may_symlink_media(synthetic_cub, offline):
-    """The strips go to W&B as PNG files from a temporary folder; a run that may symlink media gets the arrays
-    instead (a symlink into the deleted folder would dangle). Both runs' images hold the same pixels."""
+    """The grid goes to W&B as a JPEG file from a temporary folder, removed once logged; a run that may symlink media
+    gets the array instead (a symlink into the removed folder would dangle). Both runs' images hold the same
+    pixels, and no temporary folder is left."""
     import wandb
 
     data = data_for(synthetic_cub, "classifier")
@@ -326,55 +344,14 @@ def test_panel_files_reach_wandb_also_where_it_may_symlink_media(synthetic_cub, 
             module_for("classifier", data), datamodule=data, verbose=False
         )
         run_dir = finished_run(logger)
-        rows = panel_rows(run_dir)
-        assert len(rows) == 1
-        media = rows[0][PANEL_KEY]
-        files = [run_dir / "files" / filename for filename in media["filenames"]]
-        assert all(f.is_file() and not f.is_symlink() for f in files)
-        pixels[symlink] = [np.asarray(Image.open(f).convert("RGB")) for f in files]
-    assert all(np.array_equal(a, b) and a.std() > 10 for a, b in zip(pixels[False], pixels[True]))
-
-
-def test_the_panel_row_made_off_the_loop_s_thread_is_the_one_wandb_makes(synthetic_cub, offline, monkeypatch):
-    """The staging binds the panel's files to the run and makes the row's entry (serialized_images), the commit adds
-    the box groups' class labels to the run's config: the same row, files and config as wandb's own run.log of the
-    images (serialized_images off), apart from the part of the file names that says when they were bound."""
-    from cubcam.callbacks import sinks
-
-    data = data_for(synthetic_cub, "classifier")
-    made = {}
-    for native in (False, True):
-        if native:
-            monkeypatch.setattr(sinks, "serialized_images", lambda *args: None)
-        logger = wandb_logger(offline / str(native))
-        pl.seed_everything(0, verbose=False)
-        trainer_for(offline, 1, [CAMPanel(num_images=4)], logger=logger).validate(
-            module_for("classifier", data), datamodule=data, verbose=False
-        )
-        run_dir = finished_run(logger)
         (row,) = panel_rows(run_dir)
-        media = row[PANEL_KEY]
-        files = [run_dir / "files" / f for f in media["filenames"]]
-        files += [run_dir / "files" / boxes[k]["path"] for boxes in media["all_boxes"] for k in sorted(boxes)]
-        assert all(f.is_file() and f.stat().st_size for f in files)
-        shape = {
-            **media,
-            "filenames": None,
-            "all_boxes": [{k: g["_type"] for k, g in b.items()} for b in media["all_boxes"]],
-        }
-        configs = [r.config for r in read_records(finished_log(run_dir)) if r.WhichOneof("record_type") == "config"]
-        labels = {}
-        for config in configs:  # the last value of each class-label singleton
-            for item in config.update:
-                if item.key == "_wandb":
-                    labels.update(json.loads(item.value_json).get(sinks.BOX_LABELS, {}))
-        made[native] = (shape, [f.read_bytes() for f in files], labels)
-        # wandb names the files by its history step; staged, they carry the epoch's step: the path was taken
-        assert all(("_step" in name) != native for name in media["filenames"])
-    assert made[False][0] == made[True][0]
-    assert made[False][1] == made[True][1]  # the same PNGs and box groups, byte for byte
-    assert set(made[True][2]) == {f"{PANEL_KEY}_wandb_delimeter_{g}" for g in ("ground_truth", "cam")}
-    assert made[False][2] == made[True][2]
+        path = run_dir / "files" / row[PANEL_KEY]["path"]
+        assert path.is_file() and not path.is_symlink()
+        pixels[symlink] = np.asarray(Image.open(path).convert("RGB"))
+    # The same grid: a JPEG of it, or the array W&B encodes as PNG itself.
+    assert pixels[False].shape == pixels[True].shape and pixels[False].std() > 10
+    assert np.abs(pixels[False].astype(int) - pixels[True].astype(int)).mean() < 2.5  # JPEG at quality 90
+    assert not list(Path(tempfile.gettempdir()).glob("cubcam-panel-*"))
 
 
 def test_resumed_run_shows_the_same_birds(synthetic_cub, offline):
@@ -394,7 +371,7 @@ def test_resumed_run_shows_the_same_birds(synthetic_cub, offline):
     resumed.fit(module_for("classifier", data), datamodule=data, ckpt_path=offline / "ckpt" / "last.ckpt")
     run_dir = finished_run(resumed_logger)
     rows = panel_rows(run_dir)
-    assert len(rows) == 1 and "epoch 1" in rows[0][PANEL_KEY]["captions"][0]
+    assert len(rows) == 1 and rows[0][PANEL_KEY]["caption"].startswith("epoch 1:")
     assert panel_indices(rows[0]) == before
     # The evolution comes from the checkpoint too: epoch 0 (first run) and epoch 1 (resumed), once each.
     (evolution,) = [row for row in history_rows(finished_log(run_dir)) if EVOLUTION_GIF_KEY in row]
@@ -416,10 +393,9 @@ def test_resumed_run_shows_the_same_birds(synthetic_cub, offline):
     assert sorted(row[epoch_column] for table in increments for row in table["data"]) == [0] * 4 + [1] * 4
 
 
-def test_state_keys_tell_every_panel_apart_and_the_old_key_still_resumes() -> None:
-    """Two panels that differ in any option that changes what they show keep their own state; a checkpoint written
-    under the key of STATE_VERSION 1 (it named num_images, method and proxy only; the deprecated "single_point"
-    for the nearest image) is filed under today's key before Lightning looks it up."""
+def test_state_keys_tell_every_panel_apart() -> None:
+    """Two panels that differ in any option that changes what they show keep their own state; the seed does not
+    count (a resumed run with another seed shows the birds it showed)."""
     base = CAMPanel()
     variants = [
         CAMPanel(weighting="gradcam++"),
@@ -429,20 +405,58 @@ def test_state_keys_tell_every_panel_apart_and_the_old_key_still_resumes() -> No
         CAMPanel(num_images=4),
     ]
     assert len({base.state_key, *(v.state_key for v in variants)}) == 1 + len(variants)
-    assert CAMPanel(seed=5).state_key == base.state_key  # another seed still resumes the same birds
-    with pytest.warns(DeprecationWarning, match="'single_point_nearest'"):
-        old_spelling = CAMPanel(proxy="single_point")
-    assert old_spelling.proxy == "single_point_nearest"
-    assert old_spelling.state_key == CAMPanel(proxy="single_point_nearest").state_key
-    v1_key = "CAMPanel{'num_images': 16, 'method': 'auto', 'proxy': 'single_point'}"
-    saved = {"panel": [3, 1], "subset": [0, 1, 2, 3], "evolution": {}}  # no version: layout 1
-    checkpoint = {"callbacks": {v1_key: saved}}
-    old_spelling.on_load_checkpoint(None, None, checkpoint)  # type: ignore[arg-type]
-    old_spelling.load_state_dict(checkpoint["callbacks"][old_spelling.state_key])
-    assert old_spelling.panel == [3, 1] and old_spelling.subset == [0, 1, 2, 3]
-    assert old_spelling.state_dict()["version"] == 3 and old_spelling.state_dict()["pending"] == []
-    with pytest.raises(ValueError, match="version 4 is newer"):
-        base.load_state_dict({"version": 4})
+    assert CAMPanel(seed=5).state_key == base.state_key
+    assert set(base.state_dict()) == {"panel", "subset", "evolution"}
+
+
+def frame(epoch: int, indices: list[int], size: int = 8):
+    """An evolution frame of ``indices`` birds: grey pixels, a map peaked in the middle, a box around it."""
+    from cubcam.callbacks.evolution import Frame
+
+    n = len(indices)
+    maps = torch.zeros(n, 4, 4)
+    maps[:, 1:3, 1:3] = 1.0
+    boxes = torch.tensor([[2.0, 2, 4, 4]]).repeat(n, 1)
+    return Frame(epoch, indices, torch.full((n, size, size, 3), 128, dtype=torch.uint8), maps, boxes, 0.5)
+
+
+def evolution_state(epochs: list[int], indices: list[int]) -> dict:
+    from cubcam.callbacks.evolution import Evolution
+
+    evolution = Evolution()
+    for epoch in epochs:
+        evolution.add(frame(epoch, indices))
+    return evolution.state_dict()
+
+
+GOOD = evolution_state([1, 3], [1, 2, 3])
+
+
+@pytest.mark.parametrize(
+    ("state", "problem"),
+    [
+        ({"panel": [3, 1]}, "expected panel, subset and evolution"),
+        ({"panel": [3, -1], "subset": None, "evolution": GOOD}, "panel must be None or a list of dataset indices"),
+        ({"panel": "3", "subset": None, "evolution": GOOD}, "panel must be None"),
+        ({"panel": None, "subset": None, "evolution": {**GOOD, "epochs": [1]}}, "pixels must be [1, 3, -1, -1, 3]"),
+        ({"panel": None, "subset": None, "evolution": {**GOOD, "pixels": [[1]]}}, "pixels must be a uint8 tensor"),
+        ({"panel": None, "subset": None, "evolution": {**GOOD, "maps": GOOD["pixels"]}}, "maps must be a float"),
+        ({"panel": None, "subset": None, "evolution": {**GOOD, "epochs": [1, 1]}}, "an epoch twice"),
+        ({"panel": None, "subset": None, "evolution": [1, 2]}, "must have indices, epochs, pixels"),
+    ],
+)
+def test_a_corrupt_or_foreign_state_is_one_warning_and_a_fresh_choice(state, problem) -> None:
+    panel = CAMPanel()
+    with pytest.warns(CAMPanelWarning, match="not one this CAMPanel wrote") as caught:
+        panel.load_state_dict(state)
+    assert len(caught) == 1 and problem in str(caught[0].message), str(caught[0].message)
+    assert panel.panel is None and panel.subset is None and len(panel.evolution) == 0
+    good = {"panel": [1, 2, 3], "subset": [0, 4], "evolution": GOOD}
+    panel.load_state_dict(good)  # a state it wrote loads without a word
+    assert panel.panel == [1, 2, 3] and panel.subset == [0, 4] and panel.evolution.epochs == [1, 3]
+    assert panel.state_dict()["evolution"]["pixels"].equal(GOOD["pixels"])
+    with pytest.warns(CAMPanelWarning, match="saved with other options"):  # state under another panel's key
+        panel.on_load_checkpoint(None, None, {"callbacks": {CAMPanel(num_images=4).state_key: good}})  # type: ignore[arg-type]
 
 
 # --- staying out of training's way ------------------------------------------------------------------------------
@@ -566,7 +580,7 @@ def test_several_loggers_each_get_the_panel_in_their_own_api(synthetic_cub, offl
         module_for("classifier", data), datamodule=data
     )
     rows = [row for row in history_rows(finished_log(finished_run(wandb_log))) if PANEL_KEY in row]
-    assert len(rows) == 1 and rows[0][PANEL_KEY]["count"] == 4 and rows[0][TABLE_KEY]["nrows"] == 4
+    assert len(rows) == 1 and len(panel_indices(rows[0])) == 4 and rows[0][TABLE_KEY]["nrows"] == 4
     events = EventAccumulator(tensorboard.log_dir, size_guidance={"images": 0})
     events.Reload()
     assert len(events.Images(PANEL_KEY)) == 1 and len(events.Images(EVOLUTION_KEY)) == 1
@@ -608,6 +622,8 @@ def ddp_main(out: str, root: str, path: str) -> None:
         enable_checkpointing=True,
     )
     trainer.fit(module_for("classifier", data), datamodule=data)
+    cam = {key: float(trainer.callback_metrics[key]) for key in METRIC_KEYS}
+    (Path(out) / f"rank{trainer.global_rank}.json").write_text(json.dumps(cam))
     if trainer.is_global_zero:
         (Path(out) / "run_dir.txt").write_text(str(finished_run(logger)))
 
@@ -635,11 +651,14 @@ def test_ddp_logs_one_panel_per_epoch_and_metrics_over_all_ranks(tmp_path, path)
     run_dir = Path((tmp_path / "run_dir.txt").read_text())
     rows = history_rows(finished_log(run_dir))
     panels = [row for row in rows if PANEL_KEY in row]
-    assert [row[PANEL_KEY]["count"] for row in panels] == [4, 4]  # one panel per epoch, from rank zero only
+    assert [len(panel_indices(row)) for row in panels] == [4, 4]  # one panel per epoch, from rank zero only
     assert panel_indices(panels[0]) == panel_indices(panels[1])
-    assert "epoch 0" in panels[0][PANEL_KEY]["captions"][0] and "epoch 1" in panels[1][PANEL_KEY]["captions"][0]
+    assert [row[PANEL_KEY]["caption"][:8] for row in panels] == ["epoch 0:", "epoch 1:"]
     metric_rows = [row for row in rows if all(key in row for key in METRIC_KEYS)]
-    assert [row["epoch"] for row in metric_rows] == [0, 1]
+    assert [row["epoch"] for row in metric_rows] == [0, 1] and all("val/acc" in row for row in metric_rows)
+    # Every rank holds the same CAM metrics in callback_metrics: the last epoch's, as logged.
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1] == pytest.approx({key: metric_rows[-1][key] for key in METRIC_KEYS}, abs=1e-6)
 
     # The last epoch's MaxBoxAccV2 is that of the final weights over all 15 images, not one rank's half.
     data = data_for(root, "classifier")
@@ -683,11 +702,10 @@ def test_trained_maps_find_the_birds_better_than_a_centred_blob(tmp_path, kind, 
     sampler = dict(sampler="m_per_class", m_per_class=4) if kind == "embedding" else {}
     data = CUBDataModule(root=str(root), image_size=size, batch_size=8, num_workers=0, val_fraction=0.0, **sampler)
     pl.seed_everything(0, verbose=False)
-    panel = CAMPanel(num_images=4)
-    trainer = trainer_for(tmp_path, epochs, [panel], check_val_every_n_epoch=epochs)
+    trainer = trainer_for(tmp_path, epochs, [CAMPanel(num_images=4)], check_val_every_n_epoch=epochs)
     trainer.fit(module_for(kind, data, lr=lr), datamodule=data)
     assert trainer.callback_metrics[quality] > floor  # it learned the birds
-    cam_score = panel.history[epochs - 1]["val/cam_max_box_acc"]
+    cam_score = float(trainer.callback_metrics["val/cam_max_box_acc"])
 
     # The same metric for a centred Gaussian on every image (its threshold sweep tries every centred box size).
     boxes = torch.stack([data.val_dataset[i]["box"] for i in range(len(data.val_dataset))])
@@ -724,14 +742,14 @@ class Diverge(pl.Callback):
 def test_a_diverged_classifier_logs_nan_cam_metrics_with_one_warning(synthetic_cub, tmp_path):
     """NaN maps were min-max normalised to zeros and scored as misses (0.0); now NaN, and one warning per run."""
     data = data_for(synthetic_cub, "classifier")
-    panel = CAMPanel(num_images=4)
-    trainer = trainer_for(tmp_path, 3, [panel, Diverge(start=1)], limit_train_batches=1)
+    logged = CamMetrics()
+    trainer = trainer_for(tmp_path, 3, [CAMPanel(num_images=4), Diverge(start=1), logged], limit_train_batches=1)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit(module_for("classifier", data), datamodule=data)
-    assert all(np.isfinite(value) for value in panel.history[0].values())
+    assert all(np.isfinite(value) for value in logged.epochs[0].values())
     for key in METRIC_KEYS:
-        assert np.isnan(panel.history[1][key]) and np.isnan(panel.history[2][key]), key
+        assert np.isnan(logged.epochs[1][key]) and np.isnan(logged.epochs[2][key]), key
     told = [m for m in campanel_warnings(caught) if "training diverged" in m]
     assert len(told) == 1 and told[0].startswith("CAMPanel: training diverged at epoch 1: the CAM maps of 16 of 16")
     assert (tmp_path / "cam_panels" / "epoch_002.png").is_file(), campanel_warnings(caught)  # drawn, without heat
@@ -792,69 +810,108 @@ def test_each_evolution_strip_names_its_bird_on_the_strip(monkeypatch):
 
     captions = []
     monkeypatch.setattr(evolution_module, "grid", lambda tiles, labels, **kw: captions.append(labels) or tiles[0])
-    evolution = evolution_module.Evolution(
-        indices=[7, 9], epochs=[0, 1], frames=[torch.zeros(2, 8, 8, 3, dtype=torch.uint8)] * 2
-    )
-    evolution.bird_strips()
+    evolution = evolution_module.Evolution()
+    for epoch in (1, 0):
+        evolution.add(frame(epoch, [7, 9]))
+    evolution.bird_strips(evolution.tiles("jet", 0.5))
     assert captions == [["#7, epoch 0", "epoch 1"], ["#9, epoch 0", "epoch 1"]]
 
 
-# --- off the loop's thread (issue "Invisible on a GPU") ----------------------------------------------------------
+# --- metrics on the loop, pictures on one thread (issue "A callback with one thread") ------------------------------
 
 
-def worker_threads() -> list[str]:
-    return [t.name for t in threading.enumerate() if t.name.startswith(WORKER_NAME)]
+def picture_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith(THREAD_NAME)]
 
 
 @pytest.mark.parametrize(("kind", "layer"), [("classifier", None), ("embedding", None), ("classifier", LAYER)])
-def test_deferred_work_gives_the_synchronous_numbers_and_pictures(synthetic_cub, tmp_path, kind, layer):
-    """The same run with the work inline (synchronous=True) and deferred: identical metrics every epoch and the
-    same panel files; only the synchronous run puts them in callback_metrics."""
+def test_cam_metrics_are_lightning_metrics_every_epoch(synthetic_cub, tmp_path, kind, layer):
+    """The CAM metrics are in trainer.callback_metrics after each validation epoch, with the values of the maps
+    the engine makes of the final weights (the last epoch), and a ModelCheckpoint can monitor them."""
     data = data_for(synthetic_cub, kind)
-    runs = {}
-    for synchronous in (True, False):
-        pl.seed_everything(0, verbose=False)
-        folder = tmp_path / str(synchronous)
-        method = "embeddingcam" if kind == "embedding" and layer else "auto"
-        panel = CAMPanel(num_images=4, target_layer=layer, method=method, synchronous=synchronous)
-        trainer = trainer_for(folder, 2, [panel], limit_train_batches=2)
-        trainer.fit(module_for(kind, data), datamodule=data)
-        pngs = [(folder / "cam_panels" / f"epoch_{e:03d}.png").read_bytes() for e in (0, 1)]
-        runs[synchronous] = (panel.history, pngs, set(trainer.callback_metrics))
-        assert worker_threads() == []
-    (inline, inline_png, inline_keys), (deferred, deferred_png, deferred_keys) = runs[True], runs[False]
-    assert sorted(inline) == [0, 1] and inline == deferred  # exactly, not approximately
-    assert inline_png == deferred_png
-    assert set(METRIC_KEYS) <= inline_keys and not set(METRIC_KEYS) & deferred_keys
+    pl.seed_everything(0, verbose=False)
+    method = "embeddingcam" if kind == "embedding" and layer else "auto"
+    logged = CamMetrics()
+    best = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "best", monitor="val/cam_max_box_acc", mode="max")
+    panel = CAMPanel(num_images=4, target_layer=layer, method=method)
+    trainer = trainer_for(tmp_path, 2, [panel, logged, best], limit_train_batches=2, enable_checkpointing=True)
+    module = module_for(kind, data)
+    trainer.fit(module, datamodule=data)
+    assert sorted(logged.epochs) == [0, 1] and all(set(row) == set(METRIC_KEYS) for row in logged.epochs.values())
+    assert float(best.best_model_score) == max(row["val/cam_max_box_acc"] for row in logged.epochs.values())
+    assert picture_threads() == []
+    assert sorted(p.name for p in (tmp_path / "cam_panels").glob("epoch_*")) == ["epoch_000.png", "epoch_001.png"]
+    if kind == "classifier":  # the same number from the engine's maps of the final weights, over every image
+        data.setup("validate")
+        items = [data.val_dataset[i] for i in range(len(data.val_dataset))]
+        images, labels = torch.stack([it["image"] for it in items]), torch.tensor([it["label"] for it in items])
+        module.eval()
+        if layer is None:
+            with torch.no_grad():
+                maps = head_cams(module, module.net.forward_features(images), (SIZE, SIZE), ClassLogits(), labels)
+        else:
+            maps = GradCAM(module, LAYER)(images, labels)
+        expected = localization.max_box_acc(maps, torch.stack([it["box"] for it in items]))["max_box_acc"]
+        assert logged.epochs[1]["val/cam_max_box_acc"] == pytest.approx(expected, abs=1e-6)
 
 
-def test_deferred_metrics_are_logged_at_their_epoch_s_step_in_epoch_order(synthetic_cub, offline):
-    """W&B: each epoch's CAM metrics and panel in a row of their own at the step of that epoch's val/* metrics,
-    with the epoch, once and in epoch order, though they are logged after the next epoch has started."""
+@pytest.mark.parametrize(
+    ("options", "checkpoint", "message"),
+    [
+        ({"every_n_epochs": 2}, {}, r"CAMPanel\(every_n_epochs=2\) logs it every 2 epochs"),
+        ({"log_metrics": False}, {}, r"CAMPanel\(log_metrics=False\) logs it never"),
+        ({"every_n_epochs": 2}, {"every_n_epochs": 3}, "every 2 epochs"),
+    ],
+)
+def test_monitoring_a_cam_metric_on_epochs_without_it_is_one_error(
+    synthetic_cub, tmp_path, options, checkpoint, message
+):
+    data = data_for(synthetic_cub, "classifier")
+    best = pl.callbacks.ModelCheckpoint(monitor="val/cam_max_box_acc", **checkpoint)
+    trainer = trainer_for(tmp_path, 2, [CAMPanel(num_images=4, **options), best], enable_checkpointing=True)
+    with pytest.raises(ValueError, match=r"ModelCheckpoint\(monitor='val/cam_max_box_acc'\) needs") as raised:
+        trainer.fit(module_for("classifier", data), datamodule=data)
+    assert re.search(message, str(raised.value)) and "\n" not in str(raised.value)
+    stopping = pl.callbacks.EarlyStopping(monitor="val/cam_max_box_acc", mode="max")
+    with pytest.raises(ValueError, match="EarlyStopping"):
+        trainer_for(tmp_path, 2, [CAMPanel(num_images=4, every_n_epochs=2), stopping]).fit(
+            module_for("classifier", data), datamodule=data
+        )
+    # A checkpoint that looks only on the epochs CAMPanel measures is fine, and gets the metric.
+    matching = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "c", monitor="val/cam_max_box_acc", every_n_epochs=2)
+    panel = CAMPanel(num_images=4, every_n_epochs=2)
+    trainer_for(tmp_path, 2, [panel, matching], enable_checkpointing=True, limit_train_batches=1).fit(
+        module_for("classifier", data), datamodule=data
+    )
+    assert matching.best_model_score is not None and matching.best_model_path.endswith("epoch=1-step=2.ckpt")
+
+
+def test_panels_and_metrics_are_logged_at_their_epoch_s_step_in_epoch_order(synthetic_cub, offline):
+    """W&B: each epoch's CAM metrics in Lightning's row of its val/* metrics, and its panel at that step with the
+    epoch, once and in epoch order, though the panel is logged after the next epoch has started."""
     data = data_for(synthetic_cub, "classifier")
     logger = wandb_logger(offline)
     trainer_for(offline, 3, [CAMPanel(num_images=4)], logger=logger, limit_train_batches=2).fit(
         module_for("classifier", data), datamodule=data
     )
     rows = history_rows(finished_log(finished_run(logger)))
-    val_steps = {row["epoch"]: row["trainer/global_step"] for row in rows if "val/acc" in row}
-    scores = [row for row in rows if "val/cam_max_box_acc" in row]
+    val_rows = [row for row in rows if "val/acc" in row]
     panels = [row for row in rows if PANEL_KEY in row]
-    assert [row["epoch"] for row in scores] == [0, 1, 2] == [row["epoch"] for row in panels]
-    assert [row["trainer/global_step"] for row in scores] == [val_steps[e] for e in (0, 1, 2)]
-    assert [row["trainer/global_step"] for row in panels] == [val_steps[e] for e in (0, 1, 2)]
-    assert all(key in row for row in scores for key in METRIC_KEYS)
+    assert [row["epoch"] for row in val_rows] == [0, 1, 2] == [row["epoch"] for row in panels]
+    assert all(key in row for row in val_rows for key in METRIC_KEYS)
+    assert [row["trainer/global_step"] for row in panels] == [row["trainer/global_step"] for row in val_rows]
 
 
 class Kill(pl.Callback):
-    """Test probe: SIGKILL (nothing runs on the way out) when epoch ``epoch`` starts; epoch ``epoch - 1``'s panel
-    work is then pending in last.ckpt and not yet logged."""
+    """Test probe: SIGKILL (nothing runs on the way out) when epoch ``epoch`` starts, while its picture thread may
+    still be drawing the epoch before."""
 
     def __init__(self, epoch: int):
         self.epoch = epoch
 
     def on_train_epoch_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         if trainer.current_epoch == self.epoch:
+            (Path(trainer.default_root_dir) / "pid").write_text(str(os.getpid()))
             os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -868,10 +925,10 @@ def kill_main(out: str, root: str) -> None:
     trainer.fit(module_for("classifier", data), datamodule=data)
 
 
-def test_a_killed_run_resumed_logs_every_epoch_s_panel_once(synthetic_cub, tmp_path):
-    """Killed (SIGKILL) as epoch 2 starts, with epoch 1's work pending in last.ckpt: the resumed run finishes epoch
-    1 from the checkpoint and trains epoch 2; each epoch's panel and metrics are logged once over both processes,
-    and the evolution has every epoch."""
+def test_a_killed_run_leaves_no_process_and_resumes_with_its_evolution(synthetic_cub, tmp_path):
+    """Killed (SIGKILL) as epoch 2 starts: no process of it is left, last.ckpt holds the panel and the thumbnails
+    of epochs 0 and 1 (made on the loop's thread, nothing pending), and the resumed run's evolution has every
+    epoch once."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
     done = subprocess.run(
         [sys.executable, str(Path(__file__).resolve()), "kill", str(tmp_path), str(synthetic_cub)],
@@ -882,11 +939,14 @@ def test_a_killed_run_resumed_logs_every_epoch_s_panel_once(synthetic_cub, tmp_p
         timeout=300,
     )
     assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]
-    # The killed run logged epoch 0 (its ledger says so) and died with epoch 1 pending in last.ckpt.
+    killed = int((tmp_path / "pid").read_text())
+    survivors = [
+        p.name for p in Path("/proc").iterdir() if p.name.isdigit() and _parent(p) == killed
+    ]  # its children: re-parented, they would still name it nowhere; none may exist at all
+    assert survivors == [] and not Path(f"/proc/{killed}").exists()
     saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
     (state,) = [v for k, v in saved["callbacks"].items() if k.startswith("CAMPanel")]
-    assert [work["epoch"] for work in state["pending"]] == [1]
-    assert [line.rpartition("\t")[2] for line in (tmp_path / "ckpt" / LEDGER).read_text().splitlines()] == ["0"]
+    assert set(state) == {"panel", "subset", "evolution"} and state["evolution"]["epochs"] == [0, 1]
 
     data = data_for(synthetic_cub, "classifier")
     resumed_root = tmp_path / "resumed"
@@ -894,8 +954,15 @@ def test_a_killed_run_resumed_logs_every_epoch_s_panel_once(synthetic_cub, tmp_p
     trainer = trainer_for(resumed_root, 3, [panel], limit_train_batches=2)
     trainer.fit(module_for("classifier", data), datamodule=data, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
     resumed = sorted(p.name for p in (resumed_root / "cam_panels").glob("epoch_*.png"))
-    assert resumed == ["epoch_001.png", "epoch_002.png"]  # with the killed run's: every epoch once
-    assert sorted(panel.history) == [1, 2] and panel.evolution.epochs == [0, 1, 2]
+    assert resumed == ["epoch_002.png"] and panel.evolution.epochs == [0, 1, 2]
+    assert panel.panel == state["panel"]
+
+
+def _parent(proc: Path) -> int:
+    try:
+        return int((proc / "stat").read_text().rpartition(")")[2].split()[1])
+    except (OSError, ValueError, IndexError):
+        return -1
 
 
 class Raise(pl.Callback):
@@ -908,51 +975,63 @@ class Raise(pl.Callback):
 
 
 @pytest.mark.parametrize("error", [RuntimeError("boom"), KeyboardInterrupt()])
-def test_an_exception_or_ctrl_c_drains_the_work_and_leaves_no_thread(synthetic_cub, tmp_path, error):
+def test_an_exception_or_ctrl_c_logs_the_drawn_panels_and_leaves_no_thread(synthetic_cub, tmp_path, error):
     data = data_for(synthetic_cub, "classifier")
     trainer = trainer_for(tmp_path, 3, [CAMPanel(num_images=4), Raise(error)], limit_train_batches=2)
     with pytest.raises((RuntimeError, SystemExit)):
         trainer.fit(module_for("classifier", data), datamodule=data)
-    assert (tmp_path / "cam_panels" / "epoch_000.png").is_file()  # epoch 0's pending panel was finished
-    assert worker_threads() == []
+    assert (tmp_path / "cam_panels" / "epoch_000.png").is_file()  # epoch 0's panel was drawn
+    assert picture_threads() == []
 
 
-def test_a_failing_worker_is_a_warning_per_epoch_and_training_goes_on(synthetic_cub, tmp_path, monkeypatch):
-    def broken(*args, **kwargs):
-        raise MemoryError("the worker ran out of memory")
+def test_on_the_way_out_a_slow_picture_is_dropped_with_one_line(synthetic_cub, tmp_path, monkeypatch):
+    """An exception while the picture thread is still drawing: the callback waits about EXIT_WAIT seconds, then
+    drops the panel with one warning; the metrics of that epoch were logged already."""
+    from cubcam.callbacks import cam_panel, picture_thread
 
-    monkeypatch.setattr(cam_panel, "finish", broken)
+    drawing = picture_thread.render
+
+    def slow(job):
+        time.sleep(4 if job.epoch == 0 else 0)
+        return drawing(job)
+
+    monkeypatch.setattr(picture_thread, "render", slow)
+    monkeypatch.setattr(cam_panel, "EXIT_WAIT", 0.5)
     data = data_for(synthetic_cub, "classifier")
-    trainer = trainer_for(tmp_path, 2, [CAMPanel(num_images=4)], limit_train_batches=2)
+    logged = CamMetrics()
+    trainer = trainer_for(
+        tmp_path, 3, [CAMPanel(num_images=4), logged, Raise(RuntimeError("boom"))], limit_train_batches=2
+    )
+    started = time.monotonic()
+    with pytest.warns(CAMPanelWarning) as caught, pytest.raises(RuntimeError):
+        trainer.fit(
+            module_for("classifier", data),
+            datamodule=data,
+        )
+    assert time.monotonic() - started < 30
+    dropped = [m for m in campanel_warnings(caught) if "not yet drawn" in m]
+    assert dropped == [
+        "CAMPanel: the run ended with 1 panel(s) not yet drawn; they are dropped (the metrics were logged)"
+    ]
+    assert sorted(logged.epochs) == [0] and not (tmp_path / "cam_panels" / "epoch_000.png").exists()
+
+
+def test_a_failing_picture_is_a_warning_per_epoch_and_training_goes_on(synthetic_cub, tmp_path, monkeypatch):
+    from cubcam.callbacks import picture_thread
+
+    def broken(*args, **kwargs):
+        raise MemoryError("the picture thread ran out of memory")
+
+    monkeypatch.setattr(picture_thread, "render", broken)
+    data = data_for(synthetic_cub, "classifier")
+    logged = CamMetrics()
+    trainer = trainer_for(tmp_path, 2, [CAMPanel(num_images=4), logged], limit_train_batches=2)
     with pytest.warns(CAMPanelWarning) as caught:
         trainer.fit(module_for("classifier", data), datamodule=data)
-    failed = [m for m in campanel_warnings(caught) if "the panel worker failed" in m]
-    assert len(failed) == 2 and "MemoryError: the worker ran out of memory" in failed[0], failed
-    assert trainer.current_epoch == 2 and worker_threads() == []
+    failed = [m for m in campanel_warnings(caught) if "could not render the panel" in m]
+    assert len(failed) == 2 and "MemoryError: the picture thread ran out of memory" in failed[0], failed
+    assert trainer.current_epoch == 2 and picture_threads() == [] and sorted(logged.epochs) == [0, 1]
 
 
 if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "kill":
     kill_main(sys.argv[2], sys.argv[3])
-
-
-def test_labelling_processes_give_the_same_numbers_and_are_joined(synthetic_cub, tmp_path, monkeypatch):
-    """With the box labelling forced into worker processes (a real run uses them from 64 maps of 224 px up): the
-    numbers of scoring in the worker thread, and no process left after a fit or after Ctrl-C."""
-    data = data_for(synthetic_cub, "classifier")
-    logged = {}
-    for forced in (False, True):
-        for module in (cam_panel, measure):
-            monkeypatch.setattr(module, "pays_off", lambda count, size, forced=forced: forced)
-        pl.seed_everything(0, verbose=False)
-        panel = CAMPanel(num_images=4)
-        trainer_for(tmp_path / str(forced), 2, [panel], limit_train_batches=2).fit(
-            module_for("classifier", data), datamodule=data
-        )
-        logged[forced] = panel.history
-        assert multiprocessing.active_children() == []
-    assert sorted(logged[True]) == [0, 1] and logged[True] == logged[False]
-    trainer = trainer_for(tmp_path / "interrupted", 3, [CAMPanel(num_images=4), Raise(KeyboardInterrupt())])
-    with pytest.raises(SystemExit):
-        trainer.fit(module_for("classifier", data), datamodule=data)
-    assert multiprocessing.active_children() == [] and worker_threads() == []
-    assert (tmp_path / "interrupted" / "cam_panels" / "epoch_000.png").is_file()

@@ -10,6 +10,8 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +22,6 @@ import torch
 from test_train import fit_args, only, read_record
 from test_train import tiny_cub as tiny_cub  # a fixture, shared
 
-from cubcam.callbacks.cam_panel import LEDGER
 from cubcam.cams import files
 from cubcam.train.cli import main
 
@@ -36,6 +37,20 @@ class SendSignal(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, *args: object) -> None:
         if trainer.global_step == self.step:
             os.kill(os.getpid(), getattr(signal, self.name))
+
+
+class InterruptTheDrain(pl.Callback):
+    """Test probe given to the CLI: Ctrl-C ``delay`` seconds after training ends, while CAMPanel waits for its last
+    picture at the end of fit; records whether a test ran."""
+
+    def __init__(self, out: str, delay: float = 1.0):
+        self.out, self.delay = Path(out), delay
+
+    def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        threading.Timer(self.delay, os.kill, (os.getpid(), signal.SIGINT)).start()
+
+    def on_test_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        (self.out / "tested").touch()
 
 
 @pytest.fixture
@@ -108,12 +123,41 @@ def test_a_disk_that_fills_mid_save_keeps_every_checkpoint_whole(tiny_cub: Path,
     assert message.startswith("error: could not write ") and ".ckpt" in message, message
     assert "No space left on device" in message and " free)" in message, message
     folder = small_disk / "runs" / "checkpoints"
-    left = sorted(path for path in folder.iterdir() if path.name != LEDGER)  # the CAM panel's ledger: a text file
+    left = sorted(folder.iterdir())
     assert [path.suffix for path in left] == [".ckpt"] * len(left), left  # no partial file under any name
     assert "last.ckpt" in [path.name for path in left]
     for path in left:
         assert torch.load(path, weights_only=True, map_location="cpu")["epoch"] == 0  # whole, from epoch 0
     assert (small_disk / "runs" / "cam_panels" / "epoch_000.png").stat().st_size > 0
+
+
+def test_ctrl_c_while_the_last_picture_is_drawn_exits_130_without_testing(
+    tiny_cub: Path, offline: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The wait for the picture thread at the end of fit is interruptible: Ctrl-C there ends the run with 130 and
+    no test; on the way out CAMPanel waits about two seconds, then drops the picture with one line."""
+    from cubcam.callbacks import picture_thread
+
+    drawing = picture_thread.render
+
+    def slow(job):
+        time.sleep(8)
+        return drawing(job)
+
+    monkeypatch.setattr(picture_thread, "render", slow)
+    probe = ["--trainer.callbacks+=test_faults.InterruptTheDrain", f"--trainer.callbacks.out={offline}"]
+    args = fit_args(["demo/classifier.yaml"], tiny_cub, offline, "drain", "--trainer.max_epochs", "1", wandb=False)
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        with (
+            pytest.warns(UserWarning, match="panel.s. not yet drawn; they are dropped"),
+            pytest.raises(SystemExit) as stopped,
+        ):
+            main([*args, *probe, "--trainer.limit_train_batches", "1"])
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert stopped.value.code == 130
+    assert not (offline / "tested").exists()  # without the interrupt: the 8 s picture, then a test and exit 0
 
 
 @pytest.mark.parametrize(("name", "status"), [("SIGTERM", 143), ("SIGINT", 130)])
@@ -174,7 +218,7 @@ def test_resume_from_any_checkpoint_continues_its_run_folder(
     )
     assert read_record(offline / "copied")["epochs"] == [2]
     names = sorted(path.name for path in (copy / "checkpoints").iterdir())
-    assert names == sorted(["last.ckpt", LEDGER, only([n for n in names if n.startswith("best-")])]), names
+    assert names == sorted(["last.ckpt", only([n for n in names if n.startswith("best-")])]), names
     state = torch.load(last, weights_only=True, map_location="cpu")
     assert state["epoch"] == 2
     best_state = next(v for k, v in state["callbacks"].items() if "'monitor': 'val/acc'" in k)

@@ -51,7 +51,8 @@ def run(folder: Path, module: pl.LightningModule, data: CUBDataModule, panel: CA
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit(module, datamodule=data) if fit else trainer.validate(module, datamodule=data, verbose=False)
-    return panel.history[0], [str(w.message) for w in caught if "CAMPanel" in str(w.message)]
+    logged = {key: float(value) for key, value in trainer.callback_metrics.items() if key.startswith("val/cam_")}
+    return logged, [str(w.message) for w in caught if "CAMPanel" in str(w.message)]
 
 
 @pytest.mark.parametrize("kind", ["classifier", "embedding"])

@@ -17,7 +17,7 @@ from torchvision.models import resnet18
 from wandb_records import finished_log, history_rows
 
 from cubcam.callbacks import CAMPanel, CAMPanelWarning
-from cubcam.callbacks.measure import METRIC_KEYS
+from cubcam.callbacks.epoch_maps import METRIC_KEYS
 from cubcam.callbacks.sinks import PANEL_KEY
 from cubcam.train.best_checkpoint import BestCheckpoint
 from cubcam.train.data.datamodule import CUBDataModule

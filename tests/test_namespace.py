@@ -47,7 +47,7 @@ def users_project(tmp_path: Path, synthetic_cub: Path) -> Path:
         trainer = pl.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=1, logger=False, callbacks=[panel],
                              enable_checkpointing=False, enable_progress_bar=False, default_root_dir="out")
         trainer.fit(module, datamodule=data)
-        print(USERS_OWN, "| panel", panel.panel, "| metric", panel.history[0]["val/cam_max_box_acc"])
+        print(USERS_OWN, "| panel", panel.panel, "| metric", float(trainer.callback_metrics["val/cam_max_box_acc"]))
     """)
     )
     return tmp_path

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from wandb_records import finished_log, history_rows
 
 from cubcam.callbacks import CAMPanel
-from cubcam.callbacks.measure import METRIC_KEYS
+from cubcam.callbacks.epoch_maps import METRIC_KEYS
 from cubcam.callbacks.sinks import PANEL_KEY
 from cubcam.cams import EmbeddingCAM, GradCAM, localization, normalized_mean_proxies
 from cubcam.train.data.datamodule import CUBDataModule
@@ -92,15 +92,16 @@ def test_the_readme_example_runs_as_written_and_logs_a_panel_every_epoch(tmp_pat
     done.logger.experiment.finish()
     rows = history_rows(finished_log(run_dir))
     panels = [row for row in rows if PANEL_KEY in row]
-    assert [row[PANEL_KEY]["count"] for row in panels] == [8, 8]  # one panel of 8 birds per epoch
-    assert "epoch 1" in panels[1][PANEL_KEY]["captions"][0]
-    # The ImageFolder's class names (its classes), not "class 0".
-    folders = {p.name for p in (tmp_path / "cub" / "CUB_200_2011" / "images").iterdir()}
-    named = [re.search(r"true: (\S+)", caption).group(1) for caption in panels[0][PANEL_KEY]["captions"]]
-    assert set(named) <= folders and len(set(named)) > 1, named
+    captions = [row[PANEL_KEY]["caption"] for row in panels]
+    assert [len(re.findall(r"#\d+", caption)) for caption in captions] == [8, 8]  # a panel of 8 birds per epoch
+    assert captions[1].startswith("epoch 1: ")
     assert not any(key in row for row in rows for key in METRIC_KEYS)  # no boxes: no metrics, and no error
     table = json.loads(next(iter(sorted(run_dir.glob("files/media/table/val/cam_table_*.table.json")))).read_text())
     columns = table["columns"]
+    # The ImageFolder's class names (its classes), not "class 0".
+    folders = {p.name for p in (tmp_path / "cub" / "CUB_200_2011" / "images").iterdir()}
+    named = [row[columns.index("true")] for row in table["data"]]
+    assert set(named) <= folders and len(set(named)) > 1, named
     for name in ("cam_box_iou", "heatmap_ratio", "peak_in_box"):  # no box: empty cells, not 0.0 or False
         assert {row[columns.index(name)] for row in table["data"]} == {None}, name
     assert sorted(p.name for p in run_dir.parent.parent.glob("cubcam-own/*/cam_panels/epoch_*.png")) == [
@@ -112,9 +113,9 @@ def test_the_readme_example_runs_as_written_and_logs_a_panel_every_epoch(tmp_pat
 def test_boxed_dict_batches_also_give_the_metrics_of_the_engine_s_maps(synthetic_cub, tmp_path) -> None:
     data = cub_data(synthetic_cub)
     module = plain_module(data.num_classes)
-    panel = CAMPanel(target_layer=LAYER, num_images=4)
-    trainer(tmp_path, 1, [panel]).validate(module, datamodule=data, verbose=False)
-    logged = panel.history[0]
+    validated = trainer(tmp_path, 1, [CAMPanel(target_layer=LAYER, num_images=4)])
+    validated.validate(module, datamodule=data, verbose=False)
+    logged = {key: float(validated.callback_metrics[key]) for key in METRIC_KEYS}
     assert (tmp_path / "cam_panels" / "epoch_000.png").is_file()
     items = [data.val_dataset[i] for i in range(len(data.val_dataset))]  # all: fewer than the 512 of the subset
     images = torch.stack([item["image"] for item in items])
@@ -163,9 +164,9 @@ def test_embeddingcam_metrics_equal_the_engine_s_with_the_true_proxies(synthetic
     data = cub_data(synthetic_cub)
     pl.seed_everything(0, verbose=False)
     module = module_class("test_convnext", num_classes=16)  # 16-d "embeddings"
-    panel = CAMPanel(target_layer=LAYER, num_images=4, method="embeddingcam")
-    trainer(tmp_path, 1, [panel]).validate(module, datamodule=data, verbose=False)
-    logged = panel.history[0]
+    validated = trainer(tmp_path, 1, [CAMPanel(target_layer=LAYER, num_images=4, method="embeddingcam")])
+    validated.validate(module, datamodule=data, verbose=False)
+    logged = {key: float(validated.callback_metrics[key]) for key in METRIC_KEYS}
     items = [data.val_dataset[i] for i in range(len(data.val_dataset))]
     images = torch.stack([item["image"] for item in items])
     labels = torch.tensor([item["label"] for item in items])
@@ -304,7 +305,7 @@ def test_a_binary_head_with_a_frozen_backbone_gets_panels_and_metrics(synthetic_
         done = trainer(tmp_path, 1, [panel, Freeze()], limit_train_batches=2)
         done.fit(TransferLearning(), train, val)
     assert not [str(w.message) for w in caught if "CAMPanel" in str(w.message)]
-    assert set(panel.history[0]) == set(METRIC_KEYS)
+    assert set(METRIC_KEYS) <= set(done.callback_metrics)
     assert (tmp_path / "cam_panels" / "epoch_000.png").is_file()
 
 

@@ -14,7 +14,7 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_train import SIZE, fit_args
 
-from cubcam.callbacks.sinks import EVOLUTION_KEY, PANEL_KEY, fast_tensorboard_checksums
+from cubcam.callbacks.sinks import EVOLUTION_KEY, PANEL_KEY
 from cubcam.train.cli import main
 from cubcam.train.data.synthetic import make_synthetic_cub
 
@@ -62,18 +62,3 @@ def test_tensorboard_shows_the_panel_every_epoch_and_a_resume_continues_it(confi
     first, resumed = (decoded(e) for e in events.Images(EVOLUTION_KEY))  # one at the end of each fit
     assert resumed.shape[1] > first.shape[1]  # two thumbnails per bird after the resume, one before
     assert (version / "cam_panels" / "evolution.gif").is_file()
-
-
-def test_event_records_are_checksummed_in_c_with_tensorboard_s_own_numbers():
-    """TensorBoard's pure-Python CRC-32C took the loop ~200 ms of the GIL an epoch for the panel's PNG; the C one
-    that replaces it must give its numbers (the test above reads the files back through TensorBoard's checking
-    reader)."""
-    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
-    from tensorboard.summary.writer import record_writer
-
-    assert fast_tensorboard_checksums()  # google-crc32c's C extension is installed with the tensorboard extra
-    assert record_writer.masked_crc32c is not masked_crc32c
-    rng = np.random.default_rng(0)
-    for size in (0, 1, 8, 12, 4097, 100_003):
-        data = rng.integers(0, 256, size, dtype=np.uint8).tobytes()
-        assert record_writer.masked_crc32c(data) == masked_crc32c(data), size
