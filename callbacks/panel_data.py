@@ -11,7 +11,7 @@ from typing import TypedDict
 
 import numpy as np
 
-from cubcam.cams.figure import Strip, grid, png_bytes
+from cubcam.cams.figure import Strip, grid, png_bytes, tile_origins
 
 PANEL_COLUMNS = 4  # strips per row of the grid
 
@@ -41,14 +41,27 @@ class Panel:
     rows: list[BirdRow]
 
     @cached_property
+    def plain_grid(self) -> np.ndarray:
+        """Every strip without boxes, captioned, ``PANEL_COLUMNS`` a row (W&B draws the boxes itself)."""
+        return grid([s.pixels for s in self.strips], self.captions, ncols=PANEL_COLUMNS)
+
+    @cached_property
+    def origins(self) -> list[tuple[int, int]]:
+        """Where each strip sits in the grids, (left, top)."""
+        return tile_origins([s.pixels for s in self.strips], self.captions, ncols=PANEL_COLUMNS)
+
+    @cached_property
     def grid(self) -> np.ndarray:
-        """The PNG grid: every strip with its boxes drawn, captioned, ``PANEL_COLUMNS`` a row (made once, for the
-        file and for TensorBoard)."""
-        return grid([s.boxed for s in self.strips], self.captions, ncols=PANEL_COLUMNS)
+        """The PNG grid: :attr:`plain_grid` with each strip's boxes drawn in (the file and TensorBoard)."""
+        boxed = self.plain_grid.copy()
+        for strip, (left, top) in zip(self.strips, self.origins):
+            height, width = strip.boxed.shape[:2]
+            boxed[top : top + height, left : left + width] = strip.boxed
+        return boxed
 
     @cached_property
     def grid_png(self) -> bytes:
-        """The grid encoded as PNG once, for the file and for TensorBoard."""
+        """The grid encoded as PNG once."""
         return png_bytes(self.grid)
 
 

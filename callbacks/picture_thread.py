@@ -11,6 +11,8 @@ SIGKILL, or :meth:`PictureThread.drain`'s timeout on the way out) is a lost pict
 
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -29,6 +31,7 @@ from cubcam.cams.protocol import Choice
 
 THREAD_NAME = "cubcam-pictures"
 Layout = Literal["class", "neighbour"]  # panel_render's two views
+NICE = 10  # the picture thread's priority below the process's (Linux)
 POLL = 0.05  # s: how often a wait on the loop's thread looks up (a signal interrupts it between looks)
 
 
@@ -170,6 +173,7 @@ class PictureThread:
             return True
 
     def _run(self, sinks: list[PanelSink]) -> None:
+        _lower_priority()
         while True:
             with self._changed:
                 if not self._jobs:
@@ -182,3 +186,10 @@ class PictureThread:
                 self._drawn.append(drawn)
                 self._drawing = False
                 self._changed.notify_all()
+
+
+def _lower_priority() -> None:
+    """Let the calling thread yield the cores to the training loop's threads: nice +``NICE`` where the system sets
+    a thread's own priority (Linux: ``setpriority`` of its thread id); elsewhere nothing changes."""
+    with contextlib.suppress(AttributeError, OSError):  # no setpriority (Windows), or not allowed
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, 0) + NICE)

@@ -22,8 +22,8 @@ from PIL import Image
 from pytorch_lightning.loggers import MLFlowLogger, TensorBoardLogger, WandbLogger
 
 from cubcam.callbacks.evolution import Figures, save_gif
-from cubcam.callbacks.panel_data import PANEL_COLUMNS, Panel, name
-from cubcam.cams.figure import Strip, grid, save_png, tile_origins
+from cubcam.callbacks.panel_data import Panel, name
+from cubcam.cams.figure import Strip, grid, save_png
 from cubcam.cams.files import write_bytes
 from cubcam.namespaces import in_both
 
@@ -37,7 +37,7 @@ TABLE_KEY = "val/cam_table"
 EVOLUTION_KEY = "val/cam_evolution"
 EVOLUTION_GIF_KEY = "val/cam_evolution_gif"
 TABLE_COLUMNS = ["index", "true", "predicted", "score", "cam_box_iou", "heatmap_ratio", "peak_in_box", "epoch"]
-TENSORBOARD_SIDE = 640  # px: TensorBoard's grid is downscaled to this longest side (its writer checksums in Python)
+TENSORBOARD_SIDE = 480  # px: TensorBoard's grid is downscaled to this longest side (its writer checksums in Python)
 JPEG_QUALITY = 90  # of the grid W&B gets
 
 
@@ -86,11 +86,9 @@ class WandbSink:
         """The grid's JPEG and its ``wandb.Image`` with the box groups; the commit logs it with the table rows."""
         import wandb
 
-        pixels = grid([strip.pixels for strip in panel.strips], panel.captions, ncols=PANEL_COLUMNS)
-        origins = tile_origins([strip.pixels for strip in panel.strips], panel.captions, ncols=PANEL_COLUMNS)
-        boxes = wandb_boxes(panel.strips, origins, panel.class_names)
+        boxes = wandb_boxes(panel.strips, panel.origins, panel.class_names)
         caption = f"epoch {panel.epoch}: " + " ".join(f"#{index}" for index in panel.indices)
-        folder, source = self._source(pixels, "panel.jpg")
+        folder, source = self._source(panel.plain_grid, "panel.jpg")
         image = wandb.Image(source, caption=caption, boxes=boxes)
         rows = [
             [

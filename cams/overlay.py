@@ -35,7 +35,7 @@ LEVELS = 1024  # a colormap is looked up at this many evenly spaced values (a st
 def colorize(cam_map: np.ndarray, colormap: str = "jet") -> np.ndarray:
     """Map values in [0, 1] to float32 RGB in [0, 1] (shape [..., 3]), through a table of ``LEVELS`` colours."""
     values = np.nan_to_num(np.clip(cam_map, 0.0, 1.0), nan=0.0)  # a diverged model's NaN map shows no heat
-    return _table(colormap)[np.rint(values * (LEVELS - 1)).astype(np.intp)]
+    return _table(colormap)[(values * (LEVELS - 1) + 0.5).astype(np.uint16)]  # rounds: values are >= 0
 
 
 @functools.cache
@@ -68,7 +68,9 @@ def overlay(
         raise ValueError(f"cam_map must be [H, W], got shape {tuple(cam.shape)}")
     if cam.shape != rgb.shape[:2]:
         cam = F.interpolate(cam[None, None], size=rgb.shape[:2], mode="bilinear", align_corners=False)[0, 0]
-    blended = (1.0 - alpha) * rgb.astype(np.float32) + alpha * colorize(cam.numpy(), colormap)
+    blended = np.float32(1.0 - alpha) * rgb.astype(np.float32, copy=False) + np.float32(alpha) * colorize(
+        cam.numpy(), colormap
+    )
     return np.rint(np.clip(blended, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
@@ -114,4 +116,4 @@ def _as_float_rgb(image: Tensor | np.ndarray) -> np.ndarray:
         array = np.repeat(array[..., None], 3, axis=-1)
     if array.ndim != 3 or array.shape[-1] not in (3, 4):
         raise ValueError(f"a numpy image must be [H, W, 3] or [H, W], got shape {array.shape}")
-    return array[..., :3].astype(np.float64) / 255.0
+    return array[..., :3].astype(np.float32) / np.float32(255.0)
