@@ -286,14 +286,14 @@ class CAMPanel(_Callback):
         self._commit(drawn)
         if dropped:
             _warn(f"the run ended with {dropped} panel(s) not yet drawn; they are dropped (the metrics were logged)")
-        self._close()
+        self._close(timeout=0.0 if dropped else None)  # a picture still drawn ends with the process (daemon)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._commit(self._pictures.drain()[0])
         self._close()
 
-    def _close(self) -> None:
-        self._pictures.close()
+    def _close(self, timeout: float | None = None) -> None:
+        self._pictures.close(timeout)
         if self._source is not None:
             self._source.end_epoch()
 

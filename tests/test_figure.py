@@ -138,3 +138,19 @@ def test_coinciding_curves_are_told_apart_in_evaluates_plots() -> None:
     assert axis.get_legend_handles_labels()[1] == ["GradCAM", "HiResCAM (= GradCAM)", "LayerCAM"]
     solid, dashed, _ = axis.get_lines()
     assert solid.get_linestyle() == "-" and dashed.get_linestyle() != "-"  # the second stays visible on the first
+
+
+def test_png_bytes_decode_to_the_same_pixels_with_valid_checksums():
+    """cubcam's PNG encoder (Sub filter, one zlib call) against Pillow's reader, which checks every chunk's CRC."""
+    import io
+
+    from cubcam.cams.figure import png_bytes
+
+    rng = np.random.default_rng(0)
+    for shape in [(1, 1, 3), (5, 7, 3), (64, 200, 3), (301, 17, 3)]:
+        pixels = rng.integers(0, 256, shape, dtype=np.uint8)
+        encoded = png_bytes(pixels)
+        Image.open(io.BytesIO(encoded)).verify()  # raises on a bad CRC or chunk
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(encoded))), pixels), shape
+    with pytest.raises(ValueError):
+        png_bytes(np.zeros((4, 4), np.float32))
