@@ -13,6 +13,7 @@ and plain values alone.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,7 +59,20 @@ def class_inputs(
         "predicted": primary.predicted,
         "scores": primary.class_scores.float(),
     }
+    columns["heatmap_ratio"], columns["peak_in_box"] = box_scores(primary.maps, birds["box"], birds["image"].shape[-2:])
     return {key: value.detach().cpu() for key, value in columns.items()}
+
+
+def box_scores(maps: Tensor, boxes: Tensor, size: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """Each map's heatmap ratio and whether its peak lies in the box, from ``maps`` [N, h, w] at the layer's grid
+    upsampled to ``size``, where they are (the module's device); a map that is not finite (a diverged model's) has a
+    NaN ratio and no peak in the box."""
+    upsampled = upsample(maps, (int(size[0]), int(size[1])))
+    finite = torch.isfinite(upsampled).flatten(1).all(1)
+    upsampled = torch.where(finite[:, None, None], upsampled, torch.zeros_like(upsampled))
+    ratio = torch.where(finite, heatmap_ratio(upsampled, boxes).to(finite.device), torch.nan)
+    peak = finite & (pointing_game(upsampled, boxes=boxes).to(finite.device) > 0.5)
+    return ratio.float(), peak
 
 
 def class_panel(
@@ -122,6 +136,7 @@ def neighbour_inputs(
     keys = ("index", "image", "box", "label")
     columns = {key: birds[key] for key in keys} | {NEIGHBOUR + key: neighbours[key] for key in keys}
     columns |= {"maps": pairs.first, NEIGHBOUR + "maps": pairs.second, "cosine": pairs.cosine.float()}
+    columns["heatmap_ratio"], columns["peak_in_box"] = box_scores(pairs.first, birds["box"], birds["image"].shape[-2:])
     return {key: value.detach().cpu() for key, value in columns.items()}
 
 
@@ -170,12 +185,10 @@ def _panel(
     predictions: list[tuple[str, float]],
     style: Style,
 ) -> Panel:
-    """The panel with each bird's localization numbers, from its primary map (the first cell of its strip)."""
+    """The panel with each bird's localization numbers: its primary map's (:func:`box_scores`) and the IoU of the
+    CAM box drawn on its first cell."""
     boxes = np.asarray(birds["box"], dtype=np.float64).reshape(-1, 4)
-    finite = torch.isfinite(primary_maps).flatten(1).all(1)  # a diverged model's maps: NaN numbers, no box
-    maps = torch.where(finite[:, None, None], primary_maps, torch.zeros_like(primary_maps))
-    ratios = np.where(finite.numpy(), heatmap_ratio(maps, boxes), np.nan)
-    peaks = np.where(finite.numpy(), pointing_game(maps, boxes=boxes), 0.0)
+    ratios, peaks = birds["heatmap_ratio"].tolist(), birds["peak_in_box"].tolist()
     rows: list[BirdRow] = []
     for b, index in enumerate(birds["index"].tolist()):
         has_box = bool((boxes[b, 2:] > 0).all())  # data without boxes: nothing to score, empty cells
@@ -187,8 +200,8 @@ def _panel(
                 predicted=predictions[b][0],
                 score=predictions[b][1],
                 cam_box_iou=(float(box_iou(box, boxes[b])) if box is not None else 0.0) if has_box else None,
-                heatmap_ratio=float(ratios[b]) if has_box else None,
-                peak_in_box=bool(peaks[b] > 0.5) if has_box else None,
+                heatmap_ratio=ratios[b] if has_box else None,
+                peak_in_box=bool(peaks[b]) if has_box else None,
             )
         )
     return Panel(epoch, birds["index"].tolist(), strips, captions, names, rows)
