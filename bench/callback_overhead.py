@@ -8,7 +8,8 @@ metric subset (512), the CAM layer's real channels (2,048) and grid (7x7 at outp
 model is a tiny net with that layer: the images average-pooled to the grid, a 1x1 convolution to the channels, a
 ReLU (the CAM layer), a pooled linear head (200 logits, or a 128-d embedding). The batches live in memory. The box
 labeller of MaxBoxAccV2 is stood in by a wait too (``--labeller projected``): its projected GPU time, 47 ms for 512
-maps of 224 px (``bench/localization_speed.py``), with no hits; ``--labeller cpu`` runs the real one here.
+maps of 224 px (``bench/localization_speed.py``), with no hits; ``--labeller real`` runs the real one (on a GPU
+with ``--device cuda``: ``bench/gpu.sh``).
 
 Scenarios (``--scenarios``): ``classifier`` / ``embedding`` through the CAM protocol (head-only maps from the loop's
 own activations), and ``classifier-layer`` / ``embedding-layer`` through ``target_layer=`` (a module that knows
@@ -451,7 +452,10 @@ def main() -> None:
     parser.add_argument("--channels", type=int, default=2048, help="of the CAM layer (ResNet-50's layer4: 2048)")
     parser.add_argument("--device", default="cpu", help="cpu (simulated GPU time) or cuda")
     parser.add_argument(
-        "--labeller", default="projected", choices=["projected", "cpu"], help="the box labeller: a wait, or run here"
+        "--labeller",
+        default="projected",
+        choices=["projected", "real"],
+        help="the box labeller: a wait for its projected GPU time, or the real one on --device",
     )
     args = parser.parse_args()
     os.environ.setdefault("WANDB_MODE", "offline")
