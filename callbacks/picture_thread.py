@@ -127,7 +127,7 @@ class PictureThread:
         self._drawn: deque[Drawn] = deque()
         self._changed = threading.Condition()
         self._running = False  # a thread is drawing or about to
-        self._thread: threading.Thread | None = None  # the last one started
+        self._threads: list[threading.Thread] = []  # those started and not yet joined (one ending, one starting)
 
     def _busy(self) -> int:
         return len(self._jobs) + self._drawing
@@ -141,8 +141,9 @@ class PictureThread:
             self._changed.notify_all()
             if not self._running:
                 self._running = True
-                self._thread = threading.Thread(target=self._run, args=(sinks,), name=THREAD_NAME, daemon=True)
-                self._thread.start()
+                thread = threading.Thread(target=self._run, args=(sinks,), name=THREAD_NAME, daemon=True)
+                self._threads = [t for t in self._threads if t.is_alive()] + [thread]
+                thread.start()
 
     def take(self) -> list[Drawn]:
         """The jobs drawn so far, in order (no wait)."""
@@ -159,10 +160,10 @@ class PictureThread:
         return self.take(), dropped
 
     def close(self, timeout: float | None = None) -> None:
-        """Join the thread (it ends once no job is left; after :meth:`drain` that is at once)."""
-        thread = self._thread
-        if thread is not None:
+        """Join the threads (one ends once no job is left; after :meth:`drain` that is at once)."""
+        for thread in self._threads:
             thread.join(timeout)
+        self._threads = [t for t in self._threads if t.is_alive()]
 
     def _wait(self, done: Callable[[], bool], timeout: float | None = None) -> bool:
         with self._changed:

@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -140,8 +139,10 @@ def test_ctrl_c_while_the_last_picture_is_drawn_exits_130_without_testing(
 
     drawing = picture_thread.render
 
+    released = threading.Event()  # the picture waits 8 s, or until the test is done with it
+
     def slow(job):
-        time.sleep(8)
+        released.wait(8)
         return drawing(job)
 
     monkeypatch.setattr(picture_thread, "render", slow)
@@ -158,6 +159,10 @@ def test_ctrl_c_while_the_last_picture_is_drawn_exits_130_without_testing(
         signal.signal(signal.SIGINT, previous)
     assert stopped.value.code == 130
     assert not (offline / "tested").exists()  # without the interrupt: the 8 s picture, then a test and exit 0
+    released.set()
+    for thread in threading.enumerate():  # the dropped picture's thread (a daemon) ends here, not in another test
+        if thread.name.startswith(picture_thread.THREAD_NAME):
+            thread.join(10)
 
 
 @pytest.mark.parametrize(("name", "status"), [("SIGTERM", 143), ("SIGINT", 130)])
