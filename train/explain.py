@@ -1,5 +1,0 @@
-"""Deprecated: moved to ``cubcam.train.inspection.explain`` (the inspection tools' own package)."""
-
-from cubcam.train._moved import moved
-
-__getattr__ = moved(__name__, "cubcam.train.inspection.explain")
