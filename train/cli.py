@@ -26,7 +26,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from cubcam.cams.files import WriteFailed
 from cubcam.train.data.datamodule import CUBDataModule
 from cubcam.train.demo import packaged_configs
-from cubcam.train.inspection.checkpoint import CheckpointError, migrate_hparams, read_checkpoint
+from cubcam.train.inspection.checkpoint import CheckpointError, read_checkpoint
 from cubcam.train.modules import Classifier, CUBModule, EmbeddingNet  # noqa: F401  (short names for --model)
 from cubcam.train.run_folder import RunConfig, exit_status
 
@@ -60,10 +60,8 @@ class CubCamCLI(LightningCLI):
         parser.link_arguments("data.image_size", "model.init_args.image_size")
 
     def _parse_ckpt_path(self) -> None:
-        """Lightning's own (a checkpoint's hyper-parameters become the model config), with the hyper-parameters
-        of older checkpoints migrated (``migrate_hparams``: class paths saved before cubcam became one package,
-        ``input_size`` now ``image_size``), so that ``fit --ckpt_path`` resumes them; and checked against the
-        config (:func:`check_resume`).
+        """Lightning's own (a checkpoint's hyper-parameters become the model config), checked against the config
+        (:func:`check_resume`).
 
         Raises:
             CheckpointError: a file that is no readable Lightning checkpoint, or one of another model.
@@ -83,7 +81,6 @@ class CubCamCLI(LightningCLI):
         hparams.pop("_instantiator", None)
         if not hparams:
             return
-        hparams = migrate_hparams(hparams)
         check_resume(ckpt_path, self.config[self.config.subcommand].get("model"), hparams)
         if "_class_path" in hparams:
             hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
@@ -173,7 +170,7 @@ class CubCamCLI(LightningCLI):
                     f"--samples_per_plugin images={trainer.current_epoch + 2}"  # its UI keeps 10 images per tag
                 )
             if isinstance(logger, MLFlowLogger):
-                uri = logger._tracking_uri or "./mlruns"
+                uri = logger.experiment.tracking_uri
                 rank_zero_info(f"MLflow: run {logger.run_id} in {uri}   view with: mlflow ui --backend-store-uri {uri}")
             if isinstance(logger, WandbLogger):
                 run_dir = Path(logger.experiment.dir).parent  # <save_dir>/wandb/offline-run-<time>-<id>
