@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import TYPE_CHECKING, Any
 
 import pytorch_lightning as pl
 import torch
@@ -72,7 +72,7 @@ class CAMPanel(_Callback):
         proxy: EmbeddingCAM's proxy (``cubcam.cams.targets.ProxyScheme``), from the epoch's validation embeddings:
             "normalized_mean" (the class's Normalized Mean Proxy), "single_point_random" (one validation image of
             the class, drawn with ``seed``) or "single_point_nearest" (the nearest other validation image, shown
-            beside the bird). The old "single_point" means "single_point_nearest" (deprecated).
+            beside the bird).
         target: the class of the primary map: "true" or "predicted"; the other one is shown too when it differs.
         colormap, alpha: the heatmap overlay (``cubcam.cams.overlay``).
         log_metrics: compute and log the localization metrics.
@@ -118,7 +118,7 @@ class CAMPanel(_Callback):
         num_images: int = 16,
         every_n_epochs: int = 1,
         method: MethodArg = "auto",
-        proxy: ProxyScheme | Literal["single_point"] = "normalized_mean",
+        proxy: ProxyScheme = "normalized_mean",
         target: Choice = "true",
         colormap: str = "jet",
         alpha: float = 0.5,
@@ -134,9 +134,8 @@ class CAMPanel(_Callback):
         box_key: str = "box",
     ):
         fmt = BatchFormat(image_key, label_key, box_key)
-        scheme = cast(ProxyScheme, proxy)  # PanelOptions turns the deprecated "single_point" into its scheme
         self.options = PanelOptions(
-            num_images, every_n_epochs, method, scheme, target, colormap, alpha, log_metrics, metrics_subset, seed,
+            num_images, every_n_epochs, method, proxy, target, colormap, alpha, log_metrics, metrics_subset, seed,
             weighting, target_layer, reshape, score, fmt,
         )  # fmt: skip
         # Chosen once and saved in checkpoints: the panel's and the metric subset's dataset indices, the evolution.

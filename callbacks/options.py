@@ -37,7 +37,7 @@ class PanelOptions:
     num_images: int = 16
     every_n_epochs: int = 1
     method: MethodArg = "auto"
-    proxy: ProxyScheme = "normalized_mean"  # the deprecated "single_point" is turned into its scheme here
+    proxy: ProxyScheme = "normalized_mean"
     target: Choice = "true"
     colormap: str = "jet"
     alpha: float = 0.5
@@ -73,7 +73,7 @@ class PanelOptions:
                 "weighting here (ablationcam of a CAM module runs its head alone)"
             )
         try:
-            self.proxy = proxy_scheme(self.proxy, legacy="single_point_nearest")
+            self.proxy = proxy_scheme(self.proxy)
         except ValueError as err:
             raise ValueError(f"CAMPanel: {err}") from None
         if not isinstance(self.alpha, (int, float)) or not 0.0 <= float(self.alpha) <= 1.0:

@@ -18,7 +18,6 @@ One-hot proxies on logits give GradCAM exactly: ``Proxies(torch.eye(C))`` and ``
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol, cast, get_args
@@ -33,7 +32,6 @@ Method = Literal["gradcam", "embeddingcam"]  # the model kind: a classifier's lo
 # EmbeddingCAM's proxy of an image: its class's Normalized Mean Proxy; one reference image of its class, drawn once
 # per class with a seed (Single Point Proxy); or its nearest other reference image (a Single Point Proxy per image).
 ProxyScheme = Literal["normalized_mean", "single_point_random", "single_point_nearest"]
-LEGACY_SINGLE_POINT = "single_point"  # before the two single-point schemes had names of their own
 
 
 class Target(Protocol):
@@ -252,17 +250,14 @@ def single_points(embeddings: Tensor, labels: Tensor, num_classes: int, seed: in
     return proxies, picks
 
 
-def proxy_scheme(name: str, legacy: ProxyScheme) -> ProxyScheme:
-    """A proxy scheme by name. The old ``single_point`` (in configs, checkpoints and command lines) means ``legacy``,
-    what it meant where it was written, with a DeprecationWarning naming the new spelling."""
-    if name == LEGACY_SINGLE_POINT:
-        warnings.warn(
-            f"proxy 'single_point' is deprecated: it is now spelled {legacy!r} (the other single-point scheme is "
-            f"{next(s for s in get_args(ProxyScheme) if s.startswith('single_point') and s != legacy)!r})",
-            DeprecationWarning,
-            stacklevel=3,
+def proxy_scheme(name: str) -> ProxyScheme:
+    """A proxy scheme by name; ValueError naming the schemes otherwise (the early ``single_point`` named either
+    single-point scheme, so it names both)."""
+    if name == "single_point":
+        raise ValueError(
+            "proxy 'single_point' is spelled 'single_point_nearest' (each image's nearest other image) or "
+            "'single_point_random' (one image of the class, drawn with the seed)"
         )
-        return legacy
     if name not in get_args(ProxyScheme):
         raise ValueError(f"proxy must be one of {get_args(ProxyScheme)}, got {name!r}")
     return cast(ProxyScheme, name)

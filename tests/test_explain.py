@@ -160,11 +160,13 @@ def test_dataset_panel_of_an_embedding_net_and_its_reference_cache(
         raise AssertionError("the cached reference embeddings were not used")
 
     monkeypatch.setattr(cubcam.train.inspection.reference, "embed", no_second_pass)
-    # The old spelling of the per-class single-point proxy still works, with a warning naming the new one.
-    with pytest.warns(DeprecationWarning, match="'single_point_random'"):
-        main([str(trained.embedding), "--num", "2", "--proxy", "single_point", "--out", str(tmp_path / "again")])
+    main([str(trained.embedding), "--num", "2", "--proxy", "single_point_random", "--out", str(tmp_path / "again")])
     again = json.loads((tmp_path / "again" / "summary.json").read_text())
     assert len(again["images"]) == 2 and again["proxy"] == "single_point_random"
+    # The early spelling of the single-point proxies is an error naming today's.
+    with pytest.raises(SystemExit) as refused:
+        main([str(trained.embedding), "--proxy", "single_point", "--out", str(tmp_path / "old")])
+    assert refused.value.code == 2
 
 
 def test_reference_cache_follows_the_checkpoint_content_and_the_data_setting(trained: Trained, tmp_path: Path) -> None:

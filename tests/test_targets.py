@@ -75,14 +75,12 @@ def test_single_point_nearest_is_the_most_similar_other_image(reference) -> None
     torch.testing.assert_close(target.target.table, unit)
 
 
-def test_the_old_single_point_spelling_means_what_it_meant_where_it_was_written() -> None:
-    with pytest.warns(DeprecationWarning, match="'single_point_nearest'.*'single_point_random'"):
-        assert proxy_scheme("single_point", legacy="single_point_nearest") == "single_point_nearest"
-    with pytest.warns(DeprecationWarning, match="'single_point_random'"):
-        assert proxy_scheme("single_point", legacy="single_point_random") == "single_point_random"
-    assert proxy_scheme("normalized_mean", legacy="single_point_random") == "normalized_mean"
+def test_the_early_single_point_spelling_is_an_error_naming_both_schemes() -> None:
+    with pytest.raises(ValueError, match="'single_point_nearest'.*'single_point_random'"):
+        proxy_scheme("single_point")
+    assert proxy_scheme("normalized_mean") == "normalized_mean"
     with pytest.raises(ValueError, match="proxy must be one of"):
-        proxy_scheme("nearest", legacy="single_point_random")
+        proxy_scheme("nearest")
     with pytest.raises(ValueError, match="proxy scheme must be one of"):
         make_target("embeddingcam", "single_point", torch.randn(2, D), torch.zeros(2, dtype=torch.long))  # type: ignore[arg-type]
 

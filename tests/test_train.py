@@ -4,7 +4,6 @@ each rank its own m-per-class batches. The suite's heaviest file: 64 px images, 
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import subprocess
@@ -21,7 +20,7 @@ from wandb_records import history_rows
 from cubcam.train.cli import main
 from cubcam.train.data.datamodule import CUBDataModule
 from cubcam.train.data.synthetic import make_synthetic_cub
-from cubcam.train.inspection.checkpoint import load_checkpoint
+from cubcam.train.inspection.checkpoint import CheckpointError, load_checkpoint
 from cubcam.train.inspection.evaluate import main as evaluate_main
 from cubcam.train.modules import Classifier, CUBModule, EmbeddingNet
 
@@ -196,25 +195,18 @@ def test_classifier_learns_resumes_at_the_next_epoch_and_reloads(tiny_cub: Path,
     assert set(checkpoint["callbacks"][panel_key]) == {"panel", "subset", "evolution"}
     assert len(list(last.parent.glob("best-epoch=*.ckpt"))) == 1  # BestCheckpoint, by the module's val/acc
 
-    # A checkpoint as the code before this layout wrote it (checked against one): its class named
-    # train.modules.Classifier (before cubcam was one namespace), the input size saved as input_size. fit
-    # --ckpt_path resumes it with the same birds, and explain/evaluate load it.
-    assert checkpoint["hyper_parameters"]["_class_path"] == "cubcam.train.modules.Classifier"
-    checkpoint["hyper_parameters"]["_class_path"] = "train.modules.Classifier"
-    checkpoint["hyper_parameters"]["input_size"] = checkpoint["hyper_parameters"].pop("image_size")
+    # fit --ckpt_path resumes it with the same birds and every epoch's thumbnails; explain/evaluate load it.
     old_state = checkpoint["callbacks"][panel_key]
-    legacy = offline / "legacy.ckpt"
-    torch.save(checkpoint, legacy)
     main(
         fit_args(
             ["demo/classifier.yaml"],
             tiny_cub,
             offline,
-            "legacy",
+            "again",
             "--trainer.max_epochs",
             str(epochs + 2),
             "--ckpt_path",
-            str(legacy),
+            str(last),
         )
     )
     newest = max((offline / "runs").rglob("last.ckpt"), key=lambda path: path.stat().st_mtime)
@@ -222,22 +214,18 @@ def test_classifier_learns_resumes_at_the_next_epoch_and_reloads(tiny_cub: Path,
     assert resumed["callbacks"][panel_key]["panel"] == old_state["panel"]
     shown = resumed["callbacks"][panel_key]["evolution"]["epochs"]  # every epoch's thumbnails, the last one's too
     assert shown == [*old_state["evolution"]["epochs"], epochs + 1]
-    assert read_record(offline / "legacy")["epochs"] == [epochs + 1]
-    assert type(load_checkpoint(legacy).module) is Classifier
+    assert read_record(offline / "again")["epochs"] == [epochs + 1]
+    assert type(load_checkpoint(last).module) is Classifier
     report = evaluate_main(
-        [
-            str(legacy),
-            "--data.root",
-            str(tiny_cub),
-            "--limit",
-            "8",
-            "--num-workers",
-            "0",
-            "--out",
-            str(offline / "legacy-eval"),
-        ]
+        [str(last), "--data.root", str(tiny_cub), "--limit", "8", "--num-workers", "0", "--out", str(offline / "eval")]
     )
     assert report["num_images"] == 8 and report["method"] == "gradcam"
+    # A class path cubcam never had (the early top-level train.modules among them) is one line, not a guess.
+    checkpoint["hyper_parameters"]["_class_path"] = "train.modules.Classifier"
+    foreign = offline / "foreign.ckpt"
+    torch.save(checkpoint, foreign)
+    with pytest.raises(CheckpointError, match="is a checkpoint of train.modules.Classifier, not of a cubcam"):
+        load_checkpoint(foreign)
 
 
 @pytest.mark.slow
@@ -360,23 +348,6 @@ def test_cli_hands_explain_and_evaluate_to_their_modules(tool: str, monkeypatch)
     monkeypatch.setitem(sys.modules, f"cubcam.train.inspection.{tool}", fake)
     main([tool, "--checkpoint", "x.ckpt", "--out", "y"])
     assert calls == [["--checkpoint", "x.ckpt", "--out", "y"]]
-
-
-@pytest.mark.parametrize(
-    ("old", "name"),
-    [
-        ("explain", "main"),
-        ("evaluate", "score_split"),
-        ("checkpoint", "load_checkpoint"),
-        ("reference", "reference_set"),
-        ("plots", "box_accuracy_plot"),
-    ],
-)
-def test_old_import_paths_of_the_inspection_tools_still_work_with_a_warning(old: str, name: str) -> None:
-    new = importlib.import_module(f"cubcam.train.inspection.{old}")
-    with pytest.warns(DeprecationWarning, match=f"cubcam.train.{old} moved to cubcam.train.inspection.{old}"):
-        served = getattr(importlib.import_module(f"cubcam.train.{old}"), name)
-    assert served is getattr(new, name)
 
 
 def test_the_same_seed_gives_the_same_numbers(tiny_cub: Path, offline: Path) -> None:

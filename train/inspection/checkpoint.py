@@ -24,31 +24,7 @@ MODULE_CLASSES: dict[str, type[CUBModule]] = {
     "cubcam.train.modules.Classifier": Classifier,
     "cubcam.train.modules.EmbeddingNet": EmbeddingNet,
 }
-# Class paths saved before cubcam became one namespace (its folders were top-level packages then).
-LEGACY_CLASS_PATHS = {
-    "train.modules.Classifier": "cubcam.train.modules.Classifier",
-    "train.modules.EmbeddingNet": "cubcam.train.modules.EmbeddingNet",
-}
-
-
-RENAMED_HPARAMS = {"input_size": "image_size"}  # saved name -> today's (one name for the input size)
-
-
 COMPILED = "_orig_mod."  # what torch.compile's OptimizedModule adds to the names of the module it wraps
-
-
-def current_class_path(class_path: str) -> str:
-    """A saved class path as it is named today (old checkpoints name ``train.modules.Classifier``)."""
-    return LEGACY_CLASS_PATHS.get(class_path, class_path)
-
-
-def migrate_hparams(hparams: dict[str, Any]) -> dict[str, Any]:
-    """Saved hyper-parameters as today's modules take them: renamed arguments and class paths. The one migration
-    of module hyper-parameters, for the tools (``load_checkpoint``) and for ``cubcam fit --ckpt_path``."""
-    migrated = {RENAMED_HPARAMS.get(key, key): value for key, value in hparams.items()}
-    if "_class_path" in migrated:
-        migrated["_class_path"] = current_class_path(migrated["_class_path"])
-    return migrated
 
 
 class CheckpointError(ValueError):
@@ -125,11 +101,10 @@ def module_class(hparams: dict[str, Any], path: str | Path = "checkpoint") -> ty
     """
     class_path = hparams.get("_class_path")
     if class_path is not None:
-        class_path = current_class_path(class_path)
         if class_path not in MODULE_CLASSES:
             raise CheckpointError(f"{path} is a checkpoint of {class_path}, not of a cubcam Classifier or EmbeddingNet")
         return MODULE_CLASSES[class_path]
-    names = {key for key in migrate_hparams(hparams) if not key.startswith("_")}
+    names = {key for key in hparams if not key.startswith("_")}
     fitting = [cls for cls in MODULE_CLASSES.values() if names <= init_arguments(cls)]
     if len(fitting) != 1:
         shown = ", ".join(sorted(names)[:8]) or "none"
@@ -162,12 +137,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"{path} has no saved hyper-parameters; is it a cubcam checkpoint?")
     cls = module_class(hparams, path)
     data_hparams = dict(checkpoint.get("datamodule_hyper_parameters") or {})
-    migrated = migrate_hparams(hparams)
-    source: Path | io.BytesIO = path  # load_from_checkpoint reads the file itself, unless it needs migrating
+    source: Path | io.BytesIO = path  # load_from_checkpoint reads the file itself, unless its names need fixing
     weights = checkpoint.get("state_dict") or {}
-    compiled = any(COMPILED in key for key in weights)  # a run whose net was torch.compile'd
-    if migrated != hparams or compiled:
-        checkpoint["hyper_parameters"] = migrated
+    if any(COMPILED in key for key in weights):  # a run whose net was torch.compile'd
         checkpoint["state_dict"] = {key.replace(COMPILED, ""): value for key, value in weights.items()}
         source = io.BytesIO()
         torch.save(checkpoint, source)

@@ -33,7 +33,7 @@ from cubcam.cams.figure import grid, marked, pair_strips, save_png
 from cubcam.cams.files import WriteFailed, write_text
 from cubcam.cams.overlay import denormalize
 from cubcam.cams.protocol import UNKNOWN_LABEL, Choice, Explainer, explain, explainer_for, pair_maps
-from cubcam.cams.targets import LEGACY_SINGLE_POINT, ExplanationTarget, ProxyScheme, proxy_scheme
+from cubcam.cams.targets import ExplanationTarget, ProxyScheme, proxy_scheme
 from cubcam.train.data.cub import SPLITS, CUBDataset, spread_indices
 from cubcam.train.data.presets import EvalPreset, load_rgb
 from cubcam.train.inspection.checkpoint import CheckpointError, one_line
@@ -147,10 +147,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--proxy",
-        choices=(*get_args(ProxyScheme), LEGACY_SINGLE_POINT),
+        choices=get_args(ProxyScheme),
         default="normalized_mean",
         help="EmbeddingCAM proxy (from the reference split's embeddings): the class's Normalized Mean Proxy, one of "
-        "its images drawn with --seed (single_point_random; the old single_point), or each image's nearest "
+        "its images drawn with --seed (single_point_random), or each image's nearest "
         "reference image (single_point_nearest)",
     )
     parser.add_argument("--query", type=Path, help="retrieval explanation of this image (embedding nets)")
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
         explained = "test" if args.images or args.query else args.split
         panel = None if args.images or args.query else session.dataset(args.split)
         reference = session.reference(explained)
-        scheme = proxy_scheme(args.proxy, legacy="single_point_random")
+        scheme = proxy_scheme(args.proxy)
     except START_ERRORS as err:
         fail(err)
     try:
