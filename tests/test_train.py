@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -348,6 +349,19 @@ def test_cli_hands_explain_and_evaluate_to_their_modules(tool: str, monkeypatch)
     monkeypatch.setitem(sys.modules, f"cubcam.train.inspection.{tool}", fake)
     main([tool, "--checkpoint", "x.ckpt", "--out", "y"])
     assert calls == [["--checkpoint", "x.ckpt", "--out", "y"]]
+
+
+def test_cubcam_help_is_lightning_s_help_without_its_args_warning(monkeypatch, capsys) -> None:
+    """The console script hands LightningCLI the command line as ``args`` (packaged config names resolved), which
+    Lightning warned about, with the whole argv, at the top of every command and of ``cubcam --help``."""
+    monkeypatch.setattr(sys, "argv", ["cubcam", "fit", "--help"])
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(SystemExit) as done:
+        warnings.simplefilter("always")
+        main(None)
+    assert done.value.code == 0
+    out = capsys.readouterr()
+    assert "--trainer.max_epochs" in out.out and "args parameter" not in out.out + out.err
+    assert not [w for w in caught if "args parameter" in str(w.message)]
 
 
 def test_the_same_seed_gives_the_same_numbers(tiny_cub: Path, offline: Path) -> None:

@@ -25,9 +25,9 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
 from cubcam.cams.files import WriteFailed
 from cubcam.train.data.datamodule import CUBDataModule
-from cubcam.train.demo import packaged_configs
 from cubcam.train.inspection.checkpoint import CheckpointError, read_checkpoint
 from cubcam.train.modules import Classifier, CUBModule, EmbeddingNet  # noqa: F401  (short names for --model)
+from cubcam.train.packaged import packaged_configs
 from cubcam.train.run_folder import RunConfig, exit_status
 
 TOOLS = {  # subcommands that are not Lightning's: (module, function, help); imported only when called
@@ -58,6 +58,11 @@ class CubCamCLI(LightningCLI):
         parser.link_arguments("data.class_names", "model.init_args.class_names", apply_on="instantiate")
         # A ViT's patch grid is fixed when it is built: the model is built for the size the data is served at.
         parser.link_arguments("data.image_size", "model.init_args.image_size")
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Lightning's, without its warning about ``args`` given beside ``sys.argv``: cubcam's ``args`` are the
+        command line itself (``sys.argv[1:]``, packaged config names resolved by :func:`packaged_configs`)."""
+        self.config = parser.parse_object(args) if isinstance(args, (dict, Namespace)) else parser.parse_args(args)
 
     def _parse_ckpt_path(self) -> None:
         """Lightning's own (a checkpoint's hyper-parameters become the model config), checked against the config

@@ -7,7 +7,7 @@
 
 The configs ship inside the package (``cubcam.configs``, the repository's ``configs/`` folder), so ``cubcam fit
 --config demo/classifier.yaml`` finds them by that name where no such file exists in the working folder
-(:func:`packaged_configs`).
+(``cubcam.train.packaged.packaged_configs``).
 """
 
 from __future__ import annotations
@@ -19,33 +19,13 @@ import sys
 import time
 from pathlib import Path
 
-import cubcam
+from cubcam.train.cli import run
 from cubcam.train.data.synthetic import make_synthetic_cub
+from cubcam.train.packaged import config_root
 
 DEMO = ("demo/classifier.yaml", "demo/embedding.yaml")  # the CPU demo: ResNet-18s on the synthetic set
 FULL = ("classifier.yaml", "embedding.yaml")  # the real configs: ResNet-50, ImageNet weights, 224 px
 SYNTHETIC = {"classes": 8, "per_class": 40, "size": 128, "seed": 0}  # what the demo configs are written for
-
-
-def config_root() -> Path:
-    """The packaged configs' folder, ``cubcam/configs/`` (a wheel unpacks it; the strict editable install links
-    it): a real folder, so that a model config's ``../shared/...`` references resolve."""
-    return Path(cubcam.__file__).parent / "configs"
-
-
-def packaged_configs(argv: list[str]) -> list[str]:
-    """``argv`` with every ``--config NAME`` that is no file here but a packaged config (``demo/classifier.yaml``,
-    ``trainer/tensorboard.yaml``, ...) pointing at the packaged file; the rest as it is."""
-    out, config = [], False
-    for arg in argv:
-        name, eq, value = arg.partition("=")
-        if config or (eq and name == "--config"):
-            candidate = value if eq else arg
-            if not Path(candidate).exists() and (config_root() / candidate).is_file():
-                arg = f"--config={config_root() / candidate}" if eq else str(config_root() / candidate)
-        config = arg == "--config"
-        out.append(arg)
-    return out
 
 
 def copy_configs(folder: Path) -> list[Path]:
@@ -73,7 +53,6 @@ def configs_main(argv: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """``cubcam demo [--data DIR] [--cub-root DIR] [fit arguments...]``."""
-    from cubcam.train.cli import run
 
     parser = argparse.ArgumentParser(
         prog="cubcam demo", description=__doc__.split("\n\n")[0], epilog="other arguments go to both `cubcam fit`s"
