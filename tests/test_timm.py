@@ -187,6 +187,20 @@ def test_weights_path_loads_a_local_file_and_pretrained_offline_fails_fast(tmp_p
     with pytest.raises(RuntimeError, match=r"Hugging Face hub \(127.0.0.1\) is unreachable.*weights_path=<file>"):
         models.TimmBackbone(models.BackboneConfig("test_convnext", pretrained=True))
     assert time.monotonic() - start < 15
+    # Weights in the local Hugging Face cache load from there, with the hub unreachable (and no global switch of
+    # huggingface_hub's offline mode: its public try_to_load_from_cache finds the file).
+    import huggingface_hub
+
+    asked = []
+
+    def cache(repo: str, file_name: str, **kwargs):
+        asked.append((repo, file_name))
+        return str(tmp_path / "test_convnext.pth") if file_name == "model.safetensors" else None
+
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", cache)
+    offline = models.TimmBackbone(models.BackboneConfig("test_convnext", pretrained=True)).model.state_dict()
+    assert asked[0] == (timm.models.get_pretrained_cfg("test_convnext").hf_hub_id, "model.safetensors")
+    assert all(torch.equal(offline[k], published.state_dict()[k]) for k in shared)
     with pytest.raises(FileNotFoundError, match="weights_path .*missing.pth does not exist"):
         models.TimmBackbone(models.BackboneConfig("test_convnext", weights_path=tmp_path / "missing.pth"))
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import socket
 import urllib.error
+import urllib.parse
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ IMAGENET_URLS = {
     "resnet50": torchvision.models.ResNet50_Weights.DEFAULT.url,
 }
 DOWNLOAD_TIMEOUT_S = 20.0  # an unreachable host must fail fast, not hang on a TCP connect
+HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # what timm reads from a hub repository
 HF_HUB_ADDRESS = ("huggingface.co", 443)  # where timm's weights come from (module-level: a test points it elsewhere)
 
 
@@ -70,20 +72,37 @@ class BackboneConfig:
 
 
 def imagenet_state_dict(arch: str) -> dict[str, Tensor]:
-    """torchvision's ImageNet weights for ``arch``, from the torch hub cache or downloaded into it."""
+    """torchvision's ImageNet weights for ``arch``, from the torch hub cache or downloaded into it, once the host
+    answers within ``DOWNLOAD_TIMEOUT_S`` (torch.hub's download takes no timeout of its own)."""
     url = IMAGENET_URLS[arch]
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)  # torch.hub's urlopen takes no timeout of its own
+    folder = Path(torch.hub.get_dir()) / "checkpoints"
     try:
+        if not (folder / Path(urllib.parse.urlparse(url).path).name).is_file():
+            host = urllib.parse.urlparse(url).hostname or ""
+            socket.create_connection((host, 443), timeout=DOWNLOAD_TIMEOUT_S).close()
         return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=True, check_hash=True)
     except (urllib.error.URLError, OSError) as err:
         raise RuntimeError(
             f"could not download the ImageNet weights of {arch} from {url} ({err}). Without network access, fetch "
-            f"that file elsewhere and pass weights_path=<file> (a torchvision state dict), put it in "
-            f"{Path(torch.hub.get_dir()) / 'checkpoints'}, or set pretrained=False."
+            f"that file elsewhere and pass weights_path=<file> (a torchvision state dict), put it in {folder}, or "
+            f"set pretrained=False."
         ) from err
-    finally:
-        socket.setdefaulttimeout(previous)
+
+
+def cached_weights(timm: Any, arch: str) -> str | None:
+    """The file of ``arch``'s timm weights in the local Hugging Face cache (``huggingface_hub.try_to_load_from_cache``),
+    or None where it is not there (or the model has no weights on the hub)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        repo = timm.models.get_pretrained_cfg(arch).hf_hub_id
+    except (AttributeError, RuntimeError):  # no pretrained config for this name
+        return None
+    for file_name in HF_WEIGHT_FILES:
+        found = try_to_load_from_cache(repo, file_name) if repo else None
+        if isinstance(found, str):
+            return found
+    return None
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
@@ -215,18 +234,13 @@ class TimmBackbone(nn.Module):
 
     @classmethod
     def _from_hub(cls, timm: Any, config: BackboneConfig, kwargs: dict[str, object]) -> nn.Module:
-        """timm's pretrained weights: from the local Hugging Face cache if they are there, else downloaded, but
+        """timm's pretrained weights: the file in the local Hugging Face cache if it is there, else downloaded, but
         only once the hub answers within ``DOWNLOAD_TIMEOUT_S`` (the hub client itself retries for a minute)."""
         from huggingface_hub import constants
 
-        offline = constants.HF_HUB_OFFLINE
-        constants.HF_HUB_OFFLINE = True  # the cache alone: fast, and fine without network
-        try:
-            return cls._create(timm, config, kwargs)
-        except RuntimeError:
-            pass
-        finally:
-            constants.HF_HUB_OFFLINE = offline
+        cached = cached_weights(timm, config.arch)
+        if cached is not None:
+            return cls._create(timm, config, {**kwargs, "pretrained_cfg_overlay": {"file": cached}})
         try:
             socket.create_connection(HF_HUB_ADDRESS, timeout=DOWNLOAD_TIMEOUT_S).close()
         except OSError as err:
