@@ -11,7 +11,7 @@ from typing import TypedDict
 
 import numpy as np
 
-from cubcam.cams.figure import Strip, grid, png_bytes, tile_origins
+from cubcam.cams.figure import Strip, placed_grid, png_bytes
 
 PANEL_COLUMNS = 4  # strips per row of the grid
 
@@ -41,14 +41,18 @@ class Panel:
     rows: list[BirdRow]
 
     @cached_property
+    def _placed(self) -> tuple[np.ndarray, list[tuple[int, int]]]:
+        return placed_grid([s.pixels for s in self.strips], self.captions, ncols=PANEL_COLUMNS)
+
+    @property
     def plain_grid(self) -> np.ndarray:
         """Every strip without boxes, captioned, ``PANEL_COLUMNS`` a row (W&B draws the boxes itself)."""
-        return grid([s.pixels for s in self.strips], self.captions, ncols=PANEL_COLUMNS)
+        return self._placed[0]
 
-    @cached_property
+    @property
     def origins(self) -> list[tuple[int, int]]:
         """Where each strip sits in the grids, (left, top)."""
-        return tile_origins([s.pixels for s in self.strips], self.captions, ncols=PANEL_COLUMNS)
+        return self._placed[1]
 
     @cached_property
     def grid(self) -> np.ndarray:

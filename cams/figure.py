@@ -116,11 +116,7 @@ def grid(
     the GT box from ``boxes`` in green where one is given); without, the tiles are used as they are. Tiles may
     differ in size (each cell is as large as the largest). Returns uint8 [H, W, 3].
     """
-    if len(tiles) == 0:
-        raise ValueError("grid needs at least one tile")
-    if ncols < 1:
-        raise ValueError(f"ncols must be >= 1, got {ncols}")
-    for name, items in (("captions", captions), ("cams", cams), ("boxes", boxes)):
+    for name, items in (("cams", cams), ("boxes", boxes)):
         if items is not None and len(items) != len(tiles):
             raise ValueError(f"got {len(tiles)} tiles but {len(items)} {name}")
     if cams is not None:
@@ -130,6 +126,24 @@ def grid(
         ]
     elif boxes is not None:
         tiles = [draw_boxes(as_uint8(t), box) for t, box in zip(tiles, boxes)]
+    return placed_grid(tiles, captions, ncols, pad, font_size)[0]
+
+
+def placed_grid(
+    tiles: Sequence[np.ndarray | Tensor],
+    captions: Sequence[str] | None = None,
+    ncols: int = 4,
+    pad: int = 4,
+    font_size: int | None = None,
+) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """:func:`grid` of tiles used as they are, and where each tile sits in it, (left, top): to draw boxes over the
+    grid elsewhere (W&B's box groups over the one grid image)."""
+    if len(tiles) == 0:
+        raise ValueError("grid needs at least one tile")
+    if ncols < 1:
+        raise ValueError(f"ncols must be >= 1, got {ncols}")
+    if captions is not None and len(captions) != len(tiles):
+        raise ValueError(f"got {len(tiles)} tiles but {len(captions)} captions")
     arrays = [_check_tile(as_uint8(t)) for t in tiles]
     font, wrapped, origins, (height, width) = _layout(arrays, captions, ncols, pad, font_size)
     cell_h = max(a.shape[0] for a in arrays)
@@ -140,19 +154,7 @@ def grid(
         canvas.paste(Image.fromarray(array), (left, top))
         for n, line in enumerate(lines):
             draw.text((left, top + cell_h + pad // 2 + n * line_h), line, fill=(0, 0, 0), font=font)
-    return np.asarray(canvas)
-
-
-def tile_origins(
-    tiles: Sequence[np.ndarray],
-    captions: Sequence[str] | None = None,
-    ncols: int = 4,
-    pad: int = 4,
-    font_size: int | None = None,
-) -> list[tuple[int, int]]:
-    """Where :func:`grid` pastes each tile, (left, top) in the grid's pixels: to draw boxes over the grid elsewhere
-    (W&B's box groups over the one grid image)."""
-    return _layout([as_uint8(t) for t in tiles], captions, ncols, pad, font_size)[2]
+    return np.asarray(canvas), origins
 
 
 def _layout(
