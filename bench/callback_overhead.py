@@ -171,7 +171,7 @@ class TinyNet(nn.Module):
 
 
 class Simulated(pl.LightningModule):
-    """The CAM protocol on :class:`TinyNet` (``cam_method``, ``cam_target_layer``, ``forward_head`` and a
+    """The CAM protocol on :class:`TinyNet` (``cam_kind``, ``cam_target_layer``, ``forward_head`` and a
     ``validation_step`` returning the activations); a cross-entropy or a plain embedding loss."""
 
     cam_reshape = None
@@ -179,7 +179,7 @@ class Simulated(pl.LightningModule):
     def __init__(self, stride: int, channels: int, embedding: bool):
         super().__init__()
         self.net = TinyNet(stride, channels, EMBEDDING if embedding else CLASSES)
-        self.cam_method = "embeddingcam" if embedding else "gradcam"
+        self.cam_kind = "embedding" if embedding else "classifier"
 
     @property
     def cam_target_layer(self) -> nn.Module:
@@ -193,7 +193,7 @@ class Simulated(pl.LightningModule):
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         output = self.net.train_forward(batch["image"])
-        if self.cam_method == "embeddingcam":
+        if self.cam_kind == "embedding":
             return output.pow(2).mean()
         return F.cross_entropy(output, batch["label"])
 
@@ -365,7 +365,7 @@ def run(args: argparse.Namespace, work: Path, kind: str, stride: int, with_panel
     panel = None
     waits = [0.0]
     if with_panel:
-        options: dict[str, Any] = {"target_layer": "net.cam", "method": "embeddingcam" if embedding else "gradcam"}
+        options: dict[str, Any] = {"target_layer": "net.cam", "kind": "embedding" if embedding else "classifier"}
         panel = TimedCAMPanel(waits, **(options if layer else {}))
     hits = localization._box_hits
     if args.labeller == "projected":

@@ -1,5 +1,5 @@
-"""Time one CAM panel per weighting (GradCAM, GradCAM++, HiResCAM, XGradCAM, LayerCAM): ours against
-pytorch-grad-cam's class of the same weighting, Captum (GradCAM) and a plain forward, in one run; then GradCAM
+"""Time one CAM panel per method (GradCAM, GradCAM++, HiResCAM, XGradCAM, LayerCAM): ours against
+pytorch-grad-cam's class of the same method, Captum (GradCAM) and a plain forward, in one run; then GradCAM
 across architectures (``--archs``: ResNet-50, ConvNeXt-T, ViT-S/16, Swin-T by default), ours against
 pytorch-grad-cam on the same layer with the same reshape, and a plain forward.
 
@@ -12,10 +12,10 @@ times, interleaved so that machine noise hits all of them alike; the median is r
 is a plain eval-mode forward of the same batch under ``torch.no_grad()`` — the physical floor, since our backward
 only goes from the score to layer4.
 
-    python bench/cam_speed.py [--repeats 5] [--batch 16] [--size 224] [--arch resnet50] [--weightings ...]
+    python bench/cam_speed.py [--repeats 5] [--batch 16] [--size 224] [--arch resnet50] [--methods ...]
                               [--archs resnet50 convnext_tiny vit_small_patch16_224 swin_tiny_patch4_window7_224]
 
-Targets, for every weighting and architecture: ours <= 0.5x pytorch-grad-cam and <= 1.3x one plain forward.
+Targets, for every method and architecture: ours <= 0.5x pytorch-grad-cam and <= 1.3x one plain forward.
 
 Then the gradient-free methods (``--free-arch resnet18``, ``--free-batch 2`` images at ``--free-size 64`` px, as
 ScoreCAM's K forwards per image would take hours at the sizes above on this CPU): ours against pytorch-grad-cam's
@@ -64,7 +64,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--arch", default="resnet50")
-    parser.add_argument("--weightings", nargs="+", default=list(PGC_CLASSES), choices=list(PGC_CLASSES))
+    parser.add_argument("--methods", nargs="+", default=list(PGC_CLASSES), choices=list(PGC_CLASSES))
     parser.add_argument("--archs", nargs="*", default=list(ARCHS), help="the architecture table (none: skip it)")
     parser.add_argument("--free-arch", default="resnet18", help="the gradient-free table's CNN (none: skip it)")
     parser.add_argument("--free-batch", type=int, default=2)
@@ -72,7 +72,7 @@ def main() -> None:
     parser.add_argument("--skip-gradients", action="store_true", help="only the gradient-free table")
     args = parser.parse_args()
     if not args.skip_gradients:
-        weightings(args)
+        gradient_methods(args)
         if args.archs:
             architectures(args)
     if args.free_arch != "none":
@@ -98,12 +98,12 @@ def build(
     return model, model.stages[-1], None
 
 
-def timed_medians(methods: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
-    for fn in methods.values():  # warm-up: allocator, thread pools, lazy imports
+def timed_medians(timed: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
+    for fn in timed.values():  # warm-up: allocator, thread pools, lazy imports
         fn()
-    times: dict[str, list[float]] = {name: [] for name in methods}
+    times: dict[str, list[float]] = {name: [] for name in timed}
     for _ in range(repeats):
-        for name, fn in methods.items():
+        for name, fn in timed.items():
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
@@ -137,8 +137,8 @@ def architectures(args: argparse.Namespace) -> None:
         )
 
 
-def weightings(args: argparse.Namespace) -> None:
-    """Every weighting on one CNN: ours, pytorch-grad-cam's class of that weighting, Captum, a forward."""
+def gradient_methods(args: argparse.Namespace) -> None:
+    """Every method on one CNN: ours, pytorch-grad-cam's class of that method, Captum, a forward."""
 
     torch.manual_seed(0)
     model = getattr(torchvision.models, args.arch)(num_classes=200).eval()
@@ -150,13 +150,13 @@ def weightings(args: argparse.Namespace) -> None:
         with torch.no_grad():
             model(images)
 
-    def ours(weighting: str) -> Callable[[], None]:
-        cam = GradCAM(model, "layer4", weighting=weighting)
+    def ours(method: str) -> Callable[[], None]:
+        cam = GradCAM(model, "layer4", method=method)
         return lambda: cam(images, targets)
 
-    def pytorch_grad_cam(weighting: str) -> Callable[[], None]:
+    def pytorch_grad_cam(method: str) -> Callable[[], None]:
         def run() -> None:
-            with PGC_CLASSES[weighting](model=model, target_layers=[model.layer4]) as cam:
+            with PGC_CLASSES[method](model=model, target_layers=[model.layer4]) as cam:
                 cam(input_tensor=images, targets=[ClassifierOutputTarget(int(t)) for t in targets])
             model.zero_grad(set_to_none=True)
 
@@ -166,12 +166,12 @@ def weightings(args: argparse.Namespace) -> None:
         attributions = captum.attribute(images, target=targets, relu_attributions=True)
         torch.nn.functional.interpolate(attributions, size=images.shape[-2:], mode="bilinear", align_corners=False)
 
-    methods: dict[str, Callable[[], None]] = {"plain forward (no_grad)": plain_forward}
-    for weighting in args.weightings:
-        methods[f"cubcam {weighting}"] = ours(weighting)
-        methods[f"pytorch-grad-cam {weighting}"] = pytorch_grad_cam(weighting)
-    methods["Captum LayerGradCam"] = captum_layer_gradcam
-    median = timed_medians(methods, args.repeats)
+    timed: dict[str, Callable[[], None]] = {"plain forward (no_grad)": plain_forward}
+    for method in args.methods:
+        timed[f"cubcam {method}"] = ours(method)
+        timed[f"pytorch-grad-cam {method}"] = pytorch_grad_cam(method)
+    timed["Captum LayerGradCam"] = captum_layer_gradcam
+    median = timed_medians(timed, args.repeats)
     forward = median["plain forward (no_grad)"]
     print(
         f"{args.arch}, {args.batch} images at {args.size} px, CPU threads={torch.get_num_threads()}, "
@@ -181,15 +181,15 @@ def weightings(args: argparse.Namespace) -> None:
     for name, seconds in median.items():
         print(f"{name:<30}{seconds:>10.3f}{seconds / forward:>11.2f}x")
     print()
-    for weighting in args.weightings:
-        ours_s = median[f"cubcam {weighting}"]
-        pgc_ratio, fwd_ratio = ours_s / median[f"pytorch-grad-cam {weighting}"], ours_s / forward
+    for method in args.methods:
+        ours_s = median[f"cubcam {method}"]
+        pgc_ratio, fwd_ratio = ours_s / median[f"pytorch-grad-cam {method}"], ours_s / forward
         print(
-            f"{weighting:<10} ours / pytorch-grad-cam = {pgc_ratio:.2f}x (target <= 0.5x: "
+            f"{method:<10} ours / pytorch-grad-cam = {pgc_ratio:.2f}x (target <= 0.5x: "
             f"{'OK' if pgc_ratio <= 0.5 else 'MISSED'}), ours / plain forward = {fwd_ratio:.2f}x (target <= 1.3x: "
             f"{'OK' if fwd_ratio <= 1.3 else 'MISSED'})"
         )
-    if "gradcam" in args.weightings:
+    if "gradcam" in args.methods:
         print(
             f"gradcam    ours / Captum LayerGradCam = {median['cubcam gradcam'] / median['Captum LayerGradCam']:.2f}x"
         )
@@ -212,9 +212,9 @@ def gradient_free(args: argparse.Namespace) -> None:
             for start in range(0, len(masked), DEFAULT_CHANNEL_BATCH):
                 model(masked[start : start + DEFAULT_CHANNEL_BATCH])
 
-    def ours(weighting: str) -> Callable[[], None]:
-        if weighting == "ablationcam":  # head-only: one forward to the layer, the head per batch of ablations
-            cam = GradCAM(head, None, weighting="ablationcam")
+    def ours(method: str) -> Callable[[], None]:
+        if method == "ablationcam":  # head-only: one forward to the layer, the head per batch of ablations
+            cam = GradCAM(head, None, method="ablationcam")
 
             def run() -> None:
                 with torch.no_grad():
@@ -222,25 +222,25 @@ def gradient_free(args: argparse.Namespace) -> None:
                 cam(activations, targets, upsample=True)
 
             return run
-        whole = GradCAM(model, "layer4", weighting=weighting)
+        whole = GradCAM(model, "layer4", method=method)
         return lambda: whole(images, targets)
 
-    def theirs(weighting: str) -> Callable[[], None]:
+    def theirs(method: str) -> Callable[[], None]:
         def run() -> None:
-            with PGC_FREE[weighting](model=model, target_layers=[model.layer4]) as cam:
-                chosen = None if weighting == "eigencam" else [ClassifierOutputTarget(int(t)) for t in targets]
+            with PGC_FREE[method](model=model, target_layers=[model.layer4]) as cam:
+                chosen = None if method == "eigencam" else [ClassifierOutputTarget(int(t)) for t in targets]
                 cam(input_tensor=images, targets=chosen)
             model.zero_grad(set_to_none=True)
 
         return run
 
     names = tuple(PGC_FREE)
-    methods: dict[str, Callable[[], None]] = {"ScoreCAM floor (K*B no-grad forwards)": floor}
-    for weighting in names:
-        methods[f"cubcam {weighting}"] = ours(weighting)
-        methods[f"pytorch-grad-cam {weighting}"] = theirs(weighting)
+    timed: dict[str, Callable[[], None]] = {"ScoreCAM floor (K*B no-grad forwards)": floor}
+    for method in names:
+        timed[f"cubcam {method}"] = ours(method)
+        timed[f"pytorch-grad-cam {method}"] = theirs(method)
     repeats = max(1, min(args.repeats, 3))  # ScoreCAM's runs are long
-    median = timed_medians(methods, repeats)
+    median = timed_medians(timed, repeats)
     print(
         f"\ngradient-free methods: {args.free_arch} (K = {channels} channels at layer4), {args.free_batch} images at "
         f"{args.free_size} px, median of {repeats}"
@@ -248,10 +248,10 @@ def gradient_free(args: argparse.Namespace) -> None:
     print(f"{'method':<40}{'s/panel':>10}")
     for name, seconds in median.items():
         print(f"{name:<40}{seconds:>10.3f}")
-    for weighting in names:
-        ratio = median[f"cubcam {weighting}"] / median[f"pytorch-grad-cam {weighting}"]
-        line = f"{weighting:<12} ours / pytorch-grad-cam = {ratio:.2f}x"
-        if weighting == "scorecam":
+    for method in names:
+        ratio = median[f"cubcam {method}"] / median[f"pytorch-grad-cam {method}"]
+        line = f"{method:<12} ours / pytorch-grad-cam = {ratio:.2f}x"
+        if method == "scorecam":
             to_floor = median["cubcam scorecam"] / median["ScoreCAM floor (K*B no-grad forwards)"]
             line += f", ours / floor = {to_floor:.2f}x (target <= 1.1x: {'OK' if to_floor <= 1.1 else 'MISSED'})"
         else:

@@ -148,14 +148,16 @@ def main() -> None:
         )
         ckpt = save_checkpoint(module, data, work / f"{kind}.ckpt")
         module = load_checkpoint(ckpt).module
-        targets: dict[str, ExplanationTarget] = {"gradcam": make_target("gradcam")}  # what evaluate scores by default
+        targets: dict[str, ExplanationTarget] = {
+            "gradcam": make_target("classifier")
+        }  # what evaluate scores by default
         if kind == "embedding":
             reference = reference_set(
                 module, ckpt, root, split="train", image_size=args.size, batch_size=args.batch, cache=False
             )
             targets = {
                 f"gradcam/{scheme}": make_target(
-                    "embeddingcam", scheme, reference.embeddings, reference.labels, reference.num_classes
+                    "embedding", scheme, reference.embeddings, reference.labels, reference.num_classes
                 )
                 for scheme in EVALUATE_SCHEMES
             }
@@ -408,13 +410,13 @@ def simulated(strides: list[int], repeats: int) -> None:
     for stride in strides:
         for kind in ("classifier", "embedding"):
             module = Simulated(stride, 2048, embedding=kind == "embedding").eval()
-            targets: dict[str, ExplanationTarget] = {"gradcam": make_target("gradcam")}
+            targets: dict[str, ExplanationTarget] = {"gradcam": make_target("classifier")}
             if kind == "embedding":
                 with torch.inference_mode():
                     embeddings = torch.cat([module(b["image"]) for b in batches])
                 labels = torch.cat([b["label"] for b in batches])
                 targets = {
-                    f"gradcam/{scheme}": make_target("embeddingcam", scheme, embeddings, labels, CLASSES)
+                    f"gradcam/{scheme}": make_target("embedding", scheme, embeddings, labels, CLASSES)
                     for scheme in EVALUATE_SCHEMES
                 }
 

@@ -28,13 +28,14 @@ from cubcam.callbacks.batches import BatchFormat
 from cubcam.callbacks.collect import EpochCollector
 from cubcam.callbacks.epoch_maps import METRIC_KEYS, Collectives, Epoch, epoch_maps
 from cubcam.callbacks.evolution import Evolution
-from cubcam.callbacks.options import MethodArg, PanelOptions, check_monitors
+from cubcam.callbacks.options import KindArg, PanelOptions, check_monitors
 from cubcam.callbacks.panel_render import Style
 from cubcam.callbacks.panel_select import random_subset, saved_choice
 from cubcam.callbacks.picture_thread import Drawn, EvolutionJob, PictureThread
 from cubcam.callbacks.sinks import PanelSink, make_sinks, metrics_step, png_folder, unserved_loggers
 from cubcam.callbacks.sources import ActivationSource, activation_source, class_names, val_dataset
-from cubcam.cams.engine import Reshape, Weighting
+from cubcam.cams.engine import Reshape
+from cubcam.cams.methods import Method
 from cubcam.cams.protocol import Choice
 from cubcam.cams.targets import ProxyScheme
 from cubcam.namespaces import dual
@@ -68,7 +69,15 @@ class CAMPanel(_Callback):
     Args:
         num_images: birds in the panel, spread over as many classes as possible.
         every_n_epochs: render and measure every n-th validation epoch (never during the sanity check).
-        method: the model kind, "auto" (the module's ``cam_method``), "gradcam" or "embeddingcam" (must fit).
+        method: the CAM method (``cubcam.cams.methods.METHODS``), for either model kind: from gradients,
+            "gradcam" (default), "gradcam++", "hirescam", "xgradcam" or "layercam"; or without, "eigencam" (an SVD
+            per image, no score: the same map for every class) and "ablationcam" (K head-only forwards per image for
+            K channels: for ResNet-50's 2048 channels, about 2048 x (the metric subset + the panel) pooled linear
+            layers an epoch). "scorecam", and "ablationcam" with ``target_layer``, need a whole forward per channel
+            and image, which no training loop can afford each epoch: they are refused here (``cubcam explain`` and
+            ``cubcam evaluate`` run them).
+        kind: the model kind, "auto" (the module's ``cam_kind``), "classifier" (GradCAM's class logits) or
+            "embedding" (EmbeddingCAM's proxies); it must fit the module.
         proxy: EmbeddingCAM's proxy (``cubcam.cams.targets.ProxyScheme``), from the epoch's validation embeddings:
             "normalized_mean" (the class's Normalized Mean Proxy), "single_point_random" (one validation image of
             the class, drawn with ``seed``) or "single_point_nearest" (the nearest other validation image, shown
@@ -79,19 +88,11 @@ class CAMPanel(_Callback):
         metrics_subset: validation images the metrics use (None: 512, or all when fewer; 128 with
             ``target_layer``, where each costs a forward and a backward every epoch).
         seed: seeds the choice of the panel and of the metric subset.
-        weighting: how the layer's channels are weighted into the maps, for either model kind: by gradients,
-            "gradcam" (default), "gradcam++", "hirescam", "xgradcam" or "layercam"
-            (``cubcam.cams.engine.weighted_activations``); or without, "eigencam" (an SVD per image, no score: the
-            same map for every class) and "ablationcam" (K head-only forwards per image for K channels: for
-            ResNet-50's 2048 channels, about 2048 x (the metric subset + the panel) pooled linear layers an epoch).
-            "scorecam", and "ablationcam" with ``target_layer``, need a whole forward per channel and image, which
-            no training loop can afford each epoch: they are refused here (``cubcam explain`` and
-            ``cubcam evaluate`` run them).
         target_layer: for a module that does not speak the CAM protocol (any LightningModule): the dotted name of
             the layer to explain inside it, e.g. ``"net.layer4"`` or ``"model.stages.3"``. The callback then runs
             its own eval-mode forward and backward on the panel (and the metric subset, when the data has boxes)
             each epoch; the outputs of the validation loop's own ``self(images)`` calls are reused, not recomputed.
-            ``method="auto"`` means ``"gradcam"`` there; ``"embeddingcam"`` when ``module(images)`` returns
+            ``kind="auto"`` means ``"classifier"`` there; ``"embedding"`` when ``module(images)`` returns
             embeddings.
         reshape: with ``target_layer``, how that layer's output becomes a map [B, K, h, w] (e.g. ViT tokens; see
             ``cubcam.cams.engine.Reshape``); None when it is one.
@@ -104,7 +105,7 @@ class CAMPanel(_Callback):
 
 
     Raises:
-        ValueError: an argument out of range, a weighting the loop cannot afford (above); at ``setup``, a ``method``
+        ValueError: an argument out of range, a method the loop cannot afford (above); at ``setup``, a ``kind``
             that does not fit the module, or a ``ModelCheckpoint`` / ``EarlyStopping`` that monitors a CAM metric
             on epochs without one (``every_n_epochs`` > 1, ``log_metrics=False``).
         TypeError: at ``setup``, a module that does not speak the CAM protocol and no ``target_layer``; at a
@@ -117,7 +118,8 @@ class CAMPanel(_Callback):
         self,
         num_images: int = 16,
         every_n_epochs: int = 1,
-        method: MethodArg = "auto",
+        method: Method = "gradcam",
+        kind: KindArg = "auto",
         proxy: ProxyScheme = "normalized_mean",
         target: Choice = "true",
         colormap: str = "jet",
@@ -125,7 +127,6 @@ class CAMPanel(_Callback):
         log_metrics: bool = True,
         metrics_subset: int | None = None,
         seed: int = 0,
-        weighting: Weighting = "gradcam",
         target_layer: str | None = None,
         reshape: Reshape | None = None,
         score: Callable[[Tensor, Tensor], Tensor] | None = None,
@@ -135,8 +136,8 @@ class CAMPanel(_Callback):
     ):
         fmt = BatchFormat(image_key, label_key, box_key)
         self.options = PanelOptions(
-            num_images, every_n_epochs, method, proxy, target, colormap, alpha, log_metrics, metrics_subset, seed,
-            weighting, target_layer, reshape, score, fmt,
+            num_images, every_n_epochs, method, kind, proxy, target, colormap, alpha, log_metrics, metrics_subset,
+            seed, target_layer, reshape, score, fmt,
         )  # fmt: skip
         # Chosen once and saved in checkpoints: the panel's and the metric subset's dataset indices, the evolution.
         self.panel: list[int] | None = None
@@ -156,9 +157,9 @@ class CAMPanel(_Callback):
         return self._generate_state_key(
             num_images=o.num_images,
             method=o.method,
+            kind=o.kind,
             proxy=o.proxy,
             target=o.target,
-            weighting=o.weighting,
             target_layer=o.target_layer,
         )
 
@@ -206,7 +207,7 @@ class CAMPanel(_Callback):
             self.subset = random_subset(size, wanted, torch.Generator().manual_seed(self.options.seed + 1))
         self._source.start_epoch(trainer, pl_module)
         # Outputs only where the epoch needs them: to choose the panel, and an embedding net's proxies.
-        keep = self.panel is None or self._source.explainer.cam_method == "embeddingcam"
+        keep = self.panel is None or self._source.explainer.cam_kind == "embedding"
         self._epoch = EpochCollector(self.panel, (self.subset or []) if self.options.log_metrics else [], keep)
 
     def on_validation_batch_start(

@@ -18,7 +18,6 @@ import torch
 from torch import Tensor
 
 from cubcam.callbacks.collect import EpochCollector, Outputs, load_birds
-from cubcam.callbacks.epoch_target import epoch_target
 from cubcam.callbacks.evolution import Frame, frame_of
 from cubcam.callbacks.options import PanelOptions
 from cubcam.callbacks.panel_render import Style, class_inputs, neighbour_inputs
@@ -29,7 +28,7 @@ from cubcam.cams.engine import isolated
 from cubcam.cams.localization import LocalizationAccumulator
 from cubcam.cams.overlay import IMAGENET_MEAN, IMAGENET_STD
 from cubcam.cams.protocol import Explainer, explain, upsample
-from cubcam.cams.targets import ExplanationTarget
+from cubcam.cams.targets import ExplanationTarget, make_target
 
 METRIC_KEYS = {  # logged key -> LocalizationAccumulator key
     "val/cam_max_box_acc": "max_box_acc",
@@ -95,15 +94,16 @@ def epoch_maps(
             generator = torch.Generator().manual_seed(options.seed)
             chosen = spread_over_classes(outputs.label.tolist(), options.num_images, generator)
             result.panel = outputs.index[chosen].tolist()
-        target = epoch_target(
-            explainer.cam_method,
+        # an embedding net's proxies come from the epoch's own validation embeddings (all ranks', each once)
+        target = make_target(
+            explainer.cam_kind,
             options.proxy,
-            outputs.index,
             outputs.output,
             outputs.label,
             len(epoch.names),
-            options.seed,
-            options.score,
+            seed=options.seed,
+            index=outputs.index,
+            score=options.score,
         )
         scores = None
         if collected.subset and collected.has_boxes:
@@ -180,7 +180,7 @@ def _measure(
             None,
             part["label"],
             "true",
-            options.weighting,
+            options.method,
             part["index"],
         )
         maps = upsample(step.maps, collected.image_size)
@@ -210,11 +210,11 @@ def _panel(
         rows = target.rows(birds["label"], birds["output"], birds["index"])
         nearest = target.reference_index[rows.cpu()].tolist()
         inputs = neighbour_inputs(
-            explainer, birds, load_birds(epoch.dataset, nearest, explainer, device, fmt), options.weighting
+            explainer, birds, load_birds(epoch.dataset, nearest, explainer, device, fmt), options.method
         )
         layout, primary = "neighbour", inputs["maps"]
     else:
-        inputs = class_inputs(explainer, birds, target, options.target, options.weighting)
+        inputs = class_inputs(explainer, birds, target, options.target, options.method)
         primary = inputs["primary"]
     mean = [float(m) for m in getattr(epoch.dataset, "mean", IMAGENET_MEAN)]
     std = [float(s) for s in getattr(epoch.dataset, "std", IMAGENET_STD)]

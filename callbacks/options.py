@@ -15,16 +15,17 @@ from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 from torch import Tensor
 
 from cubcam.callbacks.batches import CUBCAM_FORMAT, BatchFormat
-from cubcam.cams.engine import NEEDS_IMAGES, Reshape, Weighting
+from cubcam.cams.engine import Reshape
+from cubcam.cams.methods import Method, method_spec
 from cubcam.cams.overlay import colorize
 from cubcam.cams.protocol import Choice
-from cubcam.cams.targets import ProxyScheme, proxy_scheme
+from cubcam.cams.targets import Kind, ProxyScheme, proxy_scheme
 from cubcam.namespaces import in_both
 
 METRIC_PREFIX = "val/cam_"  # the CAM metrics' keys (cubcam.callbacks.epoch_maps.METRIC_KEYS)
 CHECKPOINTS = in_both(ModelCheckpoint)
 MONITORS = CHECKPOINTS + in_both(EarlyStopping)
-MethodArg = Literal["auto", "gradcam", "embeddingcam"]  # "auto": the module's cam_method
+KindArg = Literal["auto", Kind]  # "auto": the module's cam_kind
 DEFAULT_METRICS_SUBSET = 512
 # With target_layer every subset image costs a forward and a backward each epoch: a smaller default subset.
 DEFAULT_LAYER_METRICS_SUBSET = 128
@@ -36,7 +37,8 @@ class PanelOptions:
 
     num_images: int = 16
     every_n_epochs: int = 1
-    method: MethodArg = "auto"
+    method: Method = "gradcam"
+    kind: KindArg = "auto"
     proxy: ProxyScheme = "normalized_mean"
     target: Choice = "true"
     colormap: str = "jet"
@@ -44,7 +46,6 @@ class PanelOptions:
     log_metrics: bool = True
     metrics_subset: int | None = None  # None: DEFAULT_METRICS_SUBSET, or DEFAULT_LAYER_METRICS_SUBSET
     seed: int = 0
-    weighting: Weighting = "gradcam"
     target_layer: str | None = None
     reshape: Reshape | None = None
     score: Callable[[Tensor, Tensor], Tensor] | None = None
@@ -57,20 +58,20 @@ class PanelOptions:
         subset = self.metrics_subset
         if subset is not None and (not isinstance(subset, int) or isinstance(subset, bool) or subset < 1):
             raise ValueError(f"CAMPanel: metrics_subset must be None or a positive integer, got {subset!r}")
-        for arg, mode, modes in (
-            ("weighting", self.weighting, Weighting),
-            ("method", self.method, MethodArg),
-            ("target", self.target, Choice),
-        ):
+        for arg, mode, modes in (("kind", self.kind, KindArg), ("target", self.target, Choice)):
             if mode not in get_args(modes):  # the Literal types are the one list of the modes
                 raise ValueError(f"CAMPanel: {arg} must be one of {get_args(modes)}, got {mode!r}")
-        if self.weighting in NEEDS_IMAGES or (self.weighting == "ablationcam" and self.target_layer is not None):
+        try:
+            needs = method_spec(self.method).needs
+        except ValueError as err:
+            raise ValueError(f"CAMPanel: {err}") from None
+        if needs == "image forwards" or (needs == "layer forwards" and self.target_layer is not None):
             raise ValueError(
-                f"CAMPanel: weighting {self.weighting!r}"
-                + (" with target_layer" if self.weighting not in NEEDS_IMAGES else "")
+                f"CAMPanel: method {self.method!r}"
+                + (" with target_layer" if needs == "layer forwards" else "")
                 + " needs a forward of the whole model per channel and image (K forwards per image for a layer of K "
-                "channels), every epoch; use cubcam explain / cubcam evaluate --weightings for it, or a cheaper "
-                "weighting here (ablationcam of a CAM module runs its head alone)"
+                "channels), every epoch; use cubcam explain / cubcam evaluate --methods for it, or a cheaper "
+                "method here (ablationcam of a CAM module runs its head alone)"
             )
         try:
             self.proxy = proxy_scheme(self.proxy)

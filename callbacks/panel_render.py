@@ -21,9 +21,9 @@ import torch
 from torch import Tensor
 
 from cubcam.callbacks.panel_data import BirdRow, Panel, name
-from cubcam.cams.engine import Weighting
 from cubcam.cams.figure import Cell, Strip, marked, pair_strips, render_strip
 from cubcam.cams.localization import box_iou, heatmap_ratio, pointing_game
+from cubcam.cams.methods import Method
 from cubcam.cams.protocol import Choice, Explainer, PairMaps, explain, pair_maps, upsample
 from cubcam.cams.targets import ExplanationTarget
 
@@ -40,14 +40,14 @@ def class_inputs(
     birds: dict[str, Tensor],
     target: ExplanationTarget,
     choice: Choice,
-    weighting: Weighting,
+    method: Method,
 ) -> dict[str, Tensor]:
     """What :func:`class_panel` draws, made where the model is (the loop's thread, the module's device): each bird's
     map for the ``choice`` class and for the other one (true vs predicted) at the layer's grid, what they explain
     and the class scores, as CPU tensors (small: a grid map is 49 to 196 numbers)."""
     other_choice: Choice = "predicted" if choice == "true" else "true"
     primary, other = (
-        explain(explainer, birds["activations"], birds["output"], target, None, birds["label"], c, weighting)
+        explain(explainer, birds["activations"], birds["output"], target, None, birds["label"], c, method)
         for c in (choice, other_choice)
     )
     columns = {key: birds[key] for key in ("index", "image", "box", "label")}
@@ -121,7 +121,7 @@ NEIGHBOUR = "neighbour_"  # the prefix of the neighbours' columns in :func:`neig
 
 
 def neighbour_inputs(
-    explainer: Explainer, birds: dict[str, Tensor], neighbours: dict[str, Tensor], weighting: Weighting
+    explainer: Explainer, birds: dict[str, Tensor], neighbours: dict[str, Tensor], method: Method
 ) -> dict[str, Tensor]:
     """What :func:`neighbour_panel` draws, made where the model is: each bird against its nearest other validation
     image and that neighbour against the bird (each side's embedding is the other's proxy), maps at the layer's
@@ -131,7 +131,7 @@ def neighbour_inputs(
         (birds["activations"], birds["output"]),
         (neighbours["activations"], neighbours["output"]),
         None,
-        weighting,
+        method,
     )
     keys = ("index", "image", "box", "label")
     columns = {key: birds[key] for key in keys} | {NEIGHBOUR + key: neighbours[key] for key in keys}

@@ -23,7 +23,7 @@ from torch.utils.hooks import RemovableHandle
 from cubcam.callbacks.batches import BatchFormat
 from cubcam.cams.engine import Reshape, isolated
 from cubcam.cams.protocol import CAMModule, CAMStepOutput, Explainer, HeadExplainer, LayerExplainer
-from cubcam.cams.targets import Method
+from cubcam.cams.targets import Kind
 
 if TYPE_CHECKING:
     from cubcam.callbacks.options import PanelOptions
@@ -90,10 +90,8 @@ class LayerSource:
             batch, one that does not follow the sampler, or a layer that gives no map (naming it).
     """
 
-    def __init__(
-        self, module: pl.LightningModule, layer: str, method: Method, reshape: Reshape | None, fmt: BatchFormat
-    ):
-        self._layer = LayerExplainer(module, layer, method, reshape)
+    def __init__(self, module: pl.LightningModule, layer: str, kind: Kind, reshape: Reshape | None, fmt: BatchFormat):
+        self._layer = LayerExplainer(module, layer, kind, reshape)
         self.explainer: Explainer = self._layer
         self.module, self.format = module, fmt
         self._seen: list[Tensor] = []  # what the module returned during the current batch
@@ -154,29 +152,28 @@ def activation_source(module: pl.LightningModule, options: PanelOptions) -> Acti
 
     Raises:
         TypeError: a module that does not speak the CAM protocol and no ``target_layer``.
-        ValueError: a ``method`` that does not fit the module, or ``score`` for an embedding net.
+        ValueError: a ``kind`` that does not fit the module, or ``score`` for an embedding net.
     """
     if options.target_layer is not None:
-        kind: Method = "gradcam" if options.method == "auto" else options.method
-        source: ActivationSource = LayerSource(module, options.target_layer, kind, options.reshape, options.format)
+        chosen: Kind = "classifier" if options.kind == "auto" else options.kind
+        source: ActivationSource = LayerSource(module, options.target_layer, chosen, options.reshape, options.format)
     else:
-        method = getattr(module, "cam_method", None)
-        if method not in get_args(Method):
+        kind = getattr(module, "cam_kind", None)
+        if kind not in get_args(Kind):
             raise TypeError(
                 f"CAMPanel needs target_layer='<dotted layer name>' (e.g. 'net.layer4') for a module that does not "
-                f"speak the CAM protocol (cam_method 'gradcam' or 'embeddingcam'); {type(module).__name__} has "
-                f"cam_method={method!r}"
+                f"speak the CAM protocol (cam_kind 'classifier' or 'embedding'); {type(module).__name__} has "
+                f"cam_kind={kind!r}"
             )
         for attribute in ("cam_target_layer", "forward_head"):
             if not hasattr(module, attribute):
                 raise TypeError(f"CAMPanel: {type(module).__name__} lacks {attribute!r} (the CAM protocol)")
-        if options.method not in ("auto", method):
+        if options.kind not in ("auto", kind):
             raise ValueError(
-                f"CAMPanel: method={options.method!r} does not fit a module with cam_method={method!r} "
-                f"(use {method!r} or 'auto')"
+                f"CAMPanel: kind={options.kind!r} does not fit a module with cam_kind={kind!r} (use {kind!r} or 'auto')"
             )
         source = StepSource(cast(CAMModule, module), options.format)  # the protocol, checked above
-    if options.score is not None and source.explainer.cam_method == "embeddingcam":
+    if options.score is not None and source.explainer.cam_kind == "embedding":
         raise ValueError("CAMPanel: score= is a classifier's; an embedding net's maps explain its proxies")
     return source
 

@@ -10,19 +10,22 @@ from cubcam.cams import (
     localization,
 )
 from cubcam.cams.engine import CAM, EmbeddingCAM, GradCAM, minmax_normalize
+from cubcam.cams.methods import METHODS, Method
 from cubcam.cams.overlay import denormalize, overlay
 from cubcam.cams.protocol import CAMModule, CAMStepOutput, Explanation, explain
 from cubcam.cams.proxies import normalized_mean_proxies, single_point_proxy
-from cubcam.cams.targets import ClassLogits, Method, Proxies, Target
+from cubcam.cams.targets import ClassLogits, Kind, Proxies, Target
 
 __all__ = [
     "CAM",
+    "METHODS",
     "CAMModule",
     "CAMStepOutput",
     "ClassLogits",
     "EmbeddingCAM",
     "Explanation",
     "GradCAM",
+    "Kind",
     "Method",
     "Proxies",
     "Target",

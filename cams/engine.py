@@ -1,13 +1,11 @@
-"""GradCAM and EmbeddingCAM: one engine, two scores, eight weightings.
+"""GradCAM and EmbeddingCAM: one engine, two scores, every CAM method of :mod:`cubcam.cams.methods`.
 
 For target-layer activations A (shape [B, K, h, w]) and a score y_b per image, the map is
 ReLU(sum_k w_k A^k) with w_k = mean_ij dy_b/dA^k_ij (Selvaraju et al., 2017). GradCAM scores a class logit;
-EmbeddingCAM (Bachhawat, 2024) scores <embedding, proxy>. Everything else is shared, also the other gradient
-weightings (``weighting=``: GradCAM++, HiResCAM, XGradCAM, LayerCAM; see :func:`weighted_activations`) and the
-gradient-free ones, which weight the same channels by what the score does when the input is masked with each
-channel (ScoreCAM) or when a channel is ablated (AblationCAM), or project them on their first principal
-component (EigenCAM, no score at all); see :mod:`cubcam.cams.gradient_free`. Each needs only a score, so each
-explains an embedding net's proxy score as it explains a logit.
+EmbeddingCAM (Bachhawat, 2024) scores <embedding, proxy>. Everything else is shared, also the other methods
+(``method=``: GradCAM++, HiResCAM, XGradCAM, LayerCAM from the same gradient; ScoreCAM, AblationCAM and EigenCAM
+without one, see :mod:`cubcam.cams.gradient_free`). Each needs only a score, so each explains an embedding net's
+proxy score as it explains a logit.
 
 Why this engine is safe to call in the middle of training:
 - the forward below the target layer runs without autograd (nothing is stored for it), and the backward is one
@@ -25,7 +23,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from functools import partial
 from types import EllipsisType
-from typing import Any, Literal, cast, get_args
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -33,18 +31,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cubcam.cams import gradient_free
+from cubcam.cams.methods import Method, method_spec
 from cubcam.cams.targets import ClassLogits, Target, per_image
 
-GradientWeighting = Literal["gradcam", "gradcam++", "hirescam", "xgradcam", "layercam"]  # from dscore/dA
-GradientFree = Literal["scorecam", "ablationcam", "eigencam"]  # from no-grad forwards, or from A alone
-Weighting = Literal[GradientWeighting, GradientFree]  # how the layer's channels are weighted into the map
-GRADIENT_FREE: tuple[GradientFree, ...] = get_args(GradientFree)
-# Weightings whose forwards run the whole model on masked images: K forwards per image (K channels), and no maps
-# from stored activations alone.
-NEEDS_IMAGES: tuple[Weighting, ...] = ("scorecam",)
 DEFAULT_CHANNEL_BATCH = 32  # channels per batched forward of ScoreCAM and AblationCAM (pytorch-grad-cam's 32)
-GRADCAM_PP_EPS = 1e-6  # pytorch-grad-cam's, in the alpha denominator
-XGRADCAM_EPS = 1e-7  # pytorch-grad-cam's, in the normalising sum
 OutputSelector = str | int | Callable[[Any], Tensor] | None
 # (model output [N, ...], the image each output row belongs to [N]) -> one score per row [N]. Its first call scores
 # the batch as given (rows 0..B-1): a score that picks the predicted class picks it there, once.
@@ -73,7 +63,7 @@ class CAM:
         model: Callable[[Tensor], Any],
         target_layer: nn.Module | str | EllipsisType | None = ...,
         output: OutputSelector = None,
-        weighting: Weighting = "gradcam",
+        method: Method = "gradcam",
         reshape: Reshape | None = None,
         layer_name: str | None = None,
         *,
@@ -96,14 +86,13 @@ class CAM:
             if reshape is not None:
                 raise ValueError("pass reshape= or reshape_transform= (pytorch-grad-cam's name), not both")
             reshape = reshape_transform
-        if weighting not in get_args(Weighting):
-            raise ValueError(f"weighting must be one of {get_args(Weighting)}, got {weighting!r}")
+        self.spec = method_spec(method)
         if channel_batch_size < 1:
             raise ValueError(f"channel_batch_size must be at least 1, got {channel_batch_size}")
         self.channel_batch_size = channel_batch_size
         self.model = model
         self.output = output
-        self.weighting = weighting
+        self.method = method
         self.reshape = reshape
         # What errors call the layer: its dotted name where known.
         self.layer_name = layer_name or (target_layer if isinstance(target_layer, str) else type(target_layer).__name__)
@@ -115,10 +104,10 @@ class CAM:
             raise TypeError(
                 f"target_layer must be an nn.Module, a dotted module name or None, got {type(target_layer).__name__}"
             )
-        if target_layer is None and weighting == "scorecam":
+        if target_layer is None and self.spec.needs == "image forwards":
             raise ValueError(
-                "scorecam masks the input images with each channel of the layer, so it needs the whole model and its "
-                "target layer, not a head (target_layer=None)"
+                f"{method} masks the input images with each channel of the layer, so it needs the whole model and "
+                f"its target layer, not a head (target_layer=None)"
             )
         self.target_layer = target_layer
 
@@ -139,14 +128,13 @@ class CAM:
         if images.is_inference():
             images = images.clone()  # outside inference mode a clone is a normal tensor that autograd accepts
         with eval_mode(self.model):
-            if self.weighting in GRADIENT_FREE:
+            if self.spec.needs != "gradients":
                 maps = self._gradient_free(images, score_fn)
             else:
                 activations, scores = self._forward(images, score_fn)
                 with torch.enable_grad():  # the caller may be inside torch.no_grad()
                     (grads,) = torch.autograd.grad(scores.sum(), activations)
-                weighting = cast(GradientWeighting, self.weighting)
-                maps = weighted_activations(self._grid(activations.detach()), self._grid(grads), weighting)
+                maps = self.spec.weigh(self._grid(activations.detach()).float(), self._grid(grads).float())
         if upsample:
             maps = F.interpolate(maps[:, None], size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
         if normalize:
@@ -227,8 +215,8 @@ class CAM:
             handle.remove()
 
     def _gradient_free(self, images: Tensor, score_fn: ScoreFn) -> Tensor:
-        """The raw maps [B, h, w] of ScoreCAM, AblationCAM or EigenCAM (:mod:`cubcam.cams.gradient_free`): no
-        backward at all, every forward under no_grad, ``channel_batch_size`` channels per forward."""
+        """The raw maps [B, h, w] of a method without gradients (:mod:`cubcam.cams.gradient_free`): no backward at
+        all, every forward under no_grad, ``channel_batch_size`` channels per forward."""
         with torch.no_grad():
             if self.target_layer is None:
                 layer, output = images, self.model(images)
@@ -236,13 +224,13 @@ class CAM:
                 kept: list[Tensor] = []
                 layer, output = self._hooked(images, lambda out: kept.append(out), lambda out: (kept[0], out))
             grid = self._grid(layer)
-            if self.weighting == "eigencam":
-                return gradient_free.eigen_cam(grid)
+            if self.spec.needs == "nothing":
+                return self.spec.weigh(grid)
             batch = torch.arange(len(images), device=images.device)
             scores = self._score(output, score_fn, batch, needs_grad=False)  # also fixes a predicted class
             chunk = self.channel_batch_size
-            if self.weighting == "scorecam":
-                return gradient_free.score_cam(images, grid, partial(self._scored, score_fn), chunk)
+            if self.spec.needs == "image forwards":
+                return self.spec.weigh(images, grid, partial(self._scored, score_fn), chunk)
             ablation = gradient_free.Ablation(layer, grid, self.reshape)
 
             def ablated(image: Tensor, channel: Tensor) -> Tensor:
@@ -253,7 +241,7 @@ class CAM:
                     images[image], lambda _: layers, lambda out: self._score(out, score_fn, image, needs_grad=False)
                 )
 
-            return gradient_free.ablation_cam(grid, scores, ablated, chunk)
+            return self.spec.weigh(grid, scores, ablated, chunk)
 
     def _scored(self, score_fn: ScoreFn, which: Tensor, images: Tensor) -> Tensor:
         """The scores of a no-grad forward of ``images``, row r scored as image ``which[r]``."""
@@ -333,35 +321,6 @@ class EmbeddingCAM(CAM):
 
     def __call__(self, images: Tensor, proxies: Tensor, *, upsample: bool = True, normalize: bool = True) -> Tensor:
         return self.explain(images, *per_image(proxies, images.shape[0]), upsample=upsample, normalize=normalize)
-
-
-def weighted_activations(activations: Tensor, grads: Tensor, weighting: GradientWeighting = "gradcam") -> Tensor:
-    """The raw map [B, h, w] from the layer's activations A and the score's gradient g = dy/dA, computed in float32
-    (also under autocast). Only the weighting differs between the methods; the score (a class logit, or an
-    embedding's dot product with a proxy) is the caller's, so every weighting works for embedding nets too:
-
-    - ``gradcam`` (Selvaraju et al. 2017): ReLU(sum_k w_k A^k), w_k = mean_ij g^k_ij;
-    - ``gradcam++`` (Chattopadhay et al. 2018): w_k = sum_ij a^k_ij ReLU(g^k_ij) with
-      a = g^2 / (2 g^2 + sum_ij(A^k) g^3) (where g != 0), the closed form for an exponential score, as
-      pytorch-grad-cam computes it;
-    - ``hirescam`` (Draelos & Carin 2020): ReLU(sum_k g^k * A^k), the gradient kept per position;
-    - ``xgradcam`` (Fu et al. 2020): w_k = sum_ij g^k_ij A^k_ij / sum_ij A^k_ij;
-    - ``layercam`` (Jiang et al. 2021): ReLU(sum_k ReLU(g^k) * A^k).
-    """
-    a, g = activations.float(), grads.float()
-    if weighting == "hirescam":
-        return torch.relu((g * a).sum(1))
-    if weighting == "layercam":
-        return torch.relu((torch.relu(g) * a).sum(1))
-    if weighting == "gradcam++":
-        g2, g3 = g.pow(2), g.pow(3)
-        alpha = g2 / (2 * g2 + a.sum((2, 3), keepdim=True) * g3 + GRADCAM_PP_EPS)
-        weights = (torch.where(g != 0, alpha, torch.zeros_like(alpha)) * torch.relu(g)).sum((2, 3), keepdim=True)
-    elif weighting == "xgradcam":
-        weights = (g * a).sum((2, 3), keepdim=True) / (a.sum((2, 3), keepdim=True) + XGRADCAM_EPS)
-    else:
-        weights = g.mean(dim=(2, 3), keepdim=True)
-    return torch.relu((weights * a).sum(1))
 
 
 def looks_channels_last(shape: tuple[int, ...]) -> bool:

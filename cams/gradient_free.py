@@ -1,4 +1,4 @@
-"""The gradient-free weightings of the engine's channels: ScoreCAM, AblationCAM, EigenCAM.
+"""The CAM methods without gradients: ScoreCAM, AblationCAM, EigenCAM (their entries in ``methods.METHODS``).
 
 Each takes the target layer's activations as the engine's maps ``grid`` [B, K, h, w] and returns the raw map
 ReLU(sum_k w_k A^k) [B, h, w] in float32, as pytorch-grad-cam's classes do (its ``score_cam.py``,

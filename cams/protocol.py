@@ -4,7 +4,7 @@ explanation step every consumer (the callback, ``cubcam explain``, ``cubcam eval
 
 A :class:`CAMModule` names its CAM layer (``cam_target_layer``), runs the rest of the net from that layer's output
 (``forward_head``: a pool and a linear layer, or a transformer's last block and its head) and says what its output
-is (``cam_method``: class logits for GradCAM, an embedding for EmbeddingCAM). One backbone forward gives the
+is (``cam_kind``: a classifier's logits for GradCAM, an embedding for EmbeddingCAM). One backbone forward gives the
 activations; every map after that runs through the head alone, so any number of targets or proxies, and
 activations kept from a validation loop, cost no further backbone pass. A ``validation_step`` that returns a
 :class:`CAMStepOutput` hands the loop's own activations to a callback.
@@ -20,21 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cubcam.cams.engine import (
-    CAM,
-    DEFAULT_CHANNEL_BATCH,
-    NEEDS_IMAGES,
-    Reshape,
-    Weighting,
-    eager,
-    eval_mode,
-    minmax_normalize,
-)
+from cubcam.cams.engine import CAM, DEFAULT_CHANNEL_BATCH, Reshape, eager, eval_mode, minmax_normalize
+from cubcam.cams.methods import Method, method_spec
 from cubcam.cams.proxies import single_point_proxy
-from cubcam.cams.targets import ExplanationTarget, Method, Proxies, Target, make_target
+from cubcam.cams.targets import ExplanationTarget, Kind, Proxies, Target, make_target
 
 Choice = Literal["true", "predicted"]  # which class a map explains
-EvalMethod = tuple[ExplanationTarget, Weighting]  # a method scored side by side: what its maps explain, and how
+EvalMethod = tuple[ExplanationTarget, Method]  # a method scored side by side: what its maps explain, and how
 UNKNOWN_LABEL = -1  # an image without a label (a user's photo) is explained for its predicted class
 
 
@@ -42,7 +34,7 @@ class CAMModule(Protocol):
     """A module that can be explained from stored activations (see the module doc)."""
 
     @property
-    def cam_method(self) -> Method: ...  # a class attribute does: cam_method = "gradcam"
+    def cam_kind(self) -> Kind: ...  # a class attribute does: cam_kind = "classifier"
 
     @property
     def cam_target_layer(self) -> nn.Module: ...
@@ -92,7 +84,7 @@ class Explainer(Protocol):
     model at a layer it names: the features are the images, maps run through the whole model)."""
 
     @property
-    def cam_method(self) -> Method: ...
+    def cam_kind(self) -> Kind: ...
 
     def features_and_outputs(self, images: Tensor) -> tuple[Tensor, Tensor]: ...
 
@@ -102,7 +94,7 @@ class Explainer(Protocol):
         ...
 
     def maps(
-        self, features: Tensor, size: tuple[int, int] | None, target: Target, rows: Tensor, weighting: Weighting
+        self, features: Tensor, size: tuple[int, int] | None, target: Target, rows: Tensor, method: Method
     ) -> Tensor:
         """Maps [B, H, W] in [0, 1] of image b for row ``rows[b]`` of ``target`` (see :func:`head_cams`); with
         ``size=None`` the raw maps at the layer's grid [B, h, w] (float32), which :func:`upsample` finishes."""
@@ -117,8 +109,8 @@ class HeadExplainer:
         self.module, self.channel_batch_size = module, channel_batch_size
 
     @property
-    def cam_method(self) -> Method:
-        return self.module.cam_method
+    def cam_kind(self) -> Kind:
+        return self.module.cam_kind
 
     def features_and_outputs(self, images: Tensor) -> tuple[Tensor, Tensor]:
         return features_and_outputs(self.module, images)
@@ -128,14 +120,14 @@ class HeadExplainer:
             return self.module(images)
 
     def maps(
-        self, features: Tensor, size: tuple[int, int] | None, target: Target, rows: Tensor, weighting: Weighting
+        self, features: Tensor, size: tuple[int, int] | None, target: Target, rows: Tensor, method: Method
     ) -> Tensor:
-        if weighting in NEEDS_IMAGES:
+        if method_spec(method).needs == "image forwards":
             raise ValueError(
-                f"{weighting} masks the input images, so its maps cannot be made from the layer's activations: "
-                f"explain with explainer_for(module, {weighting!r}), whose features are the images"
+                f"{method} masks the input images, so its maps cannot be made from the layer's activations: "
+                f"explain with explainer_for(module, {method!r}), whose features are the images"
             )
-        return head_cams(self.module, features, size, target, rows, weighting, self.channel_batch_size)
+        return head_cams(self.module, features, size, target, rows, method, self.channel_batch_size)
 
 
 class LayerExplainer:
@@ -153,21 +145,21 @@ class LayerExplainer:
         self,
         model: nn.Module,
         layer: str,
-        method: Method,
+        kind: Kind,
         reshape: Reshape | None = None,
         channel_batch_size: int = DEFAULT_CHANNEL_BATCH,
     ):
         self.model, self.layer_name, self.reshape = model, layer, reshape
         self.channel_batch_size = channel_batch_size  # ScoreCAM's / AblationCAM's (image, channel) pairs per forward
-        self._method: Method = method
+        self._kind: Kind = kind
         try:
             self.layer: nn.Module = model.get_submodule(layer)
         except AttributeError as err:
             raise AttributeError(f"target_layer {layer!r}: {err}") from None
 
     @property
-    def cam_method(self) -> Method:
-        return self._method
+    def cam_kind(self) -> Kind:
+        return self._kind
 
     def outputs(self, images: Tensor) -> Tensor:
         """``model(images)`` in eval mode, checked to be logits or embeddings [B, C]."""
@@ -184,13 +176,13 @@ class LayerExplainer:
             return images, self.outputs(images)
 
     def maps(
-        self, features: Tensor, size: tuple[int, int] | None, target: Target, rows: Tensor, weighting: Weighting
+        self, features: Tensor, size: tuple[int, int] | None, target: Target, rows: Tensor, method: Method
     ) -> Tensor:
         # the features are the images: ScoreCAM masks them as they are
         cam = CAM(
             self.outputs,
             self.layer,
-            weighting=weighting,
+            method=method,
             reshape=self.reshape,
             layer_name=self.layer_name,
             channel_batch_size=self.channel_batch_size,
@@ -202,25 +194,25 @@ class LayerExplainer:
         """One map of the first image, so that a layer that does not run, or gives no map (and no reshape makes
         one), fails with its error (naming the layer) before any epoch's work is done."""
         output = outputs[:1].detach().float()
-        target = make_target(self.cam_method, "normalized_mean", output, torch.zeros(1, dtype=torch.long))
+        target = make_target(self.cam_kind, "normalized_mean", output, torch.zeros(1, dtype=torch.long))
         explain(self, images[:1], output, target, (images.shape[-2], images.shape[-1]), choice="predicted")
 
 
 def explainer_for(
-    module: CAMModule, weighting: Weighting = "gradcam", channel_batch_size: int = DEFAULT_CHANNEL_BATCH
+    module: CAMModule, method: Method = "gradcam", channel_batch_size: int = DEFAULT_CHANNEL_BATCH
 ) -> HeadExplainer | LayerExplainer:
-    """The explainer of a CAM module for ``weighting``: its head alone (:class:`HeadExplainer`), or, for a
-    weighting that masks the input images (``NEEDS_IMAGES``: ScoreCAM), the whole module at its CAM layer
+    """The explainer of a CAM module for ``method``: its head alone (:class:`HeadExplainer`), or, for a method
+    that masks the input images (``needs == "image forwards"``: ScoreCAM), the whole module at its CAM layer
     (:class:`LayerExplainer`, whose features are the images); ``channel_batch_size`` (image, channel) pairs per
-    forward of the gradient-free weightings."""
-    if weighting not in NEEDS_IMAGES:
+    forward of the methods without gradients."""
+    if method_spec(method).needs != "image forwards":
         return HeadExplainer(module, channel_batch_size)
     if not isinstance(module, nn.Module):
-        raise TypeError(f"{weighting} runs the whole module: it must be an nn.Module, got {type(module).__name__}")
+        raise TypeError(f"{method} runs the whole module: it must be an nn.Module, got {type(module).__name__}")
     layer = next((name for name, m in module.named_modules() if m is module.cam_target_layer), None)
     if layer is None:
         raise ValueError("the module's cam_target_layer is not one of its submodules")
-    return LayerExplainer(module, layer, module.cam_method, module.cam_reshape, channel_batch_size)
+    return LayerExplainer(module, layer, module.cam_kind, module.cam_reshape, channel_batch_size)
 
 
 def features_for(explainer: Explainer, activations: Tensor, images: Tensor) -> Tensor:
@@ -253,11 +245,12 @@ def head_cams(
     size: tuple[int, int] | None,
     target: Target,
     rows: Tensor,
-    weighting: Weighting = "gradcam",
+    method: Method = "gradcam",
     channel_batch_size: int = DEFAULT_CHANNEL_BATCH,
 ) -> Tensor:
     """Maps [B, H, W] in [0, 1] of image b for row ``rows[b]`` of ``target``, from the CAM layer's activations,
-    with any of the engine's weightings but ScoreCAM (``channel_batch_size``: AblationCAM's pairs per head forward).
+    by any method but those that mask the images, ScoreCAM (``channel_batch_size``: AblationCAM's pairs per head
+    forward).
 
     The same maps the engine computes through the whole net: the raw map at the layer's resolution, bilinearly
     upsampled to ``size``, then min-max normalised per image (``size=None``: the raw map, for :func:`upsample`
@@ -267,7 +260,7 @@ def head_cams(
     cam = CAM(
         module.forward_head,
         None,
-        weighting=weighting,
+        method=method,
         reshape=module.cam_reshape,
         channel_batch_size=channel_batch_size,
     )
@@ -310,11 +303,11 @@ def explain(
     size: tuple[int, int] | None,
     labels: Tensor | None = None,
     choice: Choice = "true",
-    weighting: Weighting = "gradcam",
+    method: Method = "gradcam",
     index: Tensor | None = None,
 ) -> Explanation:
     """The one explanation step of the callback, ``cubcam explain`` and ``cubcam evaluate``: maps (by
-    ``weighting``) for the true class (``choice="true"``; images whose label is ``UNKNOWN_LABEL`` fall back to the
+    ``method``) for the true class (``choice="true"``; images whose label is ``UNKNOWN_LABEL`` fall back to the
     predicted class) or the predicted one, through ``target``'s row of each image (``index``: the images' dataset
     indices, so that the nearest-image scheme never picks an image itself), and the prediction."""
     class_scores = target.target.class_scores(outputs)
@@ -324,7 +317,7 @@ def explain(
         labels = labels.to(predicted.device)
         explained = torch.where(labels == UNKNOWN_LABEL, predicted, labels)
     rows = target.rows(explained, outputs, index)
-    maps = explainer.maps(features, size, target.target, rows.to(features.device), weighting)
+    maps = explainer.maps(features, size, target.target, rows.to(features.device), method)
     return Explanation(maps, explained, rows, predicted, class_scores)
 
 
@@ -343,15 +336,15 @@ def pair_maps(
     first: tuple[Tensor, Tensor],
     second: tuple[Tensor, Tensor],
     size: tuple[int, int] | None,
-    weighting: Weighting = "gradcam",
+    method: Method = "gradcam",
 ) -> PairMaps:
     """Maps of (features, outputs) pairs explained against each other: the callback's single-point-nearest panel
     (a bird and its nearest other validation image) and ``cubcam explain --query`` (a query and each neighbour)."""
     ours, theirs = (single_point_proxy(outputs) for _, outputs in (first, second))
     rows = torch.arange(len(ours), device=first[0].device)
     return PairMaps(
-        explainer.maps(first[0], size, Proxies(theirs), rows, weighting),
-        explainer.maps(second[0], size, Proxies(ours), rows, weighting),
+        explainer.maps(first[0], size, Proxies(theirs), rows, method),
+        explainer.maps(second[0], size, Proxies(ours), rows, method),
         (ours * theirs).sum(1),
     )
 

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from cubcam.cams.proxies import normalized_mean_proxies, single_point_proxy
 
-Method = Literal["gradcam", "embeddingcam"]  # the model kind: a classifier's logits or an embedding net's output
+Kind = Literal["classifier", "embedding"]  # the model kind: a classifier's logits or an embedding net's output
 # EmbeddingCAM's proxy of an image: its class's Normalized Mean Proxy; one reference image of its class, drawn once
 # per class with a seed (Single Point Proxy); or its nearest other reference image (a Single Point Proxy per image).
 ProxyScheme = Literal["normalized_mean", "single_point_random", "single_point_nearest"]
@@ -37,7 +37,7 @@ ProxyScheme = Literal["normalized_mean", "single_point_random", "single_point_ne
 class Target(Protocol):
     """What a map explains, given a model's outputs [B, ...]."""
 
-    method: Method
+    kind: Kind
     score_name: str  # what ``class_scores`` holds, for captions: "p" or "cos"
 
     def score(self, outputs: Tensor, rows: Tensor) -> Tensor:
@@ -61,7 +61,7 @@ class ClassLogits:
     does; its class scores are ``[1 - sigmoid, sigmoid]``.
     """
 
-    method: Method = "gradcam"
+    kind: Kind = "classifier"
     score_name = "p"
 
     def score(self, outputs: Tensor, rows: Tensor) -> Tensor:
@@ -111,7 +111,7 @@ class Proxies:
     them when the table holds other rows than one per class, e.g. single-point proxies or neighbours.
     """
 
-    method: Method = "embeddingcam"
+    kind: Kind = "embedding"
     score_name = "cos"
 
     def __init__(self, table: Tensor, classes: Tensor | None = None):
@@ -198,7 +198,7 @@ class ExplanationTarget:
 
 
 def make_target(
-    method: Method,
+    kind: Kind,
     scheme: ProxyScheme = "normalized_mean",
     embeddings: Tensor | None = None,
     labels: Tensor | None = None,
@@ -207,17 +207,19 @@ def make_target(
     index: Tensor | None = None,
     score: Callable[[Tensor, Tensor], Tensor] | None = None,
 ) -> ExplanationTarget:
-    """The explanation target of a model kind: class logits (``gradcam``: the other arguments are not needed and
-    ignored), or proxies of ``scheme`` built from reference ``embeddings`` [N, D] and their ``labels`` [N]
-    (``embeddingcam``; ``index``: their dataset indices, for ``single_point_nearest`` on the set being explained).
+    """The explanation target of a model kind: class logits (``classifier``: the other arguments are not needed
+    and ignored), or proxies of ``scheme`` built from reference ``embeddings`` [N, D] and their ``labels`` [N]
+    (``embedding``; ``index``: their dataset indices, for ``single_point_nearest`` on the set being explained).
     Every scheme predicts the nearest Normalized Mean Proxy's class. ``score``: a classifier's own score function
     (:class:`ScoreOf`). The one place where the two model kinds differ for the callback, ``cubcam explain`` and
     ``cubcam evaluate``.
 
     Raises:
-        ValueError: an unknown scheme, or ``embeddingcam`` without embeddings and labels.
+        ValueError: an unknown kind or scheme, or ``embedding`` without embeddings and labels.
     """
-    if method == "gradcam":
+    if kind not in get_args(Kind):
+        raise ValueError(f"model kind must be one of {get_args(Kind)}, got {kind!r}")
+    if kind == "classifier":
         return ExplanationTarget(ClassLogits() if score is None else ScoreOf(score))
     if scheme not in get_args(ProxyScheme):
         raise ValueError(f"proxy scheme must be one of {get_args(ProxyScheme)}, got {scheme!r}")

@@ -152,15 +152,16 @@ def test_panel_spreads_over_classes_deterministically_without_the_global_rng():
     [
         ({"num_images": 0}, "num_images"),
         ({"every_n_epochs": 1.5}, "every_n_epochs"),
-        ({"method": "lime"}, "method"),
+        ({"method": "lime"}, "CAM method must be one of"),
+        ({"kind": "gradcam"}, "kind"),
         ({"proxy": "mean"}, "proxy"),
         ({"target": "both"}, "target"),
         ({"alpha": 2}, "alpha"),
         ({"colormap": "viridis"}, "colormap"),
         ({"metrics_subset": 0}, "metrics_subset"),
-        ({"weighting": "bogus"}, "weighting"),
-        ({"weighting": "scorecam"}, "'scorecam' needs a forward of the whole model per channel and image"),
-        ({"weighting": "ablationcam", "target_layer": "net.layer4"}, "'ablationcam' with target_layer needs"),
+        ({"method": "embeddingcam"}, "a model kind, not a CAM method"),
+        ({"method": "scorecam"}, "'scorecam' needs a forward of the whole model per channel and image"),
+        ({"method": "ablationcam", "target_layer": "net.layer4"}, "'ablationcam' with target_layer needs"),
     ],
 )
 def test_bad_arguments_name_the_problem(kwargs, message):
@@ -168,9 +169,9 @@ def test_bad_arguments_name_the_problem(kwargs, message):
         CAMPanel(**kwargs)
 
 
-def test_the_weighting_reaches_the_metrics(synthetic_cub, tmp_path):
-    """CAMPanel(weighting=...) scores the maps of that weighting: val/cam_heatmap_ratio equals the ratio of the
-    head-only maps computed here with it, and differs between weightings."""
+def test_the_method_reaches_the_metrics(synthetic_cub, tmp_path):
+    """CAMPanel(method=...) scores the maps of that method: val/cam_heatmap_ratio equals the ratio of the
+    head-only maps computed here with it, and differs between methods."""
     from cubcam.cams.localization import heatmap_ratio
 
     data = data_for(synthetic_cub, "classifier")
@@ -181,24 +182,24 @@ def test_the_weighting_reaches_the_metrics(synthetic_cub, tmp_path):
     boxes = torch.stack([it["box"] for it in items])
     logged = {}
     # (HiResCAM equals GradCAM under a pooled linear head); the gradient-free ones the loop can afford
-    for weighting in ("gradcam", "layercam", "ablationcam", "eigencam"):
-        trainer = trainer_for(tmp_path, 1, [CAMPanel(num_images=2, weighting=weighting)])
+    for method in ("gradcam", "layercam", "ablationcam", "eigencam"):
+        trainer = trainer_for(tmp_path, 1, [CAMPanel(num_images=2, method=method)])
         trainer.validate(module, datamodule=data, verbose=False)
-        logged[weighting] = {key: float(trainer.callback_metrics[key]) for key in METRIC_KEYS}
+        logged[method] = {key: float(trainer.callback_metrics[key]) for key in METRIC_KEYS}
         module.eval()
         with torch.no_grad():
             activations = module.net.forward_features(images)
-        maps = head_cams(module, activations, (SIZE, SIZE), ClassLogits(), labels, weighting)
+        maps = head_cams(module, activations, (SIZE, SIZE), ClassLogits(), labels, method)
         expected = float(heatmap_ratio(maps, boxes).mean())
-        assert logged[weighting]["val/cam_heatmap_ratio"] == pytest.approx(expected, abs=1e-4), weighting
+        assert logged[method]["val/cam_heatmap_ratio"] == pytest.approx(expected, abs=1e-4), method
     ratios = [logged[w]["val/cam_heatmap_ratio"] for w in logged]
     assert all(ratios[i] != pytest.approx(ratios[j]) for i in range(4) for j in range(i + 1, 4)), logged
 
 
-def test_method_must_fit_the_model(synthetic_cub, tmp_path):
+def test_kind_must_fit_the_model(synthetic_cub, tmp_path):
     data = data_for(synthetic_cub, "classifier")
-    trainer = trainer_for(tmp_path, 1, [CAMPanel(method="embeddingcam")])
-    with pytest.raises(ValueError, match="embeddingcam.*cam_method='gradcam'"):
+    trainer = trainer_for(tmp_path, 1, [CAMPanel(kind="embedding")])
+    with pytest.raises(ValueError, match="kind='embedding' does not fit a module with cam_kind='classifier'"):
         trainer.validate(module_for("classifier", data), datamodule=data, verbose=False)
 
 
@@ -397,7 +398,7 @@ def test_state_keys_tell_every_panel_apart() -> None:
     count (a resumed run with another seed shows the birds it showed)."""
     base = CAMPanel()
     variants = [
-        CAMPanel(weighting="gradcam++"),
+        CAMPanel(method="gradcam++"),
         CAMPanel(target_layer="net.backbone.layer4"),
         CAMPanel(target="predicted"),
         CAMPanel(proxy="single_point_random"),
@@ -829,10 +830,10 @@ def test_cam_metrics_are_lightning_metrics_every_epoch(synthetic_cub, tmp_path, 
     the engine makes of the final weights (the last epoch), and a ModelCheckpoint can monitor them."""
     data = data_for(synthetic_cub, kind)
     pl.seed_everything(0, verbose=False)
-    method = "embeddingcam" if kind == "embedding" and layer else "auto"
+    forced = "embedding" if kind == "embedding" and layer else "auto"
     logged = CamMetrics()
     best = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "best", monitor="val/cam_max_box_acc", mode="max")
-    panel = CAMPanel(num_images=4, target_layer=layer, method=method)
+    panel = CAMPanel(num_images=4, target_layer=layer, kind=forced)
     trainer = trainer_for(tmp_path, 2, [panel, logged, best], limit_train_batches=2, enable_checkpointing=True)
     module = module_for(kind, data)
     trainer.fit(module, datamodule=data)

@@ -81,7 +81,7 @@ def test_classifier_scores_equal_cams_localization_on_the_same_maps(
     classifier_runs, trained: Trained, test_split
 ) -> None:
     report = classifier_runs[0]
-    assert report["num_images"] == len(test_split["label"]) and report["method"] == "gradcam"
+    assert report["num_images"] == len(test_split["label"]) and report["kind"] == "classifier"
     assert set(report["methods"]) == {"gradcam", "centre_gaussian"}
     module = load_checkpoint(trained.classifier).module
     maps = batched(GradCAM(module, module.cam_target_layer), test_split["image"], test_split["label"])  # true classes
@@ -129,17 +129,15 @@ def test_embedding_scores_equal_cams_localization_for_both_proxies(
         assert_scores(report["methods"][name], expected_scores(maps, test_split))
 
 
-def test_weightings_are_scored_side_by_side(trained: Trained, tmp_path: Path, test_split) -> None:
-    """--weightings a,b: one column per weighting (and, for an embedding net, per proxy scheme), each equal to
-    cams.localization on the engine's maps of that weighting."""
-    report, _ = run(trained.classifier, tmp_path / "classifier", "--weightings", "gradcam,layercam")
-    assert set(report["methods"]) == {"gradcam", "layercam", "centre_gaussian"} and report["weightings"] == [
-        "gradcam",
-        "layercam",
-    ]
+def test_methods_are_scored_side_by_side(trained: Trained, tmp_path: Path, test_split) -> None:
+    """--methods a,b: one column per method (and, for an embedding net, per proxy scheme), each equal to
+    cams.localization on the engine's maps of that method."""
+    report, _ = run(trained.classifier, tmp_path / "classifier", "--methods", "gradcam,layercam")
+    assert set(report["methods"]) == {"gradcam", "layercam", "centre_gaussian"}
+    assert report["methods_asked"] == ["gradcam", "layercam"]
     module = load_checkpoint(trained.classifier).module
     maps = batched(
-        GradCAM(module, module.cam_target_layer, weighting="layercam"), test_split["image"], test_split["label"]
+        GradCAM(module, module.cam_target_layer, method="layercam"), test_split["image"], test_split["label"]
     )
     assert_scores(report["methods"]["layercam"], expected_scores(maps, test_split))
     assert report["methods"]["layercam"] != report["methods"]["gradcam"]
@@ -148,29 +146,29 @@ def test_weightings_are_scored_side_by_side(trained: Trained, tmp_path: Path, te
         in (tmp_path / "classifier" / "metrics.md").read_text()
     )
 
-    report, _ = run(trained.embedding, tmp_path / "embedding", "--weightings", "gradcam++")
+    report, _ = run(trained.embedding, tmp_path / "embedding", "--methods", "gradcam++")
     assert set(report["methods"]) == {
         "gradcam++/normalized_mean",
         "gradcam++/single_point_random",
         "centre_gaussian",
     }
     table = (tmp_path / "embedding" / "metrics.md").read_text()
-    assert "EmbeddingCAM, GradCAM++ weighting (normalized mean proxy)" in table
-    for bad in (["--weightings", "gradcam,lime"], ["--road-percentiles", "50,100"], ["--road-percentiles", "x"]):
+    assert "EmbeddingCAM by GradCAM++ (normalized mean proxy)" in table
+    for bad in (["--methods", "gradcam,lime"], ["--road-percentiles", "50,100"], ["--road-percentiles", "x"]):
         with pytest.raises(SystemExit):
             main([str(trained.classifier), *bad])
 
 
-def test_gradient_free_weightings_are_scored_on_the_engines_maps(trained: Trained, tmp_path: Path, test_split) -> None:
+def test_gradient_free_methods_are_scored_on_the_engines_maps(trained: Trained, tmp_path: Path, test_split) -> None:
     """ScoreCAM (from the images: a forward per channel), AblationCAM (head-only) and EigenCAM in evaluate: each
     column equals cams.localization on the engine's maps of the same images, and the table names them."""
     names = ("scorecam", "ablationcam", "eigencam")
-    report, _ = run(trained.classifier, tmp_path, "--weightings", ",".join(names), "--limit", "1")
+    report, _ = run(trained.classifier, tmp_path, "--methods", ",".join(names), "--limit", "1")
     chosen = spread_indices(len(test_split["image"]), 1)
     split = {key: value[chosen] for key, value in test_split.items()}
     module = load_checkpoint(trained.classifier).module
     for name in names:
-        maps = batched(GradCAM(module, module.cam_target_layer, weighting=name), split["image"], split["label"])
+        maps = batched(GradCAM(module, module.cam_target_layer, method=name), split["image"], split["label"])
         assert_scores(report["methods"][name], expected_scores(maps, split))
     assert "| metric | ScoreCAM | AblationCAM | EigenCAM |" in (tmp_path / "metrics.md").read_text()
 

@@ -89,7 +89,7 @@ def test_user_images_of_any_size_and_mode_beside_bad_ones(trained: Trained, tmp_
     summary = json.loads((out / "summary.json").read_text())
     assert [e["source"] for e in summary["errors"]] == [str(missing), str(broken), str(bomb)]
     assert [r["source"] for r in summary["images"]] == [str(wide), str(gray), str(alpha)]
-    assert summary["method"] == "gradcam" and summary["image_size"] == [SIZE, SIZE]
+    assert summary["kind"] == "classifier" and summary["method"] == "gradcam" and summary["image_size"] == [SIZE, SIZE]
 
     module = load_checkpoint(trained.classifier).module
     for path, record in zip([wide, gray, alpha], summary["images"]):
@@ -108,18 +108,16 @@ def test_user_images_of_any_size_and_mode_beside_bad_ones(trained: Trained, tmp_
     assert grid.shape[0] > SIZE and grid.shape[1] >= 3 * SIZE  # three captioned tiles
 
 
-@pytest.mark.parametrize("weighting", ["gradcam++", "layercam", "scorecam"])
-def test_weighting_option_explains_with_that_weighting(trained: Trained, tmp_path: Path, weighting: str) -> None:
+@pytest.mark.parametrize("method", ["gradcam++", "layercam", "scorecam"])
+def test_method_option_explains_with_that_method(trained: Trained, tmp_path: Path, method: str) -> None:
     path = tmp_path / "bird.png"
     Image.fromarray(np.random.default_rng(1).integers(0, 255, (100, 100, 3), dtype=np.uint8)).save(path)
-    main([str(trained.classifier), str(path), "--weighting", weighting, "--out", str(tmp_path / "out")])
+    main([str(trained.classifier), str(path), "--method", method, "--out", str(tmp_path / "out")])
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert summary["weighting"] == weighting
+    assert summary["method"] == method
     module = load_checkpoint(trained.classifier).module
     image = preset_image(path)
-    expected = overlay(
-        denormalize(image), GradCAM(module, module.cam_target_layer, weighting=weighting)(image[None])[0]
-    )
+    expected = overlay(denormalize(image), GradCAM(module, module.cam_target_layer, method=method)(image[None])[0])
     other = overlay(denormalize(image), GradCAM(module, module.cam_target_layer)(image[None])[0])
     written = read_png(tmp_path / "out" / summary["images"][0]["overlay"]).astype(int)
     assert np.abs(written - expected).max() <= 1
@@ -132,7 +130,7 @@ def test_dataset_panel_of_an_embedding_net_and_its_reference_cache(
     out = tmp_path / "panel"
     main([str(trained.embedding), "--split", "test", "--num", "5", "--out", str(out)])
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["method"] == "embeddingcam" and summary["proxy"] == "normalized_mean" and not summary["errors"]
+    assert summary["kind"] == "embedding" and summary["proxy"] == "normalized_mean" and not summary["errors"]
     records = summary["images"]
     assert len(records) == 5 and len({r["true"]["class"] for r in records}) > 1  # spread over several classes
 
@@ -252,7 +250,6 @@ def corrupt(path: Path, trained: Trained) -> list[str]:
         (foreign_class, "is a checkpoint of zoo.Giraffe"),
         (pickled_object, "refusing to unpickle"),
         (weights_of_another_arch, "does not load as a Classifier"),
-        (lambda path, trained: [str(trained.embedding), "--method", "gradcam"], "--method gradcam does not fit"),
         (lambda path, trained: [str(trained.classifier), "--query", str(path)], "needs an embedding net"),
     ],
 )

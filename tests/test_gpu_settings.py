@@ -57,7 +57,7 @@ def run(folder: Path, module: pl.LightningModule, data: CUBDataModule, panel: CA
 
 @pytest.mark.parametrize("kind", ["classifier", "embedding"])
 def test_bf16_mixed_maps_are_float32_maps_of_the_same_weights(synthetic_cub, tmp_path, kind):
-    """Validated under bf16-mixed, the maps come from bf16 activations but are made in float32 (head, weighting,
+    """Validated under bf16-mixed, the maps come from bf16 activations but are made in float32 (head, method,
     upsampling): the metrics stay within bf16's rounding of a float32 validation of the same weights."""
     data = data_for(synthetic_cub)
     module = module_for(kind, data)

@@ -44,18 +44,18 @@ def _close(ours: np.ndarray, theirs: np.ndarray, what: str) -> None:
     assert _corr(ours, theirs) > 0.999, what
 
 
-@pytest.mark.parametrize("weighting", ["scorecam", "ablationcam"])
-def test_scored_methods_match_pytorch_grad_cam_for_classes_and_proxies(net, images, weighting):
-    ours = GradCAM(net, net.features, weighting=weighting)(images, torch.tensor(TARGETS)).numpy()
-    with PGC[weighting](model=net, target_layers=[net.features]) as cam:
+@pytest.mark.parametrize("method", ["scorecam", "ablationcam"])
+def test_scored_methods_match_pytorch_grad_cam_for_classes_and_proxies(net, images, method):
+    ours = GradCAM(net, net.features, method=method)(images, torch.tensor(TARGETS)).numpy()
+    with PGC[method](model=net, target_layers=[net.features]) as cam:
         theirs = cam(input_tensor=images, targets=[ClassifierOutputTarget(t) for t in TARGETS])
-    _close(ours, theirs, f"{weighting}, classes")
+    _close(ours, theirs, f"{method}, classes")
 
     embedder, proxies = _proxies(net, images)
-    ours = EmbeddingCAM(embedder, "net.features", weighting=weighting)(images, proxies).numpy()
-    with PGC[weighting](model=embedder, target_layers=[net.features]) as cam:
+    ours = EmbeddingCAM(embedder, "net.features", method=method)(images, proxies).numpy()
+    with PGC[method](model=embedder, target_layers=[net.features]) as cam:
         theirs = cam(input_tensor=images, targets=[lambda output, p=p: output @ p for p in proxies])
-    _close(ours, theirs, f"{weighting}, proxies")
+    _close(ours, theirs, f"{method}, proxies")
 
 
 def test_eigencam_matches_pytorch_grad_cam_up_to_the_sign_it_leaves_open(net, images):
@@ -73,14 +73,14 @@ def test_eigencam_matches_pytorch_grad_cam_up_to_the_sign_it_leaves_open(net, im
     assert all(_corr(o.numpy(), m.numpy()) > 0 for o, m in zip(ours_signed, mean))
     assert agree.any() and not agree.all(), "the fixture should show both cases"
 
-    ours = GradCAM(net, net.features, weighting="eigencam")(images).numpy()
+    ours = GradCAM(net, net.features, method="eigencam")(images).numpy()
     with pgc.EigenCAM(model=net, target_layers=[net.features]) as cam:
         theirs = cam(input_tensor=images, targets=None)
     for b in np.flatnonzero(agree.numpy()):
         _close(ours[b], theirs[b], f"eigencam image {b}")
     embedder, proxies = _proxies(net, images)  # no score: the same maps for an embedding net at the same layer
     torch.testing.assert_close(
-        EmbeddingCAM(embedder, "net.features", weighting="eigencam")(images, proxies), torch.from_numpy(ours)
+        EmbeddingCAM(embedder, "net.features", method="eigencam")(images, proxies), torch.from_numpy(ours)
     )
 
 
@@ -88,41 +88,41 @@ def test_ablation_of_a_layer_with_negative_activations_matches_pytorch_grad_cam(
     """Below a BatchNorm (no ReLU) the minimum is not 0: both ablate to minimum - 1e7 (one channel per forward,
     where pytorch-grad-cam's in-place loop does not deepen the value)."""
     layer = net.features[1]
-    ours = GradCAM(net, layer, weighting="ablationcam", channel_batch_size=1)(images, torch.tensor(TARGETS)).numpy()
+    ours = GradCAM(net, layer, method="ablationcam", channel_batch_size=1)(images, torch.tensor(TARGETS)).numpy()
     with pgc.AblationCAM(model=net, target_layers=[layer], batch_size=1) as cam:
         theirs = cam(input_tensor=images, targets=[ClassifierOutputTarget(t) for t in TARGETS])
     _close(ours, theirs, "ablationcam below a BatchNorm")
 
 
-@pytest.mark.parametrize("weighting", ["ablationcam", "eigencam"])
-def test_head_only_equals_the_hooked_call_and_chunks_do_not_matter(net, images, weighting):
+@pytest.mark.parametrize("method", ["ablationcam", "eigencam"])
+def test_head_only_equals_the_hooked_call_and_chunks_do_not_matter(net, images, method):
     targets = torch.tensor(TARGETS)
     raw = {"upsample": False, "normalize": False}
     with torch.no_grad():
         features = net.forward_features(images)
-    hooked = GradCAM(net, "features", weighting=weighting)(images, targets, **raw)
-    head = GradCAM(net.forward_head, None, weighting=weighting, channel_batch_size=5)(features, targets, **raw)
+    hooked = GradCAM(net, "features", method=method)(images, targets, **raw)
+    head = GradCAM(net.forward_head, None, method=method, channel_batch_size=5)(features, targets, **raw)
     torch.testing.assert_close(head, hooked, atol=1e-5, rtol=1e-4)
     explainer = HeadExplainer(_AsModule(net))
-    target = make_target("gradcam")
-    step = explain(explainer, features, net.forward_head(features).detach(), target, None, targets, weighting=weighting)
+    target = make_target("classifier")
+    step = explain(explainer, features, net.forward_head(features).detach(), target, None, targets, method=method)
     torch.testing.assert_close(step.maps, hooked, atol=1e-5, rtol=1e-4)
 
 
 def test_scorecam_of_a_cam_module_runs_the_whole_module_on_the_images(net, images):
-    targets, module, target = torch.tensor(TARGETS), _AsModule(net), make_target("gradcam")
+    targets, module, target = torch.tensor(TARGETS), _AsModule(net), make_target("classifier")
     head = HeadExplainer(module)
     features, outputs = head.features_and_outputs(images)
     with pytest.raises(ValueError, match="scorecam masks the input images.*explainer_for"):
-        explain(head, features, outputs, target, None, targets, weighting="scorecam")
+        explain(head, features, outputs, target, None, targets, method="scorecam")
     explainer = explainer_for(module, "scorecam")
     features, outputs = explainer.features_and_outputs(images)
-    step = explain(explainer, features, outputs, target, None, targets, weighting="scorecam")
-    expected = GradCAM(net, "features", weighting="scorecam")(images, targets, upsample=False, normalize=False)
+    step = explain(explainer, features, outputs, target, None, targets, method="scorecam")
+    expected = GradCAM(net, "features", method="scorecam")(images, targets, upsample=False, normalize=False)
     torch.testing.assert_close(step.maps, expected)
     assert isinstance(explainer_for(module, "ablationcam"), HeadExplainer)
     with pytest.raises(ValueError, match="scorecam masks the input images"):
-        CAM(net.forward_head, None, weighting="scorecam")
+        CAM(net.forward_head, None, method="scorecam")
 
 
 def test_ablation_through_a_reshape_finds_each_channel_in_the_layers_layout(net, images):
@@ -140,21 +140,21 @@ def test_ablation_through_a_reshape_finds_each_channel_in_the_layers_layout(net,
 
     targets = torch.tensor(TARGETS)
     to_grid = lambda t: t.permute(0, 3, 1, 2)  # noqa: E731
-    ours = GradCAM(Nhwc(), "layer", weighting="ablationcam", reshape=to_grid)(images, targets)
-    torch.testing.assert_close(ours, GradCAM(net, "features", weighting="ablationcam")(images, targets))
+    ours = GradCAM(Nhwc(), "layer", method="ablationcam", reshape=to_grid)(images, targets)
+    torch.testing.assert_close(ours, GradCAM(net, "features", method="ablationcam")(images, targets))
     with pytest.raises(ValueError, match="must only rearrange"):
-        GradCAM(Nhwc(), "layer", weighting="ablationcam", reshape=lambda t: to_grid(t) * 2)(images, targets)
+        GradCAM(Nhwc(), "layer", method="ablationcam", reshape=lambda t: to_grid(t) * 2)(images, targets)
 
 
-@pytest.mark.parametrize("weighting", ["scorecam", "ablationcam", "eigencam"])
-def test_no_grad_written_flags_and_rng_untouched_hooks_removed(images, weighting):
+@pytest.mark.parametrize("method", ["scorecam", "ablationcam", "eigencam"])
+def test_no_grad_written_flags_and_rng_untouched_hooks_removed(images, method):
     torch.manual_seed(0)
     net = SmallNet(dropout=0.5).train()
     net.stem.eval()
     flags = [m.training for m in net.modules()]
     stats = {k: v.clone() for k, v in net.state_dict().items()}
     rng = torch.get_rng_state()
-    GradCAM(net, "features", weighting=weighting, channel_batch_size=7)(images)
+    GradCAM(net, "features", method=method, channel_batch_size=7)(images)
     assert [m.training for m in net.modules()] == flags
     assert all(torch.equal(v, stats[k]) for k, v in net.state_dict().items())
     assert torch.equal(torch.get_rng_state(), rng)
@@ -165,7 +165,7 @@ def test_no_grad_written_flags_and_rng_untouched_hooks_removed(images, weighting
 class _AsModule(nn.Module):
     """SmallNet as a CAM module (the protocol's three members)."""
 
-    cam_method = "gradcam"
+    cam_kind = "classifier"
     cam_reshape = None
 
     def __init__(self, net: SmallNet):
@@ -183,20 +183,20 @@ class _AsModule(nn.Module):
         return self.net(x)
 
 
-@pytest.mark.parametrize(("weighting", "size"), [("ablationcam", 8), ("scorecam", 24)])
-def test_explainers_forward_channel_batch_size_pairs_at_a_time(net, images, weighting, size):
+@pytest.mark.parametrize(("method", "size"), [("ablationcam", 8), ("scorecam", 24)])
+def test_explainers_forward_channel_batch_size_pairs_at_a_time(net, images, method, size):
     """explainer_for(..., channel_batch_size=n) hands n to the engine: B * K (image, channel) pairs take
     ceil(B * K / n) forwards (of the head for AblationCAM, of the whole module for ScoreCAM), plus the unmasked one."""
     module = _AsModule(net)
     calls: list[int] = []
-    counted = module.net.forward_head if weighting == "ablationcam" else module.net.forward
+    counted = module.net.forward_head if method == "ablationcam" else module.net.forward
     with pytest.MonkeyPatch.context() as patch:
-        name = "forward_head" if weighting == "ablationcam" else "forward"
+        name = "forward_head" if method == "ablationcam" else "forward"
         patch.setattr(module.net, name, lambda x: (calls.append(len(x)), counted(x))[1])
-        explainer = explainer_for(module, weighting, channel_batch_size=size)
+        explainer = explainer_for(module, method, channel_batch_size=size)
         features, outputs = explainer.features_and_outputs(images)
         calls.clear()
-        explain(explainer, features, outputs, make_target("gradcam"), None, torch.tensor(TARGETS), weighting=weighting)
+        explain(explainer, features, outputs, make_target("classifier"), None, torch.tensor(TARGETS), method=method)
     pairs = len(images) * 16  # SmallNet's CAM layer has 16 channels
     assert max(calls) == size and sum(calls) - pairs in (0, len(images)), calls
     assert len(calls) - (sum(calls) > pairs) == -(-pairs // size), calls

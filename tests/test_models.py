@@ -127,7 +127,7 @@ def fake_batch(size: int = 64, n: int = 4) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize(
-    ("module_cls", "kind", "width"), [(Classifier, "gradcam", 3), (EmbeddingNet, "embeddingcam", 8)]
+    ("module_cls", "kind", "width"), [(Classifier, "classifier", 3), (EmbeddingNet, "embedding", 8)]
 )
 def test_validation_step_returns_the_target_layer_maps_from_one_pass(module_cls, kind: str, width: int) -> None:
     kwargs = {"num_classes": 3} if module_cls is Classifier else {"num_classes": 3, "embedding_dim": 8}
@@ -143,7 +143,7 @@ def test_validation_step_returns_the_target_layer_maps_from_one_pass(module_cls,
     finally:
         handle.remove()
     assert len(captured) == 2  # one trunk pass in validation_step, one for `direct`
-    assert module.cam_method == kind and module.cam_target_layer is module.net.backbone.layer4
+    assert module.cam_kind == kind and module.cam_target_layer is module.net.backbone.layer4
     torch.testing.assert_close(out["activations"], captured[0])
     assert out["activations"].shape == (4, 512, 4, 4) and not out["activations"].requires_grad
     assert out["output"].shape == (4, width)

@@ -131,13 +131,13 @@ def test_boxed_dict_batches_also_give_the_metrics_of_the_engine_s_maps(synthetic
 
 
 def test_embeddingcam_on_a_plain_module_uses_the_loop_s_outputs(synthetic_cub, tmp_path) -> None:
-    """method="embeddingcam": ``module(images)`` are embeddings; the proxies come from the outputs the
+    """kind="embedding": ``module(images)`` are embeddings; the proxies come from the outputs the
     validation loop's own ``self(images)`` produced (kept by a forward hook), so no extra forward per batch."""
     data = cub_data(synthetic_cub)
     module = plain_module(16)  # 16-d "embeddings"
     calls = []
     module.register_forward_pre_hook(lambda _m, args: calls.append(len(args[0])))
-    panel = CAMPanel(target_layer=LAYER, num_images=4, method="embeddingcam", log_metrics=False)
+    panel = CAMPanel(target_layer=LAYER, num_images=4, kind="embedding", log_metrics=False)
     trainer(tmp_path, 1, [panel]).validate(module, datamodule=data, verbose=False)
     batches = [n for n in calls if n == 8]  # the validation batches (16 images); the callback's own calls: <= 4
     assert sum(batches) == len(data.val_dataset) == 16  # one forward per batch: the loop's, none of ours
@@ -164,7 +164,7 @@ def test_embeddingcam_metrics_equal_the_engine_s_with_the_true_proxies(synthetic
     data = cub_data(synthetic_cub)
     pl.seed_everything(0, verbose=False)
     module = module_class("test_convnext", num_classes=16)  # 16-d "embeddings"
-    validated = trainer(tmp_path, 1, [CAMPanel(target_layer=LAYER, num_images=4, method="embeddingcam")])
+    validated = trainer(tmp_path, 1, [CAMPanel(target_layer=LAYER, num_images=4, kind="embedding")])
     validated.validate(module, datamodule=data, verbose=False)
     logged = {key: float(validated.callback_metrics[key]) for key in METRIC_KEYS}
     items = [data.val_dataset[i] for i in range(len(data.val_dataset))]

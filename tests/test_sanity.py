@@ -75,7 +75,7 @@ def checked() -> tuple[SanityResult, nn.Module, dict[str, torch.Tensor]]:
     module = _AsModule(_trained_looking(SmallNet())).eval()
     state = {k: v.clone() for k, v in module.state_dict().items()}
     images = torch.randn(3, 3, 32, 32)
-    target = make_target("gradcam", "normalized_mean", module(images).detach(), torch.zeros(3, dtype=torch.long))
+    target = make_target("classifier", "normalized_mean", module(images).detach(), torch.zeros(3, dtype=torch.long))
     methods = {w: (target, w) for w in ("gradcam", "gradcam++")}
     steps: list[int] = []
     result = sanity_check(module, images, torch.tensor([0, 3, 1]), methods, seed=0, progress=lambda: steps.append(1))

@@ -27,7 +27,7 @@ def reference() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_gradcam_explains_class_logits() -> None:
-    target = make_target("gradcam")
+    target = make_target("classifier")
     assert isinstance(target.target, ClassLogits) and target.scheme is None and not target.neighbours
     classes = torch.tensor([2, 0])
     assert torch.equal(target.rows(classes, torch.randn(2, 4)), classes)
@@ -35,7 +35,7 @@ def test_gradcam_explains_class_logits() -> None:
 
 def test_normalized_mean_is_the_renormalised_mean_of_unit_embeddings(reference) -> None:
     embeddings, labels = reference
-    target = make_target("embeddingcam", "normalized_mean", embeddings, labels, C)
+    target = make_target("embedding", "normalized_mean", embeddings, labels, C)
     assert isinstance(target.target, Proxies)
     for c in range(C):
         unit = F.normalize(embeddings[labels == c], dim=1)
@@ -47,7 +47,7 @@ def test_normalized_mean_is_the_renormalised_mean_of_unit_embeddings(reference) 
 def test_single_point_random_is_one_seeded_image_of_each_class(reference) -> None:
     embeddings, labels = reference
     first, again, other = (
-        make_target("embeddingcam", "single_point_random", embeddings, labels, C, seed=s) for s in (0, 0, 1)
+        make_target("embedding", "single_point_random", embeddings, labels, C, seed=s) for s in (0, 0, 1)
     )
     unit = F.normalize(embeddings, dim=1)
     for c in range(C):
@@ -63,7 +63,7 @@ def test_single_point_random_is_one_seeded_image_of_each_class(reference) -> Non
 def test_single_point_nearest_is_the_most_similar_other_image(reference) -> None:
     embeddings, labels = reference
     index = torch.arange(100, 100 + N)  # dataset indices of the reference images
-    target = make_target("embeddingcam", "single_point_nearest", embeddings, labels, C, index=index)
+    target = make_target("embedding", "single_point_nearest", embeddings, labels, C, index=index)
     assert target.neighbours and torch.equal(target.reference_index, index)
     unit = F.normalize(embeddings, dim=1)
     cosine = unit @ unit.T
@@ -82,13 +82,13 @@ def test_the_early_single_point_spelling_is_an_error_naming_both_schemes() -> No
     with pytest.raises(ValueError, match="proxy must be one of"):
         proxy_scheme("nearest")
     with pytest.raises(ValueError, match="proxy scheme must be one of"):
-        make_target("embeddingcam", "single_point", torch.randn(2, D), torch.zeros(2, dtype=torch.long))  # type: ignore[arg-type]
+        make_target("embedding", "single_point", torch.randn(2, D), torch.zeros(2, dtype=torch.long))  # type: ignore[arg-type]
 
 
 class Net(nn.Module):
     """A tiny embedding net that speaks the CAM protocol (a conv trunk, a pooled linear head)."""
 
-    cam_method = "embeddingcam"
+    cam_kind = "embedding"
     cam_reshape = None
 
     def __init__(self) -> None:
@@ -112,7 +112,7 @@ def test_the_explanation_step_on_the_nearest_scheme_equals_the_engine_with_the_n
     net, images = Net().eval(), torch.randn(6, 3, 16, 16)
     features, outputs = features_and_outputs(net, images)
     labels, index = torch.arange(6) % 2, torch.arange(6)
-    target = make_target("embeddingcam", "single_point_nearest", outputs, labels, 2, index=index)
+    target = make_target("embedding", "single_point_nearest", outputs, labels, 2, index=index)
     step = explain(HeadExplainer(net), features, outputs, target, (16, 16), labels, index=index)
     unit = F.normalize(outputs, dim=1)
     assert (step.rows != index).all()  # never an image itself

@@ -55,7 +55,7 @@ def test_vit_maps_equal_pytorch_grad_cam_with_its_reshape_transform(ours_class: 
     model = timm.create_model("test_vit", pretrained=False, num_classes=5, img_size=64).eval()  # 4x4 patches
     images = torch.randn(2, 3, 64, 64)
     layer = model.blocks[-1].norm1  # pytorch-grad-cam's recommended ViT layer
-    ours = GradCAM(model, layer, weighting=ours_class, reshape=TokenGrid(1, (4, 4)))(images, torch.tensor(TARGETS))
+    ours = GradCAM(model, layer, method=ours_class, reshape=TokenGrid(1, (4, 4)))(images, torch.tensor(TARGETS))
     with pgc_class(model=model, target_layers=[layer], reshape_transform=vit_reshape) as cam:
         theirs = cam(input_tensor=images, targets=[ClassifierOutputTarget(t) for t in TARGETS])
     assert np.abs(ours.numpy() - theirs).max() < 1e-2

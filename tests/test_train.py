@@ -181,8 +181,8 @@ def test_classifier_learns_resumes_at_the_next_epoch_and_reloads(tiny_cub: Path,
     # CAMPanel's state key names every option that tells two panels apart; the ModelCheckpoints' keys are those
     # written before BestCheckpoint and the namespace existed, so older runs resume their best score.
     panel_key = (
-        "CAMPanel{'num_images': 16, 'method': 'auto', 'proxy': 'normalized_mean', 'target': 'true', "
-        "'weighting': 'gradcam', 'target_layer': None}"
+        "CAMPanel{'num_images': 16, 'method': 'gradcam', 'kind': 'auto', 'proxy': 'normalized_mean', "
+        "'target': 'true', 'target_layer': None}"
     )
     assert sorted(checkpoint["callbacks"]) == sorted(
         [
@@ -220,7 +220,7 @@ def test_classifier_learns_resumes_at_the_next_epoch_and_reloads(tiny_cub: Path,
     report = evaluate_main(
         [str(last), "--data.root", str(tiny_cub), "--limit", "8", "--num-workers", "0", "--out", str(offline / "eval")]
     )
-    assert report["num_images"] == 8 and report["method"] == "gradcam"
+    assert report["num_images"] == 8 and report["kind"] == "classifier"
     # A class path cubcam never had (the early top-level train.modules among them) is one line, not a guess.
     checkpoint["hyper_parameters"]["_class_path"] = "train.modules.Classifier"
     foreign = offline / "foreign.ckpt"

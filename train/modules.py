@@ -2,7 +2,7 @@
 
 Both are thin: the network is a plain nn.Module from ``cubcam.train.models``, the constructors take plain arguments
 (``load_from_checkpoint`` works without the CLI), and both speak the CAM protocol (``cubcam.cams.protocol``) the
-callback, ``cubcam explain`` and ``cubcam evaluate`` rely on: ``cam_method``, ``cam_target_layer``,
+callback, ``cubcam explain`` and ``cubcam evaluate`` rely on: ``cam_kind``, ``cam_target_layer``,
 ``cam_reshape``, ``forward_head``, and a ``validation_step`` that returns a ``CAMStepOutput`` (the CAM layer's
 activations with the outputs), so a callback needs no second forward. ``monitor`` is what ``BestCheckpoint`` keeps
 the best epoch by.
@@ -29,7 +29,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from cubcam.cams.distributed import gather_unique
 from cubcam.cams.engine import Reshape
 from cubcam.cams.protocol import CAMStepOutput, step_output
-from cubcam.cams.targets import Method
+from cubcam.cams.targets import Kind
 from cubcam.train.models import BackboneConfig, PooledLinearNet, build_backbone
 
 RETRIEVAL_METRICS = ("precision_at_1", "mean_average_precision_at_r", "r_precision")
@@ -87,7 +87,7 @@ class CUBModule(pl.LightningModule):
         backbone_lr_factor: the trunk learns at ``lr * backbone_lr_factor``.
     """
 
-    cam_method: ClassVar[Method]
+    cam_kind: ClassVar[Kind]
     monitor: ClassVar[tuple[str, Literal["min", "max"]]]  # the validation score that picks the best checkpoint
     net: PooledLinearNet
     class_names: list[str]
@@ -164,7 +164,7 @@ class Classifier(CUBModule):
     """A classifier (any backbone) trained with cross-entropy; logs ``train/loss``, ``train/acc``, ``val/loss``,
     ``val/acc`` (and ``test/loss``, ``test/acc`` when tested)."""
 
-    cam_method = "gradcam"
+    cam_kind = "classifier"
     monitor = ("val/acc", "max")
 
     def __init__(
@@ -224,7 +224,7 @@ class EmbeddingNet(CUBModule):
     ``num_classes``/``class_names`` describe the training classes (for captions; the loss does not need them).
     """
 
-    cam_method = "embeddingcam"
+    cam_kind = "embedding"
     monitor = ("val/precision_at_1", "max")
 
     def __init__(

@@ -1,10 +1,10 @@
 """``cubcam evaluate``: how well a checkpoint's explanations localize the birds, and how faithful they are.
 
-    cubcam evaluate CKPT [--split test|val|train] [--weightings gradcam,gradcam++,...] [--faithfulness]
+    cubcam evaluate CKPT [--split test|val|train] [--methods gradcam,gradcam++,...] [--faithfulness]
         [--sanity [N]] [--wandb]
 
 Scores GradCAM (classifier) or EmbeddingCAM with the class-proxy schemes ``normalized_mean`` and
-``single_point_random`` (embedding net), for every ``--weightings``, for the true class of every image, side by
+``single_point_random`` (embedding net), for every ``--methods``, for the true class of every image, side by
 side with baselines on the same images: the centre Gaussian ("the bird is in the middle") and, with
 ``--faithfulness``, a random map drawn at the CAM layer's grid.
 
@@ -47,7 +47,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, cast, get_args
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -56,7 +56,7 @@ from torch.utils.data import Subset
 from tqdm import tqdm
 
 from cubcam.cams import minmax_normalize
-from cubcam.cams.engine import DEFAULT_CHANNEL_BATCH, Weighting
+from cubcam.cams.engine import DEFAULT_CHANNEL_BATCH
 from cubcam.cams.faithfulness import (
     BLUR_SIGMA,
     CurveEnds,
@@ -75,6 +75,7 @@ from cubcam.cams.localization import (
     box_iou,
     boxes_from_map,
 )
+from cubcam.cams.methods import METHODS, Method
 from cubcam.cams.overlay import IMAGENET_MEAN, IMAGENET_STD, denormalize
 from cubcam.cams.protocol import (
     CAMModule,
@@ -95,17 +96,7 @@ from cubcam.train.inspection.reference import loader
 from cubcam.train.inspection.sanity import SanityResult, blocks, sanity_check, sanity_report, sanity_table
 from cubcam.train.inspection.session import START_ERRORS, add_common_options, fail, positive_int, start
 
-WEIGHTING_NAMES = {
-    "gradcam": "GradCAM",
-    "gradcam++": "GradCAM++",
-    "hirescam": "HiResCAM",
-    "xgradcam": "XGradCAM",
-    "layercam": "LayerCAM",
-    "scorecam": "ScoreCAM",
-    "ablationcam": "AblationCAM",
-    "eigencam": "EigenCAM",
-}
-# An embedding net's methods, each keyed <weighting>/<scheme>: the class proxies (one per class, so the map of an
+# An embedding net's methods, each keyed <method>/<scheme>: the class proxies (one per class, so the map of an
 # image explains its class, as the WSOL metrics ask).
 EVALUATE_SCHEMES: tuple[ProxyScheme, ...] = ("normalized_mean", "single_point_random")
 BASELINES = ("random", "centre_gaussian")  # uninformed maps scored beside the methods (random: with faithfulness)
@@ -114,25 +105,26 @@ IOUS = DEFAULT_IOU_THRESHOLDS
 
 def method_name(key: str) -> str:
     """The table's column title of a method key: ``gradcam++`` (a classifier's), ``gradcam++/normalized_mean`` (an
-    embedding net's: weighting / proxy scheme) or a baseline's."""
+    embedding net's: method / proxy scheme) or a baseline's."""
     if key in BASELINE_NAMES:
         return BASELINE_NAMES[key]
-    weighting, _, scheme = key.partition("/")
+    method, _, scheme = key.partition("/")
+    title = METHODS[cast(Method, method)].title
     if not scheme:
-        return WEIGHTING_NAMES[weighting]
-    by = "" if weighting == "gradcam" else f", {WEIGHTING_NAMES[weighting]} weighting"
+        return title
+    by = "" if method == "gradcam" else f" by {title}"
     return f"EmbeddingCAM{by} ({scheme.replace('_', ' ')} proxy)"
 
 
-def parse_weightings(text: str) -> list[Weighting]:
-    """``--weightings gradcam,gradcam++``: the CAM family's weightings to score, each once, in the order given."""
+def parse_methods(text: str) -> list[Method]:
+    """``--methods gradcam,gradcam++``: the CAM methods to score, each once, in the order given."""
     names = [name.strip() for name in text.split(",") if name.strip()]
-    unknown = [name for name in names if name not in get_args(Weighting)]
+    unknown = [name for name in names if name not in METHODS]
     if not names or unknown:
         raise argparse.ArgumentTypeError(
-            f"--weightings takes a comma-separated list of {', '.join(get_args(Weighting))}; got {text!r}"
+            f"--methods takes a comma-separated list of {', '.join(METHODS)}; got {text!r}"
         )
-    return list(dict.fromkeys(cast(list[Weighting], names)))
+    return list(dict.fromkeys(cast(list[Method], names)))
 
 
 def parse_percentiles(text: str) -> list[float]:
@@ -238,7 +230,7 @@ def score_split(
     accelerator, NumPy on the CPU), and ROAD's imputation is solved there too.
     """
     head = HeadExplainer(module)
-    explainers = {w: explainer_for(module, w, channel_batch_size) for _, w in methods.values()}
+    explainers = {m: explainer_for(module, m, channel_batch_size) for _, m in methods.values()}
     workers = torch.get_num_threads()
     baselines = BASELINES if steps else ("centre_gaussian",)
     names = [*methods, *baselines]
@@ -261,11 +253,11 @@ def score_split(
             if baseline is None or tuple(baseline.map.shape) != size:
                 baseline = CentreBaseline(size)
             maps: dict[str, tuple[Tensor, EvalMethod, Tensor]] = {}
-            for name, (target, weighting) in methods.items():
-                explainer = explainers[weighting]
+            for name, (target, method) in methods.items():
+                explainer = explainers[method]
                 features = features_for(explainer, activations, images)
-                step = explain(explainer, features, outputs, target, size, batch["label"], choice, weighting)
-                maps[name] = (step.maps.float(), (target, weighting), step.rows)
+                step = explain(explainer, features, outputs, target, size, batch["label"], choice, method)
+                maps[name] = (step.maps.float(), (target, method), step.rows)
             first = next(iter(maps.values()))
             if steps:  # where it tells something; its many small regions would triple the cost of box metrics
                 grid = (int(activations.shape[-2]), int(activations.shape[-1]))
@@ -406,11 +398,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="output folder (default: <checkpoint folder>/<checkpoint name>-evaluate-<split>)",
     )
     parser.add_argument(
-        "--weightings",
-        type=parse_weightings,
+        "--methods",
+        type=parse_methods,
         default=["gradcam"],
-        help="comma-separated CAM weightings to score side by side, of "
-        f"{','.join(WEIGHTING_NAMES)} (scorecam: a forward per channel and image; embedding nets: each with the "
+        help="comma-separated CAM methods to score side by side, of "
+        f"{','.join(METHODS)} (scorecam: a forward per channel and image; embedding nets: each with the "
         f"proxy schemes {', '.join(EVALUATE_SCHEMES)})",
     )
     parser.add_argument(
@@ -467,7 +459,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     report: dict[str, Any] = {
         "checkpoint": session.ckpt.path.name,
-        "method": module.cam_method,
+        "kind": module.cam_kind,
         "split": split,
         "split_scheme": settings["split_scheme"],
         "val_fraction": settings["val_fraction"],
@@ -489,11 +481,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     batches = loader(scored, args.batch_size, args.num_workers)
     methods: dict[str, EvalMethod] = {
-        w if scheme is None else f"{w}/{scheme}": (target, w)
-        for w in args.weightings
+        m if scheme is None else f"{m}/{scheme}": (target, m)
+        for m in args.methods
         for scheme, target in targets.items()
     }
-    report["weightings"] = list(args.weightings)
+    report["methods_asked"] = list(args.methods)  # --methods as given (the scores' keys are sorted in the file)
     steps = args.steps if args.faithfulness else None
     scores = score_split(
         module,

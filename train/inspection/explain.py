@@ -28,9 +28,9 @@ import torch
 from torch import Tensor
 
 from cubcam.cams import overlay
-from cubcam.cams.engine import Weighting
 from cubcam.cams.figure import grid, marked, pair_strips, save_png
 from cubcam.cams.files import WriteFailed, write_text
+from cubcam.cams.methods import METHODS, Method, methods_needing
 from cubcam.cams.overlay import denormalize
 from cubcam.cams.protocol import UNKNOWN_LABEL, Choice, Explainer, explain, explainer_for, pair_maps
 from cubcam.cams.targets import ExplanationTarget, ProxyScheme, proxy_scheme
@@ -87,7 +87,7 @@ class ImageExplainer:
     choice: Choice  # "true" (where an image has a label) or "predicted"
     class_names: list[str]
     device: torch.device
-    weighting: Weighting = "gradcam"
+    method: Method = "gradcam"
 
     def __call__(self, items: list[Item]) -> tuple[Tensor, list[dict[str, Any]]]:
         images = torch.stack([item.image for item in items]).to(self.device)
@@ -95,7 +95,7 @@ class ImageExplainer:
         labels = torch.tensor([UNKNOWN_LABEL if item.label is None else item.label for item in items])
         index = torch.tensor([int(item.extra.get("index", -1)) for item in items])  # -1: not a dataset image
         size = (images.shape[-2], images.shape[-1])
-        step = explain(self.explainer, features, outputs, self.target, size, labels, self.choice, self.weighting, index)
+        step = explain(self.explainer, features, outputs, self.target, size, labels, self.choice, self.method, index)
         records = []
         for item, t, p, row in zip(items, step.explained.tolist(), step.predicted.tolist(), step.class_scores):
             kind = "true" if self.choice == "true" and item.label is not None else "predicted"
@@ -139,11 +139,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--num", type=positive_int, default=16, help="panel size, spread over the split")
     parser.add_argument(
-        "--weighting",
-        choices=get_args(Weighting),
+        "--method",
+        choices=list(METHODS),
         default="gradcam",
-        help="how the layer's channels are weighted into the map: by gradients (gradcam, gradcam++, hirescam, "
-        "xgradcam, layercam) or without (scorecam, ablationcam, eigencam); each works for embedding nets too",
+        help="the CAM method (from gradients: "
+        + ", ".join(methods_needing("gradients"))
+        + "; without: "
+        + ", ".join(methods_needing("image forwards", "layer forwards", "nothing"))
+        + "); each works for embedding nets too",
     )
     parser.add_argument(
         "--proxy",
@@ -172,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         session = start(args)
         args.split = args.split or session.ckpt.default_split()
-        if args.query is not None and session.method != "embeddingcam":
+        if args.query is not None and session.kind != "embedding":
             raise CheckpointError("--query explains a retrieval, which needs an embedding net checkpoint")
         explained = "test" if args.images or args.query else args.split
         panel = None if args.images or args.query else session.dataset(args.split)
@@ -221,12 +224,12 @@ def explain_images(
             return None
 
     explainer = ImageExplainer(
-        explainer_for(session.ckpt.module, args.weighting, args.channel_batch_size),
+        explainer_for(session.ckpt.module, args.method, args.channel_batch_size),
         target,
         args.target,
         list(class_names),
         session.device,
-        args.weighting,
+        args.method,
     )
     digits = max(2, len(str(len(sources) - 1)))  # 000_... sorts past 99 images
     pages = GridPages(args.out, math.ceil(len(sources) / GRID_PAGE), args.colormap, args.alpha)
@@ -249,8 +252,8 @@ def explain_images(
     written = pages.close()
     summary = {
         "checkpoint": str(session.ckpt.path),
-        "method": session.method,
-        "weighting": args.weighting,
+        "kind": session.kind,
+        "method": args.method,
         "proxy": target.scheme,
         "target": args.target,
         "image_size": [preset.size, preset.size],
@@ -270,7 +273,7 @@ def explain_retrieval(session: Session, reference: ReferenceSet, args: argparse.
     """The query's ``topk`` nearest reference images, each pair explained both ways with a Single Point Proxy
     (``cubcam.cams.protocol.pair_maps``, drawn as the callback's nearest-image panel draws them): the query's map
     scores <query, neighbour>, the neighbour's map scores <neighbour, query>. Writes ``retrieval.png``."""
-    explainer, device = explainer_for(session.ckpt.module, args.weighting, args.channel_batch_size), session.device
+    explainer, device = explainer_for(session.ckpt.module, args.method, args.channel_batch_size), session.device
     try:
         query = load_user_image(args.query, session.preset)
     except (OSError, ValueError) as err:
@@ -295,7 +298,7 @@ def explain_retrieval(session: Session, reference: ReferenceSet, args: argparse.
         (query_features.expand(k, *query_features.shape[1:]), query_embedding.expand(k, -1)),
         explainer.features_and_outputs(neighbours),
         size,
-        args.weighting,
+        args.method,
     )
     labels = [int(reference.labels[i]) for i in indices[0].tolist()]
     strips = pair_strips(

@@ -205,10 +205,10 @@ def _maps(
     backbone forward but ScoreCAM's (as ``cubcam evaluate`` makes them)."""
     activations, outputs = features_and_outputs(module, images)
     maps: dict[str, Tensor] = {}
-    for name, (target, weighting) in methods.items():
-        explainer = explainer_for(module, weighting, channel_batch_size)
+    for name, (target, method) in methods.items():
+        explainer = explainer_for(module, method, channel_batch_size)
         features = features_for(explainer, activations, images)
-        maps[name] = explain(explainer, features, outputs, target, size, labels, "true", weighting).maps.float()
+        maps[name] = explain(explainer, features, outputs, target, size, labels, "true", method).maps.float()
     return maps
 
 

@@ -1,7 +1,7 @@
 """What ``cubcam explain`` and ``cubcam evaluate`` share: one set of options and one start-up.
 
 Both open a checkpoint, find the data it was trained on (its root, split settings and image size), check that the
-requested method fits it, and, for an embedding net, build its reference set and the explanation target from it
+model kind it holds, and, for an embedding net, build its reference set and the explanation target from it
 through the one target factory (``cubcam.cams.targets.make_target``). Every failure there is one line naming the
 problem and exit status 2 (:func:`fail`).
 """
@@ -20,7 +20,7 @@ from typing import NoReturn
 import torch
 
 from cubcam.cams.engine import DEFAULT_CHANNEL_BATCH
-from cubcam.cams.targets import ExplanationTarget, Method, ProxyScheme, make_target
+from cubcam.cams.targets import ExplanationTarget, Kind, ProxyScheme, make_target
 from cubcam.train.data.cub import SPLITS, CUBDataset, SplitSettings
 from cubcam.train.data.presets import EvalPreset
 from cubcam.train.inspection.checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint, one_line
@@ -48,7 +48,6 @@ def non_negative_int(text: str) -> int:
 def add_common_options(parser: argparse.ArgumentParser) -> None:
     """The options both tools take, with one default each."""
     parser.add_argument("checkpoint", type=Path, help="a Lightning checkpoint of a cubcam Classifier or EmbeddingNet")
-    parser.add_argument("--method", choices=("auto", "gradcam", "embeddingcam"), default="auto")
     parser.add_argument(
         "--target",
         choices=("true", "predicted"),
@@ -98,7 +97,7 @@ class Session:
     """An opened checkpoint with its data settings: what both tools work from."""
 
     ckpt: LoadedCheckpoint
-    method: Method
+    kind: Kind  # the checkpoint's model kind
     root: str | None  # the dataset root (None: none saved and none given)
     settings: SplitSettings
     image_size: int
@@ -125,7 +124,7 @@ class Session:
     def reference(self, explained: str) -> ReferenceSet | None:
         """The embedding net's reference set for images of split ``explained`` (cached beside the checkpoint); a
         classifier needs none."""
-        if self.method != "embeddingcam":
+        if self.kind != "embedding":
             return None
         args = self.args
         return reference_set(
@@ -145,10 +144,10 @@ class Session:
         """The explanation target: class logits, or ``scheme``'s proxies from ``reference`` (whose images, when it
         is the explained split itself, are never their own nearest neighbour)."""
         if reference is None:
-            return make_target("gradcam")
+            return make_target("classifier")
         same = reference.split == explained
         return make_target(
-            "embeddingcam",
+            "embedding",
             scheme,
             reference.embeddings,
             reference.labels,
@@ -166,14 +165,9 @@ def start(args: argparse.Namespace) -> Session:
         print("note: no W&B API key here (WANDB_API_KEY, ~/.netrc): --wandb logs offline; `wandb sync` uploads later")
     device = torch.device(args.device)
     ckpt = load_checkpoint(args.checkpoint, map_location=device)
-    wanted = ckpt.module.cam_method
-    if args.method not in ("auto", wanted):
-        raise CheckpointError(
-            f"--method {args.method} does not fit this checkpoint ({type(ckpt.module).__name__}); use {wanted}"
-        )
     return Session(
         ckpt=ckpt,
-        method=wanted,
+        kind=ckpt.module.cam_kind,
         root=args.data_root or ckpt.data_hparams.get("root"),
         settings=ckpt.split_settings(args.split_scheme),
         image_size=args.image_size or ckpt.image_size,
