@@ -24,6 +24,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor
 
+from cubcam import CubcamWarning
 from cubcam.callbacks.batches import BatchFormat
 from cubcam.callbacks.collect import EpochCollector
 from cubcam.callbacks.epoch_maps import METRIC_KEYS, Collectives, Epoch, epoch_maps
@@ -43,7 +44,7 @@ from cubcam.namespaces import dual
 EXIT_WAIT = 2.0  # s: how long a run that ends on an exception waits for its last pictures
 
 
-class CAMPanelWarning(UserWarning):
+class CAMPanelWarning(CubcamWarning):
     """A panel could not be rendered, logged or written; training goes on."""
 
 
@@ -283,7 +284,7 @@ class CAMPanel(_Callback):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         # Lightning calls no teardown after an exception (and ignores SIGINT from here on): a short wait, no more.
         drawn, dropped = self._pictures.drain(timeout=EXIT_WAIT)
-        self._commit(drawn)
+        self._commit(drawn, failing=True)
         if dropped:
             _warn(f"the run ended with {dropped} panel(s) not yet drawn; they are dropped (the metrics were logged)")
         self._close(timeout=0.0 if dropped else None)  # a picture still drawn ends with the process (daemon)
@@ -297,9 +298,14 @@ class CAMPanel(_Callback):
         if self._source is not None:
             self._source.end_epoch()
 
-    def _commit(self, drawn: list[Drawn]) -> None:
-        """On the loop's thread: what the picture thread left (W&B's log call), and its warnings."""
+    def _commit(self, drawn: list[Drawn], failing: bool = False) -> None:
+        """On the loop's thread: what the picture thread left (W&B's log call), its warnings and its errors (raised;
+        in a run already ``failing``, a warning, so that what ends the run stays its own exception)."""
         for done in drawn:
+            if done.error is not None and not failing:
+                raise done.error
+            if done.error is not None:
+                _warn(f"the picture thread failed too: {type(done.error).__name__}: {done.error}")
             for problem in done.problems:
                 _warn(problem)
             for name, commit in done.commits:

@@ -120,7 +120,7 @@ def epoch_maps(
         style = Style(options.colormap, options.alpha, threshold)
         try:
             result.job, result.frame = _panel(options, explainer, captured, target, epoch, result.panel, style)
-        except Exception as err:  # a figure must never end a training run
+        except (MemoryError, torch.cuda.OutOfMemoryError) as err:  # training goes on without this panel
             result.problems.append(f"could not render the panel of epoch {epoch.number}: {type(err).__name__}: {err}")
     return result
 

@@ -63,11 +63,13 @@ class EvolutionJob:
 
 @dataclass
 class Drawn:
-    """What a job leaves for the loop's thread: each sink's commit, and warnings to give there."""
+    """What a job leaves for the loop's thread: each sink's commit, warnings to give there, and an error that
+    ended the drawing (a bug), which the loop's thread raises."""
 
     epoch: int
     commits: list[tuple[str, Commit]] = field(default_factory=list)  # (sink name, commit)
     problems: list[str] = field(default_factory=list)
+    error: BaseException | None = None
 
 
 def render(job: PanelJob) -> Panel:
@@ -84,7 +86,8 @@ def render(job: PanelJob) -> Panel:
 
 
 def draw(job: PanelJob | EvolutionJob, sinks: list[PanelSink]) -> Drawn:
-    """Render ``job`` and stage it in every sink; a failure is a problem in the result, never a raise."""
+    """Render ``job`` and stage it in every sink. Running out of memory, and a sink's failure (its I/O and its
+    logger's calls), are problems in the result, never a raise; anything else is a bug and raises."""
     drawn = Drawn(job.epoch)
     what = "the CAM evolution" if isinstance(job, EvolutionJob) else f"the panel of epoch {job.epoch}"
     try:
@@ -92,7 +95,7 @@ def draw(job: PanelJob | EvolutionJob, sinks: list[PanelSink]) -> Drawn:
             figures, panel = job.evolution.figures(job.style.colormap, job.style.alpha), None
         else:
             figures, panel = None, render(job)
-    except Exception as err:  # a figure must never end a training run
+    except MemoryError as err:  # a large figure; training goes on without it
         drawn.problems.append(f"could not render {what}: {type(err).__name__}: {err}")
         return drawn
     for sink in sinks:
@@ -102,7 +105,7 @@ def draw(job: PanelJob | EvolutionJob, sinks: list[PanelSink]) -> Drawn:
             elif panel is not None:
                 commit = sink.stage_panel(panel, job.step)
             drawn.commits.append((sink.name, commit))
-        except Exception as err:
+        except Exception as err:  # the sink's files and logger calls: one sink's failure costs its picture only
             drawn.problems.append(f"could not log {what} to {sink.name}: {type(err).__name__}: {err}")
     return drawn
 
@@ -182,7 +185,10 @@ class PictureThread:
                     return
                 job = self._jobs.popleft()
                 self._drawing = True
-            drawn = draw(job, sinks)
+            try:
+                drawn = draw(job, sinks)
+            except BaseException as error:  # carried to the loop's thread, which raises it (as a Future does)
+                drawn = Drawn(job.epoch, error=error)
             with self._changed:
                 self._drawn.append(drawn)
                 self._drawing = False

@@ -159,7 +159,7 @@ class TensorBoardSink:
     ``val/cam_panel``, at the epoch's step; the CAM scores are scalars Lightning logs itself) and the evolution at
     the end (``val/cam_evolution``: every bird's strip of thumbnails, one under the other), through
     ``SummaryWriter.add_image``, whose event writer is thread-safe. Downscaled because TensorBoard without
-    TensorFlow checksums each record in pure Python (about 130 ms per MB here) in its writer thread."""
+    TensorFlow checksums each record in pure Python in its writer thread: its time grows with the image."""
 
     def __init__(self, logger: Any):
         self.logger = logger

@@ -62,7 +62,7 @@ def atomic_open(path: str | Path) -> Iterator[IO[bytes]]:
         os.chmod(temporary, stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o644)
         os.replace(temporary, path)
         temporary = None
-    except Exception as error:
+    except (OSError, RuntimeError) as error:  # RuntimeError: torch.save's answer to a full disk
         cause = _os_error(error)
         if cause is None or isinstance(error, WriteFailed):
             raise

@@ -1039,5 +1039,21 @@ def test_a_failing_picture_is_a_warning_per_epoch_and_training_goes_on(synthetic
     assert trainer.current_epoch == 2 and picture_threads() == [] and sorted(logged.epochs) == [0, 1]
 
 
+def test_a_bug_in_the_picture_thread_ends_the_run_with_its_own_error(synthetic_cub, tmp_path, monkeypatch):
+    """Only running out of memory and a sink's failure are warnings; a bug raised on the picture thread is raised
+    on the loop's thread, as it is, and no thread is left behind."""
+    from cubcam.callbacks import picture_thread
+
+    def buggy(*args, **kwargs):
+        raise IndexError("a bug in the panel's layout")
+
+    monkeypatch.setattr(picture_thread, "render", buggy)
+    data = data_for(synthetic_cub, "classifier")
+    trainer = trainer_for(tmp_path, 2, [CAMPanel(num_images=4)], limit_train_batches=2)
+    with pytest.raises(IndexError, match="a bug in the panel's layout"):
+        trainer.fit(module_for("classifier", data), datamodule=data)
+    assert trainer.current_epoch < 2 and picture_threads() == []
+
+
 if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "kill":
     kill_main(sys.argv[2], sys.argv[3])

@@ -23,6 +23,7 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.loggers import MLFlowLogger, TensorBoardLogger, WandbLogger
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
+from cubcam import CubcamWarning
 from cubcam.cams.files import WriteFailed
 from cubcam.train.data.datamodule import CUBDataModule
 from cubcam.train.inspection.checkpoint import CheckpointError, read_checkpoint
@@ -60,13 +61,17 @@ class CubCamCLI(LightningCLI):
         parser.link_arguments("data.image_size", "model.init_args.image_size")
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
-        """Lightning's, without its warning about ``args`` given beside ``sys.argv``: cubcam's ``args`` are the
-        command line itself (``sys.argv[1:]``, packaged config names resolved by :func:`packaged_configs`)."""
+        """Lightning's, without its warning about ``args`` given beside ``sys.argv`` (cubcam's ``args`` are the
+        command line itself: ``sys.argv[1:]``, packaged config names resolved by :func:`packaged_configs`), then
+        :meth:`resume_config`."""
         self.config = parser.parse_object(args) if isinstance(args, (dict, Namespace)) else parser.parse_args(args)
+        self.resume_config()
 
-    def _parse_ckpt_path(self) -> None:
-        """Lightning's own (a checkpoint's hyper-parameters become the model config), checked against the config
-        (:func:`check_resume`).
+    def resume_config(self) -> None:
+        """A resumed checkpoint's hyper-parameters become the model config, as Lightning does after parsing (its
+        merge of the same values then changes nothing), but checked first: one line for a file that is no
+        readable Lightning checkpoint, an error naming both models where the config asks for another
+        (:func:`check_resume`), and the run's progress kept for :meth:`fit`.
 
         Raises:
             CheckpointError: a file that is no readable Lightning checkpoint, or one of another model.
@@ -235,7 +240,8 @@ def check_resume(ckpt_path: str, configured: Namespace | None, saved: dict[str, 
     if ignored:
         rank_zero_warn(
             f"resuming {ckpt_path} keeps the model settings it was trained with; these config values are ignored: "
-            + ", ".join(ignored)
+            + ", ".join(ignored),
+            category=CubcamWarning,
         )
 
 

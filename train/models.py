@@ -33,6 +33,8 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
+from cubcam import CubcamWarning
+
 ARCHS = ("resnet18", "resnet34", "resnet50")
 # torchvision's recommended ImageNet weights per architecture (resnet50: IMAGENET1K_V2). Module-level so a test
 # can point one at an unreachable address.
@@ -272,7 +274,9 @@ class TimmBackbone(nn.Module):
                     raise
                 if unknown[0] == "output_stride":
                     warnings.warn(
-                        f"{arch} does not support output_stride={output_stride}; it keeps its own", stacklevel=4
+                        f"{arch} does not support output_stride={output_stride}; it keeps its own",
+                        CubcamWarning,
+                        stacklevel=4,
                     )
                 extra.pop(unknown[0])
             except (OSError, RuntimeError) as err:  # no network, or a file that does not fit

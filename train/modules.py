@@ -26,6 +26,7 @@ from pytorch_metric_learning.utils.inference import CustomKNN
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from cubcam import CubcamWarning
 from cubcam.cams.distributed import gather_unique
 from cubcam.cams.engine import Reshape
 from cubcam.cams.protocol import CAMStepOutput, step_output
@@ -300,7 +301,8 @@ class EmbeddingNet(CUBModule):
             # cleanly, so the best checkpoint so far is kept, tested and reported as usual.
             rank_zero_warn(
                 f"training diverged at epoch {self.current_epoch}: {bad} of {len(embeddings)} {stage} embeddings are "
-                f"not finite; the {stage} retrieval metrics are NaN" + ("; training stops" if stage == "val" else "")
+                f"not finite; the {stage} retrieval metrics are NaN" + ("; training stops" if stage == "val" else ""),
+                category=CubcamWarning,
             )
             metrics = dict.fromkeys(RETRIEVAL_METRICS, math.nan)
             if stage == "val" and self.trainer.state.fn == "fit":

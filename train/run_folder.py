@@ -32,6 +32,7 @@ from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from cubcam import CubcamWarning
 from cubcam.cams.files import write_text, write_with
 from cubcam.namespaces import dual
 
@@ -158,7 +159,7 @@ class LastCheckpoint(RunFolderCheckpoint):
         try:
             trainer.save_checkpoint(path)
         except Exception as error:
-            rank_zero_warn(f"{signal}: could not save {path}: {error}")
+            rank_zero_warn(f"{signal}: could not save {path}: {error}", category=CubcamWarning)
             return
         epoch_loop = trainer.fit_loop.epoch_loop
         mid_epoch = epoch_loop.batch_progress.current.completed > 0
@@ -218,7 +219,7 @@ class RunConfig(SaveConfigCallback):
         try:
             write_text(path, text)
         except OSError as error:
-            rank_zero_warn(f"could not save the run's config: {error}")
+            rank_zero_warn(f"could not save the run's config: {error}", category=CubcamWarning)
 
 
 def exit_status(error: BaseException) -> int | None:

@@ -32,6 +32,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from cubcam import CubcamWarning
 from cubcam.cams.localization import check_boxes
 from cubcam.cams.protocol import Sample
 from cubcam.train.data.presets import MEAN, PART_NAMES, STD, load_rgb, to_tensor
@@ -228,6 +229,7 @@ class CUBDataset(Dataset):
             warnings.warn(
                 f"skipped {len(bad)} unreadable image(s) of {len(wanted)} in the {split} split of "
                 f"{self.root}, e.g. {next(iter(bad))}",
+                CubcamWarning,
                 stacklevel=2,
             )
             wanted = [i for i in wanted if paths[i] not in bad]
@@ -326,6 +328,7 @@ class CUBDataset(Dataset):
             warnings.warn(
                 f"clipped {int(was_clipped.sum())} box(es) of {path} that reach outside their images to them "
                 f"(e.g. image {first})",
+                CubcamWarning,
                 stacklevel=3,
             )
         return clipped

@@ -30,6 +30,7 @@ from pytorch_metric_learning.samplers import MPerClassSampler
 from pytorch_metric_learning.utils import common_functions as pml_common
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from cubcam import CubcamWarning
 from cubcam.train.data.cub import CUBDataset, find_root, split_class_names
 from cubcam.train.data.download import CUB_MD5, CUB_URL, download_cub
 from cubcam.train.data.presets import EvalPreset, TrainPreset
@@ -159,6 +160,7 @@ class CUBDataModule(pl.LightningDataModule):
                 warnings.warn(
                     "val_fraction is 0: validating on the test split, so checkpoint selection and the CAM metrics "
                     "see test images; set data.val_fraction (e.g. 0.1) to hold out a validation split",
+                    CubcamWarning,
                     stacklevel=2,
                 )
             self.val_dataset = self._dataset(self.val_split)
