@@ -1,13 +1,48 @@
+"""Fixtures every test folder shares: the synthetic CUB folders, a W&B-offline working folder, and the tiny
+trained checkpoints (each built once per session)."""
+
+from __future__ import annotations
+
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import cubcam.cams  # noqa: F401  (installs the torchvision guard before the peer libraries import torchvision)
 from cubcam.train.data.synthetic import make_synthetic_cub
 
+CLI_SIZE = 64  # tiny_cub's image side, cli_runs.SIZE
+
 
 @pytest.fixture(scope="session")
 def synthetic_cub(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny synthetic CUB (4 classes x 8 images, 64 px; half of each class in the test split), built once per
-    session. Returns the folder that holds ``CUB_200_2011/`` (and ``segmentations/``); treat it as read-only."""
+    """A tiny synthetic CUB (4 classes x 8 images, 64 px; half of each class in the test split). Returns the folder
+    that holds ``CUB_200_2011/`` (and ``segmentations/``); treat it as read-only."""
     return make_synthetic_cub(tmp_path_factory.mktemp("synthetic_cub"), classes=4, per_class=8, size=64, seed=0).parent
+
+
+@pytest.fixture(scope="session")
+def tiny_cub(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The ``CUB_200_2011`` folder the ``cubcam fit`` tests train on (4 classes x 16 images, 64 px); read-only."""
+    return make_synthetic_cub(tmp_path_factory.mktemp("cub"), classes=4, per_class=16, size=CLI_SIZE, seed=0)
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny trained Classifier and EmbeddingNet checkpoint and their dataset (:mod:`trained_checkpoints`)."""
+    from trained_checkpoints import trained_checkpoints
+
+    return trained_checkpoints(tmp_path_factory)
+
+
+@pytest.fixture
+def offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """A working folder for a run: W&B offline and silent, the current directory, and ``sys.argv`` without
+    pytest's arguments (``cubcam``'s ``main()`` gets its own from the test)."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setattr(sys, "argv", ["cubcam"])
+    monkeypatch.chdir(tmp_path)
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    return tmp_path

@@ -11,8 +11,7 @@ import sysconfig
 from pathlib import Path
 
 import pytest
-from test_train import REPO
-from test_train import tiny_cub as tiny_cub  # a fixture, shared
+from cli_runs import REPO
 
 
 def run(command: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -1,10 +1,9 @@
 """End to end through ``cubcam fit`` and the demo configs on a tiny synthetic CUB: both models learn, resume at the
 right epoch, reload without the CLI and report the metrics they log; Lightning DDP (2 CPU processes, gloo) gives
-each rank its own m-per-class batches. The suite's heaviest file: 64 px images, a few dozen of them."""
+each rank its own m-per-class batches."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -13,9 +12,9 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-import pytorch_lightning as pl
 import torch
 import wandb
+from cli_runs import BATCH, SIZE, M, assert_logged_every_epoch, fit_args, only, read_record, split_outputs
 from wandb_records import history_rows
 
 from cubcam.train.cli import main
@@ -24,109 +23,6 @@ from cubcam.train.data.synthetic import make_synthetic_cub
 from cubcam.train.inspection.checkpoint import CheckpointError, load_checkpoint
 from cubcam.train.inspection.evaluate import main as evaluate_main
 from cubcam.train.modules import Classifier, CUBModule, EmbeddingNet
-
-REPO = Path(__file__).resolve().parents[1]
-SIZE, BATCH, M = 64, 8, 4
-
-
-class Recorder(pl.Callback):
-    """Test probe given to the CLI: writes ``<out>/rank<r>.json`` with the epochs trained, every training batch's
-    labels and the final logged metrics of that process."""
-
-    def __init__(self, out: str):
-        self.out = Path(out)
-        self.epochs: list[int] = []
-        self.batches: list[list[int]] = []
-
-    def on_train_epoch_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        self.epochs.append(trainer.current_epoch)
-
-    def on_train_batch_start(self, trainer: pl.Trainer, module: pl.LightningModule, batch, batch_idx: int) -> None:
-        self.batches.append(batch["label"].tolist())
-
-    def on_fit_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        self.out.mkdir(parents=True, exist_ok=True)
-        record = {
-            "epochs": self.epochs,
-            "batches": self.batches,
-            "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
-        }
-        (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
-
-
-def read_record(out: Path, rank: int = 0) -> dict:
-    return json.loads((out / f"rank{rank}.json").read_text())
-
-
-@pytest.fixture(scope="module")
-def tiny_cub(tmp_path_factory) -> Path:
-    return make_synthetic_cub(tmp_path_factory.mktemp("cub"), classes=4, per_class=16, size=SIZE, seed=0)
-
-
-def fit_args(configs: list[str], root: Path, work: Path, record: str, *extra: str, wandb: bool = True) -> list[str]:
-    args = ["fit"]
-    for config in configs:
-        args += ["--config", str(REPO / "configs" / config)]
-    args += [
-        "--data.root",
-        str(root),
-        "--data.image_size",
-        str(SIZE),
-        "--data.batch_size",
-        str(BATCH),
-        "--data.num_workers",
-        "0",
-        "--trainer.enable_progress_bar",
-        "false",
-        "--trainer.enable_model_summary",
-        "false",
-        "--trainer.callbacks+=test_train.Recorder",
-        f"--trainer.callbacks.out={work / record}",
-    ]
-    if wandb:
-        args += ["--trainer.logger.init_args.save_dir", str(work / "runs")]
-    else:
-        args += ["--trainer.logger", "false", "--trainer.default_root_dir", str(work / "runs")]
-    return args + list(extra)
-
-
-def split_outputs(checkpoint: Path, split: str = "val") -> tuple[torch.Tensor, torch.Tensor]:
-    """(outputs, labels) of a reloaded checkpoint over a whole split of the data it was trained on (rebuilt from its
-    saved datamodule settings, validation share and seed included), computed here by hand."""
-    loaded = load_checkpoint(checkpoint)
-    settings = {k: v for k, v in loaded.data_hparams.items() if not k.startswith("_")}  # drop Lightning's _instantiator
-    data = CUBDataModule(**{**settings, "num_workers": 0})
-    data.setup(None)
-    module = loaded.module.eval()
-    outputs, labels = [], []
-    with torch.no_grad():
-        for batch in data.val_dataloader() if split == "val" else data.test_dataloader():
-            outputs.append(module(batch["image"]))
-            labels.append(batch["label"])
-    return torch.cat(outputs), torch.cat(labels)
-
-
-def only(paths: list[Path]) -> Path:
-    assert len(paths) == 1, paths
-    return paths[0]
-
-
-def assert_logged_every_epoch(run_file: Path, epochs: int, *keys: str) -> None:
-    """The W&B log holds the module's metrics, and the config's CAMPanel's panel and CAM metrics, every epoch."""
-    rows = history_rows(run_file)
-    assert any("train/loss" in row for row in rows)  # per step, every log_every_n_steps
-    for key in (*keys, "val/cam_max_box_acc", "val/cam_pointing_game"):
-        assert sorted({row["epoch"] for row in rows if key in row}) == list(range(epochs)), key
-    assert sum("val/cam_panel" in row for row in rows) == epochs
-
-
-@pytest.fixture
-def offline(monkeypatch, tmp_path) -> Path:
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.setattr(sys, "argv", ["cubcam"])  # main() gets its arguments from the test, not from pytest's
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
 
 
 @pytest.mark.slow
@@ -276,7 +172,7 @@ def test_ddp_two_cpu_processes_get_m_per_class_batches(tiny_cub: Path, tmp_path:
         **os.environ,
         "OMP_NUM_THREADS": "1",
         "WANDB_MODE": "offline",
-        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]),  # cli_runs
     }
     args = fit_args(
         ["demo/embedding.yaml", "trainer/ddp.yaml"],

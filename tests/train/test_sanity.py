@@ -7,8 +7,7 @@ import pytest
 import scipy.stats
 import torch
 import torchvision
-from test_engine import SmallNet, _trained_looking
-from test_gradient_free import _AsModule
+from nets import AsModule, SmallNet, trained_looking
 from torch import nn
 
 from cubcam.cams.targets import make_target
@@ -27,13 +26,13 @@ def test_blocks_follow_the_forward_order_at_the_stages_granularity() -> None:
     assert blocks(SmallNet()) == ["stem", "features", "fc"]
     resnet = blocks(torchvision.models.resnet18())
     assert resnet == ["conv1", "bn1", *(f"layer{s}.{b}" for s in range(1, 5) for b in range(2)), "fc"]
-    module = _AsModule(SmallNet())  # a wrapper is opened: its blocks are the net's
+    module = AsModule(SmallNet())  # a wrapper is opened: its blocks are the net's
     assert blocks(module) == ["net.stem", "net.features", "net.fc"]
 
 
 def test_reinitialise_touches_one_block_from_its_seed_and_leaves_the_rng() -> None:
     torch.manual_seed(0)
-    net = _trained_looking(SmallNet())
+    net = trained_looking(SmallNet())
     before = {k: v.clone() for k, v in net.state_dict().items()}
     rng = torch.random.get_rng_state()
     reinitialise(net, "features", seed=5)
@@ -41,7 +40,7 @@ def test_reinitialise_touches_one_block_from_its_seed_and_leaves_the_rng() -> No
     changed = {k for k, v in net.state_dict().items() if not torch.equal(v, before[k])}
     assert changed and all(k.startswith("features.") for k in changed)
     assert torch.equal(net.features[1].running_var, torch.ones(16))  # BatchNorm: fresh statistics
-    again = _trained_looking(SmallNet())
+    again = trained_looking(SmallNet())
     reinitialise(again, "features", seed=5)
     assert torch.equal(again.features[0].weight, net.features[0].weight)
 
@@ -72,7 +71,7 @@ def test_similarity_is_spearman_per_image_and_ssim() -> None:
 @pytest.fixture(scope="module")
 def checked() -> tuple[SanityResult, nn.Module, dict[str, torch.Tensor]]:
     torch.manual_seed(0)
-    module = _AsModule(_trained_looking(SmallNet())).eval()
+    module = AsModule(trained_looking(SmallNet())).eval()
     state = {k: v.clone() for k, v in module.state_dict().items()}
     images = torch.randn(3, 3, 32, 32)
     target = make_target("classifier", "normalized_mean", module(images).detach(), torch.zeros(3, dtype=torch.long))

@@ -9,8 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_train import REPO, SIZE
-from test_train import tiny_cub as tiny_cub  # a fixture, shared
+from cli_runs import REPO, SIZE
 
 from cubcam.callbacks.sinks import PANEL_KEY
 from cubcam.train.cli import main

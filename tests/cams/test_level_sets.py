@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from test_localization import naive_hits, random_maps
+from box_reference import naive_hits, random_maps
 
 from cubcam.cams import level_sets
 from cubcam.cams.level_sets import LabelStats, level_set_hits

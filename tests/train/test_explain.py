@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from crafted import png_header
 from PIL import Image
-from trained_checkpoints import SIZE, Trained, trained_checkpoints
+from trained_checkpoints import SIZE, Trained
 
 import cubcam.train.inspection.reference
 from cubcam.cams import EmbeddingCAM, GradCAM, normalized_mean_proxies, overlay
@@ -24,11 +24,6 @@ from cubcam.train.data.presets import EvalPreset, load_rgb
 from cubcam.train.inspection.checkpoint import load_checkpoint
 from cubcam.train.inspection.explain import main
 from cubcam.train.inspection.reference import reference_set
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Trained:
-    return trained_checkpoints(tmp_path_factory)
 
 
 def preset_image(path: Path) -> torch.Tensor:

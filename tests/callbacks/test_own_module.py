@@ -16,7 +16,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from test_callback import trainer_for as trainer
+from panel_runs import trainer_for as trainer
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from wandb_records import finished_log, history_rows
@@ -27,7 +27,7 @@ from cubcam.callbacks.sinks import PANEL_KEY
 from cubcam.cams import EmbeddingCAM, GradCAM, localization, normalized_mean_proxies
 from cubcam.train.data.datamodule import CUBDataModule
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SIZE = 64
 LAYER = "model.stages.3"  # timm ConvNeXt's last stage
 

@@ -1,4 +1,4 @@
-"""Nothing lost, through ``cubcam fit`` on test_train's tiny synthetic CUB: a disk that fills mid-save, SIGTERM and
+"""Nothing lost, through ``cubcam fit`` on the shared tiny synthetic CUB: a disk that fills mid-save, SIGTERM and
 Ctrl-C, a resume from any checkpoint (a best one, a copied run folder, a finished run), a config that disagrees with
 its checkpoint, and files that are no Lightning checkpoint."""
 
@@ -9,7 +9,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import warnings
 from collections.abc import Iterator
@@ -18,8 +17,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-from test_train import fit_args, only, read_record
-from test_train import tiny_cub as tiny_cub  # a fixture, shared
+from cli_runs import fit_args, only, read_record
 
 from cubcam.cams import files
 from cubcam.train.cli import main
@@ -50,15 +48,6 @@ class InterruptTheDrain(pl.Callback):
 
     def on_test_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         (self.out / "tested").touch()
-
-
-@pytest.fixture
-def offline(monkeypatch, tmp_path) -> Path:
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.setattr(sys, "argv", ["cubcam"])
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
 
 
 @pytest.fixture
@@ -148,7 +137,7 @@ def test_ctrl_c_while_the_last_picture_is_drawn_exits_130_without_testing(
     monkeypatch.setattr(picture_thread, "render", slow)
     probe = ["--trainer.callbacks+=test_faults.InterruptTheDrain", f"--trainer.callbacks.out={offline}"]
     args = fit_args(["demo/classifier.yaml"], tiny_cub, offline, "drain", "--trainer.max_epochs", "1", wandb=False)
-    previous = signal.getsignal(signal.SIGINT)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # a terminal's Ctrl-C, however pytest runs
     try:
         with (
             pytest.warns(UserWarning, match="panel.s. not yet drawn; they are dropped"),
@@ -174,7 +163,9 @@ def test_a_signal_saves_a_resumable_last_checkpoint_and_exits_with_its_status(
     args = fit_args(
         ["demo/classifier.yaml"], tiny_cub, offline, "first", "--trainer.max_epochs", str(epochs), wandb=False
     )
-    previous = signal.getsignal(signal.SIGINT)  # Lightning ignores further Ctrl-Cs once it has one
+    # A terminal's Ctrl-C, however pytest was started (a background job ignores SIGINT); Lightning ignores further
+    # Ctrl-Cs once it has one, so the handler is put back afterwards.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with pytest.raises(SystemExit) as stopped:
             main([*args, *probe, f"--trainer.callbacks.step={step}"])

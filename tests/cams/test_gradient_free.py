@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import pytorch_grad_cam as pgc
 import torch
+from nets import AsModule, Penultimate, SmallNet, corr, trained_looking
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection
-from test_engine import Penultimate, SmallNet, _corr, _trained_looking
 from torch import nn
 
 from cubcam.cams import CAM, EmbeddingCAM, GradCAM, normalized_mean_proxies
@@ -18,13 +18,15 @@ from cubcam.cams.protocol import HeadExplainer, explain, explainer_for
 from cubcam.cams.targets import make_target
 
 TARGETS = [4, 0, 2, 1]
+
+
 PGC = {"scorecam": pgc.ScoreCAM, "ablationcam": pgc.AblationCAM, "eigencam": pgc.EigenCAM}
 
 
 @pytest.fixture(scope="module")
 def net() -> SmallNet:
     torch.manual_seed(0)
-    return _trained_looking(SmallNet())
+    return trained_looking(SmallNet())
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +43,7 @@ def _proxies(net: SmallNet, images: torch.Tensor) -> tuple[nn.Module, torch.Tens
 
 def _close(ours: np.ndarray, theirs: np.ndarray, what: str) -> None:
     assert np.abs(ours - theirs).max() < 1e-2, what
-    assert _corr(ours, theirs) > 0.999, what
+    assert corr(ours, theirs) > 0.999, what
 
 
 @pytest.mark.parametrize("method", ["scorecam", "ablationcam"])
@@ -70,7 +72,7 @@ def test_eigencam_matches_pytorch_grad_cam_up_to_the_sign_it_leaves_open(net, im
     )
     # our convention: the projection correlates positively with the mean activation over the channels
     mean = activations.mean(1)
-    assert all(_corr(o.numpy(), m.numpy()) > 0 for o, m in zip(ours_signed, mean))
+    assert all(corr(o.numpy(), m.numpy()) > 0 for o, m in zip(ours_signed, mean))
     assert agree.any() and not agree.all(), "the fixture should show both cases"
 
     ours = GradCAM(net, net.features, method="eigencam")(images).numpy()
@@ -103,14 +105,14 @@ def test_head_only_equals_the_hooked_call_and_chunks_do_not_matter(net, images, 
     hooked = GradCAM(net, "features", method=method)(images, targets, **raw)
     head = GradCAM(net.forward_head, None, method=method, channel_batch_size=5)(features, targets, **raw)
     torch.testing.assert_close(head, hooked, atol=1e-5, rtol=1e-4)
-    explainer = HeadExplainer(_AsModule(net))
+    explainer = HeadExplainer(AsModule(net))
     target = make_target("classifier")
     step = explain(explainer, features, net.forward_head(features).detach(), target, None, targets, method=method)
     torch.testing.assert_close(step.maps, hooked, atol=1e-5, rtol=1e-4)
 
 
 def test_scorecam_of_a_cam_module_runs_the_whole_module_on_the_images(net, images):
-    targets, module, target = torch.tensor(TARGETS), _AsModule(net), make_target("classifier")
+    targets, module, target = torch.tensor(TARGETS), AsModule(net), make_target("classifier")
     head = HeadExplainer(module)
     features, outputs = head.features_and_outputs(images)
     with pytest.raises(ValueError, match="scorecam masks the input images.*explainer_for"):
@@ -162,32 +164,11 @@ def test_no_grad_written_flags_and_rng_untouched_hooks_removed(images, method):
     assert all(not m._forward_hooks for m in net.modules())
 
 
-class _AsModule(nn.Module):
-    """SmallNet as a CAM module (the protocol's three members)."""
-
-    cam_kind = "classifier"
-    cam_reshape = None
-
-    def __init__(self, net: SmallNet):
-        super().__init__()
-        self.net = net
-
-    @property
-    def cam_target_layer(self) -> nn.Module:
-        return self.net.features
-
-    def forward_head(self, activations: torch.Tensor) -> torch.Tensor:
-        return self.net.forward_head(activations)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-
 @pytest.mark.parametrize(("method", "size"), [("ablationcam", 8), ("scorecam", 24)])
 def test_explainers_forward_channel_batch_size_pairs_at_a_time(net, images, method, size):
     """explainer_for(..., channel_batch_size=n) hands n to the engine: B * K (image, channel) pairs take
     ceil(B * K / n) forwards (of the head for AblationCAM, of the whole module for ScoreCAM), plus the unmasked one."""
-    module = _AsModule(net)
+    module = AsModule(net)
     calls: list[int] = []
     counted = module.net.forward_head if method == "ablationcam" else module.net.forward
     with pytest.MonkeyPatch.context() as patch:

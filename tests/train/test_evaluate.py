@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from trained_checkpoints import SIZE, Trained, trained_checkpoints
+from trained_checkpoints import SIZE, Trained
 
 from cubcam.cams import EmbeddingCAM, GradCAM, normalized_mean_proxies
 from cubcam.cams.localization import heatmap_ratio, max_box_acc, pointing_game
@@ -20,11 +20,6 @@ from cubcam.train.data.presets import EvalPreset
 from cubcam.train.inspection.checkpoint import load_checkpoint
 from cubcam.train.inspection.evaluate import main
 from cubcam.train.inspection.sanity import SANITY_LEVEL
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Trained:
-    return trained_checkpoints(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

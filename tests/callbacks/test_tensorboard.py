@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_runs import SIZE, fit_args
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from test_train import SIZE, fit_args
 
 from cubcam.callbacks.sinks import EVOLUTION_KEY, PANEL_KEY
 from cubcam.train.cli import main
@@ -20,7 +20,8 @@ from cubcam.train.data.synthetic import make_synthetic_cub
 
 
 @pytest.fixture(scope="module")
-def tiny_cub(tmp_path_factory) -> Path:
+def small_cub(tmp_path_factory) -> Path:
+    """A smaller CUB than the shared tiny_cub: 8 images a class."""
     return make_synthetic_cub(tmp_path_factory.mktemp("cub"), classes=4, per_class=8, size=SIZE, seed=0)
 
 
@@ -29,16 +30,16 @@ def decoded(event) -> np.ndarray:
 
 
 @pytest.mark.parametrize("config", ["demo/classifier.yaml", "demo/embedding.yaml"])
-def test_tensorboard_shows_the_panel_every_epoch_and_a_resume_continues_it(config, tiny_cub, tmp_path, monkeypatch):
+def test_tensorboard_shows_the_panel_every_epoch_and_a_resume_continues_it(config, small_cub, tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["cubcam"])
     monkeypatch.chdir(tmp_path)
     configs = [config, "trainer/tensorboard.yaml"]
-    main(fit_args(configs, tiny_cub, tmp_path, "first", "--trainer.max_epochs", "1"))
+    main(fit_args(configs, small_cub, tmp_path, "first", "--trainer.max_epochs", "1"))
     (version,) = (tmp_path / "runs" / "tensorboard").glob("version_*")
     main(
         fit_args(
             configs,
-            tiny_cub,
+            small_cub,
             tmp_path,
             "resumed",
             "--trainer.max_epochs",

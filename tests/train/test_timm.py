@@ -14,10 +14,10 @@ import pytest
 import timm
 import torch
 import wandb
+from cli_runs import fit_args
 from pytorch_grad_cam import GradCAM as PGCGradCAM
 from pytorch_grad_cam import GradCAMPlusPlus as PGCGradCAMPlusPlus
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
-from test_train import fit_args
 from wandb_records import history_rows
 
 from cubcam.callbacks.sinks import PANEL_KEY
