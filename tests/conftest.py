@@ -3,6 +3,7 @@ trained checkpoints (each built once per session)."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -13,6 +14,12 @@ import cubcam.cams  # noqa: F401  (installs the torchvision guard before the pee
 from cubcam.train.data.synthetic import make_synthetic_cub
 
 CLI_SIZE = 64  # tiny_cub's image side, cli_runs.SIZE
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist each worker gets its share of the cores as torch threads (workers x threads = cores)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
 @pytest.fixture(scope="session")
@@ -30,7 +37,8 @@ def tiny_cub(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory: pytest.TempPathFactory):
-    """A tiny trained Classifier and EmbeddingNet checkpoint and their dataset (:mod:`trained_checkpoints`)."""
+    """A tiny trained Classifier and EmbeddingNet checkpoint and their dataset (:mod:`trained_checkpoints`). Tests
+    that use it are marked ``xdist_group("trained")``, so that one worker trains them once."""
     from trained_checkpoints import trained_checkpoints
 
     return trained_checkpoints(tmp_path_factory)
@@ -44,5 +52,4 @@ def offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setattr(sys, "argv", ["cubcam"])
     monkeypatch.chdir(tmp_path)
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     return tmp_path

@@ -1,4 +1,4 @@
-"""Tiny trained checkpoints shared by test_explain.py and test_evaluate.py (a helper module, not a conftest).
+"""Tiny trained checkpoints shared by the tools' tests (conftest's ``trained`` fixture).
 
 Trains a Classifier and an EmbeddingNet (ResNet-18, output stride 16, 128 px) on a small synthetic CUB with a plain
 Lightning ``Trainer`` and saves them with ``trainer.save_checkpoint``, so the files hold the datamodule's
@@ -7,6 +7,7 @@ hyper-parameters exactly as ``cubcam fit`` writes them. Built once per pytest se
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 
+from cubcam import CubcamWarning
 from cubcam.train.data.datamodule import CUBDataModule
 from cubcam.train.data.synthetic import make_synthetic_cub
 from cubcam.train.modules import Classifier, EmbeddingNet
@@ -50,7 +52,9 @@ def fit(make: Callable[[], pl.LightningModule], data: CUBDataModule, epochs: int
         num_sanity_val_steps=0,
         deterministic=True,
     )
-    trainer.fit(module, datamodule=data)
+    with warnings.catch_warnings():  # val_fraction=0 on purpose: the tools score the test split, as the demo's do
+        warnings.filterwarnings("ignore", "val_fraction is 0", CubcamWarning)
+        trainer.fit(module, datamodule=data)
     trainer.save_checkpoint(path)
     return path
 

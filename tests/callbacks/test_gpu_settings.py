@@ -21,6 +21,9 @@ from cubcam.train.data.datamodule import CUBDataModule
 from cubcam.train.inspection.checkpoint import load_checkpoint
 from cubcam.train.modules import Classifier, EmbeddingNet
 
+# These tests validate on the test split on purpose (val_fraction=0: every image of a tiny CUB counts).
+pytestmark = pytest.mark.filterwarnings("ignore:val_fraction is 0:cubcam.CubcamWarning")
+
 LAYER = "net.backbone.layer4"
 
 

@@ -23,6 +23,9 @@ from cubcam.train.best_checkpoint import BestCheckpoint
 from cubcam.train.data.datamodule import CUBDataModule
 from cubcam.train.run_folder import LastCheckpoint
 
+# These tests validate on the test split on purpose (val_fraction=0: every image of a tiny CUB counts).
+pytestmark = pytest.mark.filterwarnings("ignore:val_fraction is 0:cubcam.CubcamWarning")
+
 NAMESPACES = ["pytorch_lightning", "lightning.pytorch"]
 SIZE = 64
 

@@ -27,6 +27,9 @@ from cubcam.callbacks.sinks import PANEL_KEY
 from cubcam.cams import EmbeddingCAM, GradCAM, localization, normalized_mean_proxies
 from cubcam.train.data.datamodule import CUBDataModule
 
+# These tests validate on the test split on purpose (val_fraction=0: every image of a tiny CUB counts).
+pytestmark = pytest.mark.filterwarnings("ignore:val_fraction is 0:cubcam.CubcamWarning")
+
 REPO = Path(__file__).resolve().parents[2]
 SIZE = 64
 LAYER = "model.stages.3"  # timm ConvNeXt's last stage

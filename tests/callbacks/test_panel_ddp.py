@@ -30,6 +30,9 @@ from cubcam.cams.targets import ClassLogits
 from cubcam.train.data.synthetic import make_synthetic_cub
 from cubcam.train.modules import Classifier
 
+# These tests validate on the test split on purpose (val_fraction=0: every image of a tiny CUB counts).
+pytestmark = pytest.mark.filterwarnings("ignore:val_fraction is 0:cubcam.CubcamWarning")
+
 
 def ddp_main(out: str, root: str, path: str) -> None:
     """Two CPU processes (gloo), two epochs, W&B offline on rank zero; last.ckpt for the test to check against.

@@ -39,6 +39,9 @@ from cubcam.callbacks.panel_select import spread_over_classes
 from cubcam.callbacks.sinks import EVOLUTION_GIF_KEY, EVOLUTION_KEY, PANEL_KEY, TABLE_COLUMNS, TABLE_KEY
 from cubcam.cams.figure import GAP
 
+# These tests validate on the test split on purpose (val_fraction=0: every image of a tiny CUB counts).
+pytestmark = pytest.mark.filterwarnings("ignore:val_fraction is 0:cubcam.CubcamWarning")
+
 
 @pytest.mark.parametrize(
     "kind, proxy",
@@ -267,9 +270,10 @@ def test_logging_and_writing_failures_only_warn(synthetic_cub, offline, monkeypa
 def test_other_loggers_get_the_png_in_their_log_dir(synthetic_cub, tmp_path):
     data = data_for(synthetic_cub, "classifier")
     logger = CSVLogger(tmp_path, name="csv")
-    trainer_for(tmp_path, 1, [CAMPanel(num_images=4)], logger=logger).validate(
-        module_for("classifier", data), datamodule=data, verbose=False
-    )
+    with pytest.warns(CAMPanelWarning, match="CSVLogger cannot show the panels.*go to .*cam_panels as PNG files"):
+        trainer_for(tmp_path, 1, [CAMPanel(num_images=4)], logger=logger).validate(
+            module_for("classifier", data), datamodule=data, verbose=False
+        )
     png = Path(logger.log_dir) / "cam_panels" / "epoch_000.png"
     assert png.is_file() and np.asarray(Image.open(png)).std() > 10
 

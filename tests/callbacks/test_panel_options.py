@@ -20,6 +20,9 @@ from cubcam.callbacks.panel_select import random_subset, spread_over_classes
 from cubcam.cams.protocol import head_cams
 from cubcam.cams.targets import ClassLogits
 
+# These tests validate on the test split on purpose (val_fraction=0: every image of a tiny CUB counts).
+pytestmark = pytest.mark.filterwarnings("ignore:val_fraction is 0:cubcam.CubcamWarning")
+
 
 def test_panel_spreads_over_classes_deterministically_without_the_global_rng():
     labels = [0] * 10 + [1] * 3 + [2] * 1 + [3] * 2

@@ -25,6 +25,9 @@ from panel_runs import CamMetrics, campanel_warnings, data_for, module_for, pict
 from cubcam.callbacks import CAMPanel, CAMPanelWarning
 from cubcam.callbacks.picture_thread import THREAD_NAME
 
+# These tests validate on the test split on purpose (val_fraction=0: every image of a tiny CUB counts).
+pytestmark = pytest.mark.filterwarnings("ignore:val_fraction is 0:cubcam.CubcamWarning")
+
 
 class Kill(pl.Callback):
     """Test probe: SIGKILL (nothing runs on the way out) when epoch ``epoch`` starts, while its picture thread may

@@ -28,6 +28,9 @@ from cubcam.train.data.presets import (
 from cubcam.train.data.synthetic import bird_designs, make_synthetic_cub
 from cubcam.train.data.synthetic import main as synthetic_main
 
+# These tests validate on the test split on purpose (val_fraction=0: every image of a tiny CUB counts).
+pytestmark = pytest.mark.filterwarnings("ignore:val_fraction is 0:cubcam.CubcamWarning")
+
 SIZE = 48
 
 

@@ -14,6 +14,9 @@ from cubcam.train.data.cub import CUBDataset
 from cubcam.train.data.datamodule import CUBDataModule, DistributedMPerClassSampler
 from cubcam.train.data.synthetic import make_synthetic_cub
 
+# These tests validate on the test split on purpose (val_fraction=0: every image of a tiny CUB counts).
+pytestmark = pytest.mark.filterwarnings("ignore:val_fraction is 0:cubcam.CubcamWarning")
+
 
 def test_m_per_class_batches_per_rank(synthetic_cub: Path) -> None:
     data = CUBDataModule(

@@ -21,6 +21,12 @@ from cubcam.train.inspection.checkpoint import load_checkpoint
 from cubcam.train.inspection.evaluate import main
 from cubcam.train.inspection.sanity import SANITY_LEVEL
 
+# These tests validate on the test split on purpose (val_fraction=0: every image of a tiny CUB counts).
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:val_fraction is 0:cubcam.CubcamWarning"),
+    pytest.mark.xdist_group("trained"),  # the session's trained checkpoints, trained once in one worker
+]
+
 
 @pytest.fixture(scope="module")
 def test_split(trained: Trained) -> dict[str, torch.Tensor]:
@@ -154,16 +160,18 @@ def test_methods_are_scored_side_by_side(trained: Trained, tmp_path: Path, test_
             main([str(trained.classifier), *bad])
 
 
-def test_gradient_free_methods_are_scored_on_the_engines_maps(trained: Trained, tmp_path: Path, test_split) -> None:
+def test_gradient_free_methods_are_scored_on_the_engines_maps(trained: Trained, tmp_path: Path) -> None:
     """ScoreCAM (from the images: a forward per channel), AblationCAM (head-only) and EigenCAM in evaluate: each
-    column equals cams.localization on the engine's maps of the same images, and the table names them."""
-    names = ("scorecam", "ablationcam", "eigencam")
-    report, _ = run(trained.classifier, tmp_path, "--methods", ",".join(names), "--limit", "1")
-    chosen = spread_indices(len(test_split["image"]), 1)
-    split = {key: value[chosen] for key, value in test_split.items()}
+    column equals cams.localization on the engine's maps of the same images, and the table names them. At 64 px
+    (``--image-size``): ScoreCAM's 512 forwards of the whole model, twice, at a quarter of the pixels."""
+    names, size = ("scorecam", "ablationcam", "eigencam"), 64
+    report, _ = run(trained.classifier, tmp_path, "--methods", ",".join(names), "--limit", "1", "--image-size", "64")
+    dataset = CUBDataset(trained.root, split="test", transform=EvalPreset(size))
+    sample = dataset[spread_indices(len(dataset), 1)[0]]
+    split = {key: torch.as_tensor(sample[key])[None] for key in ("image", "label", "box", "parts")}
     module = load_checkpoint(trained.classifier).module
     for name in names:
-        maps = batched(GradCAM(module, module.cam_target_layer, method=name), split["image"], split["label"])
+        maps = GradCAM(module, module.cam_target_layer, method=name)(split["image"], split["label"])
         assert_scores(report["methods"][name], expected_scores(maps, split))
     assert "| metric | ScoreCAM | AblationCAM | EigenCAM |" in (tmp_path / "metrics.md").read_text()
 

@@ -25,6 +25,12 @@ from cubcam.train.inspection.checkpoint import load_checkpoint
 from cubcam.train.inspection.explain import main
 from cubcam.train.inspection.reference import reference_set
 
+# These tests validate on the test split on purpose (val_fraction=0: every image of a tiny CUB counts).
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:val_fraction is 0:cubcam.CubcamWarning"),
+    pytest.mark.xdist_group("trained"),  # the session's trained checkpoints, trained once in one worker
+]
+
 
 def preset_image(path: Path) -> torch.Tensor:
     """What the model sees of an image file: the evaluation preset's centre crop, normalised."""
@@ -103,7 +109,8 @@ def test_user_images_of_any_size_and_mode_beside_bad_ones(trained: Trained, tmp_
     assert grid.shape[0] > SIZE and grid.shape[1] >= 3 * SIZE  # three captioned tiles
 
 
-@pytest.mark.parametrize("method", ["gradcam++", "layercam", "scorecam"])
+# (ScoreCAM's route through the whole module is the one evaluate takes: tests/train/test_evaluate.py)
+@pytest.mark.parametrize("method", ["gradcam++", "layercam"])
 def test_method_option_explains_with_that_method(trained: Trained, tmp_path: Path, method: str) -> None:
     path = tmp_path / "bird.png"
     Image.fromarray(np.random.default_rng(1).integers(0, 255, (100, 100, 3), dtype=np.uint8)).save(path)
