@@ -96,7 +96,8 @@ def check_monitors(options: PanelOptions, callbacks: Sequence[Any]) -> None:
         monitor = getattr(callback, "monitor", None)
         if not isinstance(callback, MONITORS) or not str(monitor).startswith(METRIC_PREFIX):
             continue
-        # EarlyStopping looks every validation epoch; ModelCheckpoint every_n_epochs (no public attribute holds it).
+        # EarlyStopping looks every validation epoch; ModelCheckpoint every_n_epochs. Private: no public attribute
+        # holds it (the one place cubcam reads it).
         own = getattr(callback, "_every_n_epochs", 1) if isinstance(callback, CHECKPOINTS) else 1
         if options.log_metrics and (n == 1 or (own and own % n == 0)):
             continue

@@ -291,6 +291,7 @@ def run_dir(trainer: pl.Trainer) -> Path:
 def metrics_step(trainer: pl.Trainer) -> int:
     """The step Lightning logs this epoch's ``val/*`` metrics at (one below ``global_step`` during in-fit
     validation; not ``global_step - 1``, which gradient accumulation breaks)."""
+    # Private: Lightning has no public name for it; its own LearningRateMonitor and loggers read this attribute.
     return int(trainer.fit_loop.epoch_loop._batches_that_stepped)
 
 

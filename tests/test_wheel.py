@@ -72,7 +72,9 @@ def test_the_demo_and_the_packaged_configs_run_from_a_wheel(wheel_venv: Path, ti
         assert "class_path: cubcam.train.modules.Classifier" in printed.stdout
 
     small = ["--data.image_size", "64", "--data.batch_size", "8", "--trainer.max_epochs", "1"]
-    demo = run([cubcam, "demo", "--data", str(tiny_cub), *small, "--trainer.enable_progress_bar", "false"], tmp_path)
+    demo = run(
+        [cubcam, "demo", "--data", str(tiny_cub.parent), *small, "--trainer.enable_progress_bar", "false"], tmp_path
+    )
     assert demo.stdout.count("best checkpoint: runs/cubcam/") == 2, demo.stdout[-2000:]
     assert "cubcam explain runs/cubcam/" in demo.stdout
     assert len(list((tmp_path / "runs" / "wandb").glob("offline-run-*"))) == 2
