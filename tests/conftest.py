@@ -37,8 +37,8 @@ def tiny_cub(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory: pytest.TempPathFactory):
-    """A tiny trained Classifier and EmbeddingNet checkpoint and their dataset (:mod:`trained_checkpoints`). Tests
-    that use it are marked ``xdist_group("trained")``, so that one worker trains them once."""
+    """A tiny trained Classifier and EmbeddingNet checkpoint and their dataset (:mod:`trained_checkpoints`), trained
+    once per xdist worker that needs them."""
     from trained_checkpoints import trained_checkpoints
 
     return trained_checkpoints(tmp_path_factory)

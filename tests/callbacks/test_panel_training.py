@@ -98,7 +98,6 @@ def centred_blob_score(size: int, boxes: torch.Tensor) -> float:
     return float(localization.max_box_acc(blob.expand(len(boxes), -1, -1), boxes)["max_box_acc"])
 
 
-@pytest.mark.xdist_group("trained")
 def test_a_trained_classifier_s_maps_find_the_birds_better_than_a_centred_blob(trained, tmp_path):
     """The session's trained classifier (tests/trained_checkpoints.py) validated with CAMPanel: its MaxBoxAccV2
     beats a centred Gaussian's on the same images."""

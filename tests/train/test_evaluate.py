@@ -22,15 +22,10 @@ from cubcam.train.inspection.evaluate import main
 from cubcam.train.inspection.sanity import SANITY_LEVEL
 
 # These tests validate on the test split on purpose (val_fraction=0: every image of a tiny CUB counts).
-# The runs below are session fixtures: xdist interleaves this file's tests with the other "trained" tests in their
-# worker, and pytest rebuilds a module fixture each time its module comes back.
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:val_fraction is 0:cubcam.CubcamWarning"),
-    pytest.mark.xdist_group("trained"),  # the session's trained checkpoints, trained once in one worker
-]
+pytestmark = pytest.mark.filterwarnings("ignore:val_fraction is 0:cubcam.CubcamWarning")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def test_split(trained: Trained) -> dict[str, torch.Tensor]:
     """The whole test split as tensors, the way the evaluation preset gives it."""
     samples = list(CUBDataset(trained.root, split="test", transform=EvalPreset(SIZE)))
@@ -72,7 +67,7 @@ def centre_gaussian_here(n: int) -> torch.Tensor:
     return torch.from_numpy((g - g.min()) / (g.max() - g.min())).float()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def classifier_runs(trained: Trained, tmp_path_factory) -> tuple[dict, bytes, bytes]:
     out = tmp_path_factory.mktemp("evaluate")
     first, first_bytes = run(trained.classifier, out / "first")
@@ -227,7 +222,7 @@ def test_the_callback_and_evaluate_report_the_same_scores_on_the_same_images(
     assert (CAMPanel().options.metrics_subset or 0) >= len(data.val_dataset)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def faithfulness_runs(trained: Trained, tmp_path_factory) -> dict[str, tuple[dict, Path]]:
     out = tmp_path_factory.mktemp("faithfulness")
     runs = {}

@@ -26,10 +26,7 @@ from cubcam.train.inspection.explain import main
 from cubcam.train.inspection.reference import reference_set
 
 # These tests validate on the test split on purpose (val_fraction=0: every image of a tiny CUB counts).
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:val_fraction is 0:cubcam.CubcamWarning"),
-    pytest.mark.xdist_group("trained"),  # the session's trained checkpoints, trained once in one worker
-]
+pytestmark = pytest.mark.filterwarnings("ignore:val_fraction is 0:cubcam.CubcamWarning")
 
 
 def preset_image(path: Path) -> torch.Tensor:
