@@ -230,7 +230,7 @@ def faithfulness_runs(trained: Trained, tmp_path_factory) -> dict[str, tuple[dic
         # ROAD at one percentile, on the classifier only (its proxy score is checked against pytorch-grad-cam's in
         # test_road.py): 2 sparse solves per image and map
         road = "50" if kind == "classifier" else "none"
-        extra = ("--faithfulness", "--steps", "6", "--road-percentiles", road)
+        extra = ("--faithfulness", "--steps", "4", "--road-percentiles", road)
         runs[kind] = (run(checkpoint, out / kind, *extra)[0], out / kind)
     return runs
 
@@ -251,8 +251,8 @@ def test_trained_cams_are_more_faithful_than_a_random_map(faithfulness_runs, kin
     assert methods[method]["deletion_auc"] < methods["random"]["deletion_auc"] - 0.1, methods
     assert methods[method]["insertion_auc"] > methods["random"]["insertion_auc"], methods
     assert methods[method]["average_drop"] < methods["random"]["average_drop"], methods
-    assert report["faithfulness_steps"] == 6 and len(report["fractions"]) == 7
-    assert all(len(report["curves"][name]["deletion_curve"]) == 7 for name in methods)
+    assert report["faithfulness_steps"] == 4 and len(report["fractions"]) == 5
+    assert all(len(report["curves"][name]["deletion_curve"]) == 5 for name in methods)
     if kind == "embedding":
         assert "road_combined" not in methods[method] and "road_percentiles" not in report  # --road-percentiles none
         return
