@@ -15,6 +15,6 @@ cd "$(dirname "$0")"
 if [ ! -x .venv/bin/cubcam ]; then
     echo "== installing cubcam into .venv"
     python3 -m venv .venv
-    .venv/bin/pip install -q -e . --config-settings editable_mode=strict
+    .venv/bin/pip install -q --no-compile -e . --config-settings editable_mode=strict
 fi
 exec .venv/bin/cubcam demo "$@"
