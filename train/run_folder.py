@@ -158,7 +158,7 @@ class LastCheckpoint(RunFolderCheckpoint):
         path = Path(self.dirpath) / f"{self.filename}{self.FILE_EXTENSION}"
         try:
             trainer.save_checkpoint(path)
-        except Exception as error:
+        except Exception as error:  # the save (I/O): the signal, not this, must end the run
             rank_zero_warn(f"{signal}: could not save {path}: {error}", category=CubcamWarning)
             return
         epoch_loop = trainer.fit_loop.epoch_loop

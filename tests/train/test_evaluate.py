@@ -243,7 +243,7 @@ def test_trained_cams_are_more_faithful_than_a_random_map(faithfulness_runs, kin
     """Deleting the CAM's pixels first costs the score more, and inserting them first restores more of it, than
     doing so in a random map's order (both model kinds: softmax probability, clipped cosine to the proxy), and ROAD's
     imputation of its pixels too (the classifier)."""
-    report, _ = faithfulness_runs[kind]
+    report, out = faithfulness_runs[kind]
     methods = report["methods"]
     for name in (method, "random", "centre_gaussian"):
         assert set(methods[name]) >= FAITHFULNESS_KEYS, name
@@ -255,6 +255,7 @@ def test_trained_cams_are_more_faithful_than_a_random_map(faithfulness_runs, kin
     assert all(len(report["curves"][name]["deletion_curve"]) == 5 for name in methods)
     if kind == "embedding":
         assert "road_combined" not in methods[method] and "road_percentiles" not in report  # --road-percentiles none
+        assert "ROAD" not in (out / "metrics.md").read_text()  # no rows of what was not measured
         return
     for name in methods:  # ROAD at one percentile (50): imputing the map's top half costs more than a random half
         road = methods[name]

@@ -331,16 +331,17 @@ def rounded(value: Any, digits: int = 6) -> Any:
 
 
 def markdown_table(methods: dict[str, dict[str, float]]) -> str:
-    """Metrics as rows, methods as columns (in the given order: the baselines last), values in percent; the
-    faithfulness rows when they were measured."""
+    """Metrics as rows, methods as columns (in the given order: the baselines last), values in percent; a row only
+    where it was measured (faithfulness with ``--faithfulness``, ROAD unless ``--road-percentiles none``)."""
     columns = list(methods)
     lines = [
         "| metric | " + " | ".join(method_name(m) for m in columns) + " |",
         "|---|" + "---:|" * len(columns),
     ]
-    rows = METRIC_NAMES | (FAITHFULNESS_NAMES if "deletion_auc" in methods[columns[0]] else {})
-    for key, label in rows.items():
+    for key, label in (METRIC_NAMES | FAITHFULNESS_NAMES).items():
         values = [methods[m].get(key) for m in columns]
+        if all(value is None for value in values):
+            continue
         lines.append(f"| {label} | " + " | ".join(_percent(v) for v in values) + " |")
     return "\n".join(lines) + "\n"
 
