@@ -84,7 +84,8 @@ class CAMPanel(_Callback):
             the class, drawn with ``seed``) or "single_point_nearest" (the nearest other validation image, shown
             beside the bird).
         target: the class of the primary map: "true" or "predicted"; the other one is shown too when it differs.
-        colormap, alpha: the heatmap overlay (``cubcam.cams.overlay``).
+        colormap: the heatmap overlay's colormap (``cubcam.cams.overlay``).
+        alpha: the heatmap overlay's opacity, in [0, 1].
         log_metrics: compute and log the localization metrics.
         metrics_subset: validation images the metrics use (None: 512, or all when fewer; 128 with
             ``target_layer``, where each costs a forward and a backward every epoch).
@@ -101,8 +102,9 @@ class CAMPanel(_Callback):
             whose logit of a class is not the score to explain (multi-label sigmoids, a margin). Without it a
             classifier explains the class logit; a single-logit head [B, 1] is binary: class 1 explains the logit,
             class 0 its negation.
-        image_key, label_key, box_key: where dict batches and dataset items keep the images, the labels and the
-            optional boxes (``[x, y, w, h]`` in the image tensor's pixels); tuples are ``(images, labels[, boxes])``.
+        image_key: where dict batches and dataset items keep the images (tuples are ``(images, labels[, boxes])``).
+        label_key: where they keep the labels.
+        box_key: where they keep the optional boxes (``[x, y, w, h]`` in the image tensor's pixels).
 
 
     Raises:
