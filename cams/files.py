@@ -5,7 +5,9 @@ file nor the new one; a temporary file in ``$TMPDIR`` moved over the target is n
 file system (the move is then a copy in place). Here the temporary file sits next to the target (same directory,
 hence the same file system), is flushed and ``fsync``'d, then ``os.replace``'d over it, which POSIX makes atomic.
 A failed write removes its temporary file and raises :class:`WriteFailed`, whose message names the path and the
-free space left there: one line a user can act on.
+free space left there: one line a user can act on. A process killed mid-write (SIGKILL, a power cut) cannot remove
+its own: the temporary file's name holds its writer's process id, and the next write in that folder removes those
+whose writer is gone (never one a live process is writing).
 """
 
 from __future__ import annotations
@@ -54,7 +56,10 @@ def atomic_open(path: str | Path) -> Iterator[IO[bytes]]:
     temporary: str | None = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+        remove_stale_partials(path.parent)
+        descriptor, temporary = tempfile.mkstemp(
+            prefix=f".{path.name}.{os.getpid()}{PID_END}", suffix=PARTIAL, dir=path.parent
+        )
         with os.fdopen(descriptor, "wb") as file:
             yield file
             file.flush()
@@ -72,6 +77,41 @@ def atomic_open(path: str | Path) -> Iterator[IO[bytes]]:
         raise WriteFailed(cause.errno, f"could not write {path}: {reason} ({free_space(path.parent)})") from error
     finally:
         _discard(temporary)
+
+
+PARTIAL = ".partial"
+PID_END = "-"  # a temporary file is .<target name>.<writer's pid>-<random>.partial
+
+
+def remove_stale_partials(folder: Path) -> list[Path]:
+    """Remove the temporary files in ``folder`` whose writer process no longer exists; returns them."""
+    removed = []
+    for candidate in folder.glob(f".*{PARTIAL}"):
+        pid = _writer(candidate.name)
+        if pid is None or _alive(pid):
+            continue
+        with contextlib.suppress(FileNotFoundError):  # another writer's cleanup was first
+            candidate.unlink()
+            removed.append(candidate)
+    return removed
+
+
+def _writer(name: str) -> int | None:
+    """The writer's process id in a temporary file's name, or None where the name is not one of ours."""
+    head = name[: -len(PARTIAL)].rpartition(PID_END)[0]  # .<target>.<pid>
+    digits = head.rpartition(".")[2]
+    return int(digits) if digits.isdigit() else None
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (a process of another user counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _discard(temporary: str | None) -> None:

@@ -268,7 +268,11 @@ def run(argv: list[str] | None = None) -> CubCamCLI | None:
     args = sys.argv[1:] if argv is None else list(argv)
     if args and args[0] in TOOLS:
         module, function, _ = TOOLS[args[0]]
-        getattr(importlib.import_module(module), function)(args[1:])
+        try:
+            getattr(importlib.import_module(module), function)(args[1:])
+        except KeyboardInterrupt:  # Ctrl-C in a tool: its writes are atomic (and explain writes what it has)
+            print(f"interrupted: cubcam {args[0]} stopped; every file it wrote is whole", file=sys.stderr)
+            sys.exit(130)
         return None
     args = packaged_configs(args)  # --config demo/classifier.yaml: the packaged file, where none is here
     try:

@@ -17,7 +17,7 @@ from typing import Any, ClassVar, Literal, cast
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from pytorch_lightning.utilities import rank_zero_warn
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from pytorch_lightning.utilities.types import OptimizerLRSchedulerConfig
 from pytorch_metric_learning import losses, miners
 from pytorch_metric_learning.distances import CosineSimilarity
@@ -34,6 +34,7 @@ from cubcam.cams.targets import Kind
 from cubcam.train.models import BackboneConfig, PooledLinearNet, build_backbone
 
 RETRIEVAL_METRICS = ("precision_at_1", "mean_average_precision_at_r", "r_precision")
+TRIPLETLESS_STEPS = 3  # training batches in a row without a possible triplet before EmbeddingNet warns
 Miner = Literal["all", "hard", "semihard", "easy"]  # pytorch-metric-learning's TripletMarginMiner types
 
 
@@ -48,16 +49,20 @@ def default_class_names(class_names: list[str] | None, num_classes: int | None) 
 
 
 def build_optimizer(
-    net: PooledLinearNet, lr: float, weight_decay: float, backbone_lr_factor: float, total_steps: int
+    net: PooledLinearNet, lr: float, weight_decay: float, backbone_lr_factor: float, total_steps: float
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """AdamW (the pretrained trunk at ``lr * backbone_lr_factor``) with a per-step cosine decay to zero."""
+    """AdamW (the pretrained trunk at ``lr * backbone_lr_factor``) with a per-step cosine decay to zero over
+    ``total_steps``; a constant rate where training has no end (``total_steps`` infinite: ``max_epochs=-1`` without
+    ``max_steps``), since a decay needs an end to decay to."""
     backbone = list(net.backbone.parameters())
     trunk = {id(p) for p in backbone}
     head = [p for p in net.parameters() if id(p) not in trunk]  # by identity: a compiled net's names differ
     optimizer = torch.optim.AdamW(
         [{"params": backbone, "lr": lr * backbone_lr_factor}, {"params": head, "lr": lr}], weight_decay=weight_decay
     )
-    total = max(1, total_steps)
+    if not math.isfinite(total_steps):
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    total = max(1, int(total_steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
     )
@@ -142,9 +147,13 @@ class CUBModule(pl.LightningModule):
         return activations, self.net.forward_head(activations)
 
     def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
-        optimizer, scheduler = build_optimizer(
-            self.net, self.lr, self.weight_decay, self.backbone_lr_factor, int(self.trainer.estimated_stepping_batches)
-        )
+        steps = float(self.trainer.estimated_stepping_batches)  # infinite: max_epochs=-1 and no max_steps
+        if not math.isfinite(steps):
+            rank_zero_info(
+                "training has no end (max_epochs=-1, no max_steps): the learning rate stays constant; set "
+                "trainer.max_steps or trainer.max_epochs for its cosine decay"
+            )
+        optimizer, scheduler = build_optimizer(self.net, self.lr, self.weight_decay, self.backbone_lr_factor, steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_train_epoch_start(self) -> None:
@@ -255,15 +264,38 @@ class EmbeddingNet(CUBModule):
             include=RETRIEVAL_METRICS, knn_func=CustomKNN(CosineSimilarity(), batch_size=1024)
         )
         self._collected: list[tuple[Tensor, Tensor, Tensor]] = []  # (index, embeddings, labels) of each batch
+        self._tripletless = 0  # training batches in a row that can hold no triplet; -1 once warned
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         embeddings = self(batch["image"])
+        self._check_triplets(batch["label"])
         triplets = self.miner(embeddings, batch["label"])
         loss = self.loss_fn(embeddings, batch["label"], triplets)
         batch_size = len(embeddings)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         self.log("train/mined_triplets", float(self.miner.num_triplets), batch_size=batch_size)
         return loss
+
+    def _check_triplets(self, labels: Tensor) -> None:
+        """One warning once ``TRIPLETLESS_STEPS`` batches in a row can hold no triplet (an anchor needs a positive of
+        its class and a negative of another): their loss is exactly 0 and nothing is learned, silently."""
+        if self._tripletless < 0:
+            return
+        counts = labels.unique(return_counts=True)[1]
+        if len(counts) >= 2 and int(counts.max()) >= 2:
+            self._tripletless = 0
+            return
+        self._tripletless += 1
+        if self._tripletless == TRIPLETLESS_STEPS:
+            self._tripletless = -1
+            rank_zero_warn(
+                f"EmbeddingNet: {TRIPLETLESS_STEPS} training batches in a row can hold no triplet (this one: "
+                f"{len(labels)} images of {len(counts)} class(es)), so the loss is 0 and nothing is learned; give "
+                f"each batch several classes with several images each: data.sampler m_per_class with "
+                f"data.batch_size a multiple of data.m_per_class and larger than it (the miner, "
+                f"{self.miner.type_of_triplets}, mines within a batch)",
+                category=CubcamWarning,
+            )
 
     def on_validation_epoch_start(self) -> None:
         self._collected = []

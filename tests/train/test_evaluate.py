@@ -359,3 +359,20 @@ def test_sanity_alone_takes_its_default_number_of_images() -> None:
 
     assert parse_args(["x.ckpt", "--sanity"]).sanity == SANITY_IMAGES == 8
     assert parse_args(["x.ckpt", "--sanity", "3"]).sanity == 3 and parse_args(["x.ckpt"]).sanity is None
+
+
+def test_ctrl_c_exits_130_with_one_line_and_writes_nothing_half(
+    trained: Trained, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    import cubcam.train.inspection.evaluate as evaluate_module
+    from cubcam.train.cli import run
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluate_module, "score_split", interrupted)
+    with pytest.raises(SystemExit) as exited:
+        run(["evaluate", str(trained.classifier), "--out", str(tmp_path / "out"), "--num-workers", "0"])
+    assert exited.value.code == 130 and not (tmp_path / "out" / "metrics.json").exists()
+    stderr = capsys.readouterr().err.strip().splitlines()
+    assert stderr == ["interrupted: cubcam evaluate stopped; every file it wrote is whole"]

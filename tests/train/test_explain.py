@@ -340,3 +340,36 @@ def test_a_full_disk_ends_explain_and_evaluate_in_one_line(trained: Trained, tmp
         assert exited.value.code == 2
         (line,) = error_lines(capsys.readouterr().err)
         assert line.startswith(f"error: could not write {tmp_path / 'out'}/") and "No space left on device (" in line
+
+
+def test_ctrl_c_writes_what_is_explained_and_exits_130_with_one_line(
+    trained: Trained, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """Ctrl-C in the second batch: the first batch's overlays, their summary.json (marked interrupted) and the grid
+    are written, and ``cubcam explain`` exits 130 with one line, no traceback."""
+    import cubcam.train.inspection.explain as explain_module
+    from cubcam.train.cli import run
+
+    images = []
+    for k in range(6):
+        images.append(tmp_path / f"bird{k}.png")
+        Image.fromarray(np.full((SIZE, SIZE, 3), 40 * k, dtype=np.uint8)).save(images[-1])
+    explain = explain_module.ImageExplainer.__call__
+    calls = []
+
+    def interrupted(self, items):
+        calls.append(len(items))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return explain(self, items)
+
+    monkeypatch.setattr(explain_module.ImageExplainer, "__call__", interrupted)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exited:
+        run(["explain", str(trained.classifier), *map(str, images), "--out", str(out), "--batch-size", "4"])
+    assert exited.value.code == 130
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["interrupted"] is True and len(summary["images"]) == 4 and (out / "grid.png").is_file()
+    assert sorted(p.name for p in out.glob("0*.png")) == [record["overlay"] for record in summary["images"]]
+    stderr = capsys.readouterr().err.strip().splitlines()
+    assert stderr == [f"interrupted: explained 4 of 6 image(s) into {out} (summary.json and the grid hold them)"]

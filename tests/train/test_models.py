@@ -8,11 +8,13 @@ import inspect
 import socket
 
 import pytest
+import pytorch_lightning as pl
 import torch
 import torchvision
 from torch import nn
 
 from cubcam.train import models
+from cubcam.train.data.datamodule import CUBDataModule
 from cubcam.train.models import BackboneConfig, PooledLinearNet, ResNetBackbone
 from cubcam.train.modules import Classifier, CUBModule, EmbeddingNet
 
@@ -177,3 +179,56 @@ def test_network_arguments_are_one_contract_with_flat_keys() -> None:
     assert module.hparams["num_classes"] == 3
     with pytest.raises(ValueError, match="either pretrained=True or weights_path"):
         BackboneConfig("resnet18", pretrained=True, weights_path="w.pth")
+
+
+class StopAfter(pl.Callback):
+    """Test probe: stops training after ``steps`` optimiser steps, noting the learning rate of each."""
+
+    def __init__(self, steps: int):
+        self.steps, self.rates = steps, []
+
+    def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, *args: object) -> None:
+        self.rates.append(trainer.optimizers[0].param_groups[1]["lr"])
+        trainer.should_stop = trainer.global_step >= self.steps
+
+
+@pytest.mark.filterwarnings("ignore:val_fraction is 0:cubcam.CubcamWarning")  # a tiny CUB: validate on its test split
+def test_training_without_an_end_keeps_a_constant_learning_rate(synthetic_cub, tmp_path, caplog) -> None:
+    """``max_epochs=-1`` (Lightning's "train forever") has no step count for the cosine decay: the rate stays at
+    ``lr``, with one line saying so (it was an OverflowError at start-up)."""
+    data = CUBDataModule(root=str(synthetic_cub), image_size=64, batch_size=8, num_workers=0, val_fraction=0.0)
+    module = Classifier(arch="resnet18", num_classes=data.num_classes, lr=1e-3)
+    stop = StopAfter(3)
+    trainer = pl.Trainer(
+        max_epochs=-1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, limit_val_batches=0, callbacks=[stop], default_root_dir=tmp_path,
+    )  # fmt: skip
+    with caplog.at_level("INFO"):
+        trainer.fit(module, datamodule=data)
+    assert stop.rates == [1e-3] * len(stop.rates) and len(stop.rates) >= 3
+    assert "training has no end (max_epochs=-1, no max_steps): the learning rate stays constant" in caplog.text
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")  # training_step outside a Trainer
+def test_batches_without_a_possible_triplet_are_one_warning_naming_the_settings() -> None:
+    """One class a batch (``m_per_class`` equal to ``batch_size``) gives a loss of exactly 0 at every step: after
+    three such batches in a row one warning names the settings; batches that can hold triplets reset the count."""
+    from cubcam import CubcamWarning
+
+    torch.manual_seed(0)
+    module = EmbeddingNet(arch="resnet18", num_classes=4, embedding_dim=8)
+    one_class = {"image": torch.randn(4, 3, 32, 32), "label": torch.zeros(4, dtype=torch.long)}
+    mixed = {"image": torch.randn(4, 3, 32, 32), "label": torch.tensor([0, 0, 1, 1])}
+    module.training_step(one_class, 0)
+    module.training_step(one_class, 1)
+    module.training_step(mixed, 2)  # the count starts again
+    module.training_step(one_class, 3)
+    module.training_step(one_class, 4)
+    with pytest.warns(CubcamWarning) as caught:
+        loss = module.training_step(one_class, 5)
+        module.training_step(one_class, 6)  # once a run
+    assert float(loss) == 0.0
+    messages = [str(w.message) for w in caught if issubclass(w.category, CubcamWarning)]
+    assert len(messages) == 1 and "3 training batches in a row can hold no triplet" in messages[0]
+    assert "(this one: 4 images of 1 class(es))" in messages[0]
+    assert all(name in messages[0] for name in ("data.m_per_class", "data.batch_size", "semihard"))

@@ -207,6 +207,9 @@ def test_ddp_two_cpu_processes_get_m_per_class_batches(tiny_cub: Path, tmp_path:
     assert len(ranks[0]["batches"]) == len(ranks[1]["batches"])
     assert ranks[0]["batches"] != ranks[1]["batches"]  # each rank draws its own batches
     assert ranks[0]["metrics"]["val/precision_at_1"] == ranks[1]["metrics"]["val/precision_at_1"]
+    # The config's CAMPanel on the CAM protocol's path: its metrics, merged over the ranks, are every rank's.
+    cam = {key: value for key, value in ranks[0]["metrics"].items() if key.startswith("val/cam_")}
+    assert len(cam) == 4 and cam == {key: ranks[1]["metrics"][key] for key in cam}
     assert list((tmp_path / "runs" / "checkpoints").glob("last.ckpt"))
 
 

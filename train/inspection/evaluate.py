@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -376,12 +377,49 @@ def per_class_table(classes: dict[str, dict[str, Any]], methods: list[str]) -> s
     for name in order:
         row = classes[name]
         cells = [_percent(row[m]["max_box_acc"]) for m in methods] + [_percent(row[first]["pointing_game"])]
-        lines.append(f"| {name} | {row['num_images']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {markdown_text(name)} | {row['num_images']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def _percent(value: float | None) -> str:
     return "n/a" if value is None or math.isnan(value) else f"{100 * value:.2f}"
+
+
+MARKDOWN_SPECIAL = str.maketrans({c: "\\" + c for c in "\\`*_[]|#"} | {"<": "&lt;", ">": "&gt;"})
+
+
+def markdown_text(text: str) -> str:
+    """``text`` (a class or file name) as literal Markdown: a ``|`` would end a table cell, HTML or backticks would
+    render."""
+    return str(text).translate(MARKDOWN_SPECIAL)
+
+
+def terminal_table(methods: dict[str, dict[str, float]], width: int) -> str:
+    """The metrics by method as plain text that fits ``width`` columns: the method keys as headers, as many
+    columns as fit (the rest named in one line; metrics.md holds them all)."""
+    rows = {
+        label: [methods[m].get(key) for m in methods]
+        for key, label in (METRIC_NAMES | FAITHFULNESS_NAMES).items()
+        if any(methods[m].get(key) is not None for m in methods)
+    }
+    first = max(len(label) for label in rows)
+    shown: list[str] = []
+    used = first
+    for name in methods:
+        cell = max(len(name), 6) + 2
+        if used + cell > width and shown:
+            break
+        shown.append(name)
+        used += cell
+    header = " " * first + "".join(f"{name:>{max(len(name), 6) + 2}}" for name in shown)
+    lines = [header]
+    for label, values in rows.items():
+        cells = "".join(f"{_percent(v):>{max(len(n), 6) + 2}}" for n, v in zip(shown, values))
+        lines.append(f"{label:<{first}}{cells}")
+    left = [name for name in methods if name not in shown]
+    if left:
+        lines.append(f"(and {', '.join(left)}: see metrics.md)")
+    return "\n".join(lines) + "\n"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -527,8 +565,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         plots = write_plots(report, out, sanity, (dataset.mean, dataset.std))
         write_text(out / "metrics.json", json.dumps(report, indent=2, sort_keys=True) + "\n")
         heading = (
-            f"{session.ckpt.path.name} on the {split} split ({scores.num_images} images, {session.image_size} px), "
-            "in %:\n\n"
+            f"{markdown_text(session.ckpt.path.name)} on the {split} split ({scores.num_images} images, "
+            f"{session.image_size} px), in %:\n\n"
         )
         baselines = [name for name in BASELINES if name in scores.methods]
         checked = "" if sanity is None else "\n" + sanity_table(report["sanity"], method_name)
@@ -536,7 +574,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         write_text(out / "metrics.md", text + checked)
     except (WriteFailed, PermissionError) as err:
         fail(err)
-    print(heading + markdown_table(report["methods"]) + checked)
+    width = shutil.get_terminal_size().columns
+    print(f"{session.ckpt.path.name} on the {split} split ({scores.num_images} images), in %:")
+    print(terminal_table(report["methods"], width) + checked)
     print(
         f"wrote {out / 'metrics.json'}, {out / 'metrics.md'} (with the per-class table) and "
         + ", ".join(p.name for p in plots)

@@ -235,20 +235,24 @@ def explain_images(
     pages = GridPages(args.out, math.ceil(len(sources) / GRID_PAGE), args.colormap, args.alpha)
     records: list[dict[str, Any]] = []
     captions: list[str] = []  # small: one line per image, for W&B
-    for first in range(0, len(sources), args.batch_size):
-        chunk = [item for item in map(load, sources[first : first + args.batch_size]) if item is not None]
-        if not chunk:
-            continue
-        maps, chunk_records = explainer(chunk)
-        for item, cam, record in zip(chunk, maps, chunk_records):
-            pixels = denormalize(item.image)
-            name = f"{len(records):0{digits}d}_{Path(record.get('path') or item.source).stem}.png"
-            save_png(overlay(pixels, cam, colormap=args.colormap, alpha=args.alpha), args.out / name)
-            record["overlay"] = name
-            records.append(record)
-            captions.append(caption(record, target.target.score_name, cam))
-            box = item.box if item.box is not None and bool((item.box[2:] > 0).all()) else None
-            pages.add(pixels, captions[-1], cam, box)
+    interrupted = False
+    try:
+        for first in range(0, len(sources), args.batch_size):
+            chunk = [item for item in map(load, sources[first : first + args.batch_size]) if item is not None]
+            if not chunk:
+                continue
+            maps, chunk_records = explainer(chunk)
+            for item, cam, record in zip(chunk, maps, chunk_records):
+                pixels = denormalize(item.image)
+                name = f"{len(records):0{digits}d}_{Path(record.get('path') or item.source).stem}.png"
+                save_png(overlay(pixels, cam, colormap=args.colormap, alpha=args.alpha), args.out / name)
+                record["overlay"] = name
+                records.append(record)
+                captions.append(caption(record, target.target.score_name, cam))
+                box = item.box if item.box is not None and bool((item.box[2:] > 0).all()) else None
+                pages.add(pixels, captions[-1], cam, box)
+    except KeyboardInterrupt:  # Ctrl-C: what is explained so far is written below, then the exit status says so
+        interrupted = True
     written = pages.close()
     summary = {
         "checkpoint": str(session.ckpt.path),
@@ -262,7 +266,16 @@ def explain_images(
         "grid": written[0] if written else None,
         "grids": written,
     }
+    if interrupted:
+        summary["interrupted"] = True
     write_json(args.out / "summary.json", summary)
+    if interrupted:
+        print(
+            f"interrupted: explained {len(records)} of {len(sources)} image(s) into {args.out} (summary.json and the "
+            f"grid hold them)",
+            file=sys.stderr,
+        )
+        raise SystemExit(130)
     print(f"explained {len(records)} image(s) into {args.out}" + (f"; {len(errors)} failed" if errors else ""))
     if args.wandb:
         log_to_wandb(args, summary, [args.out / r["overlay"] for r in records], captions)
