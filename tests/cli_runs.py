@@ -4,6 +4,8 @@ is given, the command line, and what a run wrote."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -101,3 +103,10 @@ def assert_logged_every_epoch(run_file: Path, epochs: int, *keys: str) -> None:
     for key in (*keys, "val/cam_max_box_acc", "val/cam_pointing_game"):
         assert sorted({row["epoch"] for row in rows if key in row}) == list(range(epochs)), key
     assert sum("val/cam_panel" in row for row in rows) == epochs
+
+
+def run_python(argv: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """``python <argv>`` in a process of its own (DDP's ranks, a script), checked to exit 0."""
+    done = subprocess.run([sys.executable, *argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done

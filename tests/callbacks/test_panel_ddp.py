@@ -11,13 +11,13 @@ import cubcam.cams  # noqa: F401  (the torchvision guard: before anything import
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
 import torch
+from cli_runs import run_python
 from panel_runs import LAYER, SIZE, data_for, finished_run, module_for, panel_indices, trainer_for, wandb_logger
 from wandb_records import finished_log, history_rows
 
@@ -71,15 +71,7 @@ def test_ddp_logs_one_panel_per_epoch_and_metrics_over_all_ranks(tmp_path, path)
         "WANDB_SILENT": "true",
         "PYTHONPATH": str(Path(__file__).parents[1]),  # panel_runs and wandb_records; not the checkout
     }  # the installed cubcam only, never the checkout
-    done = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "ddp", str(tmp_path), str(root), path],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_python([str(Path(__file__).resolve()), "ddp", str(tmp_path), str(root), path], tmp_path, env)
     run_dir = Path((tmp_path / "run_dir.txt").read_text())
     rows = history_rows(finished_log(run_dir))
     panels = [row for row in rows if PANEL_KEY in row]

@@ -5,7 +5,6 @@ each rank its own m-per-class batches."""
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import warnings
 from collections import Counter
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import wandb
-from cli_runs import BATCH, SIZE, M, assert_logged_every_epoch, fit_args, only, read_record, split_outputs
+from cli_runs import BATCH, SIZE, M, assert_logged_every_epoch, fit_args, only, read_record, run_python, split_outputs
 from wandb_records import history_rows
 
 from cubcam.train.cli import main
@@ -189,15 +188,7 @@ def test_ddp_two_cpu_processes_get_m_per_class_batches(tiny_cub: Path, tmp_path:
         str(M),
         wandb=False,
     )
-    done = subprocess.run(
-        [sys.executable, "-P", "-m", "cubcam.train", *args],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_python(["-P", "-m", "cubcam.train", *args], tmp_path, env)
     ranks = [read_record(tmp_path / "record", rank) for rank in (0, 1)]
     for record in ranks:
         assert record["epochs"] == [0] and record["batches"]
