@@ -159,8 +159,9 @@ class CAM:
         shape = tuple(grid.shape)
         if shape[-2:] == (1, 1):
             raise ValueError(
-                f"target layer {self.layer_name} gives a 1x1 grid {shape}{fix}: a pooled layer has no map to show; "
-                f"pick a layer before the pooling (a ResNet's layer4, a ViT's blocks[-1].norm1)"
+                f"target layer {self.layer_name} gives a 1x1 grid {shape}{fix}: no map to show; pick a layer before "
+                f"any pooling (a ResNet's layer4, a ViT's blocks[-1].norm1), or give it larger images (at output "
+                f"stride 32 an image needs 64 px or more for a 2x2 grid)"
             )
         if looks_channels_last(shape):
             raise ValueError(

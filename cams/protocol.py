@@ -262,9 +262,18 @@ def head_cams(
         None,
         method=method,
         reshape=module.cam_reshape,
+        layer_name=layer_name(module),
         channel_batch_size=channel_batch_size,
     )
     return _upsampled(cam, activations, size, target, rows, next(module.parameters()).dtype)
+
+
+def layer_name(module: CAMModule) -> str:
+    """The dotted name of a CAM module's ``cam_target_layer`` (what errors call it), or its class name where the
+    module does not hold it."""
+    layer = module.cam_target_layer
+    named = (name for name, m in module.named_modules() if m is layer) if isinstance(module, nn.Module) else iter(())
+    return next(named, type(layer).__name__)
 
 
 def _upsampled(

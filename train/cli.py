@@ -25,10 +25,11 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
 from cubcam import CubcamWarning
 from cubcam.cams.files import WriteFailed
+from cubcam.train.data.cub import DatasetNotFound
 from cubcam.train.data.datamodule import CUBDataModule
 from cubcam.train.inspection.checkpoint import CheckpointError, read_checkpoint
 from cubcam.train.modules import Classifier, CUBModule, EmbeddingNet  # noqa: F401  (short names for --model)
-from cubcam.train.packaged import packaged_configs
+from cubcam.train.packaged import missing_config, packaged_configs
 from cubcam.train.run_folder import RunConfig, exit_status
 
 TOOLS = {  # subcommands that are not Lightning's: (module, function, help); imported only when called
@@ -275,6 +276,9 @@ def run(argv: list[str] | None = None) -> CubCamCLI | None:
             sys.exit(130)
         return None
     args = packaged_configs(args)  # --config demo/classifier.yaml: the packaged file, where none is here
+    missing = missing_config(args)
+    if missing is not None:  # jsonargparse's own answer is its whole usage, the cause on the last of 60 lines
+        sys.exit(missing)
     try:
         return CubCamCLI(
             CUBModule,
@@ -289,5 +293,5 @@ def run(argv: list[str] | None = None) -> CubCamCLI | None:
         if status is None:
             raise
         sys.exit(status)
-    except (CheckpointError, WriteFailed) as error:
+    except (CheckpointError, WriteFailed, DatasetNotFound) as error:
         sys.exit(f"error: {error}")

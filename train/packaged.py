@@ -3,6 +3,7 @@ are, and command lines that name them as if they were here (``cubcam fit --confi
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 
 import cubcam
@@ -27,3 +28,21 @@ def packaged_configs(argv: list[str]) -> list[str]:
         config = arg == "--config"
         out.append(arg)
     return out
+
+
+def missing_config(argv: list[str]) -> str | None:
+    """One line for the first ``--config`` file that is neither here nor packaged, with the nearest names that
+    exist (files under the working folder's ``configs/`` and the packaged configs); None when every one exists."""
+    for index, arg in enumerate(argv):
+        name, eq, value = arg.partition("=")
+        if name not in ("--config", "-c") or (not eq and index + 1 == len(argv)):
+            continue
+        given = value if eq else argv[index + 1]
+        if Path(given).exists() or any(mark in given for mark in ":{\n"):  # a file, or a config given inline
+            continue
+        known = [str(path) for path in Path("configs").rglob("*.yaml")] if Path("configs").is_dir() else []
+        known += [str(path.relative_to(config_root())) for path in config_root().rglob("*.yaml")]
+        near = difflib.get_close_matches(given, known, n=3, cutoff=0.6)
+        hint = f"; did you mean {' or '.join(near)}?" if near else f"; cubcam's own: {', '.join(sorted(known)[:6])}"
+        return f"error: --config {given}: no such file here or among cubcam's packaged configs{hint}"
+    return None

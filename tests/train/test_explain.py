@@ -250,6 +250,11 @@ def corrupt(path: Path, trained: Trained) -> list[str]:
         (pickled_object, "refusing to unpickle"),
         (weights_of_another_arch, "does not load as a Classifier"),
         (lambda path, trained: [str(trained.classifier), "--query", str(path)], "needs an embedding net"),
+        pytest.param(
+            lambda path, trained: [str(trained.classifier), "--device", "cuda"],
+            "--device cuda: this machine has no CUDA device torch can use; pass --device cpu",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA machine explains on cuda"),
+        ),
     ],
 )
 def test_unusable_checkpoints_give_one_clear_line(make, message: str, trained: Trained, tmp_path: Path, capsys) -> None:

@@ -232,3 +232,16 @@ def test_batches_without_a_possible_triplet_are_one_warning_naming_the_settings(
     assert len(messages) == 1 and "3 training batches in a row can hold no triplet" in messages[0]
     assert "(this one: 4 images of 1 class(es))" in messages[0]
     assert all(name in messages[0] for name in ("data.m_per_class", "data.batch_size", "semihard"))
+
+
+def test_images_too_small_for_the_layer_are_refused_naming_the_layer() -> None:
+    """At 16 px ResNet-18's layer4 (output stride 32) is a 1x1 grid: the error names the layer by its dotted name
+    (it said ``NoneType``, the head's) and what to change."""
+    from cubcam.cams.protocol import head_cams
+    from cubcam.cams.targets import ClassLogits
+
+    module = Classifier(arch="resnet18", num_classes=4).eval()
+    with torch.no_grad():
+        activations = module.net.forward_features(torch.randn(2, 3, 16, 16))
+    with pytest.raises(ValueError, match=r"target layer net\.backbone\.layer4 gives a 1x1 grid .*larger images"):
+        head_cams(module, activations, (16, 16), ClassLogits(), torch.tensor([0, 1]))

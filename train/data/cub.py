@@ -63,13 +63,18 @@ class SplitSettings(TypedDict):
 Transform = Callable[[Image.Image, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]
 
 
+class DatasetNotFound(FileNotFoundError):
+    """No CUB-format dataset where the settings point (its message names the layout and how to get it): a user's
+    setting to fix, which ``cubcam`` reports in its own words, without a traceback."""
+
+
 def find_root(root: str | Path) -> Path:
     """The ``CUB_200_2011`` folder: ``root`` itself or its child of that name."""
     root = Path(root).expanduser()
     for candidate in (root / FOLDER, root):
         if (candidate / "images.txt").is_file():
             return candidate
-    raise FileNotFoundError(
+    raise DatasetNotFound(
         f"no CUB-200-2011 dataset at {root}: expected {root / FOLDER}/images.txt or "
         f"{root}/images.txt, in this layout:\n{LAYOUT}\n{HOW_TO_GET_IT}"
     )
@@ -87,7 +92,7 @@ def _rows(path: Path, columns: int, numeric: bool = True) -> list[list[Any]] | n
     """One of CUB's space-separated files: ``columns`` fields a line (an id, then numbers as a float array
     [N, columns], or one string that may contain spaces), with an error naming the file and line if malformed."""
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: a CUB-200-2011 folder holds\n{LAYOUT}")
+        raise DatasetNotFound(f"{path} is missing: a CUB-200-2011 folder holds\n{LAYOUT}")
     lines = [(number, line) for number, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
     if numeric:  # fast path (part_locs.txt has 177k lines); the loop below only runs to name a bad line
         try:

@@ -164,6 +164,8 @@ def start(args: argparse.Namespace) -> Session:
         os.environ["WANDB_MODE"] = "offline"
         print("note: no W&B API key here (WANDB_API_KEY, ~/.netrc): --wandb logs offline; `wandb sync` uploads later")
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: this machine has no CUDA device torch can use; pass --device cpu")
     ckpt = load_checkpoint(args.checkpoint, map_location=device)
     return Session(
         ckpt=ckpt,
