@@ -16,8 +16,8 @@ def config_root() -> Path:
 
 
 def packaged_configs(argv: list[str]) -> list[str]:
-    """``argv`` with every ``--config NAME`` that is no file here but a packaged config (``demo/classifier.yaml``,
-    ``trainer/tensorboard.yaml``, ...) pointing at the packaged file; the rest as it is."""
+    """``argv`` with every ``--config NAME`` (or ``-c NAME``) that is no file here but a packaged config
+    (``demo/classifier.yaml``, ``trainer/tensorboard.yaml``, ...) pointing at the packaged file; the rest as is."""
     out, config = [], False
     for arg in argv:
         name, eq, value = arg.partition("=")
@@ -25,7 +25,7 @@ def packaged_configs(argv: list[str]) -> list[str]:
             candidate = value if eq else arg
             if not Path(candidate).exists() and (config_root() / candidate).is_file():
                 arg = f"--config={config_root() / candidate}" if eq else str(config_root() / candidate)
-        config = arg == "--config"
+        config = arg in ("--config", "-c")
         out.append(arg)
     return out
 

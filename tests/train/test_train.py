@@ -297,3 +297,12 @@ def test_a_mistyped_config_is_one_line_with_the_nearest_names(offline: Path, cap
         "demo/classifier.yaml or classifier.yaml?"
     )
     assert capsys.readouterr().err == ""  # not jsonargparse's 60 lines of usage
+
+
+def test_a_packaged_config_is_found_by_name_after_either_flag(offline: Path, capsys) -> None:
+    """In a folder without cubcam's configs, ``--config NAME`` and ``-c NAME`` both find the packaged file."""
+    for flag in ("--config", "-c"):
+        with pytest.raises(SystemExit) as exited:
+            main(["fit", flag, "demo/classifier.yaml", "--print_config"])
+        assert exited.value.code in (0, None)
+        assert "class_path: cubcam.train.modules.Classifier" in capsys.readouterr().out
