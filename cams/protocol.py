@@ -209,7 +209,7 @@ def explainer_for(
         return HeadExplainer(module, channel_batch_size)
     if not isinstance(module, nn.Module):
         raise TypeError(f"{method} runs the whole module: it must be an nn.Module, got {type(module).__name__}")
-    layer = next((name for name, m in module.named_modules() if m is module.cam_target_layer), None)
+    layer = target_layer_name(module)
     if layer is None:
         raise ValueError("the module's cam_target_layer is not one of its submodules")
     return LayerExplainer(module, layer, module.cam_kind, module.cam_reshape, channel_batch_size)
@@ -262,18 +262,18 @@ def head_cams(
         None,
         method=method,
         reshape=module.cam_reshape,
-        layer_name=layer_name(module),
+        layer_name=target_layer_name(module) or type(module.cam_target_layer).__name__,
         channel_batch_size=channel_batch_size,
     )
     return _upsampled(cam, activations, size, target, rows, next(module.parameters()).dtype)
 
 
-def layer_name(module: CAMModule) -> str:
-    """The dotted name of a CAM module's ``cam_target_layer`` (what errors call it), or its class name where the
-    module does not hold it."""
-    layer = module.cam_target_layer
-    named = (name for name, m in module.named_modules() if m is layer) if isinstance(module, nn.Module) else iter(())
-    return next(named, type(layer).__name__)
+def target_layer_name(module: CAMModule) -> str | None:
+    """The dotted name of a CAM module's ``cam_target_layer`` among its submodules; None where it holds no such
+    submodule (or is no ``nn.Module``)."""
+    if not isinstance(module, nn.Module):
+        return None
+    return next((name for name, m in module.named_modules() if m is module.cam_target_layer), None)
 
 
 def _upsampled(

@@ -331,6 +331,14 @@ def rounded(value: Any, digits: int = 6) -> Any:
     return value
 
 
+def measured_rows(methods: dict[str, dict[str, float]]) -> dict[str, list[float | None]]:
+    """Each metric's label and its value by method, for the metrics measured for at least one method
+    (faithfulness with ``--faithfulness``, ROAD unless ``--road-percentiles none``)."""
+    names = METRIC_NAMES | FAITHFULNESS_NAMES
+    rows = {label: [scores.get(key) for scores in methods.values()] for key, label in names.items()}
+    return {label: values for label, values in rows.items() if any(value is not None for value in values)}
+
+
 def markdown_table(methods: dict[str, dict[str, float]]) -> str:
     """Metrics as rows, methods as columns (in the given order: the baselines last), values in percent; a row only
     where it was measured (faithfulness with ``--faithfulness``, ROAD unless ``--road-percentiles none``)."""
@@ -339,10 +347,7 @@ def markdown_table(methods: dict[str, dict[str, float]]) -> str:
         "| metric | " + " | ".join(method_name(m) for m in columns) + " |",
         "|---|" + "---:|" * len(columns),
     ]
-    for key, label in (METRIC_NAMES | FAITHFULNESS_NAMES).items():
-        values = [methods[m].get(key) for m in columns]
-        if all(value is None for value in values):
-            continue
+    for label, values in measured_rows(methods).items():
         lines.append(f"| {label} | " + " | ".join(_percent(v) for v in values) + " |")
     return "\n".join(lines) + "\n"
 
@@ -397,11 +402,7 @@ def markdown_text(text: str) -> str:
 def terminal_table(methods: dict[str, dict[str, float]], width: int) -> str:
     """The metrics by method as plain text that fits ``width`` columns: the method keys as headers, as many
     columns as fit (the rest named in one line; metrics.md holds them all)."""
-    rows = {
-        label: [methods[m].get(key) for m in methods]
-        for key, label in (METRIC_NAMES | FAITHFULNESS_NAMES).items()
-        if any(methods[m].get(key) is not None for m in methods)
-    }
+    rows = measured_rows(methods)
     first = max(len(label) for label in rows)
     shown: list[str] = []
     used = first
