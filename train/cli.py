@@ -30,7 +30,15 @@ from cubcam.train.data.datamodule import CUBDataModule
 from cubcam.train.inspection.checkpoint import CheckpointError, read_checkpoint
 from cubcam.train.modules import Classifier, CUBModule, EmbeddingNet  # noqa: F401  (short names for --model)
 from cubcam.train.packaged import missing_config, packaged_configs
-from cubcam.train.run_folder import RunConfig, exit_status
+from cubcam.train.run_folder import (
+    RunConfig,
+    exit_status,
+    finished,
+    progress,
+    run_folder,
+    training_limit,
+    write_finished,
+)
 
 TOOLS = {  # subcommands that are not Lightning's: (module, function, help); imported only when called
     "explain": (
@@ -86,7 +94,8 @@ class CubCamCLI(LightningCLI):
         checkpoint = read_checkpoint(ckpt_path)
         if "pytorch-lightning_version" not in checkpoint:
             raise CheckpointError(f"{ckpt_path} is a state_dict, not a Lightning checkpoint: it cannot resume a run")
-        self.resumed_progress = progress(checkpoint)
+        loops = checkpoint.get("loops") or {}
+        self.resumed_progress = progress(loops.get("fit_loop", {}), int(checkpoint.get("global_step", 0)))
         hparams: dict[str, Any] = dict(checkpoint.get("hyper_parameters", {}))
         del checkpoint  # the memory map
         hparams.pop("_instantiator", None)
@@ -134,28 +143,35 @@ class CubCamCLI(LightningCLI):
             logger.init_args.version = run.name
 
     def fit(self, model: pl.LightningModule, **kwargs: Any) -> None:
-        """``trainer.fit``, unless the checkpoint it resumes has finished its run: then say so and do nothing (a
-        second fit would re-test it and log its evolution again)."""
+        """``trainer.fit``, unless the checkpoint it resumes is of a run that finished (its training, evolution and
+        test: ``finished.json``): then say so and do nothing, as a second fit would re-test it and log its evolution
+        again. A checkpoint whose training is done but whose run is not (a signal in the last validation, the
+        evolution or the test) resumes to what the run had left: Lightning skips the training, CAMPanel logs the
+        evolution and :meth:`after_fit` tests."""
         self.finished = False
-        done = self.resumed_progress
         trainer = self.trainer
-        if done is not None:
-            epochs, steps = done
-            max_epochs, max_steps = trainer.max_epochs, trainer.max_steps
-            steps_done = 0 <= max_steps <= steps
-            if steps_done or (max_epochs is not None and 0 <= max_epochs <= epochs):
-                limit = f"max_steps={max_steps}" if steps_done else f"max_epochs={max_epochs}"
+        ckpt_path = kwargs.get("ckpt_path")
+        if self.resumed_progress is not None:
+            epochs, steps = self.resumed_progress
+            limit = training_limit(epochs, steps, trainer.max_epochs, trainer.max_steps)
+            if limit is not None and finished(str(ckpt_path), epochs, steps):
                 rank_zero_info(
-                    f"{kwargs.get('ckpt_path')} has finished its run ({epochs} epochs, {steps} steps; {limit}): "
+                    f"{ckpt_path} has finished its run ({epochs} epochs, {steps} steps; {limit}): "
                     f"nothing to train. Raise --trainer.max_epochs to continue it."
                 )
                 self.finished = True
                 return
+            if limit is not None:
+                rank_zero_info(
+                    f"{ckpt_path} finished training ({epochs} epochs, {steps} steps; {limit}) but not its run: "
+                    "running what it had left, the CAM evolution and the test of the best checkpoint"
+                )
         trainer.fit(model, **kwargs)
 
     def after_fit(self) -> None:
-        """Score the best checkpoint once on the test split (``test/*``, into the same logger run), then say where
-        the results are: a user of the demo should not have to search for them."""
+        """Score the best checkpoint once on the test split (``test/*``, into the same logger run), record that the
+        run finished (``finished.json`` in its folder), then say where the results are: a user of the demo should
+        not have to search for them."""
         trainer = self.trainer
         if self.finished:
             return
@@ -168,8 +184,15 @@ class CubCamCLI(LightningCLI):
             else:
                 score = float(ckpt.best_model_score) if ckpt.best_model_score is not None else "-"
                 summary.append(f"checkpoint: best {ckpt.best_model_path or '-'} ({ckpt.monitor}={score})")
+        epochs, steps = progress(trainer.fit_loop.state_dict(), trainer.global_step)
+        folder = run_folder(trainer)
         if not trainer.interrupted:
-            self.test_best()
+            scores = self.test_best()
+            if folder is not None and trainer.is_global_zero:
+                try:
+                    write_finished(folder, epochs, steps, self.best_checkpoint, scores)
+                except WriteFailed as error:  # a resume would test again: nothing is lost
+                    rank_zero_warn(f"could not record that the run finished: {error}", category=CubcamWarning)
         if not trainer.is_global_zero:
             return
         for line in summary:
@@ -188,13 +211,17 @@ class CubCamCLI(LightningCLI):
                 rank_zero_info(f"W&B run: {run_dir}   upload with: wandb sync {run_dir}")
                 logger.experiment.finish()  # flush the run now; a later fit in this process starts a new one
 
-    def test_best(self) -> None:
+    def test_best(self) -> dict[str, float]:
         """``trainer.test`` on the test split with the best checkpoint (chosen on the validation split), or with the
-        final weights when no checkpoint was kept by a score; on every rank, as Lightning needs."""
+        final weights when no checkpoint was kept by a score; on every rank, as Lightning needs. Returns the test
+        scores."""
         trainer = self.trainer
         best = best_checkpoint(trainer)
         rank_zero_info(f"testing {'the best checkpoint ' + best if best else 'the final weights'} on the test split")
-        trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None, verbose=trainer.is_global_zero)
+        results = trainer.test(
+            self.model, datamodule=self.datamodule, ckpt_path=best or None, verbose=trainer.is_global_zero
+        )
+        return {name: float(value) for result in results for name, value in result.items()}
 
 
 def best_checkpoint(trainer: pl.Trainer) -> str:
@@ -205,14 +232,6 @@ def best_checkpoint(trainer: pl.Trainer) -> str:
 def _model_checkpoints(trainer: pl.Trainer) -> list[ModelCheckpoint]:
     """The trainer's ModelCheckpoints (``checkpoint_callbacks`` is typed as any ``Checkpoint``)."""
     return [c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)]
-
-
-def progress(checkpoint: dict[str, Any]) -> tuple[int, int]:
-    """(epochs done, global step) of a Lightning checkpoint. Epochs are counted as Lightning's fit loop counts them
-    on resuming: ``processed``, which an epoch-end checkpoint already includes."""
-    loops = checkpoint.get("loops") or {}
-    current = loops.get("fit_loop", {}).get("epoch_progress", {}).get("current", {})
-    return int(current.get("processed", checkpoint.get("epoch", 0))), int(checkpoint.get("global_step", 0))
 
 
 def check_resume(ckpt_path: str, configured: Namespace | None, saved: dict[str, Any]) -> None:

@@ -14,10 +14,13 @@ state; ``best-epoch=N.ckpt``), its ``config.yaml`` and its ``cam_panels/``. What
   resumes it.
 * :class:`RunConfig`: the config each run was started with, beside its checkpoints (one per run, never another
   run's).
+* ``finished.json`` (:func:`write_finished`): written once a run's training, CAM evolution and test have all run; a
+  checkpoint whose training is done resumes to what its run had left unless its run folder says it finished.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,6 +40,7 @@ from cubcam.cams.files import write_text, write_with
 from cubcam.namespaces import dual
 
 SIGNAL_EXIT = {"SIGINT": 130, "SIGTERM": 143}  # 128 + the signal's number: what shells and schedulers expect
+FINISHED = "finished.json"  # in the run folder: the run's training, CAM evolution and test all ran
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -161,19 +165,71 @@ class LastCheckpoint(RunFolderCheckpoint):
         except Exception as error:  # the save (I/O): the signal, not this, must end the run
             rank_zero_warn(f"{signal}: could not save {path}: {error}", category=CubcamWarning)
             return
-        epoch_loop = trainer.fit_loop.epoch_loop
-        mid_epoch = epoch_loop.batch_progress.current.completed > 0
+        batches = trainer.fit_loop.epoch_loop.batch_progress
+        epochs, steps = progress(trainer.fit_loop.state_dict(), trainer.global_step)
+        limit = training_limit(epochs, steps, trainer.max_epochs, trainer.max_steps)
+        if limit is not None:
+            where = (
+                f"after its last training step ({limit}, step {steps}); resuming it runs what the run had left: the "
+                "CAM evolution and the test of the best checkpoint"
+            )
+        else:
+            where = f"at epoch {trainer.current_epoch}, step {steps}"
+            if batches.current.completed > 0 and not batches.is_last_batch:
+                where += " (mid-epoch: Lightning warns on resuming it, and the resumed run is not bit-identical)"
         config = path.parent.parent / "config.yaml"
         command = f"cubcam fit --config {config}" if config.is_file() else "cubcam fit <the same arguments>"
-        rank_zero_info(
-            f"{signal}: saved {path} at epoch {trainer.current_epoch}, step {trainer.global_step}"
-            + (
-                " (mid-epoch: Lightning warns on resuming it, and the resumed run is not bit-identical)"
-                if mid_epoch
-                else ""
-            )
-            + f"\nresume with: {command} --ckpt_path {path}"
-        )
+        rank_zero_info(f"{signal}: saved {path} {where}\nresume with: {command} --ckpt_path {path}")
+
+
+def progress(fit_loop: dict[str, Any], steps: int) -> tuple[int, int]:
+    """(epochs trained, steps) from Lightning's fit-loop state (``trainer.fit_loop.state_dict()``, or a checkpoint's
+    ``loops["fit_loop"]``) and global step. Epochs are Lightning's ``processed`` count (which an epoch-end
+    checkpoint already includes), plus the epoch whose last training batch ran but which a signal ended before
+    Lightning counted it (in its validation): that epoch's training is done."""
+    epochs = fit_loop.get("epoch_progress", {}).get("current", {})
+    batches = fit_loop.get("epoch_loop.batch_progress", {})
+    processed = int(epochs.get("processed", 0))
+    uncounted = (
+        int(epochs.get("started", 0)) > processed
+        and bool(batches.get("is_last_batch"))
+        and int(batches.get("current", {}).get("completed", 0)) > 0
+    )
+    return processed + uncounted, steps
+
+
+def training_limit(epochs: int, steps: int, max_epochs: int | None, max_steps: int) -> str | None:
+    """The limit (``"max_epochs=8"``, ``"max_steps=100"``) that ``epochs`` trained and ``steps`` have reached, or
+    None while training has some left (``-1``: no limit, as Lightning reads it)."""
+    if 0 <= max_steps <= steps:
+        return f"max_steps={max_steps}"
+    if max_epochs is not None and 0 <= max_epochs <= epochs:
+        return f"max_epochs={max_epochs}"
+    return None
+
+
+def run_folder(trainer: pl.Trainer) -> Path | None:
+    """The run's folder (the parent of its checkpoint callback's ``dirpath``), None without a checkpoint callback."""
+    dirpath = getattr(trainer.checkpoint_callback, "dirpath", None)
+    return Path(dirpath).parent if dirpath else None
+
+
+def write_finished(folder: Path, epochs: int, steps: int, best: str, test: dict[str, float]) -> None:
+    """``<run folder>/finished.json``: the run's training (``epochs``, ``steps``), evolution and test all ran; with
+    the best checkpoint and its test scores."""
+    record = {"epochs": epochs, "steps": steps, "best_checkpoint": best, "test": test}
+    write_text(folder / FINISHED, json.dumps(record, indent=2) + "\n")
+
+
+def finished(ckpt_path: str, epochs: int, steps: int) -> bool:
+    """Whether the run of the checkpoint at ``ckpt_path`` (``<run folder>/checkpoints/<name>.ckpt``) finished at the
+    checkpoint's ``epochs`` and ``steps``: its ``finished.json`` says so."""
+    path = Path(ckpt_path).parent.parent / FINISHED
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # none (the run did not finish), or unreadable: the resume runs what was left
+        return False
+    return isinstance(record, dict) and (record.get("epochs"), record.get("steps")) == (epochs, steps)
 
 
 def signal_name(exception: BaseException | None) -> str | None:
@@ -209,9 +265,7 @@ class RunConfig(SaveConfigCallback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
-        checkpoint = trainer.checkpoint_callback
-        dirpath = getattr(checkpoint, "dirpath", None)
-        folder = Path(dirpath).parent if dirpath else Path(trainer.log_dir or trainer.default_root_dir)
+        folder = run_folder(trainer) or Path(trainer.log_dir or trainer.default_root_dir)
         text = self.parser.dump(self.config, skip_none=False)
         path = folder / "config.yaml"
         if path.is_file() and path.read_text(encoding="utf-8") != text:

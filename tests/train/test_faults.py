@@ -5,6 +5,7 @@ its checkpoint, and files that are no Lightning checkpoint."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import signal
@@ -34,6 +35,15 @@ class SendSignal(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, *args: object) -> None:
         if trainer.global_step == self.step:
             os.kill(os.getpid(), getattr(signal, self.name))
+
+
+class TermInTheLastValidation(pl.Callback):
+    """Test probe given to the CLI: sends this process SIGTERM as the last epoch's validation starts (after the
+    last training step)."""
+
+    def on_validation_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking and trainer.current_epoch == (trainer.max_epochs or 0) - 1:
+            os.kill(os.getpid(), signal.SIGTERM)
 
 
 class InterruptTheDrain(pl.Callback):
@@ -120,7 +130,7 @@ def test_a_disk_that_fills_mid_save_keeps_every_checkpoint_whole(tiny_cub: Path,
 
 
 def test_ctrl_c_while_the_last_picture_is_drawn_exits_130_without_testing(
-    tiny_cub: Path, offline: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_cub: Path, offline: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The wait for the picture thread at the end of fit is interruptible: Ctrl-C there ends the run with 130 and
     no test; on the way out CAMPanel waits about two seconds, then drops the picture with one line."""
@@ -147,6 +157,7 @@ def test_ctrl_c_while_the_last_picture_is_drawn_exits_130_without_testing(
     finally:
         signal.signal(signal.SIGINT, previous)
     assert stopped.value.code == 130
+    assert "after its last training step (max_epochs=1, step " in caplog.text and "mid-epoch" not in caplog.text
     assert not (offline / "tested").exists()  # without the interrupt: the 8 s picture, then a test and exit 0
     released.set()
     for thread in threading.enumerate():  # the dropped picture's thread (a daemon) ends here, not in another test
@@ -187,6 +198,47 @@ def test_a_signal_saves_a_resumable_last_checkpoint_and_exits_with_its_status(
     # Epoch 1 went on where it stopped (its last batch), then epoch 2 ran: every step once.
     assert read_record(offline / "resumed")["epochs"] == [2]
     assert resumed_state["epoch"] == epochs - 1 and resumed_state["global_step"] == 3 * epochs
+
+
+def test_a_signal_after_the_last_training_step_resumes_to_what_the_run_had_left(
+    tiny_cub: Path, offline: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SIGTERM in the last epoch's validation: the checkpoint is not "mid-epoch", and its resume does not say
+    "nothing to train" but runs what the run had left (the CAM evolution, the test of the best checkpoint), after
+    which the run is finished."""
+    args = fit_args(["demo/classifier.yaml"], tiny_cub, offline, "first", "--trainer.max_epochs", "2", wandb=False)
+    with pytest.raises(SystemExit) as stopped:
+        main([*args, "--trainer.callbacks+=test_faults.TermInTheLastValidation"])
+    assert stopped.value.code == 143
+    run = offline / "runs"
+    last = run / "checkpoints" / "last.ckpt"
+    assert f"SIGTERM: saved {last} after its last training step (max_epochs=2, step 6); resuming it runs" in caplog.text
+    assert "mid-epoch" not in caplog.text
+    assert not (run / "cam_panels" / "evolution.gif").exists() and not (run / "finished.json").exists()
+
+    caplog.clear()
+    main(
+        [
+            *fit_args(["demo/classifier.yaml"], tiny_cub, offline, "left", "--trainer.max_epochs", "2", wandb=False),
+            "--ckpt_path",
+            str(last),
+        ]
+    )
+    assert f"{last} finished training (2 epochs, 6 steps; max_epochs=2) but not its run: running" in caplog.text
+    assert read_record(offline / "left")["epochs"] == []  # no epoch trained again
+    assert (run / "cam_panels" / "evolution.gif").stat().st_size > 0
+    record = json.loads((run / "finished.json").read_text())
+    assert (record["epochs"], record["steps"]) == (2, 6) and 0 <= record["test"]["test/acc"] <= 1
+
+    caplog.clear()
+    main(
+        [
+            *fit_args(["demo/classifier.yaml"], tiny_cub, offline, "again", "--trainer.max_epochs", "2", wandb=False),
+            "--ckpt_path",
+            str(last),
+        ]
+    )
+    assert "has finished its run (2 epochs, 6 steps; max_epochs=2): nothing to train" in caplog.text
 
 
 def test_resume_from_any_checkpoint_continues_its_run_folder(
