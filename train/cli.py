@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
 from cubcam import CubcamWarning
 from cubcam.cams.files import WriteFailed
-from cubcam.train.data.cub import DatasetNotFound
+from cubcam.train.data.cub import BadImage, DatasetNotFound
 from cubcam.train.data.datamodule import CUBDataModule
 from cubcam.train.inspection.checkpoint import CheckpointError, read_checkpoint
 from cubcam.train.modules import Classifier, CUBModule, EmbeddingNet  # noqa: F401  (short names for --model)
@@ -116,6 +117,8 @@ class CubCamCLI(LightningCLI):
         version_N/``) unless one is given. A W&B run without a name is named after its model, e.g.
         ``classifier-resnet18``, so that an ``--model.init_args.arch`` override shows in the runs table."""
         config = self.config.get(self.subcommand) if self.subcommand else None
+        if config is not None and self.subcommand == "fit":
+            check_writable(run_folders(config.trainer))
         logger = config.trainer.logger if config is not None else None
         if config is None or not isinstance(logger, Namespace):
             return
@@ -224,6 +227,47 @@ class CubCamCLI(LightningCLI):
         return {name: float(value) for result in results for name, value in result.items()}
 
 
+def run_folders(trainer: Namespace) -> dict[Path, str]:
+    """The local folders a run writes to, each with the option that moves it: the loggers' ``save_dir`` (and W&B's
+    ``wandb/`` in it), or ``default_root_dir`` without a logger. MLflow's tracking URI is MLflow's to check."""
+    loggers = trainer.get("logger")
+    loggers = loggers if isinstance(loggers, list) else [loggers]
+    folders: dict[Path, str] = {}
+    for logger in loggers:
+        if not isinstance(logger, Namespace):
+            continue
+        kind = str(logger.get("class_path", "")).rsplit(".", 1)[-1]
+        save_dir = logger.get("init_args", Namespace()).get("save_dir")
+        if kind == "MLFlowLogger" or (save_dir is not None and "://" in str(save_dir)):
+            continue
+        option = "--trainer.logger.init_args.save_dir"
+        folders[Path(save_dir or ".")] = option
+        if kind == "WandbLogger":
+            folders[Path(save_dir or ".") / "wandb"] = option
+    if not folders:
+        folders[Path(trainer.get("default_root_dir") or ".")] = "--trainer.default_root_dir"
+    return folders
+
+
+def check_writable(folders: dict[Path, str]) -> None:
+    """Each folder (created if missing) takes a new file, tried before any model is built: a read-only folder was a
+    60-line traceback from inside ``wandb.init``, or a failed checkpoint save after a whole epoch.
+
+    Raises:
+        WriteFailed: a folder that cannot be created or written, named with the option that moves it.
+    """
+    for folder, option in folders.items():
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError as error:
+            raise WriteFailed(
+                error.errno,
+                f"cannot write to {folder} ({error.strerror}): make it writable, or pass {option} <a writable folder>",
+            ) from error
+
+
 def best_checkpoint(trainer: pl.Trainer) -> str:
     """The path of the best checkpoint by a score, or "" when no checkpoint callback keeps one."""
     return next((c.best_model_path for c in _model_checkpoints(trainer) if c.monitor and c.best_model_path), "")
@@ -312,5 +356,14 @@ def run(argv: list[str] | None = None) -> CubCamCLI | None:
         if status is None:
             raise
         sys.exit(status)
-    except (CheckpointError, WriteFailed, DatasetNotFound) as error:
-        sys.exit(f"error: {error}")
+    except (CheckpointError, WriteFailed, DatasetNotFound, BadImage) as error:
+        sys.exit(f"error: {user_message(error)}")
+
+
+def user_message(error: BaseException) -> str:
+    """The message of an error that is a user's to fix; one re-raised from a DataLoader worker carries the worker's
+    whole traceback (``Caught BadImage in DataLoader worker process 0. Original Traceback ...``): its own message
+    is the part after the last ``BadImage: ``."""
+    text = str(error)
+    marker = f"{type(error).__name__}: "
+    return text.rstrip().rsplit(marker, 1)[-1] if text.startswith("Caught ") and marker in text else text

@@ -13,7 +13,7 @@ from cub_files import copy_of, mask_of, table
 from PIL import Image
 
 from cubcam.cams.overlay import denormalize
-from cubcam.train.data.cub import CUBDataset, human_name
+from cubcam.train.data.cub import BadImage, CUBDataset, human_name
 from cubcam.train.data.datamodule import CUBDataModule
 from cubcam.train.data.presets import (
     MEAN,
@@ -147,20 +147,20 @@ def test_missing_and_corrupt_images_fail_by_name_or_are_skipped_with_a_count(
     root = copy_of(synthetic_cub, tmp_path)
     dataset = CUBDataset(root, "train")
     missing, truncated, garbage, bomb = (dataset.image_path(i) for i in (1, 4, 9, 12))
+    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
+    dataset = CUBDataset(root, "train")  # a truncated file's header reads: it fails when it is decoded
+    with pytest.raises(BadImage, match=rf"{truncated.name}.*; --data.skip_bad_images true"):
+        dataset[4]
+
+    # A missing file, one that is no image and a bomb fail when the dataset is built, counted.
     missing.unlink()
-    truncated.write_bytes(truncated.read_bytes()[:300])
     garbage.write_bytes(b"not a jpeg at all")
     bomb.write_bytes(png_header(20000, 20000))  # over twice Pillow's MAX_IMAGE_PIXELS: DecompressionBombError
-
-    with pytest.raises(FileNotFoundError, match=missing.name):
+    with pytest.raises(BadImage, match=r"3 image file\(s\) of the train split are missing, empty or not images"):
         CUBDataset(root, "train")
-    missing.with_suffix(".tmp").write_bytes(b"")  # put an empty placeholder back: now it exists but is corrupt
-    missing.with_suffix(".tmp").rename(missing)
-    dataset = CUBDataset(root, "train")  # existence is checked up front, decoding when a sample is read
-    paths = [dataset.image_path(i) for i in range(len(dataset))]
-    for path in (missing, truncated, garbage, bomb):
-        with pytest.raises(OSError, match=path.name):
-            dataset[paths.index(path)]
+    missing.touch()  # an empty file is no image either
+    with pytest.raises(BadImage, match=r"3 image file\(s\) .* --data.skip_bad_images true"):
+        CUBDataset(root, "train")
 
     with pytest.warns(UserWarning, match=r"skipped 4 unreadable image\(s\) of 16"):
         kept = CUBDataset(root, "train", skip_bad_images=True)

@@ -240,11 +240,23 @@ def corrupt(path: Path, trained: Trained) -> list[str]:
     return [str(path)]
 
 
+def web_page(path: Path, trained: Trained) -> list[str]:
+    path.write_text("<!DOCTYPE html>\n<html><body>Sign in</body></html>\n")
+    return [str(path)]
+
+
+def empty(path: Path, trained: Trained) -> list[str]:
+    path.touch()
+    return [str(path)]
+
+
 @pytest.mark.parametrize(
     ("make", "message"),
     [
         (lambda path, trained: [str(path)], "does not exist"),
-        (corrupt, "is not a readable PyTorch file"),
+        (corrupt, "is cut short or damaged (a zip archive without its index)"),
+        (web_page, "is not a file torch.save wrote: it begins b'<!DOCTYPE html>"),
+        (empty, "is empty (0 bytes)"),
         (other_model, "is a checkpoint of another model"),
         (foreign_class, "is a checkpoint of zoo.Giraffe"),
         (pickled_object, "refusing to unpickle"),

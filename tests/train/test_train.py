@@ -15,7 +15,6 @@ import torch
 import wandb
 from cli_runs import (
     BATCH,
-    REPO,
     SIZE,
     M,
     assert_logged_every_epoch,
@@ -277,26 +276,6 @@ def test_the_same_seed_gives_the_same_numbers(tiny_cub: Path, offline: Path) -> 
     first, second = (read_record(offline / r / r) for r in ("first", "second"))
     assert first["batches"] == second["batches"]
     assert first["metrics"] == second["metrics"] and "val/cam_max_box_acc" in first["metrics"]
-
-
-def test_a_missing_data_root_is_its_message_without_a_traceback(offline: Path, capsys) -> None:
-    nowhere = offline / "nowhere"
-    args = ["fit", "--config", str(REPO / "configs" / "demo" / "classifier.yaml"), "--data.root", str(nowhere)]
-    with pytest.raises(SystemExit) as exited:
-        main([*args, "--trainer.logger", "false", "--trainer.default_root_dir", str(offline)])
-    message = str(exited.value.code)
-    assert message.startswith(f"error: no CUB-200-2011 dataset at {nowhere}: expected") and "download: true" in message
-    assert "Traceback" not in capsys.readouterr().err
-
-
-def test_a_mistyped_config_is_one_line_with_the_nearest_names(offline: Path, capsys) -> None:
-    with pytest.raises(SystemExit) as exited:
-        main(["fit", "--config", "demo/clasifier.yaml", "--print_config"])
-    assert exited.value.code == (
-        "error: --config demo/clasifier.yaml: no such file here or among cubcam's packaged configs; did you mean "
-        "demo/classifier.yaml or classifier.yaml?"
-    )
-    assert capsys.readouterr().err == ""  # not jsonargparse's 60 lines of usage
 
 
 def test_a_packaged_config_is_found_by_name_after_either_flag(offline: Path, capsys) -> None:

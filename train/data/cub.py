@@ -11,10 +11,11 @@ at least one image of a class with two or more); in ``zero_shot``, that share of
 their images (class-disjoint, as in Musgrave et al. 2020, "A Metric Learning Reality Check"). The ``train`` split
 is then what remains; ``test`` never changes. With ``val_fraction`` 0 there is no ``val`` split.
 
-Images are checked for existence when the dataset is built (a stat per file) and decoded when a sample is read; a
-missing or corrupt file raises an error naming it. With ``skip_bad_images=True`` every image of the split is
-decoded once up front (JPEGs at 1/8 scale: a few seconds for all of CUB), the unreadable ones are dropped and one
-warning gives their count.
+Images are checked when the dataset is built (each file's header is read: a missing file, an empty one or one that
+is no image, such as an HTML error page saved under a ``.jpg`` name, fails then) and decoded when a sample is read
+(a truncated file fails then); both errors are :class:`BadImage`, naming the file and ``skip_bad_images``. With
+``skip_bad_images=True`` every image of the split is decoded once up front (JPEGs at 1/8 scale: a few seconds for all
+of CUB), the unreadable ones are dropped and one warning gives their count.
 """
 
 from __future__ import annotations
@@ -66,6 +67,14 @@ Transform = Callable[[Image.Image, Tensor, Tensor], tuple[Tensor, Tensor, Tensor
 class DatasetNotFound(FileNotFoundError):
     """No CUB-format dataset where the settings point (its message names the layout and how to get it): a user's
     setting to fix, which ``cubcam`` reports in its own words, without a traceback."""
+
+
+class BadImage(OSError):
+    """An image file of the dataset that is missing or does not decode: its message names the file and
+    ``skip_bad_images``, which leaves such files out; ``cubcam`` reports it in one line."""
+
+
+SKIP_HINT = "--data.skip_bad_images true (skip_bad_images=True) leaves out the images that do not read"
 
 
 def find_root(root: str | Path) -> Path:
@@ -226,9 +235,9 @@ class CUBDataset(Dataset):
         bad, sizes = self._probe_images(paths, check_decoding=skip_bad_images)
         if bad and not skip_bad_images:
             first = next(iter(bad.items()))
-            raise FileNotFoundError(
-                f"{len(bad)} image file(s) of the {split} split are missing, e.g. {first[0]} "
-                f"(image id {first[1]}); restore them or pass skip_bad_images=True"
+            raise BadImage(
+                f"{len(bad)} image file(s) of the {split} split are missing, empty or not images, e.g. {first[0]} "
+                f"(image id {first[1]}): restore them, or {SKIP_HINT}"
             )
         if bad:
             warnings.warn(
@@ -345,7 +354,10 @@ class CUBDataset(Dataset):
         return self._paths[index]
 
     def __getitem__(self, index: int) -> Sample:
-        image = load_rgb(self._paths[index])
+        try:
+            image = load_rgb(self._paths[index])
+        except OSError as error:  # its message names the file
+            raise BadImage(f"{error}; {SKIP_HINT}") from error
         box, parts = self._boxes[index], self._parts[index]
         if self.transform is not None:
             tensor, box, parts = self.transform(image, box, parts)
@@ -364,8 +376,9 @@ class CUBDataset(Dataset):
 
 
 def _probe(path: Path, decode: bool) -> tuple[bool, tuple[int, int] | None]:
-    """(usable, (width, height) as its header says, or None). Usable: the file exists, and with ``decode`` the
-    whole file decodes (JPEGs at 1/8 scale through ``draft``: the full stream is still read)."""
+    """(usable, (width, height) as its header says, or None). Usable: the file exists and its header reads as an
+    image, and with ``decode`` the whole file decodes (JPEGs at 1/8 scale through ``draft``: the full stream is
+    still read)."""
     if not path.is_file():
         return False, None
     try:
@@ -376,7 +389,7 @@ def _probe(path: Path, decode: bool) -> tuple[bool, tuple[int, int] | None]:
                 image.load()
         return True, size
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):  # the last one is not an OSError
-        return not decode, None  # without decode a corrupt file fails, by name, when it is loaded
+        return False, None
 
 
 def _line_of(path: Path, image_id: int) -> int:

@@ -73,24 +73,56 @@ def one_line(text: object) -> str:
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """The checkpoint's dict, memory-mapped (cheap even for big files), tensors and plain containers only."""
+    """The checkpoint's dict, memory-mapped (cheap even for big files), tensors and plain containers only.
+
+    Raises:
+        CheckpointError: no such file, or one that is not a Lightning checkpoint, said in the file's terms (empty,
+            cut short, a web page, another pickle) rather than torch's.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} " + ("is not a file" if path.exists() else "does not exist"))
+    with path.open("rb") as file:
+        head = file.read(16)
+    zipped = zipfile.is_zipfile(path)  # what torch.save writes; only such a file can be memory-mapped
+    if not head:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): a copy or save that never finished?")
+    if head.startswith(b"PK") and not zipped:
+        raise CheckpointError(
+            f"checkpoint {path} is cut short or damaged (a zip archive without its index): a copy, download or save "
+            "that did not finish?"
+        )
+    if not zipped and not head.startswith(LEGACY_TORCH):
+        raise CheckpointError(not_torch(path, head))
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
     except pickle.UnpicklingError as err:
         if "weights only" in str(err).lower() or "weights_only" in str(err):
             raise CheckpointError(
                 f"checkpoint {path} holds Python objects other than tensors and plain containers; "
                 f"refusing to unpickle them (weights_only=True)"
             ) from err
-        raise CheckpointError(f"checkpoint {path} is not a readable PyTorch file ({one_line(err)})") from err
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as err:
-        raise CheckpointError(f"checkpoint {path} is not a readable PyTorch file ({one_line(err)})") from err
+        raise CheckpointError(damaged(path, err)) from err
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
+        raise CheckpointError(damaged(path, err)) from err
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise CheckpointError(f"{path} is not a Lightning checkpoint (no 'state_dict' entry)")
     return checkpoint
+
+
+LEGACY_TORCH = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"  # torch.save's non-zip format, begun
+
+
+def not_torch(path: Path, head: bytes) -> str:
+    """One line for a file that is neither of torch.save's formats: the bytes it begins with (a web page saved by a
+    failed download begins with ``<``)."""
+    page = " (a web page: a download that failed?)" if head.lstrip().startswith(b"<") else ""
+    return f"checkpoint {path} is not a file torch.save wrote: it begins {head!r}{page}"
+
+
+def damaged(path: Path, error: BaseException) -> str:
+    """One line for a file in torch.save's format that ``torch.load`` cannot read."""
+    return f"checkpoint {path} is damaged, or a zip archive torch.save did not write ({one_line(error)})"
 
 
 def module_class(hparams: dict[str, Any], path: str | Path = "checkpoint") -> type[CUBModule]:
