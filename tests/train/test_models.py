@@ -208,6 +208,17 @@ def test_training_without_an_end_keeps_a_constant_learning_rate(synthetic_cub, t
     assert stop.rates == [1e-3] * len(stop.rates) and len(stop.rates) >= 3
     assert "training has no end (max_epochs=-1, no max_steps): the learning rate stays constant" in caplog.text
 
+    caplog.clear()  # max_steps alone is an end: the cosine decays over it
+    stop = StopAfter(3)
+    trainer = pl.Trainer(
+        max_epochs=-1, max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=[stop],
+        default_root_dir=tmp_path,
+    )  # fmt: skip
+    with caplog.at_level("INFO"):
+        trainer.fit(Classifier(arch="resnet18", num_classes=data.num_classes, lr=1e-3), datamodule=data)
+    assert len(set(stop.rates)) == len(stop.rates) >= 3 and "training has no end" not in caplog.text
+
 
 @pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")  # training_step outside a Trainer
 def test_batches_without_a_possible_triplet_are_one_warning_naming_the_settings() -> None:
