@@ -3,13 +3,14 @@
 from cubcam.cams import GradCAM, EmbeddingCAM, normalized_mean_proxies, single_point_proxy, overlay
 maps = GradCAM(model, "layer4")(images)              # [B, H, W] in [0, 1], predicted classes
 maps = EmbeddingCAM(net, "layer4")(images, proxies)  # score <embedding, proxy>
+maps = FinerCAM(model, "layer4")(images)             # what separates the class from its 3 nearest rivals
 """
 
 from cubcam.cams import (
     _torchvision_guard,  # noqa: F401  (must run before anything imports torchvision)
     localization,
 )
-from cubcam.cams.engine import CAM, EmbeddingCAM, GradCAM, minmax_normalize
+from cubcam.cams.engine import CAM, EmbeddingCAM, FinerCAM, GradCAM, minmax_normalize
 from cubcam.cams.methods import METHODS, Method
 from cubcam.cams.overlay import denormalize, overlay
 from cubcam.cams.protocol import CAMModule, CAMStepOutput, Explanation, explain
@@ -24,6 +25,7 @@ __all__ = [
     "ClassLogits",
     "EmbeddingCAM",
     "Explanation",
+    "FinerCAM",
     "GradCAM",
     "Kind",
     "Method",

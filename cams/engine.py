@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from cubcam.cams import gradient_free
 from cubcam.cams.methods import Method, method_spec
-from cubcam.cams.targets import ClassLogits, Target, per_image
+from cubcam.cams.targets import ClassLogits, Proxies, Target, finer_of, finer_rows, per_image
 
 DEFAULT_CHANNEL_BATCH = 32  # channels per batched forward of ScoreCAM and AblationCAM (pytorch-grad-cam's 32)
 OutputSelector = str | int | Callable[[Any], Tensor] | None
@@ -322,6 +322,62 @@ class EmbeddingCAM(CAM):
 
     def __call__(self, images: Tensor, proxies: Tensor, *, upsample: bool = True, normalize: bool = True) -> Tensor:
         return self.explain(images, *per_image(proxies, images.shape[0]), upsample=upsample, normalize=normalize)
+
+
+class FinerCAM(CAM):
+    """Finer-CAM (Zhang et al., CVPR 2025): what separates a class from its most similar rivals, by any method of
+    the engine that uses the score (``method=``; EigenCAM does not).
+
+    ``FinerCAM(model, layer)(images)`` explains each image's predicted class against its three nearest rivals
+    (the classes whose logits lie nearest its own) with ``alpha=1``: ``pytorch_grad_cam.FinerCAM(model,
+    [layer])(images)``. For an embedding net give the class proxies: ``FinerCAM(net, layer)(images, proxies=P)``
+    explains each image's nearest proxy against the proxies nearest it in ``<y, p>``.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        if self.spec.needs == "nothing":
+            raise ValueError(f"{self.method} does not use the score, so Finer-CAM has nothing to change in it")
+
+    def __call__(
+        self,
+        images: Tensor,
+        targets: Tensor | int | Sequence[Any] | None = None,
+        *,
+        rivals: int | Tensor = 3,
+        proxies: Tensor | None = None,
+        alpha: float = 1.0,
+        temperature: float | None = None,
+        upsample: bool = True,
+        normalize: bool = True,
+    ) -> Tensor:
+        """``targets``: the classes (proxy rows) to explain, as :class:`GradCAM` takes them (None: the predicted
+        ones). ``rivals``: how many nearest rivals (default 3, pytorch-grad-cam's), or their classes, [R] for the
+        whole batch or [B, R]. ``proxies``: class proxies [C, D] of an embedding net (None: the model's output
+        is logits). ``alpha`` scales the rivals' scores; ``temperature`` their softmax weights (default 1 for
+        logits, ``EMBEDDING_TEMPERATURE`` for proxies: see :func:`~cubcam.cams.targets.finer_of`)."""
+        base = ClassLogits() if proxies is None else Proxies(proxies)
+        finer = finer_of(base, temperature)
+        finer.alpha = alpha
+        classes = class_indices(targets, images.shape[0])
+        given = None if isinstance(rivals, int) else torch.as_tensor(rivals).long()
+        if given is not None and given.dim() == 1:
+            given = given.expand(images.shape[0], -1)
+        rows: Tensor | None = None
+
+        def finer_score(output: Tensor, which: Tensor) -> Tensor:
+            nonlocal rows
+            if rows is None:  # the first call scores the batch as given: its classes and rivals, fixed from then on
+                scores = finer.base.similarities(output.detach())
+                chosen = classes if classes is not None else base.class_scores(output.detach()).argmax(1)
+                chosen = chosen.to(scores.device)
+                if given is None:
+                    rows = finer_rows(scores, chosen, cast(int, rivals))
+                else:
+                    rows = torch.cat([chosen[:, None], given.to(scores.device)], 1)
+            return finer.score(output, rows.to(which.device)[which])
+
+        return self._maps(images, finer_score, upsample, normalize)
 
 
 def looks_channels_last(shape: tuple[int, ...]) -> bool:

@@ -12,6 +12,9 @@ engine, the callback, ``explain``, ``evaluate``) calls a target instead of branc
 
 One-hot proxies on logits give GradCAM exactly: ``Proxies(torch.eye(C))`` and ``ClassLogits()`` score the same.
 
+:class:`Finer` (Finer-CAM, Zhang et al. 2025) wraps either: image b scores its row minus its nearest rivals' rows,
+so what similar classes share cancels out; its rows are [B, 1 + R] (:func:`finer_rows`).
+
 :func:`make_target` is the one factory every consumer calls: the model kind and a proxy scheme in, an
 :class:`ExplanationTarget` (the target, and which of its rows each image explains) out.
 """
@@ -80,6 +83,15 @@ class ClassLogits:
         """The probability of the class (softmax; sigmoid for a binary classifier's single logit)."""
         return self.class_scores(outputs).gather(1, self._rows(outputs, rows)[:, None])[:, 0]
 
+    def similarities(self, outputs: Tensor) -> Tensor:
+        """Every class's score [B, C] (the logits), which :class:`Finer` ranks and subtracts."""
+        if outputs.dim() != 2 or outputs.shape[1] < 2:
+            raise ValueError(
+                f"Finer-CAM compares a class with its rivals, so it needs logits [B, C] of two or more classes; "
+                f"got {tuple(outputs.shape)} (a binary head's single logit has no rival)"
+            )
+        return outputs
+
     @staticmethod
     def _rows(outputs: Tensor, rows: Tensor) -> Tensor:
         if outputs.dim() != 2:
@@ -143,6 +155,97 @@ class Proxies:
     def class_scores(self, outputs: Tensor) -> Tensor:
         unit = F.normalize(self.classes.float(), dim=1).to(outputs.device)
         return F.normalize(outputs.float(), dim=1) @ unit.T
+
+    def similarities(self, outputs: Tensor) -> Tensor:
+        """Every row's score [B, N], ``<y_b, table[n]>``: what :class:`Finer` ranks and subtracts, as a classifier's
+        logits."""
+        if outputs.dim() != 2 or self.table.shape[1] != outputs.shape[1]:
+            raise ValueError(f"proxies of dimension {self.table.shape[1]} do not fit outputs {tuple(outputs.shape)}")
+        return outputs @ self.table.to(device=outputs.device, dtype=outputs.dtype).T
+
+
+class Finer:
+    """Finer-CAM's target (Zhang et al., CVPR 2025): image b explains its row's score minus its rivals' scores, so
+    that what the rivals share with it cancels out.
+
+    With ``s`` = ``base.similarities(outputs)`` (a classifier's logits; an embedding net's ``<y, p_k>`` with every
+    proxy) and ``rows[b]`` = (row c, rivals k_1..k_R), the score is
+    ``sum_k w_k (s_c - alpha s_k) / (sum_k w_k + 1e-9)`` with ``w = softmax(s / temperature)`` at the rivals,
+    differentiated too: pytorch-grad-cam's ``FinerWeightedTarget`` at temperature 1. One-hot proxies on logits at
+    temperature 1 give the classifier's Finer-CAM exactly. Predictions and confidences are the base target's.
+    """
+
+    def __init__(self, base: ClassLogits | Proxies, alpha: float = 1.0, temperature: float = 1.0):
+        if not temperature > 0:
+            raise ValueError(f"Finer-CAM's temperature must be positive, got {temperature}")
+        self.base, self.alpha, self.temperature = base, alpha, temperature
+        self.kind: Kind = base.kind
+        self.score_name = base.score_name
+
+    def score(self, outputs: Tensor, rows: Tensor) -> Tensor:
+        scores = self.base.similarities(outputs)
+        rows = check_finer_rows(rows, scores.shape[0], scores.shape[1]).to(outputs.device)
+        target, rival = scores.gather(1, rows[:, :1]), scores.gather(1, rows[:, 1:])
+        weights = (scores / self.temperature).softmax(1).gather(1, rows[:, 1:])
+        return (weights * (target - self.alpha * rival)).sum(1) / (weights.sum(1) + 1e-9)
+
+    def class_scores(self, outputs: Tensor) -> Tensor:
+        return self.base.class_scores(outputs)
+
+    def confidence(self, outputs: Tensor, rows: Tensor) -> Tensor:
+        """The base target's confidence in the explained row (``rows[:, 0]``)."""
+        return self.base.confidence(outputs, torch.as_tensor(rows)[:, 0])
+
+
+EMBEDDING_TEMPERATURE = 0.1  # Finer-CAM's softmax temperature over an embedding net's proxy similarities (cosines)
+
+
+def finer_of(target: Target, temperature: float | None = None) -> Finer:
+    """Finer-CAM over an explanation target's classes: a classifier's logits (at temperature 1, pytorch-grad-cam's
+    weights), or an embedding net's class proxies (its Normalized Mean Proxies under every scheme) at
+    ``EMBEDDING_TEMPERATURE``: its similarities are cosines in [-1, 1], whose plain softmax over many classes would
+    weigh every rival alike.
+
+    Raises:
+        ValueError: a target with no classes to rank (a table of per-image proxies without class proxies).
+    """
+    if isinstance(target, Finer):
+        return target
+    if isinstance(target, ClassLogits):
+        return Finer(ClassLogits(), temperature=1.0 if temperature is None else temperature)
+    if isinstance(target, Proxies):
+        return Finer(Proxies(target.classes), temperature=EMBEDDING_TEMPERATURE if temperature is None else temperature)
+    raise ValueError(
+        f"Finer-CAM ranks a classifier's logits or an embedding net's proxies, not {type(target).__name__}"
+    )
+
+
+def finer_rows(similarities: Tensor, rows: Tensor, rivals: int = 3) -> Tensor:
+    """[B, 1 + R]: each image's row, then the ``rivals`` rows whose scores lie nearest it (ranks 1..R of
+    ``|s_k - s_c|``, as pytorch-grad-cam's ``FinerCAM`` ranks them), R clamped to the other rows there are.
+
+    Raises:
+        ValueError: fewer than two rows (nothing to compare with), or ``rivals`` below 1.
+    """
+    if rivals < 1:
+        raise ValueError(f"Finer-CAM needs at least one rival, got rivals={rivals}")
+    if similarities.dim() != 2 or similarities.shape[1] < 2:
+        raise ValueError(f"Finer-CAM needs scores of two or more classes [B, C], got {tuple(similarities.shape)}")
+    rows = check_rows(rows, similarities.shape[0], similarities.shape[1], "targets").to(similarities.device)
+    distance = (similarities - similarities.gather(1, rows[:, None])).abs()
+    distance = distance.scatter(1, rows[:, None], -1.0)  # the row itself first, whatever ties there are
+    return distance.argsort(1)[:, : 1 + min(rivals, similarities.shape[1] - 1)]
+
+
+def check_finer_rows(rows: Tensor, batch: int, count: int) -> Tensor:
+    """``rows`` as int64 [batch, 1 + R] (R >= 1), each in [0, count)."""
+    rows = torch.as_tensor(rows)
+    if rows.dim() != 2 or rows.shape[0] != batch or rows.shape[1] < 2:
+        raise ValueError(
+            f"Finer-CAM's rows must be [{batch}, 1 + R]: each image's class, then R >= 1 rivals; got "
+            f"{tuple(rows.shape)}"
+        )
+    return check_rows(rows.flatten(), rows.numel(), count, "Finer-CAM's rows").view(rows.shape)
 
 
 def per_image(proxies: Tensor, batch: int) -> tuple[Proxies, Tensor]:
