@@ -87,11 +87,13 @@ from cubcam.cams.protocol import (
     explain,
     explainer_for,
     features_for,
+    finer_maps,
 )
 from cubcam.cams.road import ROAD_PERCENTILES, road
 from cubcam.cams.targets import ExplanationTarget, ProxyScheme, Target, single_points
 from cubcam.train.data.cub import SPLITS, CUBDataset, spread_indices
 from cubcam.train.inspection.checkpoint import one_line
+from cubcam.train.inspection.confusion import confused_section, write_confused
 from cubcam.train.inspection.plots import box_accuracy_plot, faithfulness_plot, sanity_maps_figure, sanity_plot
 from cubcam.train.inspection.reference import loader
 from cubcam.train.inspection.sanity import SanityResult, blocks, sanity_check, sanity_report, sanity_table
@@ -100,6 +102,7 @@ from cubcam.train.inspection.session import START_ERRORS, add_common_options, fa
 # An embedding net's methods, each keyed <method>/<scheme>: the class proxies (one per class, so the map of an
 # image explains its class, as the WSOL metrics ask).
 EVALUATE_SCHEMES: tuple[ProxyScheme, ...] = ("normalized_mean", "single_point_random")
+FINER = "+finer"  # the key suffix of a method's Finer-CAM (--finer): gradcam+finer, gradcam/normalized_mean+finer
 BASELINES = ("random", "centre_gaussian")  # uninformed maps scored beside the methods (random: with faithfulness)
 IOUS = DEFAULT_IOU_THRESHOLDS
 
@@ -109,6 +112,8 @@ def method_name(key: str) -> str:
     embedding net's: method / proxy scheme) or a baseline's."""
     if key in BASELINE_NAMES:
         return BASELINE_NAMES[key]
+    if key.endswith(FINER):
+        return f"Finer-{method_name(key.removesuffix(FINER))}"
     method, _, scheme = key.partition("/")
     title = METHODS[cast(Method, method)].title
     if not scheme:
@@ -200,6 +205,7 @@ class Scores:
     num_images: int
     accumulators: dict[str, LocalizationAccumulator]
     labels: np.ndarray
+    predicted: np.ndarray  # the predicted class of every slot (an embedding net's: its nearest class proxy)
 
 
 def score_split(
@@ -215,6 +221,7 @@ def score_split(
     progress: bool = True,
     road_percentiles: Sequence[float] = ROAD_PERCENTILES,
     channel_batch_size: int = DEFAULT_CHANNEL_BATCH,
+    finer: int = 0,
 ) -> Scores:
     """Every method's scores, and the baselines', over the ``total`` images of ``batches`` (in order).
 
@@ -227,6 +234,11 @@ def score_split(
     The baselines (``centre_gaussian``, and with ``steps`` also ``random``, drawn from ``seed``) are scored with
     the first method's target, so they answer "what does an uninformed map get on this score".
 
+    With ``finer`` (a number of rivals), each method over class scores (a classifier's, an embedding net's
+    ``normalized_mean`` proxies) is scored a second time as Finer-CAM (key ``<method>+finer``): each image's class
+    against its ``finer`` nearest rivals, one more backward per batch; its faithfulness perturbs the same confidence
+    as the plain method's.
+
     The box metrics are labelled where the maps are (``cubcam.cams.localization.box_hits``: torch on an
     accelerator, NumPy on the CPU), and ROAD's imputation is solved there too.
     """
@@ -234,10 +246,12 @@ def score_split(
     explainers = {m: explainer_for(module, m, channel_batch_size) for _, m in methods.values()}
     workers = torch.get_num_threads()
     baselines = BASELINES if steps else ("centre_gaussian",)
-    names = [*methods, *baselines]
+    finer_of_method = {name: name + FINER for name, (target, _) in methods.items() if finer and has_classes(target)}
+    names = [*methods, *finer_of_method.values(), *baselines]
     accumulators = {name: LocalizationAccumulator(total, workers=workers, device=device) for name in names}
     faithful = {name: FaithfulnessAccumulator(steps) for name in names} if steps else {}
     labels = np.full(total, -1, np.int64)
+    predicted = np.full(total, -1, np.int64)
     baseline: CentreBaseline | None = None
     generator = torch.Generator().manual_seed(seed)
     road_noise = torch.Generator().manual_seed(seed)
@@ -259,6 +273,12 @@ def score_split(
                 features = features_for(explainer, activations, images)
                 step = explain(explainer, features, outputs, target, size, batch["label"], choice, method)
                 maps[name] = (step.maps.float(), (target, method), step.rows)
+                predicted[seen : seen + len(images)] = step.predicted.cpu().numpy()
+                if name in finer_of_method:
+                    finer_cams, _ = finer_maps(
+                        explainer, features, outputs, target.target, size, step.explained, finer, method
+                    )
+                    maps[finer_of_method[name]] = (finer_cams.float(), (target, method), step.rows)
             first = next(iter(maps.values()))
             if steps:  # where it tells something; its many small regions would triple the cost of box metrics
                 grid = (int(activations.shape[-2]), int(activations.shape[-1]))
@@ -283,7 +303,13 @@ def score_split(
             result = faithful[name].compute()
             curves[name] |= {k: cast(list[float], result.pop(k)) for k in ("deletion_curve", "insertion_curve")}
             scores[name] |= {k: float(cast(float, v)) for k, v in result.items() if k != "num_images"}
-    return Scores(scores, curves, seen, accumulators, labels)
+    return Scores(scores, curves, seen, accumulators, labels, predicted)
+
+
+def has_classes(target: ExplanationTarget) -> bool:
+    """Whether a target's rows are the classes, which Finer-CAM ranks: a classifier's logits, or an embedding net's
+    Normalized Mean Proxies (its single-point schemes explain one image's embedding)."""
+    return target.scheme in (None, "normalized_mean")
 
 
 def perturb(
@@ -471,6 +497,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--limit", type=positive_int, default=None, help="score only this many images, spread over the split"
     )
     parser.add_argument(
+        "--finer",
+        type=positive_int,
+        nargs="?",
+        const=3,
+        default=0,
+        metavar="RIVALS",
+        help="also score each method as Finer-CAM (each image's class against its RIVALS, default 3, most similar "
+        "classes), and write the most confused pairs with the maps that tell them apart",
+    )
+    parser.add_argument(
         "--sanity",
         type=positive_int,
         nargs="?",
@@ -539,6 +575,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.blur,
         road_percentiles=args.road_percentiles,
         channel_batch_size=args.channel_batch_size,
+        finer=args.finer,
     )
     first = next(iter(methods))
     classes = per_class(scores, dataset.class_names)
@@ -564,6 +601,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     try:  # a full disk, a read-only folder: one line, not a traceback
         out.mkdir(parents=True, exist_ok=True)
         plots = write_plots(report, out, sanity, (dataset.mean, dataset.std))
+        if args.finer:
+            target, method = methods[first]
+            report["confused_pairs"] = write_confused(
+                out, module, target, method, scored, scores.labels, scores.predicted, session.device,
+                args.channel_batch_size,
+            )  # fmt: skip
+            report["finer_rivals"] = args.finer
         write_text(out / "metrics.json", json.dumps(report, indent=2, sort_keys=True) + "\n")
         heading = (
             f"{markdown_text(session.ckpt.path.name)} on the {split} split ({scores.num_images} images, "
@@ -571,13 +615,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
         baselines = [name for name in BASELINES if name in scores.methods]
         checked = "" if sanity is None else "\n" + sanity_table(report["sanity"], method_name)
+        confused = confused_section(report["confused_pairs"], markdown_text) if args.finer else ""
         text = heading + markdown_table(report["methods"]) + "\n" + per_class_table(classes, [first, *baselines])
-        write_text(out / "metrics.md", text + checked)
+        write_text(out / "metrics.md", text + checked + confused)
     except (WriteFailed, PermissionError) as err:
         fail(err)
     width = shutil.get_terminal_size().columns
     print(f"{session.ckpt.path.name} on the {split} split ({scores.num_images} images), in %:")
     print(terminal_table(report["methods"], width) + checked)
+    for pair in report.get("confused_pairs", []):
+        print(f"most confused: {' and '.join(pair['classes'])} ({pair['count']} image(s)): {out / pair['figure']}")
     print(
         f"wrote {out / 'metrics.json'}, {out / 'metrics.md'} (with the per-class table) and "
         + ", ".join(p.name for p in plots)

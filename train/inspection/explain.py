@@ -17,7 +17,6 @@ that cannot be read is reported in one line and skipped; the exit code is then 1
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from dataclasses import dataclass, field
@@ -29,14 +28,15 @@ from torch import Tensor
 
 from cubcam.cams import overlay
 from cubcam.cams.figure import grid, marked, pair_strips, save_png
-from cubcam.cams.files import WriteFailed, write_text
+from cubcam.cams.files import WriteFailed
 from cubcam.cams.methods import METHODS, Method, methods_needing
 from cubcam.cams.overlay import denormalize
-from cubcam.cams.protocol import UNKNOWN_LABEL, Choice, Explainer, explain, explainer_for, pair_maps
-from cubcam.cams.targets import ExplanationTarget, ProxyScheme, proxy_scheme
+from cubcam.cams.protocol import UNKNOWN_LABEL, Choice, Explainer, explain, explainer_for, finer_maps, pair_maps
+from cubcam.cams.targets import ExplanationTarget, Proxies, ProxyScheme, finer_of, proxy_scheme
 from cubcam.train.data.cub import SPLITS, CUBDataset, spread_indices
 from cubcam.train.data.presets import EvalPreset, load_rgb
 from cubcam.train.inspection.checkpoint import CheckpointError, one_line
+from cubcam.train.inspection.explain_output import GRID_PAGE, GridPages, log_to_wandb, write_json
 from cubcam.train.inspection.reference import ReferenceSet
 from cubcam.train.inspection.session import START_ERRORS, Session, add_common_options, fail, positive_int, start
 
@@ -88,8 +88,10 @@ class ImageExplainer:
     class_names: list[str]
     device: torch.device
     method: Method = "gradcam"
+    finer: int = 0  # rivals of Finer-CAM's second map (0: none)
 
-    def __call__(self, items: list[Item]) -> tuple[Tensor, list[dict[str, Any]]]:
+    def __call__(self, items: list[Item]) -> tuple[Tensor, Tensor | None, list[dict[str, Any]]]:
+        """(maps [B, H, W], Finer-CAM maps [B, H, W] or None, a record per image)."""
         images = torch.stack([item.image for item in items]).to(self.device)
         features, outputs = self.explainer.features_and_outputs(images)
         labels = torch.tensor([UNKNOWN_LABEL if item.label is None else item.label for item in items])
@@ -108,7 +110,14 @@ class ImageExplainer:
                     "true": None if item.label is None else {"class": item.label, "name": self.class_names[item.label]},
                 }
             )
-        return step.maps.cpu(), records
+        if not self.finer:
+            return step.maps.cpu(), None, records
+        finer, rows = finer_maps(
+            self.explainer, features, outputs, self.target.target, size, step.explained, self.finer, self.method
+        )
+        for record, row in zip(records, rows.tolist()):
+            record["finer"] = {"rivals": [{"class": k, "name": self.class_names[k]} for k in row[1:]]}
+        return step.maps.cpu(), finer.cpu(), records
 
 
 def caption(record: dict[str, Any], score_name: str, cam: Tensor) -> str:
@@ -118,6 +127,14 @@ def caption(record: dict[str, Any], score_name: str, cam: Tensor) -> str:
     explained = marked(f"{record['target']['name']} ({record['target']['kind']})", cam)
     pred = f"pred: {record['predicted']['name']} ({score_name} {record['predicted']['score']:.2f})"
     return f"{first}\n{pred}\nmap: {explained}"
+
+
+def finer_caption(record: dict[str, Any], cam: Tensor) -> str:
+    """What a Finer-CAM tile shows: the explained class against its rivals (the nearest named, the others counted:
+    every one of them is in summary.json)."""
+    first, *others = (rival["name"] for rival in record["finer"]["rivals"])
+    more = f"\nand {len(others)} more" if others else ""
+    return f"Finer-CAM: what tells\n{record['target']['name']}\n" + marked(f"apart from {first}{more}", cam)
 
 
 # --- main ----------------------------------------------------------------------------------------------------------
@@ -155,6 +172,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="EmbeddingCAM proxy (from the reference split's embeddings): the class's Normalized Mean Proxy, one of "
         "its images drawn with --seed (single_point_random), or each image's nearest "
         "reference image (single_point_nearest)",
+    )
+    parser.add_argument(
+        "--finer",
+        type=positive_int,
+        nargs="?",
+        const=3,
+        default=0,
+        metavar="RIVALS",
+        help="a second map per image: Finer-CAM of its class against its RIVALS (default 3) most similar classes, "
+        "what tells them apart (embedding nets: the nearest class proxies); with --query, what tells the query's "
+        "nearest neighbour apart from the nearest one of another class",
     )
     parser.add_argument("--query", type=Path, help="retrieval explanation of this image (embedding nets)")
     parser.add_argument("--topk", type=positive_int, default=5, help="neighbours shown with --query")
@@ -230,9 +258,11 @@ def explain_images(
         list(class_names),
         session.device,
         args.method,
+        args.finer,
     )
     digits = max(2, len(str(len(sources) - 1)))  # 000_... sorts past 99 images
-    pages = GridPages(args.out, math.ceil(len(sources) / GRID_PAGE), args.colormap, args.alpha)
+    tiles = len(sources) * (2 if args.finer else 1)  # with --finer each image's two maps sit side by side
+    pages = GridPages(args.out, math.ceil(tiles / GRID_PAGE), args.colormap, args.alpha)
     records: list[dict[str, Any]] = []
     captions: list[str] = []  # small: one line per image, for W&B
     interrupted = False
@@ -241,16 +271,21 @@ def explain_images(
             chunk = [item for item in map(load, sources[first : first + args.batch_size]) if item is not None]
             if not chunk:
                 continue
-            maps, chunk_records = explainer(chunk)
-            for item, cam, record in zip(chunk, maps, chunk_records):
+            maps, finer, chunk_records = explainer(chunk)
+            for i, (item, cam, record) in enumerate(zip(chunk, maps, chunk_records)):
                 pixels = denormalize(item.image)
-                name = f"{len(records):0{digits}d}_{Path(record.get('path') or item.source).stem}.png"
-                save_png(overlay(pixels, cam, colormap=args.colormap, alpha=args.alpha), args.out / name)
-                record["overlay"] = name
+                stem = f"{len(records):0{digits}d}_{Path(record.get('path') or item.source).stem}"
+                save_png(overlay(pixels, cam, colormap=args.colormap, alpha=args.alpha), args.out / f"{stem}.png")
+                record["overlay"] = f"{stem}.png"
                 records.append(record)
                 captions.append(caption(record, target.target.score_name, cam))
                 box = item.box if item.box is not None and bool((item.box[2:] > 0).all()) else None
                 pages.add(pixels, captions[-1], cam, box)
+                if finer is not None:
+                    finer_overlay = overlay(pixels, finer[i], colormap=args.colormap, alpha=args.alpha)
+                    save_png(finer_overlay, args.out / f"{stem}_finer.png")
+                    record["finer"]["overlay"] = f"{stem}_finer.png"
+                    pages.add(pixels, finer_caption(record, finer[i]), finer[i], box)
     except KeyboardInterrupt:  # Ctrl-C: what is explained so far is written below, then the exit status says so
         interrupted = True
     written = pages.close()
@@ -258,6 +293,7 @@ def explain_images(
         "checkpoint": str(session.ckpt.path),
         "kind": session.kind,
         "method": args.method,
+        "finer_rivals": args.finer,
         "proxy": target.scheme,
         "target": args.target,
         "image_size": [preset.size, preset.size],
@@ -339,6 +375,7 @@ def explain_retrieval(session: Session, reference: ReferenceSet, args: argparse.
             }
         )
     save_png(grid([strip.boxed for strip in strips], captions, ncols=1), args.out / "retrieval.png")
+    finer = retrieval_finer(session, reference, args, query, query_features, query_embedding) if args.finer else None
     summary = {
         "checkpoint": str(session.ckpt.path),
         "query": str(args.query),
@@ -348,73 +385,64 @@ def explain_retrieval(session: Session, reference: ReferenceSet, args: argparse.
         "grid": "retrieval.png",
         "errors": [],
     }
+    if finer is not None:
+        summary["finer"] = finer
     write_json(args.out / "summary.json", summary)
     print(f"query {args.query}: {k} nearest neighbours in the {reference.split} split -> {args.out / 'retrieval.png'}")
     for r in records:
         print(f"  #{r['rank']}  cos {r['similarity']:.3f}  {r['name']}  ({Path(r['path']).name})")
+    if finer is not None and "overlay" in finer:
+        print(f"  {' '.join(finer['caption'].split())} -> {args.out / finer['overlay']}")
     if args.wandb:
         log_to_wandb(args, summary, [], [])
     return 0
 
 
-GRID_PAGE = 64  # tiles per grid file: a 500-image panel is 8 files of 16 x 4 tiles, not one 36,879 px tall image
-
-
-class GridPages:
-    """The captioned grid of every explained image, written a page (:data:`GRID_PAGE` tiles) at a time:
-    ``grid.png`` when one page holds them all, else ``grid_1.png``, ``grid_2.png``, ... (zero-padded past 9 pages).
-    GT box green (dataset images), the CAM's box red, as in the training callback's panels."""
-
-    def __init__(self, out: Path, num_pages: int, colormap: str, alpha: float):
-        self.out, self.colormap, self.alpha = out, colormap, alpha
-        self.digits = len(str(num_pages)) if num_pages > 1 else 0
-        self.pending: list[tuple[Any, str, Tensor, Tensor | None]] = []  # (pixels, caption, map, box) of the page
-        self.written: list[str] = []
-
-    def add(self, pixels: Any, text: str, cam: Tensor, box: Tensor | None) -> None:
-        self.pending.append((pixels, text, cam, box))
-        if len(self.pending) == GRID_PAGE:
-            self._flush()
-
-    def close(self) -> list[str]:
-        """Write the last page; the names of all the pages written, in order."""
-        self._flush()
-        return self.written
-
-    def _flush(self) -> None:
-        if not self.pending:
-            return
-        name = f"grid_{len(self.written) + 1:0{self.digits}d}.png" if self.digits else "grid.png"
-        tiles, captions, maps, boxes = zip(*self.pending)
-        page = grid(tiles, captions, ncols=4, cams=maps, boxes=boxes, colormap=self.colormap, alpha=self.alpha)
-        save_png(page, self.out / name)
-        self.written.append(name)
-        self.pending = []
-
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
-def log_to_wandb(args: argparse.Namespace, summary: dict[str, Any], images: list[Path], captions: list[str]) -> None:
-    """One W&B run (``job_type=explain``, project ``--wandb``) with the grid and every overlay; WANDB_MODE=offline
-    keeps it local."""
-    import wandb  # only here: explaining without --wandb never starts it
-
-    run = wandb.init(
-        project=args.wandb,
-        job_type="explain",
-        dir=str(args.out),
-        config={k: v for k, v in summary.items() if not isinstance(v, (list, dict))},
+def retrieval_finer(
+    session: Session,
+    reference: ReferenceSet,
+    args: argparse.Namespace,
+    query: Tensor,
+    features: Tensor,
+    embedding: Tensor,
+) -> dict[str, Any]:
+    """What makes the query like its nearest neighbour rather than the nearest neighbour of another class: Finer-CAM
+    of the query's similarity to the first (a Single Point Proxy) with the second as its one rival. Writes
+    ``retrieval_finer.png``; returns its record."""
+    similarity, indices = reference.nearest(embedding.cpu(), len(reference.embeddings))
+    order = indices[0].tolist()
+    first = order[0]
+    other = next((i for i in order if int(reference.labels[i]) != int(reference.labels[first])), None)
+    if other is None:
+        return {"error": "the reference split holds one class: no neighbour of another class to tell apart"}
+    proxies = Proxies(reference.embeddings[[first, other]].to(embedding.device))
+    target = finer_of(proxies)
+    rows = torch.tensor([[0, 1]], device=features.device)
+    size = (int(query.shape[-2]), int(query.shape[-1]))
+    cam = (
+        explainer_for(session.ckpt.module, args.method, args.channel_batch_size)
+        .maps(features, size, target, rows, args.method)[0]
+        .cpu()
     )
-    try:
-        logged: dict[str, Any] = {
-            "explain/overlays": [wandb.Image(str(p), caption=c) for p, c in zip(images, captions)]
-        }
-        if summary.get("grid"):
-            logged["explain/grid"] = wandb.Image(str(args.out / summary["grid"]))
-        run.log(logged)
-        run_dir = Path(run.dir).parent
-        print(f"W&B run: {run_dir}" + (f"   upload with: wandb sync {run_dir}" if run.offline else ""))
-    finally:
-        run.finish()
+    names = [reference.dataset.class_names[int(reference.labels[i])] for i in (first, other)]
+    rank = order.index(other) + 1
+    text = f"Finer-CAM of the query:\nlike #1 {names[0]}\nrather than #{rank} {names[1]}"
+    tile = grid(
+        [denormalize(query)],
+        [marked(text, cam)],
+        ncols=1,
+        cams=[cam],
+        colormap=args.colormap,
+        alpha=args.alpha,
+    )
+    save_png(tile, args.out / "retrieval_finer.png")
+    neighbour = {
+        i: {"index": i, "path": str(reference.dataset.image_path(i)), "name": n, "similarity": round(float(s), 6)}
+        for i, n, s in ((first, names[0], similarity[0, 0]), (other, names[1], similarity[0, rank - 1]))
+    }
+    return {
+        "like": neighbour[first],
+        "rather_than": {**neighbour[other], "rank": rank},
+        "caption": text,
+        "overlay": "retrieval_finer.png",
+    }
