@@ -29,7 +29,7 @@ from cubcam.callbacks.batches import BatchFormat
 from cubcam.callbacks.collect import EpochCollector
 from cubcam.callbacks.epoch_maps import METRIC_KEYS, Collectives, Epoch, epoch_maps
 from cubcam.callbacks.evolution import Evolution
-from cubcam.callbacks.options import KindArg, PanelOptions, check_monitors
+from cubcam.callbacks.options import FinerMode, KindArg, PanelOptions, check_monitors
 from cubcam.callbacks.panel_render import Style
 from cubcam.callbacks.panel_select import random_subset, saved_choice
 from cubcam.callbacks.picture_thread import Drawn, EvolutionJob, PictureThread
@@ -105,6 +105,12 @@ class CAMPanel(_Callback):
         image_key: where dict batches and dataset items keep the images (tuples are ``(images, labels[, boxes])``).
         label_key: where they keep the labels.
         box_key: where they keep the optional boxes (``[x, y, w, h]`` in the image tensor's pixels).
+        finer: Finer-CAM (Zhang et al., CVPR 2025) in the panel: "wrong" (default) appends a third tile to each bird
+            the model gets wrong, what tells its true class apart from the predicted one (the true class's score
+            minus the predicted class's); "every" appends one to every bird, its class against its 3 nearest rivals;
+            "off". Head-only, in the same pass as the other maps (one more backward of the panel's birds). Not
+            drawn where there is no rival to subtract: a binary head, ``score=``, "eigencam" and the
+            ``single_point_nearest`` proxy.
 
 
     Raises:
@@ -136,11 +142,12 @@ class CAMPanel(_Callback):
         image_key: str = "image",
         label_key: str = "label",
         box_key: str = "box",
+        finer: FinerMode = "wrong",
     ):
         fmt = BatchFormat(image_key, label_key, box_key)
         self.options = PanelOptions(
             num_images, every_n_epochs, method, kind, proxy, target, colormap, alpha, log_metrics, metrics_subset,
-            seed, target_layer, reshape, score, fmt,
+            seed, target_layer, reshape, score, fmt, finer,
         )  # fmt: skip
         # Chosen once and saved in checkpoints: the panel's and the metric subset's dataset indices, the evolution.
         self.panel: list[int] | None = None

@@ -214,7 +214,7 @@ def _panel(
         )
         layout, primary = "neighbour", inputs["maps"]
     else:
-        inputs = class_inputs(explainer, birds, target, options.target, options.method)
+        inputs = class_inputs(explainer, birds, target, options.target, options.method, options.finer)
         primary = inputs["primary"]
     mean = [float(m) for m in getattr(epoch.dataset, "mean", IMAGENET_MEAN)]
     std = [float(s) for s in getattr(epoch.dataset, "std", IMAGENET_STD)]

@@ -26,6 +26,10 @@ METRIC_PREFIX = "val/cam_"  # the CAM metrics' keys (cubcam.callbacks.epoch_maps
 CHECKPOINTS = in_both(ModelCheckpoint)
 MONITORS = CHECKPOINTS + in_both(EarlyStopping)
 KindArg = Literal["auto", Kind]  # "auto": the module's cam_kind
+# Finer-CAM in the panel: a third tile for the birds the model gets wrong (their true class against the predicted
+# one), one for every bird (its class against its FINER_RIVALS nearest), or none.
+FinerMode = Literal["wrong", "every", "off"]
+FINER_RIVALS = 3
 DEFAULT_METRICS_SUBSET = 512
 # With target_layer every subset image costs a forward and a backward each epoch: a smaller default subset.
 DEFAULT_LAYER_METRICS_SUBSET = 128
@@ -50,6 +54,7 @@ class PanelOptions:
     reshape: Reshape | None = None
     score: Callable[[Tensor, Tensor], Tensor] | None = None
     format: BatchFormat = CUBCAM_FORMAT
+    finer: FinerMode = "wrong"
 
     def __post_init__(self) -> None:
         for arg, value in (("num_images", self.num_images), ("every_n_epochs", self.every_n_epochs)):
@@ -58,7 +63,11 @@ class PanelOptions:
         subset = self.metrics_subset
         if subset is not None and (not isinstance(subset, int) or isinstance(subset, bool) or subset < 1):
             raise ValueError(f"CAMPanel: metrics_subset must be None or a positive integer, got {subset!r}")
-        for arg, mode, modes in (("kind", self.kind, KindArg), ("target", self.target, Choice)):
+        for arg, mode, modes in (
+            ("kind", self.kind, KindArg),
+            ("target", self.target, Choice),
+            ("finer", self.finer, FinerMode),
+        ):
             if mode not in get_args(modes):  # the Literal types are the one list of the modes
                 raise ValueError(f"CAMPanel: {arg} must be one of {get_args(modes)}, got {mode!r}")
         try:

@@ -27,6 +27,9 @@ class BirdRow(TypedDict):
     cam_box_iou: float | None  # IoU of the primary map's CAM box with the GT box (0 when the map has no box)
     heatmap_ratio: float | None  # share of the primary map's mass inside the GT box
     peak_in_box: bool | None  # the primary map's peak lies inside the GT box
+    # The same of its Finer-CAM map; None where it has none (CAMPanel(finer="wrong"): a bird the model gets right).
+    finer_heatmap_ratio: float | None
+    finer_peak_in_box: bool | None
 
 
 @dataclass

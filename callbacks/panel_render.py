@@ -3,7 +3,9 @@
 A bird is shown as a strip of two cells so every W&B image of a panel has the same size (W&B draws a list of
 differently sized images wrongly): the primary map, then the other class's map when it differs (classifier: true
 vs predicted; embedding net: true class's proxy vs nearest proxy), the nearest other image with its own map, or
-else the plain image. The maps come from the explanation step of the tools (``cubcam.cams.protocol.explain`` and
+else the plain image. With Finer-CAM (``CAMPanel(finer=...)``) every strip of the panel gets a third cell: the
+Finer-CAM map where the bird has one (a bird the model gets wrong: what tells its true class apart from the
+predicted one), else white. The maps come from the explanation step of the tools (``cubcam.cams.protocol.explain`` and
 ``pair_maps``); nothing here knows Lightning or W&B objects: the sinks (``sinks.py``) take a :class:`Panel`.
 
 Each view has two halves: ``*_inputs`` runs where the model is (the loop's thread, on the module's device) and
@@ -20,12 +22,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from cubcam.callbacks.options import FINER_RIVALS, FinerMode
 from cubcam.callbacks.panel_data import BirdRow, Panel, name
 from cubcam.cams.figure import Cell, Strip, marked, pair_strips, render_strip
 from cubcam.cams.localization import box_iou, heatmap_ratio, pointing_game
-from cubcam.cams.methods import Method
-from cubcam.cams.protocol import Choice, Explainer, PairMaps, explain, pair_maps, upsample
-from cubcam.cams.targets import ExplanationTarget
+from cubcam.cams.methods import Method, method_spec
+from cubcam.cams.protocol import Choice, Explainer, PairMaps, explain, finer_maps, pair_maps, upsample
+from cubcam.cams.targets import ClassLogits, ExplanationTarget, Proxies, ScoreOf
 
 
 @dataclass
@@ -41,10 +44,12 @@ def class_inputs(
     target: ExplanationTarget,
     choice: Choice,
     method: Method,
+    finer: FinerMode = "off",
 ) -> dict[str, Tensor]:
     """What :func:`class_panel` draws, made where the model is (the loop's thread, the module's device): each bird's
     map for the ``choice`` class and for the other one (true vs predicted) at the layer's grid, what they explain
-    and the class scores, as CPU tensors (small: a grid map is 49 to 196 numbers)."""
+    and the class scores, as CPU tensors (small: a grid map is 49 to 196 numbers). With ``finer``, also each
+    bird's Finer-CAM map (:func:`finer_inputs`)."""
     other_choice: Choice = "predicted" if choice == "true" else "true"
     primary, other = (
         explain(explainer, birds["activations"], birds["output"], target, None, birds["label"], c, method)
@@ -60,7 +65,46 @@ def class_inputs(
         "scores": primary.class_scores.float(),
     }
     columns["heatmap_ratio"], columns["peak_in_box"] = box_scores(primary.maps, birds["box"], birds["image"].shape[-2:])
+    if finer != "off" and finer_possible(target, method, birds["output"]):
+        columns |= finer_inputs(explainer, birds, target, method, finer, primary.predicted)
     return {key: value.detach().cpu() for key, value in columns.items()}
+
+
+def finer_possible(target: ExplanationTarget, method: Method, outputs: Tensor) -> bool:
+    """Whether a bird's class has a rival to subtract: classes to rank (logits of two or more classes, or class
+    proxies; not a user's ``score=``), and a method that uses the score."""
+    if method_spec(method).needs == "nothing" or target.neighbours or isinstance(target.target, ScoreOf):
+        return False
+    if isinstance(target.target, ClassLogits):
+        return outputs.dim() == 2 and outputs.shape[1] >= 2
+    return isinstance(target.target, Proxies) and len(target.target.classes) >= 2
+
+
+def finer_inputs(
+    explainer: Explainer,
+    birds: dict[str, Tensor],
+    target: ExplanationTarget,
+    method: Method,
+    finer: FinerMode,
+    predicted: Tensor,
+) -> dict[str, Tensor]:
+    """Each bird's Finer-CAM map at the layer's grid, its rows (the true class, then its rivals), whether it is
+    drawn, and its box scores: "wrong" explains the true class against the predicted one and draws the birds the
+    model gets wrong; "every" explains it against its ``FINER_RIVALS`` nearest and draws them all."""
+    labels = birds["label"].to(predicted.device)
+    rivals: int | Tensor = predicted[:, None] if finer == "wrong" else FINER_RIVALS
+    maps, rows = finer_maps(
+        explainer, birds["activations"], birds["output"], target.target, None, labels, rivals, method
+    )
+    drawn = labels != predicted if finer == "wrong" else torch.ones_like(labels, dtype=torch.bool)
+    ratio, peak = box_scores(maps, birds["box"], birds["image"].shape[-2:])
+    return {
+        "finer": maps,
+        "finer_rows": rows,
+        "finer_drawn": drawn,
+        "finer_heatmap_ratio": ratio,
+        "finer_peak_in_box": peak,
+    }
 
 
 def box_scores(maps: Tensor, boxes: Tensor, size: Sequence[int]) -> tuple[Tensor, Tensor]:
@@ -90,6 +134,8 @@ def class_panel(
     size = (int(inputs["image"].shape[-2]), int(inputs["image"].shape[-1]))
     primary_maps, other_maps = upsample(inputs["primary"], size), upsample(inputs["other"], size)
     scores, labels = inputs["scores"], inputs["label"]
+    finer_drawn = inputs["finer_drawn"].tolist() if "finer_drawn" in inputs else []
+    finer_maps_ = upsample(inputs["finer"], size) if any(finer_drawn) else None
     strips, captions = [], []
     for b, (first, second, true, index) in enumerate(
         zip(inputs["first"].tolist(), inputs["second"].tolist(), labels.tolist(), inputs["index"].tolist())
@@ -98,6 +144,13 @@ def class_panel(
             Cell(rgb[b], inputs["box"][b], true, primary_maps[b], first),
             Cell(rgb[b], inputs["box"][b], true, other_maps[b] if first != second else None, second),
         ]
+        finer_line = ""
+        if finer_maps_ is not None:  # a third cell on every strip of the panel: W&B wants them all one size
+            if finer_drawn[b]:
+                cells.append(Cell(rgb[b], inputs["box"][b], true, finer_maps_[b], true))
+                finer_line = "\n" + finer_caption(inputs["finer_rows"][b].tolist(), names, finer_maps_[b])
+            else:
+                cells.append(Cell(np.full_like(rgb[b], 255), None, true))
         strips.append(render_strip(cells, style.colormap, style.alpha, style.box_threshold))
         t, p = (first, second) if choice == "true" else (second, first)
         true_map, predicted_map = (
@@ -110,11 +163,19 @@ def class_panel(
         )
         captions.append(
             f"#{index}, epoch {epoch}\ntrue: {name(names, t)} ({symbol} {scores[b, t]:.2f})\n"
-            f"pred: {name(names, p)} ({symbol} {scores[b, p]:.2f})\n{maps}"
+            f"pred: {name(names, p)} ({symbol} {scores[b, p]:.2f})\n{maps}{finer_line}"
         )
     truth = [name(names, t) for t in labels.tolist()]
     preds = [(name(names, p), float(scores[b, p])) for b, p in enumerate(inputs["predicted"].tolist())]
     return _panel(epoch, inputs, rgb, strips, captions, names, primary_maps, truth, preds, style)
+
+
+def finer_caption(rows: list[int], names: list[str], cam: Tensor) -> str:
+    """The caption line of a Finer-CAM cell: what tells the true class apart from its one rival (the predicted
+    class), or from its nearest rivals."""
+    true, *rivals = rows
+    against = f"{name(names, rivals[0])}" if len(rivals) == 1 else f"its {len(rivals)} nearest classes"
+    return marked(f"3rd: Finer-CAM, {name(names, true)} minus {against}", cam)
 
 
 NEIGHBOUR = "neighbour_"  # the prefix of the neighbours' columns in :func:`neighbour_inputs`
@@ -189,6 +250,10 @@ def _panel(
     CAM box drawn on its first cell."""
     boxes = np.asarray(birds["box"], dtype=np.float64).reshape(-1, 4)
     ratios, peaks = birds["heatmap_ratio"].tolist(), birds["peak_in_box"].tolist()
+    count = len(ratios)
+    drawn = birds["finer_drawn"].tolist() if "finer_drawn" in birds else [False] * count
+    finer_ratios = birds["finer_heatmap_ratio"].tolist() if "finer_drawn" in birds else [None] * count
+    finer_peaks = birds["finer_peak_in_box"].tolist() if "finer_drawn" in birds else [None] * count
     rows: list[BirdRow] = []
     for b, index in enumerate(birds["index"].tolist()):
         has_box = bool((boxes[b, 2:] > 0).all())  # data without boxes: nothing to score, empty cells
@@ -202,6 +267,8 @@ def _panel(
                 cam_box_iou=(float(box_iou(box, boxes[b])) if box is not None else 0.0) if has_box else None,
                 heatmap_ratio=ratios[b] if has_box else None,
                 peak_in_box=bool(peaks[b]) if has_box else None,
+                finer_heatmap_ratio=finer_ratios[b] if has_box and drawn[b] else None,
+                finer_peak_in_box=bool(finer_peaks[b]) if has_box and drawn[b] else None,
             )
         )
     return Panel(epoch, birds["index"].tolist(), strips, captions, names, rows)

@@ -36,7 +36,10 @@ PANEL_KEY = "val/cam_panel"
 TABLE_KEY = "val/cam_table"
 EVOLUTION_KEY = "val/cam_evolution"
 EVOLUTION_GIF_KEY = "val/cam_evolution_gif"
-TABLE_COLUMNS = ["index", "true", "predicted", "score", "cam_box_iou", "heatmap_ratio", "peak_in_box", "epoch"]
+TABLE_COLUMNS = [
+    "index", "true", "predicted", "score", "cam_box_iou", "heatmap_ratio", "peak_in_box", "finer_heatmap_ratio",
+    "finer_peak_in_box", "epoch",
+]  # fmt: skip
 TENSORBOARD_SIDE = 480  # px: TensorBoard's grid is downscaled to this longest side (its writer checksums in Python)
 JPEG_QUALITY = 90  # of the grid W&B gets
 
@@ -99,6 +102,8 @@ class WandbSink:
                 r["cam_box_iou"],
                 r["heatmap_ratio"],
                 r["peak_in_box"],
+                r["finer_heatmap_ratio"],
+                r["finer_peak_in_box"],
                 e,
             ]
             for r, e in zip(panel.rows, [panel.epoch] * len(panel.rows))

@@ -51,7 +51,7 @@ def test_one_panel_per_epoch_with_boxes_captions_and_metrics(synthetic_cub, offl
     epochs, num = 2, 6
     data = data_for(synthetic_cub, kind)
     logger = wandb_logger(offline)
-    panel = CAMPanel(num_images=num, proxy=proxy)
+    panel = CAMPanel(num_images=num, proxy=proxy, finer="off")  # two cells a bird (test_panel_finer: the third)
     trainer = trainer_for(offline, epochs, [panel], logger=logger, num_sanity_val_steps=1)  # sanity check: no panel
     pl.seed_everything(0, verbose=False)  # the initial weights: an untrained net's map may be flat (no CAM box)
     with warnings.catch_warnings(record=True) as caught:
@@ -142,6 +142,7 @@ def assert_tables_metrics_and_evolution(
         assert columns["true"] == [dataset.class_names[dataset.labels[i]] for i in panel.panel]
         assert all(0 <= v <= 1 for key in ("score", "cam_box_iou", "heatmap_ratio") for v in columns[key])
         assert all(isinstance(v, bool) for v in columns["peak_in_box"])
+        assert columns["finer_heatmap_ratio"] == columns["finer_peak_in_box"] == [None] * len(columns["index"])
     records = list(read_records(finished_log(run_dir)))
     artifacts = [r.artifact for r in records if r.WhichOneof("record_type") == "artifact"]
     tables = [a for a in artifacts if a.type == "wandb-run-incremental-table" and "valcam_table" in a.name]
