@@ -25,6 +25,7 @@ upsampling and the box metrics other than the labeller, kernels on a GPU and CPU
 evolution) is reported apart.
 
     python bench/callback_overhead.py [--epochs 4] [--scenarios classifier embedding] [--strides 32 16]
+        [--finer wrong|every|off]
     python bench/callback_overhead.py --device cuda       # the same scenarios on a real GPU (bench/gpu.sh)
 
 Targets: epoch time within 2% of the run without the callback; the callback's own CPU time <= 0.5 CPU-s an epoch,
@@ -366,7 +367,7 @@ def run(args: argparse.Namespace, work: Path, kind: str, stride: int, with_panel
     waits = [0.0]
     if with_panel:
         options: dict[str, Any] = {"target_layer": "net.cam", "kind": "embedding" if embedding else "classifier"}
-        panel = TimedCAMPanel(waits, **(options if layer else {}))
+        panel = TimedCAMPanel(waits, finer=args.finer, **(options if layer else {}))
     hits = localization._box_hits
     if args.labeller == "projected":
         stand_in = projected_labeller(LABELLER_S_PER_MAP)
@@ -456,6 +457,12 @@ def main() -> None:
         default="projected",
         choices=["projected", "real"],
         help="the box labeller: a wait for its projected GPU time, or the real one on --device",
+    )
+    parser.add_argument(
+        "--finer",
+        default="wrong",
+        choices=["wrong", "every", "off"],
+        help="CAMPanel's Finer-CAM cell: for the birds it gets wrong (default), for every bird, or none",
     )
     args = parser.parse_args()
     os.environ.setdefault("WANDB_MODE", "offline")

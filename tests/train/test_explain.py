@@ -304,6 +304,7 @@ def test_many_images_stream_into_sorted_names_and_grid_pages(trained: Trained, t
     """explain held every image and tile in memory and drew one grid (916 x 36,879 px for 500 images): now images
     are read a batch at a time, overlays are written as they are made, and the grid is paged."""
     import cubcam.train.inspection.explain as explain_module
+    import cubcam.train.inspection.explain_output as output_module
 
     images = []
     for k in range(101):  # past 99: the names still sort in order
@@ -312,11 +313,11 @@ def test_many_images_stream_into_sorted_names_and_grid_pages(trained: Trained, t
         images.append(path)
     events: list[str] = []
     tiles_per_page: list[int] = []
-    load, save, page = explain_module.load_user_image, explain_module.save_png, explain_module.grid
+    load, save, page = explain_module.load_user_image, explain_module.save_png, output_module.grid
     monkeypatch.setattr(explain_module, "load_user_image", lambda *a: events.append("load") or load(*a))
     monkeypatch.setattr(explain_module, "save_png", lambda *a, **k: events.append("save") or save(*a, **k))
     monkeypatch.setattr(
-        explain_module, "grid", lambda tiles, *a, **k: tiles_per_page.append(len(tiles)) or page(tiles, *a, **k)
+        output_module, "grid", lambda tiles, *a, **k: tiles_per_page.append(len(tiles)) or page(tiles, *a, **k)
     )
     out = tmp_path / "out"
     main([str(trained.classifier), *map(str, images), "--out", str(out), "--batch-size", "16"])
@@ -365,6 +366,7 @@ def test_ctrl_c_writes_what_is_explained_and_exits_130_with_one_line(
     """Ctrl-C in the second batch: the first batch's overlays, their summary.json (marked interrupted) and the grid
     are written, and ``cubcam explain`` exits 130 with one line, no traceback."""
     import cubcam.train.inspection.explain as explain_module
+    import cubcam.train.inspection.explain_output as output_module
     from cubcam.train.cli import run
 
     images = []
