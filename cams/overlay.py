@@ -34,8 +34,19 @@ LEVELS = 1024  # a colormap is looked up at this many evenly spaced values (a st
 
 def colorize(cam_map: np.ndarray, colormap: str = "jet") -> np.ndarray:
     """Map values in [0, 1] to float32 RGB in [0, 1] (shape [..., 3]), through a table of ``LEVELS`` colours."""
-    values = np.nan_to_num(np.clip(cam_map, 0.0, 1.0), nan=0.0)  # a diverged model's NaN map shows no heat
-    return _table(colormap)[(values * (LEVELS - 1) + 0.5).astype(np.uint16)]  # rounds: values are >= 0
+    return _table(colormap)[_levels(cam_map)]
+
+
+def _levels(cam_map: np.ndarray) -> np.ndarray:
+    """Each value's row in a colour table of ``LEVELS`` rows; a diverged model's NaN map shows no heat."""
+    values = np.nan_to_num(np.clip(cam_map, 0.0, 1.0), nan=0.0)
+    return (values * (LEVELS - 1) + 0.5).astype(np.uint16)  # rounds: values are >= 0
+
+
+@functools.cache
+def _blend_table(colormap: str, alpha: float) -> np.ndarray:
+    """The colour table in pixel units, times ``alpha``: what a blend adds to ``(1 - alpha)`` times the pixels."""
+    return _table(colormap) * np.float32(255.0 * alpha)
 
 
 @functools.cache
@@ -62,16 +73,16 @@ def overlay(
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
-    rgb = _as_float_rgb(image)
+    pixels = _as_pixels(image)
     cam = torch.as_tensor(cam_map).detach().float().cpu()
     if cam.dim() != 2:
         raise ValueError(f"cam_map must be [H, W], got shape {tuple(cam.shape)}")
-    if cam.shape != rgb.shape[:2]:
-        cam = F.interpolate(cam[None, None], size=rgb.shape[:2], mode="bilinear", align_corners=False)[0, 0]
-    blended = np.float32(1.0 - alpha) * rgb.astype(np.float32, copy=False) + np.float32(alpha) * colorize(
-        cam.numpy(), colormap
-    )
-    return np.rint(np.clip(blended, 0.0, 1.0) * 255.0).astype(np.uint8)
+    if cam.shape != pixels.shape[:2]:
+        cam = F.interpolate(cam[None, None], size=pixels.shape[:2], mode="bilinear", align_corners=False)[0, 0]
+    # In pixel units: pixels in [0, 255] and the table in [0, 255 * alpha], so the sum needs no clipping.
+    blended = np.multiply(pixels, np.float32(1.0 - alpha), out=pixels)
+    blended += _blend_table(colormap, float(alpha))[_levels(cam.numpy())]
+    return np.rint(blended, out=blended).astype(np.uint8)
 
 
 def denormalize(
@@ -94,20 +105,21 @@ def denormalize(
     return pixels.mul(255).round().clamp(0, 255).to(torch.uint8).movedim(-3, -1).numpy()
 
 
-def _as_float_rgb(image: Tensor | np.ndarray) -> np.ndarray:
+def _as_pixels(image: Tensor | np.ndarray) -> np.ndarray:
+    """``image`` as float32 [H, W, 3] pixel values in [0, 255] (a new array, free to be written)."""
     if isinstance(image, Tensor):
         image = image.detach().float().cpu()
         if image.dim() != 3 or image.shape[0] not in (1, 3):
             raise ValueError(f"a tensor image must be [3, H, W] or [1, H, W], got shape {tuple(image.shape)}")
         if image.min() < -1e-3 or image.max() > 1 + 1e-3:
             raise ValueError("a float image must lie in [0, 1]; de-normalise it first")
-        return image.expand(3, -1, -1).permute(1, 2, 0).clamp(0, 1).numpy()
+        return image.expand(3, -1, -1).permute(1, 2, 0).clamp(0, 1).mul(255).numpy()
     array = np.asarray(image)
     if np.issubdtype(array.dtype, np.floating) and array.ndim == 3 and array.shape[-1] == 3:
         # pytorch-grad-cam's show_cam_on_image convention: float [H, W, 3] in [0, 1]
         if array.min() < -1e-3 or array.max() > 1 + 1e-3:
             raise ValueError("a float [H, W, 3] image must lie in [0, 1]")
-        return array.astype(np.float64).clip(0, 1)
+        return (array.clip(0, 1) * 255).astype(np.float32)
     if array.dtype != np.uint8:
         raise ValueError(
             f"a numpy image must be uint8 [H, W, 3] or [H, W] (or float [H, W, 3] in [0, 1]), got {array.dtype}"
@@ -116,4 +128,4 @@ def _as_float_rgb(image: Tensor | np.ndarray) -> np.ndarray:
         array = np.repeat(array[..., None], 3, axis=-1)
     if array.ndim != 3 or array.shape[-1] not in (3, 4):
         raise ValueError(f"a numpy image must be [H, W, 3] or [H, W], got shape {array.shape}")
-    return array[..., :3].astype(np.float32) / np.float32(255.0)
+    return array[..., :3].astype(np.float32)
