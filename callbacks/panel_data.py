@@ -11,7 +11,7 @@ from typing import TypedDict
 
 import numpy as np
 
-from cubcam.cams.figure import Strip, placed_grid, png_bytes
+from cubcam.cams.figure import Strip, placed_grid, png_bytes, with_legend
 
 PANEL_COLUMNS = 4  # strips per row of the grid
 
@@ -42,6 +42,7 @@ class Panel:
     captions: list[str]
     class_names: list[str]
     rows: list[BirdRow]
+    legend: str = ""  # what the cells and colours mean, above the PNG grid (W&B's panel has its box legend)
 
     @cached_property
     def _placed(self) -> tuple[np.ndarray, list[tuple[int, int]]]:
@@ -59,12 +60,13 @@ class Panel:
 
     @cached_property
     def grid(self) -> np.ndarray:
-        """The PNG grid: :attr:`plain_grid` with each strip's boxes drawn in (the file and TensorBoard)."""
+        """The PNG grid: :attr:`plain_grid` with each strip's boxes drawn in, under its :attr:`legend` (the file and
+        TensorBoard)."""
         boxed = self.plain_grid.copy()
         for strip, (left, top) in zip(self.strips, self.origins):
             height, width = strip.boxed.shape[:2]
             boxed[top : top + height, left : left + width] = strip.boxed
-        return boxed
+        return with_legend(boxed, self.legend) if self.legend else boxed
 
     @cached_property
     def grid_png(self) -> bytes:

@@ -167,7 +167,23 @@ def class_panel(
         )
     truth = [name(names, t) for t in labels.tolist()]
     preds = [(name(names, p), float(scores[b, p])) for b, p in enumerate(inputs["predicted"].tolist())]
-    return _panel(epoch, inputs, rgb, strips, captions, names, primary_maps, truth, preds, style)
+    other: Choice = "predicted" if choice == "true" else "true"
+    legend = (
+        f"{LEGEND_BOXES} Each bird: the map of its {choice} class, then of its {other} class where they differ "
+        "(else the bird alone)"
+    )
+    if finer_maps_ is not None:
+        rivals = int(inputs["finer_rows"].shape[1]) - 1
+        legend += (
+            "; 3rd: Finer-CAM, what tells the true class apart from the predicted one (the true class's score minus "
+            "the predicted class's), for the birds the model gets wrong"
+            if rivals == 1 and not all(finer_drawn)
+            else f"; 3rd: Finer-CAM, the true class's score minus its {rivals} nearest classes' (what tells them apart)"
+        )
+    return _panel(epoch, inputs, rgb, strips, captions, names, primary_maps, truth, preds, style, legend + ".")
+
+
+LEGEND_BOXES = "Green box: the ground truth. Red box: the map's largest region above the CAM threshold."
 
 
 def finer_caption(rows: list[int], names: list[str], cam: Tensor) -> str:
@@ -231,7 +247,11 @@ def neighbour_panel(
     ]
     truth = [name(names, t) for t in labels]
     preds = [(name(names, o), float(c)) for o, c in zip(others, pairs.cosine.tolist())]
-    return _panel(epoch, inputs, rgb, strips, captions, names, pairs.first, truth, preds, style)
+    legend = (
+        f"{LEGEND_BOXES} Each bird: its map against its nearest other validation image, then that image with its map "
+        "against the bird."
+    )
+    return _panel(epoch, inputs, rgb, strips, captions, names, pairs.first, truth, preds, style, legend)
 
 
 def _panel(
@@ -245,6 +265,7 @@ def _panel(
     truth: list[str],
     predictions: list[tuple[str, float]],
     style: Style,
+    legend: str = "",
 ) -> Panel:
     """The panel with each bird's localization numbers: its primary map's (:func:`box_scores`) and the IoU of the
     CAM box drawn on its first cell."""
@@ -271,4 +292,4 @@ def _panel(
                 finer_peak_in_box=bool(finer_peaks[b]) if has_box and drawn[b] else None,
             )
         )
-    return Panel(epoch, birds["index"].tolist(), strips, captions, names, rows)
+    return Panel(epoch, birds["index"].tolist(), strips, captions, names, rows, legend)

@@ -157,6 +157,20 @@ def placed_grid(
     return np.asarray(canvas), origins
 
 
+def with_legend(image: np.ndarray, legend: str, pad: int = 4) -> np.ndarray:
+    """``image`` under a white banner that holds ``legend`` (lines, each wrapped to the image's width): what its
+    colours and cells mean, inside the picture. Returns uint8 [H', W, 3]."""
+    width = image.shape[1]
+    font = _font(max(10, min(16, width // 60)))
+    lines = _wrap(legend, font, width - 2 * pad, max_lines=3)
+    line_h = _line_height(font)
+    banner = Image.new("RGB", (width, pad + len(lines) * line_h + pad), (255, 255, 255))
+    draw = ImageDraw.Draw(banner)
+    for n, line in enumerate(lines):
+        draw.text((pad, pad + n * line_h), line, fill=(0, 0, 0), font=font)
+    return np.concatenate([np.asarray(banner), image], axis=0)
+
+
 def _layout(
     arrays: Sequence[np.ndarray], captions: Sequence[str] | None, ncols: int, pad: int, font_size: int | None
 ) -> tuple[ImageFont.FreeTypeFont | ImageFont.ImageFont, list[list[str]], list[tuple[int, int]], tuple[int, int]]:

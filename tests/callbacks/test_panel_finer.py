@@ -66,6 +66,11 @@ def test_wrong_birds_get_the_true_class_minus_the_predicted_one_and_every_bird_i
     assert [("Finer-CAM" in caption) for caption in drawn.captions] == (labels != predicted).tolist()
     assert [row["finer_heatmap_ratio"] is not None for row in drawn.rows] == (labels != predicted).tolist()
     assert all(np.all(strip.boxed[:, -32:] == 255) for strip, w in zip(drawn.strips, labels == predicted) if w)
+    # The PNG says what the cells mean, in a banner above the grid (W&B's grid keeps its geometry for its boxes).
+    assert "3rd: Finer-CAM, what tells the true class apart from the predicted one" in drawn.legend
+    banner = drawn.grid.shape[0] - drawn.plain_grid.shape[0]
+    assert banner > 10 and drawn.grid[:banner].min() < 128 and drawn.grid.shape[1] == drawn.plain_grid.shape[1]
+    assert "its 3 nearest classes'" in class_panel(every, rgb, "true", "p", 0, names, Style()).legend
 
     one_logit = {**birds, "output": birds["output"][:, :1]}  # a binary head: no rival to subtract, no Finer-CAM
     assert "finer" not in class_inputs(HeadExplainer(module), one_logit, target, "true", "gradcam", "every")
