@@ -24,7 +24,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
 from cubcam.cams.files import write_bytes
-from cubcam.cams.localization import boxes_from_map
+from cubcam.cams.localization import largest_box
 from cubcam.cams.overlay import overlay
 from cubcam.cams.protocol import PairMaps
 
@@ -47,12 +47,11 @@ def cam_box(cam_map: Tensor | np.ndarray, threshold: float = 0.5) -> np.ndarray 
     The same boxes MaxBoxAccV2 scores (``cubcam.cams.localization.boxes_from_map``); a figure shows the biggest one.
     A map that is not finite (a diverged model's) has none.
     """
-    if not np.isfinite(np.asarray(cam_map.detach().cpu() if isinstance(cam_map, Tensor) else cam_map)).all():
+    array = np.asarray(cam_map.detach().cpu() if isinstance(cam_map, Tensor) else cam_map)
+    if not np.isfinite(array).all():
         return None
-    boxes = np.asarray(boxes_from_map(cam_map, threshold), dtype=np.float64).reshape(-1, 4)
-    if len(boxes) == 0:
-        return None
-    return boxes[int(np.argmax(boxes[:, 2] * boxes[:, 3]))]
+    box = largest_box(array, threshold)
+    return None if box is None else box.astype(np.float64)
 
 
 def draw_boxes(

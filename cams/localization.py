@@ -40,7 +40,7 @@ from typing import Literal
 
 import numpy as np
 import torch
-from scipy import sparse
+from scipy import ndimage, sparse
 from scipy.sparse import csgraph
 from torch import Tensor
 
@@ -194,6 +194,26 @@ def boxes_from_map(cam: ArrayLike, threshold: float) -> np.ndarray:
     depth, _ = _depths(_quantize(_host(_maps(array[None]))), _thresholds([threshold]))
     _, _, regions = _region_boxes(depth)
     return regions[np.lexsort(regions.T[[3, 2, 0, 1]])]
+
+
+def largest_box(cam: ArrayLike, threshold: float) -> np.ndarray | None:
+    """The largest (by area) of :func:`boxes_from_map`'s boxes of one finite map [H, W] at ``threshold``, int64 xywh,
+    or None when nothing is on; ties go to the first in its order. The box of the largest 8-connected region (a hole's
+    box lies strictly inside its region's), found by one labelling (``scipy.ndimage``): what a figure draws, at a
+    tenth of the cost of every region and hole."""
+    array = _numpy(cam, "cam")
+    if array.ndim != 2:
+        raise ValueError(f"cam must be one map [H, W], got shape {array.shape}")
+    q = _quantize(array[None].astype(np.float64))[0]
+    mask = q > int(threshold * int(q.max()))
+    if not mask.any():
+        return None
+    labels, _ = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+    found = ndimage.find_objects(labels)
+    boxes = np.array([(x.start, y.start, x.stop - x.start, y.stop - y.start) for y, x in found], dtype=np.int64)
+    order = np.lexsort(boxes.T[[3, 2, 0, 1]])  # boxes_from_map's order: by y, x, w, h
+    areas = boxes[order, 2] * boxes[order, 3]
+    return boxes[order[int(np.argmax(areas))]]
 
 
 def box_iou(boxes_a: ArrayLike, boxes_b: ArrayLike) -> Tensor:

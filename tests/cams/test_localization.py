@@ -14,6 +14,7 @@ from cubcam.cams.localization import (
     box_hits,
     box_iou,
     boxes_from_map,
+    largest_box,
     max_box_acc,
     max_box_acc_from_hits,
 )
@@ -117,6 +118,17 @@ def test_boxes_equal_the_per_threshold_reference():
     for cam in random_maps(rng, 120):
         for threshold in (0.0, *rng.random(3), 0.99):
             assert sorted_rows(boxes_from_map(cam, threshold)) == naive_boxes(cam, threshold)
+
+
+def test_the_largest_box_is_the_largest_of_every_box_ties_to_the_first():
+    """largest_box (one labelling, what the figures draw) against boxes_from_map's every region and hole."""
+    rng = np.random.default_rng(3)
+    for cam in [*random_maps(rng, 120), np.zeros((8, 8)), np.kron(np.eye(2), np.ones((3, 3)))]:
+        for threshold in (0.0, *rng.random(3), 0.99):
+            boxes = boxes_from_map(cam, threshold)
+            expected = boxes[int(np.argmax(boxes[:, 2] * boxes[:, 3]))].tolist() if len(boxes) else None
+            found = largest_box(cam, threshold)
+            assert (None if found is None else found.tolist()) == expected
 
 
 def test_boxes_equal_opencv_contours():
