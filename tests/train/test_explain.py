@@ -366,7 +366,6 @@ def test_ctrl_c_writes_what_is_explained_and_exits_130_with_one_line(
     """Ctrl-C in the second batch: the first batch's overlays, their summary.json (marked interrupted) and the grid
     are written, and ``cubcam explain`` exits 130 with one line, no traceback."""
     import cubcam.train.inspection.explain as explain_module
-    import cubcam.train.inspection.explain_output as output_module
     from cubcam.train.cli import run
 
     images = []
