@@ -22,13 +22,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cubcam.callbacks.options import FINER_RIVALS, FinerMode
+from cubcam.callbacks.options import FinerMode
 from cubcam.callbacks.panel_data import BirdRow, Panel, name
 from cubcam.cams.figure import Cell, Strip, marked, pair_strips, render_strip
 from cubcam.cams.localization import box_iou, heatmap_ratio, pointing_game
 from cubcam.cams.methods import Method, method_spec
 from cubcam.cams.protocol import Choice, Explainer, PairMaps, explain, finer_maps, pair_maps, upsample
-from cubcam.cams.targets import ClassLogits, ExplanationTarget, Proxies, ScoreOf
+from cubcam.cams.targets import FINER_RIVALS, ClassLogits, ExplanationTarget, Proxies, ScoreOf
 
 
 @dataclass
@@ -104,6 +104,7 @@ def finer_inputs(
         "finer_drawn": drawn,
         "finer_heatmap_ratio": ratio,
         "finer_peak_in_box": peak,
+        "finer_every": torch.tensor(finer == "every"),
     }
 
 
@@ -175,10 +176,10 @@ def class_panel(
     if finer_maps_ is not None:
         rivals = int(inputs["finer_rows"].shape[1]) - 1
         legend += (
-            "; 3rd: Finer-CAM, what tells the true class apart from the predicted one (the true class's score minus "
-            "the predicted class's), for the birds the model gets wrong"
-            if rivals == 1 and not all(finer_drawn)
-            else f"; 3rd: Finer-CAM, the true class's score minus its {rivals} nearest classes' (what tells them apart)"
+            f"; 3rd: Finer-CAM, the true class's score minus its {rivals} nearest classes' (what tells them apart)"
+            if bool(inputs["finer_every"])
+            else "; 3rd: Finer-CAM, what tells the true class apart from the predicted one (the true class's score "
+            "minus the predicted class's), for the birds the model gets wrong"
         )
     return _panel(epoch, inputs, rgb, strips, captions, names, primary_maps, truth, preds, style, legend + ".")
 

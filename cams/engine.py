@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from cubcam.cams import gradient_free
 from cubcam.cams.methods import Method, method_spec
-from cubcam.cams.targets import ClassLogits, Proxies, Target, finer_of, finer_rows, per_image
+from cubcam.cams.targets import FINER_RIVALS, ClassLogits, Proxies, Target, finer_of, finer_rows, per_image
 
 DEFAULT_CHANNEL_BATCH = 32  # channels per batched forward of ScoreCAM and AblationCAM (pytorch-grad-cam's 32)
 OutputSelector = str | int | Callable[[Any], Tensor] | None
@@ -344,7 +344,7 @@ class FinerCAM(CAM):
         images: Tensor,
         targets: Tensor | int | Sequence[Any] | None = None,
         *,
-        rivals: int | Tensor = 3,
+        rivals: int | Tensor = FINER_RIVALS,
         proxies: Tensor | None = None,
         alpha: float = 1.0,
         temperature: float | None = None,
@@ -357,24 +357,15 @@ class FinerCAM(CAM):
         is logits). ``alpha`` scales the rivals' scores; ``temperature`` their softmax weights (default 1 for
         logits, ``EMBEDDING_TEMPERATURE`` for proxies: see :func:`~cubcam.cams.targets.finer_of`)."""
         base = ClassLogits() if proxies is None else Proxies(proxies)
-        finer = finer_of(base, temperature)
-        finer.alpha = alpha
+        finer = finer_of(base, temperature, alpha)
         classes = class_indices(targets, images.shape[0])
-        given = None if isinstance(rivals, int) else torch.as_tensor(rivals).long()
-        if given is not None and given.dim() == 1:
-            given = given.expand(images.shape[0], -1)
         rows: Tensor | None = None
 
         def finer_score(output: Tensor, which: Tensor) -> Tensor:
             nonlocal rows
             if rows is None:  # the first call scores the batch as given: its classes and rivals, fixed from then on
-                scores = finer.base.similarities(output.detach())
                 chosen = classes if classes is not None else base.class_scores(output.detach()).argmax(1)
-                chosen = chosen.to(scores.device)
-                if given is None:
-                    rows = finer_rows(scores, chosen, cast(int, rivals))
-                else:
-                    rows = torch.cat([chosen[:, None], given.to(scores.device)], 1)
+                rows = finer_rows(finer.base.similarities(output.detach()), chosen, rivals)
             return finer.score(output, rows.to(which.device)[which])
 
         return self._maps(images, finer_score, upsample, normalize)

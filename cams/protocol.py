@@ -23,7 +23,16 @@ from torch import Tensor, nn
 from cubcam.cams.engine import CAM, DEFAULT_CHANNEL_BATCH, Reshape, eager, eval_mode, minmax_normalize
 from cubcam.cams.methods import Method, method_spec
 from cubcam.cams.proxies import single_point_proxy
-from cubcam.cams.targets import ExplanationTarget, Kind, Proxies, Target, finer_of, finer_rows, make_target
+from cubcam.cams.targets import (
+    FINER_RIVALS,
+    ExplanationTarget,
+    Kind,
+    Proxies,
+    Target,
+    finer_of,
+    finer_rows,
+    make_target,
+)
 
 Choice = Literal["true", "predicted"]  # which class a map explains
 EvalMethod = tuple[ExplanationTarget, Method]  # a method scored side by side: what its maps explain, and how
@@ -337,7 +346,7 @@ def finer_maps(
     target: Target,
     size: tuple[int, int] | None,
     explained: Tensor,
-    rivals: int | Tensor = 3,
+    rivals: int | Tensor = FINER_RIVALS,
     method: Method = "gradcam",
 ) -> tuple[Tensor, Tensor]:
     """Finer-CAM maps of each image's ``explained`` class against its rivals (:func:`finer_of` ``target``'s
@@ -345,11 +354,7 @@ def finer_maps(
     model gets wrong). Returns (maps [B, H, W], rows [B, 1 + R]: the class, then its rivals); the same head
     forward as :func:`explain`, one more backward."""
     finer = finer_of(target)
-    explained = explained.to(outputs.device)
-    if isinstance(rivals, int):
-        rows = finer_rows(finer.base.similarities(outputs.float()), explained, rivals)
-    else:
-        rows = torch.cat([explained[:, None], rivals.to(outputs.device).long().reshape(len(explained), -1)], 1)
+    rows = finer_rows(finer.base.similarities(outputs.float()), explained, rivals)
     return explainer.maps(features, size, finer, rows.to(features.device), method), rows
 
 

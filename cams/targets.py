@@ -198,12 +198,13 @@ class Finer:
 
 
 EMBEDDING_TEMPERATURE = 0.1  # Finer-CAM's softmax temperature over an embedding net's proxy similarities (cosines)
+FINER_RIVALS = 3  # Finer-CAM's rivals by default: the classes of ranks 1 to 3 (pytorch-grad-cam's FinerCAM)
 
 
-def finer_of(target: Target, temperature: float | None = None) -> Finer:
-    """Finer-CAM over an explanation target's classes: a classifier's logits (at temperature 1, pytorch-grad-cam's
-    weights), or an embedding net's class proxies (its Normalized Mean Proxies under every scheme) at
-    ``EMBEDDING_TEMPERATURE``: its similarities are cosines in [-1, 1], whose plain softmax over many classes would
+def finer_of(target: Target, temperature: float | None = None, alpha: float = 1.0) -> Finer:
+    """Finer-CAM over an explanation target's classes, with ``alpha``: a classifier's logits (at temperature 1,
+    pytorch-grad-cam's weights), or an embedding net's class proxies (its Normalized Mean Proxies under every scheme)
+    at ``EMBEDDING_TEMPERATURE``: its similarities are cosines in [-1, 1], whose plain softmax over many classes would
     weigh every rival alike.
 
     Raises:
@@ -212,26 +213,31 @@ def finer_of(target: Target, temperature: float | None = None) -> Finer:
     if isinstance(target, Finer):
         return target
     if isinstance(target, ClassLogits):
-        return Finer(ClassLogits(), temperature=1.0 if temperature is None else temperature)
+        return Finer(ClassLogits(), alpha, 1.0 if temperature is None else temperature)
     if isinstance(target, Proxies):
-        return Finer(Proxies(target.classes), temperature=EMBEDDING_TEMPERATURE if temperature is None else temperature)
+        return Finer(Proxies(target.classes), alpha, EMBEDDING_TEMPERATURE if temperature is None else temperature)
     raise ValueError(
         f"Finer-CAM ranks a classifier's logits or an embedding net's proxies, not {type(target).__name__}"
     )
 
 
-def finer_rows(similarities: Tensor, rows: Tensor, rivals: int = 3) -> Tensor:
-    """[B, 1 + R]: each image's row, then the ``rivals`` rows whose scores lie nearest it (ranks 1..R of
-    ``|s_k - s_c|``, as pytorch-grad-cam's ``FinerCAM`` ranks them), R clamped to the other rows there are.
+def finer_rows(similarities: Tensor, rows: Tensor, rivals: int | Tensor = FINER_RIVALS) -> Tensor:
+    """[B, 1 + R]: each image's row, then its rivals: given (``rivals`` a tensor, [R] for every image or [B, R]), or
+    the ``rivals`` rows whose scores lie nearest it (ranks 1..R of ``|s_k - s_c|``, as pytorch-grad-cam's
+    ``FinerCAM`` ranks them), R clamped to the other rows there are.
 
     Raises:
         ValueError: fewer than two rows (nothing to compare with), or ``rivals`` below 1.
     """
-    if rivals < 1:
-        raise ValueError(f"Finer-CAM needs at least one rival, got rivals={rivals}")
     if similarities.dim() != 2 or similarities.shape[1] < 2:
         raise ValueError(f"Finer-CAM needs scores of two or more classes [B, C], got {tuple(similarities.shape)}")
     rows = check_rows(rows, similarities.shape[0], similarities.shape[1], "targets").to(similarities.device)
+    if isinstance(rivals, Tensor):
+        given = rivals.to(similarities.device).long()
+        given = given.expand(len(rows), -1) if given.dim() == 1 else given.reshape(len(rows), -1)
+        return torch.cat([rows[:, None], given], 1)
+    if rivals < 1:
+        raise ValueError(f"Finer-CAM needs at least one rival, got rivals={rivals}")
     distance = (similarities - similarities.gather(1, rows[:, None])).abs()
     distance = distance.scatter(1, rows[:, None], -1.0)  # the row itself first, whatever ties there are
     return distance.argsort(1)[:, : 1 + min(rivals, similarities.shape[1] - 1)]

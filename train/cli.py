@@ -33,9 +33,9 @@ from cubcam.train.modules import Classifier, CUBModule, EmbeddingNet  # noqa: F4
 from cubcam.train.packaged import missing_config, packaged_configs
 from cubcam.train.run_folder import (
     RunConfig,
+    epochs_trained,
     exit_status,
     finished,
-    progress,
     run_folder,
     training_limit,
     write_finished,
@@ -96,7 +96,7 @@ class CubCamCLI(LightningCLI):
         if "pytorch-lightning_version" not in checkpoint:
             raise CheckpointError(f"{ckpt_path} is a state_dict, not a Lightning checkpoint: it cannot resume a run")
         loops = checkpoint.get("loops") or {}
-        self.resumed_progress = progress(loops.get("fit_loop", {}), int(checkpoint.get("global_step", 0)))
+        self.resumed_progress = epochs_trained(loops.get("fit_loop", {})), int(checkpoint.get("global_step", 0))
         hparams: dict[str, Any] = dict(checkpoint.get("hyper_parameters", {}))
         del checkpoint  # the memory map
         hparams.pop("_instantiator", None)
@@ -187,7 +187,7 @@ class CubCamCLI(LightningCLI):
             else:
                 score = float(ckpt.best_model_score) if ckpt.best_model_score is not None else "-"
                 summary.append(f"checkpoint: best {ckpt.best_model_path or '-'} ({ckpt.monitor}={score})")
-        epochs, steps = progress(trainer.fit_loop.state_dict(), trainer.global_step)
+        epochs, steps = epochs_trained(trainer.fit_loop.state_dict()), trainer.global_step
         folder = run_folder(trainer)
         if not trainer.interrupted:
             scores = self.test_best()

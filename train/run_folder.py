@@ -166,7 +166,7 @@ class LastCheckpoint(RunFolderCheckpoint):
             rank_zero_warn(f"{signal}: could not save {path}: {error}", category=CubcamWarning)
             return
         batches = trainer.fit_loop.epoch_loop.batch_progress
-        epochs, steps = progress(trainer.fit_loop.state_dict(), trainer.global_step)
+        epochs, steps = epochs_trained(trainer.fit_loop.state_dict()), trainer.global_step
         limit = training_limit(epochs, steps, trainer.max_epochs, trainer.max_steps)
         if limit is not None:
             where = (
@@ -182,11 +182,11 @@ class LastCheckpoint(RunFolderCheckpoint):
         rank_zero_info(f"{signal}: saved {path} {where}\nresume with: {command} --ckpt_path {path}")
 
 
-def progress(fit_loop: dict[str, Any], steps: int) -> tuple[int, int]:
-    """(epochs trained, steps) from Lightning's fit-loop state (``trainer.fit_loop.state_dict()``, or a checkpoint's
-    ``loops["fit_loop"]``) and global step. Epochs are Lightning's ``processed`` count (which an epoch-end
-    checkpoint already includes), plus the epoch whose last training batch ran but which a signal ended before
-    Lightning counted it (in its validation): that epoch's training is done."""
+def epochs_trained(fit_loop: dict[str, Any]) -> int:
+    """The epochs whose training is done, from Lightning's fit-loop state (``trainer.fit_loop.state_dict()``, or a
+    checkpoint's ``loops["fit_loop"]``): its ``processed`` count (which an epoch-end checkpoint already includes),
+    plus the epoch whose last training batch ran but which a signal ended before Lightning counted it (in its
+    validation)."""
     epochs = fit_loop.get("epoch_progress", {}).get("current", {})
     batches = fit_loop.get("epoch_loop.batch_progress", {})
     processed = int(epochs.get("processed", 0))
@@ -195,7 +195,7 @@ def progress(fit_loop: dict[str, Any], steps: int) -> tuple[int, int]:
         and bool(batches.get("is_last_batch"))
         and int(batches.get("current", {}).get("completed", 0)) > 0
     )
-    return processed + uncounted, steps
+    return processed + uncounted
 
 
 def training_limit(epochs: int, steps: int, max_epochs: int | None, max_steps: int) -> str | None:

@@ -71,6 +71,9 @@ def test_wrong_birds_get_the_true_class_minus_the_predicted_one_and_every_bird_i
     banner = drawn.grid.shape[0] - drawn.plain_grid.shape[0]
     assert banner > 10 and drawn.grid[:banner].min() < 128 and drawn.grid.shape[1] == drawn.plain_grid.shape[1]
     assert "its 3 nearest classes'" in class_panel(every, rgb, "true", "p", 0, names, Style()).legend
+    all_wrong = birds_of(module, (predicted + 1) % 5)  # every bird wrong: still the wrong birds' legend
+    inputs = class_inputs(HeadExplainer(module), all_wrong, target, "true", "gradcam", "wrong")
+    assert "apart from the predicted one" in class_panel(inputs, rgb, "true", "p", 0, names, Style()).legend
 
     one_logit = {**birds, "output": birds["output"][:, :1]}  # a binary head: no rival to subtract, no Finer-CAM
     assert "finer" not in class_inputs(HeadExplainer(module), one_logit, target, "true", "gradcam", "every")

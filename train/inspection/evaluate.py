@@ -97,7 +97,14 @@ from cubcam.train.inspection.confusion import confused_section, write_confused
 from cubcam.train.inspection.plots import box_accuracy_plot, faithfulness_plot, sanity_maps_figure, sanity_plot
 from cubcam.train.inspection.reference import loader
 from cubcam.train.inspection.sanity import SanityResult, blocks, sanity_check, sanity_report, sanity_table
-from cubcam.train.inspection.session import START_ERRORS, add_common_options, fail, positive_int, start
+from cubcam.train.inspection.session import (
+    START_ERRORS,
+    add_common_options,
+    add_finer_option,
+    fail,
+    positive_int,
+    start,
+)
 
 # An embedding net's methods, each keyed <method>/<scheme>: the class proxies (one per class, so the map of an
 # image explains its class, as the WSOL metrics ask).
@@ -496,15 +503,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--limit", type=positive_int, default=None, help="score only this many images, spread over the split"
     )
-    parser.add_argument(
-        "--finer",
-        type=positive_int,
-        nargs="?",
-        const=3,
-        default=0,
-        metavar="RIVALS",
-        help="also score each method as Finer-CAM (each image's class against its RIVALS, default 3, most similar "
-        "classes), and write the most confused pairs with the maps that tell them apart",
+    add_finer_option(
+        parser,
+        "also score each method as Finer-CAM, and write the most confused pairs with the maps that tell them apart",
     )
     parser.add_argument(
         "--sanity",

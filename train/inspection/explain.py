@@ -38,7 +38,15 @@ from cubcam.train.data.presets import EvalPreset, load_rgb
 from cubcam.train.inspection.checkpoint import CheckpointError, one_line
 from cubcam.train.inspection.explain_output import GRID_PAGE, GridPages, log_to_wandb, write_json
 from cubcam.train.inspection.reference import ReferenceSet
-from cubcam.train.inspection.session import START_ERRORS, Session, add_common_options, fail, positive_int, start
+from cubcam.train.inspection.session import (
+    START_ERRORS,
+    Session,
+    add_common_options,
+    add_finer_option,
+    fail,
+    positive_int,
+    start,
+)
 
 # --- inputs -------------------------------------------------------------------------------------------------------
 
@@ -173,16 +181,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "its images drawn with --seed (single_point_random), or each image's nearest "
         "reference image (single_point_nearest)",
     )
-    parser.add_argument(
-        "--finer",
-        type=positive_int,
-        nargs="?",
-        const=3,
-        default=0,
-        metavar="RIVALS",
-        help="a second map per image: Finer-CAM of its class against its RIVALS (default 3) most similar classes, "
-        "what tells them apart (embedding nets: the nearest class proxies); with --query, what tells the query's "
-        "nearest neighbour apart from the nearest one of another class",
+    add_finer_option(
+        parser,
+        "a second map per image, Finer-CAM: what tells its class apart from its rivals; with --query, what tells the "
+        "query's nearest neighbour apart from the nearest one of another class",
     )
     parser.add_argument("--query", type=Path, help="retrieval explanation of this image (embedding nets)")
     parser.add_argument("--topk", type=positive_int, default=5, help="neighbours shown with --query")

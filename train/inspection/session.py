@@ -20,7 +20,7 @@ from typing import NoReturn
 import torch
 
 from cubcam.cams.engine import DEFAULT_CHANNEL_BATCH
-from cubcam.cams.targets import ExplanationTarget, Kind, ProxyScheme, make_target
+from cubcam.cams.targets import FINER_RIVALS, ExplanationTarget, Kind, ProxyScheme, make_target
 from cubcam.train.data.cub import SPLITS, CUBDataset, SplitSettings
 from cubcam.train.data.presets import EvalPreset
 from cubcam.train.inspection.checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint, one_line
@@ -43,6 +43,20 @@ def non_negative_int(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
     return value
+
+
+def add_finer_option(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--finer [RIVALS]``, Finer-CAM in either tool (0: off); ``what`` says what it adds there."""
+    parser.add_argument(
+        "--finer",
+        type=positive_int,
+        nargs="?",
+        const=FINER_RIVALS,
+        default=0,
+        metavar="RIVALS",
+        help=f"{what} (RIVALS: how many of the most similar classes each class is set against, default "
+        f"{FINER_RIVALS}; an embedding net's: the nearest class proxies)",
+    )
 
 
 def add_common_options(parser: argparse.ArgumentParser) -> None:
