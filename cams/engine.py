@@ -110,6 +110,16 @@ class CAM:
                 f"its target layer, not a head (target_layer=None)"
             )
         self.target_layer = target_layer
+        self.outputs: Tensor | None = None  # the model's output of the images of the last call (pytorch-grad-cam's)
+
+    def __enter__(self) -> CAM:
+        """``with GradCAM(model=m, target_layers=[layer]) as cam:``, as pytorch-grad-cam is used. cubcam's hook lives
+        for one call only, so there is nothing to release on the way out, and every exception propagates
+        (pytorch-grad-cam's ``__exit__`` swallows an ``IndexError``)."""
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
 
     def explain(
         self, images: Tensor, target: Target, rows: Tensor, *, upsample: bool = True, normalize: bool = True
@@ -121,6 +131,7 @@ class CAM:
         )
 
     def _maps(self, images: Tensor, score_fn: ScoreFn, upsample: bool, normalize: bool) -> Tensor:
+        self.outputs = None
         if torch.is_inference_mode_enabled():
             raise RuntimeError(_INFERENCE_MODE_HELP)
         if images.dim() != 4 and (self.target_layer is not None or upsample):
@@ -250,6 +261,8 @@ class CAM:
 
     def _score(self, output: Any, score_fn: ScoreFn, which: Tensor, needs_grad: bool = True) -> Tensor:
         output = select_output(output, self.output)
+        if self.outputs is None:  # the first forward of a call is of the images as given
+            self.outputs = output.detach()
         scores = score_fn(output, which)
         if needs_grad and not scores.requires_grad:
             raise RuntimeError(
@@ -295,22 +308,37 @@ class GradCAM(CAM):
 
 def class_indices(targets: Tensor | int | Sequence[Any] | None, batch: int) -> Tensor | None:
     """Classes [B] from an int (the whole batch), a sequence of ints or of pytorch-grad-cam target objects (their
-    ``category``), or a tensor; None stays None (the predicted classes)."""
-    if targets is None or isinstance(targets, Tensor):
-        return targets
+    ``category``), or a tensor; None stays None (the predicted classes). One target for a batch of several images
+    is every image's (pytorch-grad-cam gives images 2..B all-zero maps then).
+
+    Raises:
+        ValueError: as many targets as neither 1 nor the images.
+    """
+    if targets is None:
+        return None
     if isinstance(targets, int):
         return torch.full((batch,), targets, dtype=torch.long)
-    classes = []
-    for item in targets:
-        category = getattr(item, "category", item)
-        if not isinstance(category, int):
-            raise TypeError(
-                f"targets must be class indices (a tensor, ints, or targets with an int category such as "
-                f"pytorch-grad-cam's ClassifierOutputTarget); got {type(item).__name__}. For another score of the "
-                f"output use CAM(...).explain with a target of cubcam.cams.targets (ScoreOf for a function)"
-            )
-        classes.append(category)
-    return torch.tensor(classes, dtype=torch.long)
+    if isinstance(targets, Tensor):
+        classes = targets.reshape(-1)
+    else:
+        categories = []
+        for item in targets:
+            category = getattr(item, "category", item)
+            if not isinstance(category, int):
+                raise TypeError(
+                    f"targets must be class indices (a tensor, ints, or targets with an int category such as "
+                    f"pytorch-grad-cam's ClassifierOutputTarget); got {type(item).__name__}. For another score of "
+                    f"the output use CAM(...).explain with a target of cubcam.cams.targets (ScoreOf for a function)"
+                )
+            categories.append(category)
+        classes = torch.tensor(categories, dtype=torch.long)
+    if len(classes) == 1 and batch > 1:
+        return classes.expand(batch)
+    if len(classes) != batch:
+        raise ValueError(
+            f"got {len(classes)} targets for {batch} images: give one per image, or one for the whole batch"
+        )
+    return classes
 
 
 class EmbeddingCAM(CAM):
