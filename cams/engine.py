@@ -31,10 +31,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cubcam.cams import gradient_free
-from cubcam.cams.methods import Method, method_spec
+from cubcam.cams.methods import Method, gradient_map, method_spec
 from cubcam.cams.targets import FINER_RIVALS, ClassLogits, Proxies, Target, finer_of, finer_rows, per_image
 
 DEFAULT_CHANNEL_BATCH = 32  # channels per batched forward of ScoreCAM and AblationCAM (pytorch-grad-cam's 32)
+AUG_FACTORS = (0.9, 1.0, 1.1)  # aug_smooth's brightness factors (pytorch-grad-cam's ttach Multiply)
 OutputSelector = str | int | Callable[[Any], Tensor] | None
 # (model output [N, ...], the image each output row belongs to [N]) -> one score per row [N]. Its first call scores
 # the batch as given (rows 0..B-1): a score that picks the predicted class picks it there, once.
@@ -122,16 +123,59 @@ class CAM:
         return None
 
     def explain(
-        self, images: Tensor, target: Target, rows: Tensor, *, upsample: bool = True, normalize: bool = True
+        self,
+        images: Tensor,
+        target: Target,
+        rows: Tensor,
+        *,
+        upsample: bool = True,
+        normalize: bool = True,
+        aug_smooth: bool = False,
+        eigen_smooth: bool = False,
     ) -> Tensor:
         """Maps [B, H, W] of image b for row ``rows[b]`` of ``target`` (a class for :class:`ClassLogits`, a proxy
-        for :class:`Proxies`)."""
-        return self._maps(
-            images, lambda output, which: target.score(output, rows.to(which.device)[which]), upsample, normalize
-        )
+        for :class:`Proxies`); ``aug_smooth`` and ``eigen_smooth`` as :meth:`_smoothed` says."""
 
-    def _maps(self, images: Tensor, score_fn: ScoreFn, upsample: bool, normalize: bool) -> Tensor:
+        def make_score() -> ScoreFn:
+            return lambda output, which: target.score(output, rows.to(which.device)[which])
+
+        return self._smoothed(images, make_score, upsample, normalize, aug_smooth, eigen_smooth)
+
+    def _smoothed(
+        self,
+        images: Tensor,
+        make_score: Callable[[], ScoreFn],
+        upsample: bool,
+        normalize: bool,
+        aug_smooth: bool,
+        eigen_smooth: bool,
+    ) -> Tensor:
+        """The maps, with pytorch-grad-cam's two smoothings. ``eigen_smooth``: a gradient method's map from the first
+        principal component of its weighted activations (:func:`~cubcam.cams.methods.gradient_map`).
+        ``aug_smooth``: the mean of the maps of six views, the images and their mirror images each times 0.9, 1 and
+        1.1 (ttach's ``HorizontalFlip`` and ``Multiply``, as pytorch-grad-cam composes them), each map turned back;
+        six passes, each with a fresh score (``make_score``: where it picks the predicted class, each view's)."""
+        if not aug_smooth:
+            return self._maps(images, make_score(), upsample, normalize, eigen_smooth)
+        if self.target_layer is None:
+            raise ValueError("aug_smooth flips and scales the images, so it needs the whole model, not a head")
+        views = []
+        for flip in (False, True):
+            for factor in AUG_FACTORS:
+                seen = images.flip(-1) if flip else images
+                maps = self._maps(seen * factor, make_score(), upsample, normalize, eigen_smooth)
+                views.append(maps.flip(-1) if flip else maps)
+        return torch.stack(views).mean(0)
+
+    def _maps(
+        self, images: Tensor, score_fn: ScoreFn, upsample: bool, normalize: bool, eigen_smooth: bool = False
+    ) -> Tensor:
         self.outputs = None
+        if eigen_smooth and self.spec.needs != "gradients":
+            raise ValueError(
+                f"eigen_smooth takes the first principal component of a gradient method's weighted activations; "
+                f"{self.method} has none (eigencam is that component of the activations themselves)"
+            )
         if torch.is_inference_mode_enabled():
             raise RuntimeError(_INFERENCE_MODE_HELP)
         if images.dim() != 4 and (self.target_layer is not None or upsample):
@@ -145,7 +189,8 @@ class CAM:
                 activations, scores = self._forward(images, score_fn)
                 with torch.enable_grad():  # the caller may be inside torch.no_grad()
                     (grads,) = torch.autograd.grad(scores.sum(), activations)
-                maps = self.spec.weigh(self._grid(activations.detach()).float(), self._grid(grads).float())
+                weighted = self.spec.weigh(self._grid(activations.detach()).float(), self._grid(grads).float())
+                maps = gradient_map(weighted, eigen_smooth)
         if upsample:
             maps = F.interpolate(maps[:, None], size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
         if normalize:
@@ -288,22 +333,30 @@ class GradCAM(CAM):
         upsample: bool = True,
         normalize: bool = True,
         input_tensor: Tensor | None = None,
+        aug_smooth: bool = False,
+        eigen_smooth: bool = False,
     ) -> Tensor:
         """``targets``: class indices [B], one class for the whole batch (an int), or None (the predicted classes).
-        pytorch-grad-cam's spelling works too: ``input_tensor=`` for the images, and a list of its
-        ``ClassifierOutputTarget(c)`` (or any object with an int ``category``) for the classes."""
+        pytorch-grad-cam's spelling works too: ``input_tensor=`` for the images, a list of its
+        ``ClassifierOutputTarget(c)`` (or any object with an int ``category``) for the classes, and its
+        ``aug_smooth`` / ``eigen_smooth`` (:meth:`CAM._smoothed`)."""
         if (images is None) == (input_tensor is None):
             raise TypeError("GradCAM needs the images: pass them first (or as input_tensor=, pytorch-grad-cam's name)")
         images = cast(Tensor, images if images is not None else input_tensor)
-        target, classes = ClassLogits(), class_indices(targets, images.shape[0])
+        target, given = ClassLogits(), class_indices(targets, images.shape[0])
 
-        def class_score(logits: Tensor, which: Tensor) -> Tensor:
-            nonlocal classes
-            if classes is None:  # the first call scores the batch as given: its predictions, fixed from then on
-                classes = logits.detach().argmax(1)
-            return target.score(logits, classes.to(which.device)[which])
+        def make_score() -> ScoreFn:
+            classes = given
 
-        return self._maps(images, class_score, upsample, normalize)
+            def class_score(logits: Tensor, which: Tensor) -> Tensor:
+                nonlocal classes
+                if classes is None:  # the first call scores the batch as given: its predictions, fixed from then on
+                    classes = logits.detach().argmax(1)
+                return target.score(logits, classes.to(which.device)[which])
+
+            return class_score
+
+        return self._smoothed(images, make_score, upsample, normalize, aug_smooth, eigen_smooth)
 
 
 def class_indices(targets: Tensor | int | Sequence[Any] | None, batch: int) -> Tensor | None:
@@ -348,8 +401,19 @@ class EmbeddingCAM(CAM):
     :func:`normalized_mean_proxies` or :func:`single_point_proxy`.
     """
 
-    def __call__(self, images: Tensor, proxies: Tensor, *, upsample: bool = True, normalize: bool = True) -> Tensor:
-        return self.explain(images, *per_image(proxies, images.shape[0]), upsample=upsample, normalize=normalize)
+    def __call__(
+        self,
+        images: Tensor,
+        proxies: Tensor,
+        *,
+        upsample: bool = True,
+        normalize: bool = True,
+        aug_smooth: bool = False,
+        eigen_smooth: bool = False,
+    ) -> Tensor:
+        target, rows = per_image(proxies, images.shape[0])
+        smooth = {"aug_smooth": aug_smooth, "eigen_smooth": eigen_smooth}
+        return self.explain(images, target, rows, upsample=upsample, normalize=normalize, **smooth)
 
 
 class FinerCAM(CAM):

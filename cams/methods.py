@@ -20,7 +20,8 @@ from cubcam.cams import gradient_free
 
 Method = Literal["gradcam", "gradcam++", "hirescam", "xgradcam", "layercam", "scorecam", "ablationcam", "eigencam"]
 # What a method's weights are made from, and so what its ``weigh`` takes:
-# - "gradients": (activations [B, K, h, w], the score's gradient to them) -> raw map [B, h, w];
+# - "gradients": (activations [B, K, h, w], the score's gradient to them) -> the weighted activations [B, K, h, w],
+#   which gradient_map turns into the raw map [B, h, w];
 # - "image forwards": gradient_free.score_cam's arguments: a forward of the whole model per (image, channel);
 # - "layer forwards": gradient_free.ablation_cam's arguments: a forward above the layer per (image, channel);
 # - "nothing": (activations) -> raw map: no score at all.
@@ -31,7 +32,7 @@ XGRADCAM_EPS = 1e-7  # pytorch-grad-cam's, in the normalising sum
 
 def gradcam(a: Tensor, g: Tensor) -> Tensor:
     """w_k = mean_ij g^k_ij."""
-    return torch.relu((g.mean(dim=(2, 3), keepdim=True) * a).sum(1))
+    return g.mean(dim=(2, 3), keepdim=True) * a
 
 
 def gradcam_pp(a: Tensor, g: Tensor) -> Tensor:
@@ -40,29 +41,30 @@ def gradcam_pp(a: Tensor, g: Tensor) -> Tensor:
     g2, g3 = g.pow(2), g.pow(3)
     alpha = g2 / (2 * g2 + a.sum((2, 3), keepdim=True) * g3 + GRADCAM_PP_EPS)
     weights = (torch.where(g != 0, alpha, torch.zeros_like(alpha)) * torch.relu(g)).sum((2, 3), keepdim=True)
-    return torch.relu((weights * a).sum(1))
+    return weights * a
 
 
 def hirescam(a: Tensor, g: Tensor) -> Tensor:
-    """ReLU(sum_k g^k * A^k): the gradient kept per position."""
-    return torch.relu((g * a).sum(1))
+    """g^k * A^k: the gradient kept per position."""
+    return g * a
 
 
 def xgradcam(a: Tensor, g: Tensor) -> Tensor:
     """w_k = sum_ij g^k_ij A^k_ij / sum_ij A^k_ij."""
     weights = (g * a).sum((2, 3), keepdim=True) / (a.sum((2, 3), keepdim=True) + XGRADCAM_EPS)
-    return torch.relu((weights * a).sum(1))
+    return weights * a
 
 
 def layercam(a: Tensor, g: Tensor) -> Tensor:
-    """ReLU(sum_k ReLU(g^k) * A^k)."""
-    return torch.relu((torch.relu(g) * a).sum(1))
+    """ReLU(g^k) * A^k."""
+    return torch.relu(g) * a
 
 
 @dataclass(frozen=True)
 class MethodSpec:
     """One CAM method: its title (as papers and pytorch-grad-cam spell it), its paper, what its weights need, and
-    the function that makes its raw map (its arguments follow ``needs``)."""
+    the function that makes its raw map, or a gradient method's weighted activations (its arguments follow
+    ``needs``)."""
 
     title: str
     paper: str
@@ -110,12 +112,22 @@ def methods_needing(*needs: Needs) -> tuple[Method, ...]:
 
 
 def weighted_activations(activations: Tensor, grads: Tensor, method: Method = "gradcam") -> Tensor:
-    """The raw map [B, h, w] of a gradient method from the layer's activations A and the score's gradient g = dy/dA,
-    computed in float32 (also under autocast)."""
+    """A gradient method's weighted activations [B, K, h, w] (w_k A^k, or g^k A^k per position) from the layer's
+    activations A and the score's gradient g = dy/dA, in float32 (also under autocast)."""
     spec = method_spec(method)
     if spec.needs != "gradients":
         raise ValueError(f"{method} is not made from gradients")
     return spec.weigh(activations.float(), grads.float())
+
+
+def gradient_map(weighted: Tensor, eigen_smooth: bool = False) -> Tensor:
+    """The raw map [B, h, w] of a gradient method's weighted activations: ReLU of their sum over the channels, or
+    with ``eigen_smooth`` ReLU of their first principal component (pytorch-grad-cam's ``eigen_smooth``; the sign
+    fixed as EigenCAM's, :func:`cubcam.cams.gradient_free.eigen_projection`), which keeps what most channels
+    agree on and drops the rest."""
+    if eigen_smooth:
+        return torch.relu(gradient_free.eigen_projection(weighted))
+    return torch.relu(weighted.sum(1))
 
 
 def methods_table() -> str:

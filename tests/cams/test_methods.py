@@ -100,14 +100,14 @@ def test_the_method_literal_is_the_registry_and_every_consumer_derives_from_it(c
 def test_gradient_methods_follow_their_formulas_and_differ():
     torch.manual_seed(0)
     a, g = torch.rand(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
-    from cubcam.cams.methods import weighted_activations
+    from cubcam.cams.methods import gradient_map, weighted_activations
 
-    hires = torch.relu((g * a).sum(1))
-    torch.testing.assert_close(weighted_activations(a, g, "hirescam"), hires)
-    torch.testing.assert_close(weighted_activations(a, g, "layercam"), torch.relu((torch.relu(g) * a).sum(1)))
+    torch.testing.assert_close(weighted_activations(a, g, "gradcam"), g.mean((2, 3), keepdim=True) * a)
+    torch.testing.assert_close(weighted_activations(a, g, "hirescam"), g * a)
+    torch.testing.assert_close(weighted_activations(a, g, "layercam"), torch.relu(g) * a)
     xw = (g * a).sum((2, 3), keepdim=True) / (a.sum((2, 3), keepdim=True) + 1e-7)
-    torch.testing.assert_close(weighted_activations(a, g, "xgradcam"), torch.relu((xw * a).sum(1)))
-    maps = [weighted_activations(a, g, w) for w in GRADIENT_METHODS]
+    torch.testing.assert_close(weighted_activations(a, g, "xgradcam"), xw * a)
+    maps = [gradient_map(weighted_activations(a, g, w)) for w in GRADIENT_METHODS]
     assert all(not torch.allclose(maps[i], maps[j]) for i in range(5) for j in range(i + 1, 5))
     with pytest.raises(ValueError, match="CAM method must be one of"):
         GradCAM(nn.Linear(2, 2), None, method="gradcam--")
