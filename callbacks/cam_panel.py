@@ -111,6 +111,9 @@ class CAMPanel(_Callback):
             "off". Head-only, in the same pass as the other maps (one more backward of the panel's birds). Not
             drawn where there is no rival to subtract: a binary head, ``score=``, "eigencam" and the
             ``single_point_nearest`` proxy.
+        aug_smooth: refused (True is a ValueError): pytorch-grad-cam's test-time smoothing runs the model on six
+            views of every image, every epoch; ``cubcam explain --aug-smooth`` and the engine's ``aug_smooth=True``
+            run it on a checkpoint.
 
 
     Raises:
@@ -143,11 +146,12 @@ class CAMPanel(_Callback):
         label_key: str = "label",
         box_key: str = "box",
         finer: FinerMode = "wrong",
+        aug_smooth: bool = False,
     ):
         fmt = BatchFormat(image_key, label_key, box_key)
         self.options = PanelOptions(
             num_images, every_n_epochs, method, kind, proxy, target, colormap, alpha, log_metrics, metrics_subset,
-            seed, target_layer, reshape, score, fmt, finer,
+            seed, target_layer, reshape, score, fmt, finer, aug_smooth,
         )  # fmt: skip
         # Chosen once and saved in checkpoints: the panel's and the metric subset's dataset indices, the evolution.
         self.panel: list[int] | None = None

@@ -55,6 +55,7 @@ class PanelOptions:
     score: Callable[[Tensor, Tensor], Tensor] | None = None
     format: BatchFormat = CUBCAM_FORMAT
     finer: FinerMode = "wrong"
+    aug_smooth: bool = False
 
     def __post_init__(self) -> None:
         for arg, value in (("num_images", self.num_images), ("every_n_epochs", self.every_n_epochs)):
@@ -81,6 +82,12 @@ class PanelOptions:
                 + " needs a forward of the whole model per channel and image (K forwards per image for a layer of K "
                 "channels), every epoch; use cubcam explain / cubcam evaluate --methods for it, or a cheaper "
                 "method here (ablationcam of a CAM module runs its head alone)"
+            )
+        if self.aug_smooth:
+            raise ValueError(
+                "CAMPanel: aug_smooth runs the model on six views of every image (mirrored, times 0.9, 1 and 1.1), "
+                "every epoch; use cubcam explain --aug-smooth, or GradCAM(...)(images, aug_smooth=True), on a "
+                "checkpoint"
             )
         try:
             self.proxy = proxy_scheme(self.proxy)

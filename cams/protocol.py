@@ -103,10 +103,17 @@ class Explainer(Protocol):
         ...
 
     def maps(
-        self, features: Tensor, size: tuple[int, int] | None, target: Target, rows: Tensor, method: Method
+        self,
+        features: Tensor,
+        size: tuple[int, int] | None,
+        target: Target,
+        rows: Tensor,
+        method: Method,
+        eigen_smooth: bool = False,
     ) -> Tensor:
         """Maps [B, H, W] in [0, 1] of image b for row ``rows[b]`` of ``target`` (see :func:`head_cams`); with
-        ``size=None`` the raw maps at the layer's grid [B, h, w] (float32), which :func:`upsample` finishes."""
+        ``size=None`` the raw maps at the layer's grid [B, h, w] (float32), which :func:`upsample` finishes.
+        ``eigen_smooth``: the engine's (``cubcam.cams.methods.gradient_map``)."""
         ...
 
 
@@ -129,14 +136,20 @@ class HeadExplainer:
             return self.module(images)
 
     def maps(
-        self, features: Tensor, size: tuple[int, int] | None, target: Target, rows: Tensor, method: Method
+        self,
+        features: Tensor,
+        size: tuple[int, int] | None,
+        target: Target,
+        rows: Tensor,
+        method: Method,
+        eigen_smooth: bool = False,
     ) -> Tensor:
         if method_spec(method).needs == "image forwards":
             raise ValueError(
                 f"{method} masks the input images, so its maps cannot be made from the layer's activations: "
                 f"explain with explainer_for(module, {method!r}), whose features are the images"
             )
-        return head_cams(self.module, features, size, target, rows, method, self.channel_batch_size)
+        return head_cams(self.module, features, size, target, rows, method, self.channel_batch_size, eigen_smooth)
 
 
 class LayerExplainer:
@@ -185,7 +198,13 @@ class LayerExplainer:
             return images, self.outputs(images)
 
     def maps(
-        self, features: Tensor, size: tuple[int, int] | None, target: Target, rows: Tensor, method: Method
+        self,
+        features: Tensor,
+        size: tuple[int, int] | None,
+        target: Target,
+        rows: Tensor,
+        method: Method,
+        eigen_smooth: bool = False,
     ) -> Tensor:
         # the features are the images: ScoreCAM masks them as they are
         cam = CAM(
@@ -197,7 +216,7 @@ class LayerExplainer:
             channel_batch_size=self.channel_batch_size,
         )
         with eval_mode(self.model):
-            return _upsampled(cam, features, size, target, rows, next(self.model.parameters()).dtype)
+            return _upsampled(cam, features, size, target, rows, next(self.model.parameters()).dtype, eigen_smooth)
 
     def check(self, images: Tensor, outputs: Tensor) -> None:
         """One map of the first image, so that a layer that does not run, or gives no map (and no reshape makes
@@ -256,6 +275,7 @@ def head_cams(
     rows: Tensor,
     method: Method = "gradcam",
     channel_batch_size: int = DEFAULT_CHANNEL_BATCH,
+    eigen_smooth: bool = False,
 ) -> Tensor:
     """Maps [B, H, W] in [0, 1] of image b for row ``rows[b]`` of ``target``, from the CAM layer's activations,
     by any method but those that mask the images, ScoreCAM (``channel_batch_size``: AblationCAM's pairs per head
@@ -274,7 +294,7 @@ def head_cams(
         layer_name=target_layer_name(module) or type(module.cam_target_layer).__name__,
         channel_batch_size=channel_batch_size,
     )
-    return _upsampled(cam, activations, size, target, rows, next(module.parameters()).dtype)
+    return _upsampled(cam, activations, size, target, rows, next(module.parameters()).dtype, eigen_smooth)
 
 
 def target_layer_name(module: CAMModule) -> str | None:
@@ -286,13 +306,26 @@ def target_layer_name(module: CAMModule) -> str | None:
 
 
 def _upsampled(
-    cam: CAM, features: Tensor, size: tuple[int, int] | None, target: Target, rows: Tensor, dtype: torch.dtype
+    cam: CAM,
+    features: Tensor,
+    size: tuple[int, int] | None,
+    target: Target,
+    rows: Tensor,
+    dtype: torch.dtype,
+    eigen_smooth: bool = False,
 ) -> Tensor:
     """The engine's raw maps of ``features`` (cast to the model's ``dtype``: activations kept from a
     mixed-precision loop may be half), outside inference mode and autocast (a map is a sum over many channels:
     float32), then :func:`upsample`d to ``size`` (None: raw)."""
     with torch.inference_mode(False), torch.enable_grad(), torch.autocast(features.device.type, enabled=False):
-        raw = cam.explain(_normal(features).to(dtype), target, _normal(rows), upsample=False, normalize=False)
+        raw = cam.explain(
+            _normal(features).to(dtype),
+            target,
+            _normal(rows),
+            upsample=False,
+            normalize=False,
+            eigen_smooth=eigen_smooth,
+        )
     return raw.float() if size is None else upsample(raw, size)
 
 
@@ -323,6 +356,7 @@ def explain(
     choice: Choice = "true",
     method: Method = "gradcam",
     index: Tensor | None = None,
+    eigen_smooth: bool = False,
 ) -> Explanation:
     """The one explanation step of the callback, ``cubcam explain`` and ``cubcam evaluate``: maps (by
     ``method``) for the true class (``choice="true"``; images whose label is ``UNKNOWN_LABEL`` fall back to the
@@ -335,7 +369,7 @@ def explain(
         labels = labels.to(predicted.device)
         explained = torch.where(labels == UNKNOWN_LABEL, predicted, labels)
     rows = target.rows(explained, outputs, index)
-    maps = explainer.maps(features, size, target.target, rows.to(features.device), method)
+    maps = explainer.maps(features, size, target.target, rows.to(features.device), method, eigen_smooth)
     return Explanation(maps, explained, rows, predicted, class_scores)
 
 

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from cubcam.cams import overlay
+from cubcam.cams.engine import AUG_FACTORS
 from cubcam.cams.figure import grid, marked, pair_strips, save_png
 from cubcam.cams.files import WriteFailed
 from cubcam.cams.methods import METHODS, Method, methods_needing
@@ -97,6 +98,8 @@ class ImageExplainer:
     device: torch.device
     method: Method = "gradcam"
     finer: int = 0  # rivals of Finer-CAM's second map (0: none)
+    aug_smooth: bool = False
+    eigen_smooth: bool = False
 
     def __call__(self, items: list[Item]) -> tuple[Tensor, Tensor | None, list[dict[str, Any]]]:
         """(maps [B, H, W], Finer-CAM maps [B, H, W] or None, a record per image)."""
@@ -105,7 +108,11 @@ class ImageExplainer:
         labels = torch.tensor([UNKNOWN_LABEL if item.label is None else item.label for item in items])
         index = torch.tensor([int(item.extra.get("index", -1)) for item in items])  # -1: not a dataset image
         size = (images.shape[-2], images.shape[-1])
-        step = explain(self.explainer, features, outputs, self.target, size, labels, self.choice, self.method, index)
+        step = explain(
+            self.explainer, features, outputs, self.target, size, labels, self.choice, self.method, index,
+            self.eigen_smooth,
+        )  # fmt: skip
+        maps = self.smoothed(images, step.maps, step.rows) if self.aug_smooth else step.maps
         records = []
         for item, t, p, row in zip(items, step.explained.tolist(), step.predicted.tolist(), step.class_scores):
             kind = "true" if self.choice == "true" and item.label is not None else "predicted"
@@ -119,13 +126,29 @@ class ImageExplainer:
                 }
             )
         if not self.finer:
-            return step.maps.cpu(), None, records
+            return maps.cpu(), None, records
         finer, rows = finer_maps(
             self.explainer, features, outputs, self.target.target, size, step.explained, self.finer, self.method
         )
         for record, row in zip(records, rows.tolist()):
             record["finer"] = {"rivals": [{"class": k, "name": self.class_names[k]} for k in row[1:]]}
-        return step.maps.cpu(), finer.cpu(), records
+        return maps.cpu(), finer.cpu(), records
+
+    def smoothed(self, images: Tensor, maps: Tensor, rows: Tensor) -> Tensor:
+        """pytorch-grad-cam's ``aug_smooth`` (``cubcam.cams.engine.CAM._smoothed``): the mean of the maps of six
+        views, ``images`` and their mirror images times 0.9, 1 and 1.1, each turned back; every view explains the
+        rows of the plain one (``maps``), so the record's class is each view's."""
+        size = (images.shape[-2], images.shape[-1])
+        views = [maps]
+        for flip in (False, True):
+            for factor in AUG_FACTORS:
+                if not flip and factor == 1.0:
+                    continue  # the plain view: ``maps``
+                seen = (images.flip(-1) if flip else images) * factor
+                features, _ = self.explainer.features_and_outputs(seen)
+                view = self.explainer.maps(features, size, self.target.target, rows, self.method, self.eigen_smooth)
+                views.append(view.flip(-1) if flip else view)
+        return torch.stack(views).mean(0)
 
 
 def caption(record: dict[str, Any], score_name: str, cam: Tensor) -> str:
@@ -186,6 +209,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "a second map per image, Finer-CAM: what tells its class apart from its rivals; with --query, what tells the "
         "query's nearest neighbour apart from the nearest one of another class",
     )
+    parser.add_argument(
+        "--aug-smooth",
+        action="store_true",
+        help="pytorch-grad-cam's aug_smooth: each map the mean of six views (the image and its mirror image, times "
+        "0.9, 1 and 1.1), six forwards and backwards an image",
+    )
+    parser.add_argument(
+        "--eigen-smooth",
+        action="store_true",
+        help="pytorch-grad-cam's eigen_smooth: each map from the first principal component of the weighted "
+        "activations (gradient methods)",
+    )
     parser.add_argument("--query", type=Path, help="retrieval explanation of this image (embedding nets)")
     parser.add_argument("--topk", type=positive_int, default=5, help="neighbours shown with --query")
     parser.add_argument("--colormap", default="jet")
@@ -207,6 +242,10 @@ def main(argv: list[str] | None = None) -> None:
         args.split = args.split or session.ckpt.default_split()
         if args.query is not None and session.kind != "embedding":
             raise CheckpointError("--query explains a retrieval, which needs an embedding net checkpoint")
+        if args.eigen_smooth and METHODS[args.method].needs != "gradients":
+            raise ValueError(f"--eigen-smooth smooths a gradient method's weighted activations; {args.method} has none")
+        if args.query is not None and (args.aug_smooth or args.eigen_smooth):
+            raise ValueError("--aug-smooth and --eigen-smooth smooth the maps of explained images, not a --query")
         explained = "test" if args.images or args.query else args.split
         panel = None if args.images or args.query else session.dataset(args.split)
         reference = session.reference(explained)
@@ -261,6 +300,8 @@ def explain_images(
         session.device,
         args.method,
         args.finer,
+        args.aug_smooth,
+        args.eigen_smooth,
     )
     digits = max(2, len(str(len(sources) - 1)))  # 000_... sorts past 99 images
     tiles = len(sources) * (2 if args.finer else 1)  # with --finer each image's two maps sit side by side
@@ -296,6 +337,8 @@ def explain_images(
         "kind": session.kind,
         "method": args.method,
         "finer_rivals": args.finer,
+        "aug_smooth": args.aug_smooth,
+        "eigen_smooth": args.eigen_smooth,
         "proxy": target.scheme,
         "target": args.target,
         "image_size": [preset.size, preset.size],
