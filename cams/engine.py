@@ -35,7 +35,7 @@ from cubcam.cams.methods import Method, gradient_map, method_spec
 from cubcam.cams.targets import FINER_RIVALS, ClassLogits, Proxies, Target, finer_of, finer_rows, per_image
 
 DEFAULT_CHANNEL_BATCH = 32  # channels per batched forward of ScoreCAM and AblationCAM (pytorch-grad-cam's 32)
-AUG_FACTORS = (0.9, 1.0, 1.1)  # aug_smooth's brightness factors (pytorch-grad-cam's ttach Multiply)
+AUG_FACTORS = (1.0, 0.9, 1.1)  # aug_smooth's brightness factors (pytorch-grad-cam's ttach Multiply), plain first
 OutputSelector = str | int | Callable[[Any], Tensor] | None
 # (model output [N, ...], the image each output row belongs to [N]) -> one score per row [N]. Its first call scores
 # the batch as given (rows 0..B-1): a score that picks the predicted class picks it there, once.
@@ -159,12 +159,9 @@ class CAM:
             return self._maps(images, make_score(), upsample, normalize, eigen_smooth)
         if self.target_layer is None:
             raise ValueError("aug_smooth flips and scales the images, so it needs the whole model, not a head")
-        views = []
-        for flip in (False, True):
-            for factor in AUG_FACTORS:
-                seen = images.flip(-1) if flip else images
-                maps = self._maps(seen * factor, make_score(), upsample, normalize, eigen_smooth)
-                views.append(maps.flip(-1) if flip else maps)
+        views = [
+            back(self._maps(view, make_score(), upsample, normalize, eigen_smooth)) for view, back in aug_views(images)
+        ]
         return torch.stack(views).mean(0)
 
     def _maps(
@@ -315,6 +312,19 @@ class CAM:
                 "is the target layer part of the forward path?"
             )
         return scores
+
+
+def aug_views(images: Tensor) -> Iterator[tuple[Tensor, Callable[[Tensor], Tensor]]]:
+    """pytorch-grad-cam's ``aug_smooth`` views of ``images`` (ttach's ``HorizontalFlip`` x ``Multiply(0.9, 1,
+    1.1)``), the plain view first: (the view, what turns a map of it back)."""
+    for flip in (False, True):
+        for factor in AUG_FACTORS:
+            view = (images.flip(-1) if flip else images) * factor
+            yield view, partial(_unflipped, flip=flip)
+
+
+def _unflipped(maps: Tensor, flip: bool) -> Tensor:
+    return maps.flip(-1) if flip else maps
 
 
 class GradCAM(CAM):

@@ -17,6 +17,7 @@ that cannot be read is reported in one line and skipped; the exit code is then 1
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import sys
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ import torch
 from torch import Tensor
 
 from cubcam.cams import overlay
-from cubcam.cams.engine import AUG_FACTORS
+from cubcam.cams.engine import aug_views
 from cubcam.cams.figure import grid, marked, pair_strips, save_png
 from cubcam.cams.files import WriteFailed
 from cubcam.cams.methods import METHODS, Method, methods_needing
@@ -140,14 +141,11 @@ class ImageExplainer:
         rows of the plain one (``maps``), so the record's class is each view's."""
         size = (images.shape[-2], images.shape[-1])
         views = [maps]
-        for flip in (False, True):
-            for factor in AUG_FACTORS:
-                if not flip and factor == 1.0:
-                    continue  # the plain view: ``maps``
-                seen = (images.flip(-1) if flip else images) * factor
-                features, _ = self.explainer.features_and_outputs(seen)
-                view = self.explainer.maps(features, size, self.target.target, rows, self.method, self.eigen_smooth)
-                views.append(view.flip(-1) if flip else view)
+        for view, back in itertools.islice(aug_views(images), 1, None):  # the plain view's maps are ``maps``
+            features, _ = self.explainer.features_and_outputs(view)
+            views.append(
+                back(self.explainer.maps(features, size, self.target.target, rows, self.method, self.eigen_smooth))
+            )
         return torch.stack(views).mean(0)
 
 
