@@ -279,8 +279,9 @@ def score_split(
                 explainer = explainers[method]
                 features = features_for(explainer, activations, images)
                 step = explain(explainer, features, outputs, target, size, batch["label"], choice, method)
+                if not maps:  # the first method's: every method predicts from the same outputs
+                    predicted[seen : seen + len(images)] = step.predicted.cpu().numpy()
                 maps[name] = (step.maps.float(), (target, method), step.rows)
-                predicted[seen : seen + len(images)] = step.predicted.cpu().numpy()
                 if name in finer_of_method:
                     finer_cams, _ = finer_maps(
                         explainer, features, outputs, target.target, size, step.explained, finer, method

@@ -138,7 +138,7 @@ class ImageExplainer:
     def smoothed(self, images: Tensor, maps: Tensor, rows: Tensor) -> Tensor:
         """pytorch-grad-cam's ``aug_smooth`` (``cubcam.cams.engine.CAM._smoothed``): the mean of the maps of six
         views, ``images`` and their mirror images times 0.9, 1 and 1.1, each turned back; every view explains the
-        rows of the plain one (``maps``), so the record's class is each view's."""
+        rows of the plain one (``maps``), so the class its record names holds for every view."""
         size = (images.shape[-2], images.shape[-1])
         views = [maps]
         for view, back in itertools.islice(aug_views(images), 1, None):  # the plain view's maps are ``maps``
@@ -418,7 +418,7 @@ def explain_retrieval(session: Session, reference: ReferenceSet, args: argparse.
             }
         )
     save_png(grid([strip.boxed for strip in strips], captions, ncols=1), args.out / "retrieval.png")
-    finer = retrieval_finer(session, reference, args, query, query_features, query_embedding) if args.finer else None
+    finer = retrieval_finer(explainer, reference, args, query, query_features, query_embedding) if args.finer else None
     summary = {
         "checkpoint": str(session.ckpt.path),
         "query": str(args.query),
@@ -442,7 +442,7 @@ def explain_retrieval(session: Session, reference: ReferenceSet, args: argparse.
 
 
 def retrieval_finer(
-    session: Session,
+    explainer: Explainer,
     reference: ReferenceSet,
     args: argparse.Namespace,
     query: Tensor,
@@ -462,11 +462,7 @@ def retrieval_finer(
     target = finer_of(proxies)
     rows = torch.tensor([[0, 1]], device=features.device)
     size = (int(query.shape[-2]), int(query.shape[-1]))
-    cam = (
-        explainer_for(session.ckpt.module, args.method, args.channel_batch_size)
-        .maps(features, size, target, rows, args.method)[0]
-        .cpu()
-    )
+    cam = explainer.maps(features, size, target, rows, args.method)[0].cpu()
     names = [reference.dataset.class_names[int(reference.labels[i])] for i in (first, other)]
     rank = order.index(other) + 1
     text = f"Finer-CAM of the query:\nlike #1 {names[0]}\nrather than #{rank} {names[1]}"
