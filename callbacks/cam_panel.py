@@ -26,7 +26,7 @@ from torch import Tensor
 
 from cubcam import CubcamWarning
 from cubcam.callbacks.batches import BatchFormat
-from cubcam.callbacks.collect import EpochCollector
+from cubcam.callbacks.collect import EpochCollector, read_items
 from cubcam.callbacks.epoch_maps import METRIC_KEYS, Collectives, Epoch, epoch_maps
 from cubcam.callbacks.evolution import Evolution
 from cubcam.callbacks.options import FinerMode, KindArg, PanelOptions, check_monitors
@@ -34,8 +34,15 @@ from cubcam.callbacks.panel_render import Style
 from cubcam.callbacks.panel_select import random_subset, saved_choice
 from cubcam.callbacks.picture_thread import Drawn, EvolutionJob, PictureThread
 from cubcam.callbacks.sinks import PanelSink, make_sinks, metrics_step, png_folder, unserved_loggers
-from cubcam.callbacks.sources import ActivationSource, activation_source, class_names, val_dataset
-from cubcam.cams.engine import Reshape
+from cubcam.callbacks.sources import (
+    ActivationSource,
+    activation_source,
+    class_names,
+    val_collate,
+    val_dataset,
+    val_loader,
+)
+from cubcam.cams.engine import OutputSelector, Reshape, isolated
 from cubcam.cams.methods import Method
 from cubcam.cams.protocol import Choice
 from cubcam.cams.targets import ProxyScheme
@@ -98,6 +105,9 @@ class CAMPanel(_Callback):
             embeddings.
         reshape: with ``target_layer``, how that layer's output becomes a map [B, K, h, w] (e.g. ViT tokens; see
             ``cubcam.cams.engine.Reshape``); None when it is one.
+        output: with ``target_layer``, what picks the logits or embeddings from what ``module(images)`` returns, as
+            the engine's ``CAM(output=...)`` takes it: a key (``"logits"`` for a Hugging Face ``ModelOutput``), an
+            index (a tuple's) or a callable; applied before ``score``.
         score: a classifier's own score, ``score(outputs [B, C], classes [B]) -> [B]`` (differentiable), for heads
             whose logit of a class is not the score to explain (multi-label sigmoids, a margin). Without it a
             classifier explains the class logit; a single-logit head [B, 1] is binary: class 1 explains the logit,
@@ -147,11 +157,12 @@ class CAMPanel(_Callback):
         box_key: str = "box",
         finer: FinerMode = "wrong",
         aug_smooth: bool = False,
+        output: OutputSelector = None,
     ):
         fmt = BatchFormat(image_key, label_key, box_key)
         self.options = PanelOptions(
             num_images, every_n_epochs, method, kind, proxy, target, colormap, alpha, log_metrics, metrics_subset,
-            seed, target_layer, reshape, score, fmt, finer, aug_smooth,
+            seed, target_layer, reshape, score, fmt, finer, aug_smooth, output,
         )  # fmt: skip
         # Chosen once and saved in checkpoints: the panel's and the metric subset's dataset indices, the evolution.
         self.panel: list[int] | None = None
@@ -162,6 +173,7 @@ class CAMPanel(_Callback):
         self._sinks: list[PanelSink] | None = None  # made at the first panel of a run
         self._pictures = PictureThread(lambda: self._sinks or [])
         self._told: set[str] = set()  # what a run is told once
+        self._checked = False  # the layer, reshape, output and batch format have given one map this run
 
     @property
     def state_key(self) -> str:
@@ -196,7 +208,7 @@ class CAMPanel(_Callback):
             _warn(f"the checkpoint's panel was saved with other options ({saved[0]}); choosing a new panel")
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._sinks, self._told = None, set()
+        self._sinks, self._told, self._checked = None, set(), False
         unserved = unserved_loggers(trainer)
         if unserved and trainer.is_global_zero:
             _warn(
@@ -239,8 +251,34 @@ class CAMPanel(_Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        if self._epoch is not None and self._source is not None and dataloader_idx == 0:
+        if self._source is None or dataloader_idx != 0:
+            return
+        if not self._checked:  # Lightning's sanity check, or else the first validation batch
+            self._check(self._source, trainer, pl_module, batch, outputs)
+        if self._epoch is not None:
             self._epoch.add(*self._source.rows(outputs, batch, batch_idx))
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Fail fast where no sanity check ran (``num_sanity_val_steps=0``, a resumed run): the check of
+        :meth:`_check` on the first validation items, before any training step."""
+        if not self._checked and self._source is not None and val_loader(trainer) is not None:
+            self._check(self._source, trainer, pl_module, None, None)
+
+    def _check(
+        self, source: ActivationSource, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, outputs: Any
+    ) -> None:
+        """The layer, ``reshape``, ``output`` and the batch format, on one map of the first image of ``batch`` (a
+        validation batch and its step output), or of the first validation items read through the loader's
+        ``collate_fn`` (``batch`` None); the items' keys are read too, as the panel reads its birds. Inside the RNG
+        isolation (the trained weights stay bit-identical) and on every rank (no collective: DDP does not hang)."""
+        dataset, fmt, device = val_dataset(trainer), self.options.format, pl_module.device
+        if not len(dataset):
+            return
+        with isolated(device):
+            items = read_items(dataset, list(range(min(2, len(dataset)))), device, fmt, val_collate(trainer))
+            images = items["image"] if batch is None else fmt.read(batch)[0].to(device)
+            source.check(images, outputs)
+        self._checked = True
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         collected, self._epoch = self._epoch, None
@@ -256,7 +294,12 @@ class CAMPanel(_Callback):
         )
         dataset = val_dataset(trainer)
         epoch = Epoch(
-            trainer.current_epoch, metrics_step(trainer), dataset, class_names(dataset, pl_module), pl_module.device
+            trainer.current_epoch,
+            metrics_step(trainer),
+            dataset,
+            class_names(dataset, pl_module),
+            pl_module.device,
+            val_collate(trainer),
         )
         done = epoch_maps(self.options, self._source.explainer, collected, collectives, epoch)
         self.panel = done.panel

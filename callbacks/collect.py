@@ -7,11 +7,13 @@ comes from the callback's activation source (``sources.py``), the same rows for 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils.data import default_collate
 
 from cubcam.callbacks.batches import CUBCAM_FORMAT, BatchFormat
 from cubcam.cams.distributed import AllGather, gather_unique
@@ -149,26 +151,55 @@ class EpochCollector:
         return {key: torch.cat([part[key] for part in rows]) for key in rows[0]}
 
 
+Collate = Callable[[list[Any]], Any]  # a DataLoader's collate_fn: dataset items -> a batch
+
+
 def read_items(
-    dataset: Any, indices: list[int], device: torch.device, fmt: BatchFormat = CUBCAM_FORMAT
+    dataset: Any,
+    indices: list[int],
+    device: torch.device,
+    fmt: BatchFormat = CUBCAM_FORMAT,
+    collate: Collate = default_collate,
 ) -> dict[str, Tensor]:
-    """Dataset items as columns (``index``, ``image``, ``box``, ``label``); an image without a box gets the empty
-    box (0, 0, 0, 0): none is drawn."""
-    items = [fmt.read(dataset[i]) for i in indices]
+    """Dataset items as columns (``index``, ``image``, ``box``, ``label``), made a batch by the validation loader's
+    own ``collate`` in one call, so that items and batches share one set of keys (a Hugging Face collate_fn makes
+    ``labels`` of the items' ``label``); an image without a box gets the empty box (0, 0, 0, 0): none is drawn.
+
+    Raises:
+        TypeError: a collate that gives another count of images than items, or images that are not float (the
+            message names it); a batch ``fmt`` does not fit.
+    """
+    batch = collate([dataset[i] for i in indices])
+    images, labels, boxes = fmt.read(batch)
+    what = f"the validation loader's collate_fn {getattr(collate, '__qualname__', type(collate).__name__)}"
+    if len(images) != len(indices) or len(labels) != len(indices):
+        raise TypeError(
+            f"CAMPanel: {what} made {len(images)} images and {len(labels)} labels of {len(indices)} dataset items; "
+            f"the panel reads its birds through it and needs one of each per item"
+        )
+    if not images.is_floating_point():
+        raise TypeError(
+            f"CAMPanel: {what} gives {images.dtype} images; the panel needs the float images the model is given"
+        )
     return {
         "index": torch.tensor(indices, device=device),
-        "image": torch.stack([image for image, _, _ in items]).to(device),
-        "box": torch.stack([torch.zeros(4) if box is None else box.reshape(4) for _, _, box in items]).to(device),
-        "label": torch.tensor([int(label) for _, label, _ in items], device=device),
+        "image": images.to(device),
+        "box": (torch.zeros(len(indices), 4) if boxes is None else boxes.reshape(-1, 4)).to(device),
+        "label": labels.reshape(-1).long().to(device),
     }
 
 
 def load_birds(
-    dataset: Any, indices: list[int], explainer: Explainer, device: torch.device, fmt: BatchFormat = CUBCAM_FORMAT
+    dataset: Any,
+    indices: list[int],
+    explainer: Explainer,
+    device: torch.device,
+    fmt: BatchFormat = CUBCAM_FORMAT,
+    collate: Collate = default_collate,
 ) -> dict[str, Tensor]:
-    """The panel's columns for images read from the dataset and run forward here (the epoch that chooses the panel,
-    or one that skipped a bird, and the nearest-image neighbours)."""
-    birds = read_items(dataset, indices, device, fmt)
+    """The panel's columns for images read from the dataset (:func:`read_items`) and run forward here (the epoch
+    that chooses the panel, or one that skipped a bird, and the nearest-image neighbours)."""
+    birds = read_items(dataset, indices, device, fmt, collate)
     birds["activations"], birds["output"] = explainer.features_and_outputs(birds["image"])
     return birds
 

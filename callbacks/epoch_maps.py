@@ -16,17 +16,18 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils.data import default_collate
 
-from cubcam.callbacks.collect import EpochCollector, Outputs, load_birds
+from cubcam.callbacks.collect import Collate, EpochCollector, Outputs, load_birds
 from cubcam.callbacks.evolution import Frame, frame_of
 from cubcam.callbacks.options import PanelOptions
 from cubcam.callbacks.panel_render import Style, class_inputs, neighbour_inputs
 from cubcam.callbacks.panel_select import spread_over_classes
 from cubcam.callbacks.picture_thread import Layout, PanelJob
+from cubcam.callbacks.sources import normalization
 from cubcam.cams.distributed import AllGather
 from cubcam.cams.engine import isolated
 from cubcam.cams.localization import LocalizationAccumulator
-from cubcam.cams.overlay import IMAGENET_MEAN, IMAGENET_STD
 from cubcam.cams.protocol import Explainer, explain, upsample
 from cubcam.cams.targets import ExplanationTarget, make_target
 
@@ -60,6 +61,7 @@ class Epoch:
     dataset: Any  # the validation dataset (map-style)
     names: list[str]  # the class names
     device: torch.device
+    collate: Collate = default_collate  # the validation loader's: makes a batch of dataset items
 
 
 @dataclass
@@ -204,20 +206,23 @@ def _panel(
     if not panel:
         raise RuntimeError("no panel was chosen (the validation run saw no images)")
     device, fmt = epoch.device, options.format
-    birds = dict(captured) if captured is not None else load_birds(epoch.dataset, panel, explainer, device, fmt)
+    birds = (
+        dict(captured)
+        if captured is not None
+        else load_birds(epoch.dataset, panel, explainer, device, fmt, epoch.collate)
+    )
     layout: Layout = "class"
     if target.neighbours and target.reference_index is not None:
         rows = target.rows(birds["label"], birds["output"], birds["index"])
         nearest = target.reference_index[rows.cpu()].tolist()
         inputs = neighbour_inputs(
-            explainer, birds, load_birds(epoch.dataset, nearest, explainer, device, fmt), options.method
+            explainer, birds, load_birds(epoch.dataset, nearest, explainer, device, fmt, epoch.collate), options.method
         )
         layout, primary = "neighbour", inputs["maps"]
     else:
         inputs = class_inputs(explainer, birds, target, options.target, options.method, options.finer)
         primary = inputs["primary"]
-    mean = [float(m) for m in getattr(epoch.dataset, "mean", IMAGENET_MEAN)]
-    std = [float(s) for s in getattr(epoch.dataset, "std", IMAGENET_STD)]
+    mean, std = normalization(epoch.dataset, int(birds["image"].shape[-3]))
     frame = frame_of(epoch.number, inputs, primary, (mean, std), style.box_threshold)
     job = PanelJob(
         epoch.number,

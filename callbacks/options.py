@@ -15,7 +15,7 @@ from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 from torch import Tensor
 
 from cubcam.callbacks.batches import CUBCAM_FORMAT, BatchFormat
-from cubcam.cams.engine import Reshape
+from cubcam.cams.engine import OutputSelector, Reshape
 from cubcam.cams.methods import Method, method_spec
 from cubcam.cams.overlay import colorize
 from cubcam.cams.protocol import Choice
@@ -56,6 +56,7 @@ class PanelOptions:
     format: BatchFormat = CUBCAM_FORMAT
     finer: FinerMode = "wrong"
     aug_smooth: bool = False
+    output: OutputSelector = None
 
     def __post_init__(self) -> None:
         for arg, value in (("num_images", self.num_images), ("every_n_epochs", self.every_n_epochs)):
@@ -99,6 +100,11 @@ class PanelOptions:
         colorize(np.zeros(1), self.colormap)  # raises ValueError naming the known colormaps
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"CAMPanel: seed must be an integer, got {self.seed!r}")
+        if self.output is not None and self.target_layer is None:
+            raise ValueError(
+                "CAMPanel: output= picks the tensor from what module(images) returns, with target_layer; a CAM "
+                "module's forward_head already returns it"
+            )
         if self.metrics_subset is None:
             self.metrics_subset = DEFAULT_METRICS_SUBSET if self.target_layer is None else DEFAULT_LAYER_METRICS_SUBSET
 

@@ -24,11 +24,25 @@ from torch import Tensor
 
 from cubcam.callbacks.options import FinerMode
 from cubcam.callbacks.panel_data import BirdRow, Panel, name
-from cubcam.cams.figure import Cell, Strip, marked, pair_strips, render_strip
+from cubcam.cams.figure import Cell, Strip, marked, pair_strips, render_strip, unbroken
 from cubcam.cams.localization import box_iou, heatmap_ratio, pointing_game
 from cubcam.cams.methods import Method, method_spec
+from cubcam.cams.overlay import denormalize
 from cubcam.cams.protocol import Choice, Explainer, PairMaps, explain, finer_maps, pair_maps, upsample
 from cubcam.cams.targets import FINER_RIVALS, ClassLogits, ExplanationTarget, Proxies, ScoreOf
+
+MIN_TILE = 128  # px: smaller images (MNIST's 28, CIFAR's 32) are enlarged to at least this, to be seen and captioned
+
+
+def tile_pixels(images: Tensor, normalization: tuple[list[float], list[float]]) -> tuple[list[np.ndarray], int]:
+    """The images as the eye sees them (``denormalize``: any channel count) and the whole factor they were
+    enlarged by: images under ``MIN_TILE`` px a side are repeated pixel for pixel (nearest: a digit's pixels stay
+    sharp), so that their maps and captions can be read; the maps are drawn at the enlarged size."""
+    pixels = denormalize(images, *normalization)
+    factor = -(-MIN_TILE // min(pixels.shape[1:3]))
+    if factor > 1:
+        pixels = pixels.repeat(factor, axis=1).repeat(factor, axis=2)
+    return list(pixels), max(factor, 1)
 
 
 @dataclass
@@ -131,8 +145,9 @@ def class_panel(
 ) -> Panel:
     """Each bird's map for the ``choice`` class, then for the other one where they differ, else the plain image
     (GradCAM of the class logit, or EmbeddingCAM of the class proxy; predicted: nearest), from
-    :func:`class_inputs`; ``rgb`` are the birds' pixels and ``symbol`` names the class score (p or cos)."""
-    size = (int(inputs["image"].shape[-2]), int(inputs["image"].shape[-1]))
+    :func:`class_inputs`; ``rgb`` are the birds' pixels (:func:`tile_pixels`, with ``inputs``' boxes in their
+    pixels) and ``symbol`` names the class score (p or cos)."""
+    size = rgb[0].shape[:2]
     primary_maps, other_maps = upsample(inputs["primary"], size), upsample(inputs["other"], size)
     scores, labels = inputs["scores"], inputs["label"]
     finer_drawn = inputs["finer_drawn"].tolist() if "finer_drawn" in inputs else []
@@ -163,8 +178,9 @@ def class_panel(
             else f"map: {marked('true = predicted', primary_maps[b])}"
         )
         captions.append(
-            f"#{index}, epoch {epoch}\ntrue: {name(names, t)} ({symbol} {scores[b, t]:.2f})\n"
-            f"pred: {name(names, p)} ({symbol} {scores[b, p]:.2f})\n{maps}{finer_line}"
+            # the score before the name: a name too long for a small tile is cut, never the score
+            f"#{index}, epoch {epoch}\ntrue ({symbol} {scores[b, t]:.2f}): {unbroken(name(names, t))}\n"
+            f"pred ({symbol} {scores[b, p]:.2f}): {unbroken(name(names, p))}\n{maps}{finer_line}"
         )
     truth = [name(names, t) for t in labels.tolist()]
     preds = [(name(names, p), float(scores[b, p])) for b, p in enumerate(inputs["predicted"].tolist())]
@@ -191,8 +207,8 @@ def finer_caption(rows: list[int], names: list[str], cam: Tensor) -> str:
     """The caption line of a Finer-CAM cell: what tells the true class apart from its one rival (the predicted
     class), or from its nearest rivals."""
     true, *rivals = rows
-    against = f"{name(names, rivals[0])}" if len(rivals) == 1 else f"its {len(rivals)} nearest classes"
-    return marked(f"3rd: Finer-CAM, {name(names, true)} minus {against}", cam)
+    against = unbroken(name(names, rivals[0])) if len(rivals) == 1 else f"its {len(rivals)} nearest classes"
+    return marked(f"3rd: Finer-CAM, {unbroken(name(names, true))} minus {against}", cam)
 
 
 NEIGHBOUR = "neighbour_"  # the prefix of the neighbours' columns in :func:`neighbour_inputs`
@@ -228,7 +244,7 @@ def neighbour_panel(
 ) -> Panel:
     """The nearest-image view (``single_point_nearest``) from :func:`neighbour_inputs`: each bird and its nearest
     other validation image side by side, each with its map against the other."""
-    size = (int(inputs["image"].shape[-2]), int(inputs["image"].shape[-1]))
+    size = rgb[0].shape[:2]
     pairs = PairMaps(upsample(inputs["maps"], size), upsample(inputs[NEIGHBOUR + "maps"], size), inputs["cosine"])
     labels, others = inputs["label"].tolist(), inputs[NEIGHBOUR + "label"].tolist()
     strips = pair_strips(
@@ -242,8 +258,8 @@ def neighbour_panel(
         style.box_threshold,
     )
     captions = [
-        f"#{int(inputs['index'][b])}, epoch {epoch}\ntrue: {name(names, true)}\nnearest "
-        f"#{int(inputs[NEIGHBOUR + 'index'][b])}: {name(names, other)} (cos {pairs.cosine[b]:.2f})"
+        f"#{int(inputs['index'][b])}, epoch {epoch}\ntrue: {unbroken(name(names, true))}\nnearest "
+        f"#{int(inputs[NEIGHBOUR + 'index'][b])} (cos {pairs.cosine[b]:.2f}): {unbroken(name(names, other))}"
         for b, (true, other) in enumerate(zip(labels, others))
     ]
     truth = [name(names, t) for t in labels]

@@ -19,14 +19,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
-import numpy as np
 from torch import Tensor
 
 from cubcam.callbacks.evolution import Evolution
 from cubcam.callbacks.panel_data import Panel
-from cubcam.callbacks.panel_render import NEIGHBOUR, Style, class_panel, neighbour_panel
+from cubcam.callbacks.panel_render import NEIGHBOUR, Style, class_panel, neighbour_panel, tile_pixels
 from cubcam.callbacks.sinks import Commit, PanelSink
-from cubcam.cams.overlay import denormalize
 from cubcam.cams.protocol import Choice
 
 THREAD_NAME = "cubcam-pictures"
@@ -74,15 +72,15 @@ class Drawn:
 
 def render(job: PanelJob) -> Panel:
     """The panel of ``job``."""
-    inputs = job.inputs
-
-    def rgb(images: Tensor) -> list[np.ndarray]:
-        return list(denormalize(images, *job.normalization))
-
+    inputs = dict(job.inputs)
+    rgb, factor = tile_pixels(inputs["image"], job.normalization)
+    for key in ("box", NEIGHBOUR + "box"):
+        if key in inputs:  # into the pixels drawn (small images are enlarged)
+            inputs[key] = inputs[key] * factor
     if job.layout == "neighbour":
-        neighbours = rgb(inputs[NEIGHBOUR + "image"])
-        return neighbour_panel(inputs, rgb(inputs["image"]), neighbours, job.epoch, job.names, job.style)
-    return class_panel(inputs, rgb(inputs["image"]), job.choice, job.symbol, job.epoch, job.names, job.style)
+        neighbours, _ = tile_pixels(inputs[NEIGHBOUR + "image"], job.normalization)
+        return neighbour_panel(inputs, rgb, neighbours, job.epoch, job.names, job.style)
+    return class_panel(inputs, rgb, job.choice, job.symbol, job.epoch, job.names, job.style)
 
 
 def draw(job: PanelJob | EvolutionJob, sinks: list[PanelSink]) -> Drawn:

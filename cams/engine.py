@@ -18,6 +18,7 @@ Why this engine is safe to call in the middle of training:
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -205,10 +206,8 @@ class CAM:
         fix = "" if self.reshape is None else " after its reshape"
         if not isinstance(grid, Tensor) or grid.dim() != 4:
             shape = tuple(grid.shape) if isinstance(grid, Tensor) else type(grid).__name__
-            raise TypeError(
-                f"target layer {self.layer_name} gives {shape}{fix}, not a map [B, K, h, w]"
-                + ("; pass reshape=... (e.g. tokens [B, N, D] to [B, D, h, w])" if self.reshape is None else "")
-            )
+            hint = "" if self.reshape is not None or not isinstance(grid, Tensor) else not_a_map_hint(grid.shape)
+            raise TypeError(f"target layer {self.layer_name} gives {shape}{fix}, not a map [B, K, h, w]{hint}")
         shape = tuple(grid.shape)
         if shape[-2:] == (1, 1):
             raise ValueError(
@@ -489,6 +488,29 @@ def minmax_normalize(maps: Tensor) -> Tensor:
     low, span = low[:, None, None], (high - low)[:, None, None]
     stretched = torch.where(span > 0, (maps - low) / span.clamp_min(torch.finfo(maps.dtype).tiny), 0.0)
     return torch.where(finite, stretched, float("nan"))
+
+
+def not_a_map_hint(shape: torch.Size) -> str:
+    """What to do with a layer's output that is no map: tokens [B, N, D] folded to their grid (the class token
+    dropped where N is one more than a square, as a ViT's), or a vector [B, D] (no spatial layer: the map is
+    before it)."""
+    if len(shape) == 2:
+        return (
+            "; it is a vector per image (a dense layer, or after the pooling): there is no map to explain in it; pick "
+            "a convolutional or token layer before the pooling (a model of dense layers alone has none)"
+        )
+    if len(shape) != 3:
+        return "; pass reshape=... to make it one"
+    tokens = shape[1]
+    for first, what in ((1, "drop the class token and fold the rest"), (0, "fold the tokens")):
+        side = math.isqrt(tokens - first)
+        if side * side == tokens - first and side > 1:
+            cut = "[:, 1:]" if first else ""
+            return (
+                f"; tokens [B, {first} + {side}x{side}, D]: {what}: reshape=lambda t: t{cut}.reshape(t.shape[0], "
+                f"{side}, {side}, -1).permute(0, 3, 1, 2)"
+            ).replace("[B, 0 + ", "[B, ")
+    return "; pass reshape=... (tokens [B, N, D] to a map [B, D, h, w], without any class or register tokens)"
 
 
 def select_output(output: Any, selector: OutputSelector) -> Tensor:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import re
 import struct
 import zlib
 from collections.abc import Sequence
@@ -152,7 +153,7 @@ def placed_grid(
     for array, lines, (left, top) in zip(arrays, wrapped, origins):
         canvas.paste(Image.fromarray(array), (left, top))
         for n, line in enumerate(lines):
-            draw.text((left, top + cell_h + pad // 2 + n * line_h), line, fill=(0, 0, 0), font=font)
+            draw.text((left, top + cell_h + pad // 2 + n * line_h), line.replace(NBSP, " "), fill=(0, 0, 0), font=font)
     return np.asarray(canvas), origins
 
 
@@ -166,7 +167,7 @@ def with_legend(image: np.ndarray, legend: str, pad: int = 4) -> np.ndarray:
     banner = Image.new("RGB", (width, pad + len(lines) * line_h + pad), (255, 255, 255))
     draw = ImageDraw.Draw(banner)
     for n, line in enumerate(lines):
-        draw.text((pad, pad + n * line_h), line, fill=(0, 0, 0), font=font)
+        draw.text((pad, pad + n * line_h), line.replace(NBSP, " "), fill=(0, 0, 0), font=font)
     return np.concatenate([np.asarray(banner), image], axis=0)
 
 
@@ -261,26 +262,49 @@ def _line_height(font: ImageFont.FreeTypeFont | ImageFont.ImageFont) -> int:
     return int(bottom) + 2
 
 
+NBSP = "\u00a0"  # joins the words of a name in a caption: wrapped as one word where a line can hold it
+
+
+def unbroken(name: str) -> str:
+    """``name`` (a class name, "Black footed Albatross") with non-breaking spaces, so that a caption's wrap keeps it
+    on one line where it fits, and breaks it only where no line can hold it."""
+    return NBSP.join(str(name).split())
+
+
 def _wrap(
     caption: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont, width: int, max_lines: int = 2
 ) -> list[str]:
     """Greedy word wrap to ``width`` pixels, at most ``max_lines`` lines per caption line (a long class name would
-    otherwise make every caption of the grid as tall as its own); what does not fit is cut with '...'."""
+    otherwise make every caption of the grid as tall as its own); what does not fit is cut with '...'. Words joined
+    by :func:`unbroken` stay together where one line holds them; a file name wider than a line breaks after an '_'."""
     lines: list[str] = []
     for paragraph in str(caption).split("\n"):
         wrapped: list[str] = []
         line = ""
-        for word in paragraph.split(" "):
-            candidate = f"{line} {word}" if line else word
-            if line and font.getlength(candidate) > width:
-                wrapped.append(line)
-                candidate = word
-            line = candidate
+        for unit in paragraph.split(" "):
+            for k, (glue, piece) in enumerate(_pieces(unit, font, width)):
+                candidate = f"{line}{' ' if k == 0 else glue}{piece}" if line else piece
+                if line and font.getlength(candidate) > width:
+                    wrapped.append(line)
+                    candidate = piece
+                line = candidate
         wrapped.append(line)
         cut = len(wrapped) > max_lines
         wrapped = wrapped[:max_lines]
         lines += [_fit(text, font, width, cut and n == len(wrapped) - 1) for n, text in enumerate(wrapped)]
     return lines
+
+
+def _pieces(unit: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont, width: int) -> list[tuple[str, str]]:
+    """The (glue, text) pieces a line may break between: ``unit`` whole where it fits in ``width``; else its words
+    (glued by a non-breaking space), and a word still too wide in parts, each ending at an '_' (glued by nothing)."""
+    if font.getlength(unit) <= width:
+        return [("", unit)]
+    pieces = []
+    for k, word in enumerate(unit.split(NBSP)):
+        parts = re.split(r"(?<=_)", word) if font.getlength(word) > width else [word]
+        pieces += [(NBSP if k and not j else "", part) for j, part in enumerate(parts) if part]
+    return pieces
 
 
 def _fit(line: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont, width: int, cut: bool) -> str:

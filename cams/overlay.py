@@ -88,21 +88,39 @@ def overlay(
 def denormalize(
     image: Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
 ) -> np.ndarray:
-    """Normalised Tensor[3, H, W] or [B, 3, H, W] -> uint8 numpy [H, W, 3] or [B, H, W, 3]: what a model saw, as
+    """Normalised Tensor[C, H, W] or [B, C, H, W] -> uint8 numpy [H, W, 3] or [B, H, W, 3]: what a model saw, as
     pixels to overlay a map on.
 
-    A uint8 tensor (a dataset that serves raw pixels and leaves the scaling to the model) is taken as the pixels
-    themselves; other integer types are refused, as there is no telling what their values mean.
+    Any channel count C: ``mean`` and ``std`` hold one value or one per channel (a grayscale dataset's one-value
+    ``Normalize((0.1307,), (0.3081,))`` fits); one or two channels are drawn gray (their mean), three or more as the
+    first three (RGB; a fourth, e.g. near-infrared or alpha, is not drawn). A uint8 tensor (a dataset that serves
+    raw pixels and leaves the scaling to the model) is taken as the pixels themselves; other integer types are
+    refused, as there is no telling what their values mean.
     """
-    if image.dim() not in (3, 4) or image.shape[-3] != 3:
-        raise ValueError(f"expected an image [3, H, W] or a batch [B, 3, H, W], got shape {tuple(image.shape)}")
+    if image.dim() not in (3, 4):
+        raise ValueError(f"expected an image [C, H, W] or a batch [B, C, H, W], got shape {tuple(image.shape)}")
+    channels = image.shape[-3]
     if image.dtype == torch.uint8:
-        return image.detach().cpu().movedim(-3, -1).numpy()
+        return _as_rgb(image.detach().cpu().float()).round().to(torch.uint8).movedim(-3, -1).numpy()
     if not image.is_floating_point():
         raise TypeError(f"images must be float (normalised) or uint8 (pixels), got {image.dtype}")
+    for what, values in (("mean", mean), ("std", std)):
+        if len(values) not in (1, channels):
+            raise ValueError(
+                f"{what} has {len(values)} values for images of {channels} channel(s): give the dataset's own mean "
+                f"and std, one value or one per channel"
+            )
+    shape = (len(mean), 1, 1), (len(std), 1, 1)
     image = image.detach().float().cpu()
-    pixels = image * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)
-    return pixels.mul(255).round().clamp(0, 255).to(torch.uint8).movedim(-3, -1).numpy()
+    pixels = image * torch.tensor(std, dtype=torch.float32).view(shape[1]) + torch.tensor(mean).view(shape[0])
+    return _as_rgb(pixels.mul(255)).round().clamp(0, 255).to(torch.uint8).movedim(-3, -1).numpy()
+
+
+def _as_rgb(pixels: Tensor) -> Tensor:
+    """[..., C, H, W] -> [..., 3, H, W]: one or two channels as gray (their mean), else the first three."""
+    if pixels.shape[-3] >= 3:
+        return pixels[..., :3, :, :]
+    return pixels.mean(-3, keepdim=True).expand(*pixels.shape[:-3], 3, *pixels.shape[-2:])
 
 
 def _as_pixels(image: Tensor | np.ndarray) -> np.ndarray:

@@ -12,7 +12,7 @@ activations kept from a validation loop, cost no further backbone pass. A ``vali
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, TypedDict
 
@@ -20,7 +20,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cubcam.cams.engine import CAM, DEFAULT_CHANNEL_BATCH, Reshape, eager, eval_mode, minmax_normalize
+from cubcam.cams.engine import (
+    CAM,
+    DEFAULT_CHANNEL_BATCH,
+    OutputSelector,
+    Reshape,
+    eager,
+    eval_mode,
+    minmax_normalize,
+    select_output,
+)
 from cubcam.cams.methods import Method, method_spec
 from cubcam.cams.proxies import single_point_proxy
 from cubcam.cams.targets import (
@@ -170,9 +179,11 @@ class LayerExplainer:
         kind: Kind,
         reshape: Reshape | None = None,
         channel_batch_size: int = DEFAULT_CHANNEL_BATCH,
+        output: OutputSelector = None,
     ):
         self.model, self.layer_name, self.reshape = model, layer, reshape
         self.channel_batch_size = channel_batch_size  # ScoreCAM's / AblationCAM's (image, channel) pairs per forward
+        self.output = output  # picks the tensor from what the model returns (a Hugging Face ModelOutput: "logits")
         self._kind: Kind = kind
         try:
             self.layer: nn.Module = model.get_submodule(layer)
@@ -184,12 +195,27 @@ class LayerExplainer:
         return self._kind
 
     def outputs(self, images: Tensor) -> Tensor:
-        """``model(images)`` in eval mode, checked to be logits or embeddings [B, C]."""
+        """``model(images)`` in eval mode, through ``output``, checked to be logits or embeddings [B, C]."""
         with eval_mode(self.model):
-            outputs = self.model(images)
-        if not isinstance(outputs, Tensor) or outputs.dim() != 2:
-            shape = tuple(outputs.shape) if isinstance(outputs, Tensor) else type(outputs).__name__
-            raise TypeError(f"{type(self.model).__name__}(images) must return logits or embeddings [B, C], got {shape}")
+            return self.selected(self.model(images))
+
+    def selected(self, returned: Any) -> Tensor:
+        """The logits or embeddings [B, C] in what the model returned (``output`` picks them from a ModelOutput,
+        a dict or a tuple); TypeError naming what it got and what to pass."""
+        name = type(self.model).__name__
+        if self.output is None and not isinstance(returned, Tensor):
+            keys = f" (its keys: {', '.join(map(repr, returned.keys()))})" if isinstance(returned, Mapping) else ""
+            raise TypeError(
+                f"{name}(images) returns a {type(returned).__name__}{keys}, not a tensor: pass output= to pick the "
+                f"logits or embeddings from it (output='logits' for a Hugging Face ModelOutput; a key, an index or a "
+                f"callable)"
+            )
+        outputs = select_output(returned, self.output)
+        if outputs.dim() != 2:
+            raise TypeError(
+                f"{name}(images) gives {tuple(outputs.shape)}: the maps explain [B, C] logits (a single logit [B, 1]: "
+                f"a binary classifier; a score of your own: CAMPanel's score=) or [B, D] embeddings"
+            )
         return outputs
 
     def features_and_outputs(self, images: Tensor) -> tuple[Tensor, Tensor]:
@@ -208,8 +234,9 @@ class LayerExplainer:
     ) -> Tensor:
         # the features are the images: ScoreCAM masks them as they are
         cam = CAM(
-            self.outputs,
+            self.model,
             self.layer,
+            output=self.selected,
             method=method,
             reshape=self.reshape,
             layer_name=self.layer_name,
@@ -218,12 +245,14 @@ class LayerExplainer:
         with eval_mode(self.model):
             return _upsampled(cam, features, size, target, rows, next(self.model.parameters()).dtype, eigen_smooth)
 
-    def check(self, images: Tensor, outputs: Tensor) -> None:
-        """One map of the first image, so that a layer that does not run, or gives no map (and no reshape makes
-        one), fails with its error (naming the layer) before any epoch's work is done."""
-        output = outputs[:1].detach().float()
-        target = make_target(self.cam_kind, "normalized_mean", output, torch.zeros(1, dtype=torch.long))
-        explain(self, images[:1], output, target, (images.shape[-2], images.shape[-1]), choice="predicted")
+
+def check_map(explainer: Explainer, features: Tensor, outputs: Tensor, size: tuple[int, int], method: Method) -> None:
+    """One map of the first image (``features`` and ``outputs`` of ``explainer.features_and_outputs``), explained as
+    ``method`` explains it, so that a layer that does not run, or gives no map (and no reshape makes one), fails
+    with its error (naming the layer) before any epoch's work is done."""
+    output = outputs[:1].detach().float()
+    target = make_target(explainer.cam_kind, "normalized_mean", output, torch.zeros(1, dtype=torch.long))
+    explain(explainer, features[:1], output, target, size, choice="predicted", method=method)
 
 
 def explainer_for(

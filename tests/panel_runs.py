@@ -18,12 +18,14 @@ from wandb_records import finished_log, history_rows
 
 from cubcam.callbacks import CAMPanelWarning
 from cubcam.callbacks.epoch_maps import METRIC_KEYS
+from cubcam.callbacks.panel_render import MIN_TILE
 from cubcam.callbacks.picture_thread import THREAD_NAME
 from cubcam.callbacks.sinks import PANEL_KEY
 from cubcam.train.data.datamodule import CUBDataModule
 from cubcam.train.modules import Classifier, EmbeddingNet
 
 SIZE = 64  # image_size: 4x4 CAMs at output stride 16
+TILE = SIZE * -(-MIN_TILE // SIZE)  # a panel cell's side: images under MIN_TILE px are enlarged a whole factor
 
 
 LAYER = "net.backbone.layer4"  # the target_layer path, on cubcam's own module (treated as one without the protocol)

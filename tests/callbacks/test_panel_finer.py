@@ -14,7 +14,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from nets import AsModule, SmallNet, trained_looking
-from panel_runs import SIZE, data_for, finished_run, module_for, panel_rows, trainer_for, wandb_logger
+from panel_runs import TILE, data_for, finished_run, module_for, panel_rows, trainer_for, wandb_logger
 from PIL import Image
 
 from cubcam.callbacks import CAMPanel
@@ -90,7 +90,7 @@ def test_finer_every_bird_reaches_the_wandb_table_and_the_grid(synthetic_cub, of
     run_dir = finished_run(logger)
     (row,) = panel_rows(run_dir)
     media = row[PANEL_KEY]
-    assert media["width"] == 4 + 4 * (3 * SIZE + 2 * GAP + 4)  # four strips of three cells
+    assert media["width"] == 4 + 4 * (3 * TILE + 2 * GAP + 4)  # four strips of three cells
     pixels = np.asarray(Image.open(run_dir / "files" / media["path"]).convert("RGB"))
     assert pixels.std() > 10
     table = json.loads((run_dir / "files" / row[TABLE_KEY]["path"]).read_text())

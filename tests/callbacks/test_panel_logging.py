@@ -20,6 +20,7 @@ import torch
 from panel_runs import (
     LAYER,
     SIZE,
+    TILE,
     campanel_warnings,
     data_for,
     finished_run,
@@ -67,7 +68,7 @@ def test_one_panel_per_epoch_with_boxes_captions_and_metrics(synthetic_cub, offl
     labels = [dataset.labels[i] for i in panel.panel]
     assert len(set(labels)) == min(num, len(dataset.class_names))  # spread over every class of this tiny set
     steps_per_epoch = trainer.global_step // epochs
-    strip = 2 * SIZE + GAP  # a bird's two cells
+    strip = 2 * TILE + GAP  # a bird's two cells
     primary_cam_boxes = 0
     for epoch, row in enumerate(panels):
         media = row[PANEL_KEY]
@@ -90,7 +91,7 @@ def test_one_panel_per_epoch_with_boxes_captions_and_metrics(synthetic_cub, offl
         tops: dict[int, set[int]] = {}
         for k, index in enumerate(panel.panel):  # the first cell's GT box, moved to the bird's place in the grid
             gt = gts[2 * k]
-            x, y, w, h = dataset[index]["box"].tolist()
+            x, y, w, h = (TILE / SIZE * dataset[index]["box"]).tolist()  # in the enlarged cell's pixels
             left = 4 + (k % 4) * (strip + 4)
             assert gt["class_id"] == dataset.labels[index] and gt["domain"] == "pixel"
             assert gt["position"]["minX"] == round(left + x) and gt["position"]["maxX"] == round(left + x + w)
@@ -104,9 +105,9 @@ def test_one_panel_per_epoch_with_boxes_captions_and_metrics(synthetic_cub, offl
             position = box["position"]
             k = (position["minX"] - 4) // (strip + 4)
             offset = position["minX"] - 4 - k * (strip + 4)
-            left = 4 + k * (strip + 4) + (0 if offset < SIZE else SIZE + GAP)
-            assert left <= position["minX"] < position["maxX"] <= left + SIZE
-            primary_cam_boxes += offset < SIZE
+            left = 4 + k * (strip + 4) + (0 if offset < TILE else TILE + GAP)
+            assert left <= position["minX"] < position["maxX"] <= left + TILE
+            primary_cam_boxes += offset < TILE
     # A barely trained net's GradCAM is often flat (the ReLU of a negative sum: no box); seeded, several of the
     # primary maps have one.
     assert primary_cam_boxes >= epochs

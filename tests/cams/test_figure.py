@@ -120,7 +120,7 @@ def test_an_empty_map_says_so_in_its_caption_and_explain_names_the_class_it_expl
     }
     assert caption(record, "p", torch.eye(4)).splitlines() == [
         "bird.jpg",
-        "pred: Albatross (p 0.90)",
+        "pred (p 0.90): Albatross",  # the score before the name: a small tile cuts the name, never the score
         "map: Albatross (predicted)",
     ]
     assert caption(record, "p", torch.zeros(4, 4)).endswith("map: Albatross (predicted) (empty map)")

@@ -11,6 +11,7 @@ from nets import AsModule, SmallNet, trained_looking
 from torch import nn
 
 from cubcam.cams.targets import make_target
+from cubcam.train.inspection.plots import sanity_figure
 from cubcam.train.inspection.sanity import (
     SANITY_LEVEL,
     SanityResult,
@@ -112,3 +113,23 @@ def test_edge_maps_are_the_sobel_magnitude() -> None:
     image[..., 4:] = 1.0  # a vertical step edge between columns 3 and 4
     edges = edge_maps(image)[0]
     assert edges[:, 3:5].min() == 1 and edges[:, :2].max() == 0 and edges[:, 6:].max() == 0
+
+
+def test_the_sanity_plots_legend_covers_no_curve() -> None:
+    """Inside the upper-right axes it covered the curves (issue 33); outside them, to the right, it overlaps none."""
+    blocks_ = ["net.fc", "net.layer4", "net.layer3", "net.layer2", "net.layer1", "net.conv1"]
+    curve = {"spearman": [0.9, 0.8, 0.7, 0.5, 0.3, 0.1], "ssim": [0.9, 0.7, 0.6, 0.4, 0.2, 0.1]}
+    flat = {"spearman": [0.9] * 6, "ssim": [0.8] * 6}
+    sanity = {
+        "blocks": blocks_,
+        "level": 0.5,
+        "cascade": {"gradcam": curve, "edge": flat},
+        "independent": {"gradcam": curve, "edge": flat},
+    }
+    figure = sanity_figure(sanity, {"gradcam": "GradCAM", "edge": "edge detector"})
+    figure.draw_without_rendering()
+    (legend,) = figure.legends
+    box = legend.get_window_extent()
+    assert [text.get_text() for text in legend.get_texts()] == ["GradCAM", "edge detector"]
+    for axis in figure.axes:
+        assert not box.overlaps(axis.get_window_extent()), axis.get_title()

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cubcam.cams.figure import grid, marked, save_png
+from cubcam.cams.figure import grid, marked, save_png, unbroken
 from cubcam.cams.methods import Method
 from cubcam.cams.overlay import denormalize
 from cubcam.cams.protocol import HeadExplainer, explain, explainer_for, features_for, finer_maps
@@ -80,11 +80,12 @@ def pair_figure(
     for i, (own, other) in enumerate(((a, b), (b, a))):
         pixels = denormalize(samples[i]["image"])
         predicted = names[int(step.predicted[i])]
-        for cam, text in ((step.maps[i].cpu(), f"true: {names[own]}\npred: {predicted}"), (finer[i].cpu(), None)):
+        truth = f"true: {unbroken(names[own])}\npred: {unbroken(predicted)}"
+        for cam, text in ((step.maps[i].cpu(), truth), (finer[i].cpu(), None)):
             tiles.append(pixels)
             cams.append(cam)
             boxes.append(samples[i]["box"])
-            captions.append(marked(text or f"Finer-CAM: what tells it\napart from {names[other]}", cam))
+            captions.append(marked(text or f"Finer-CAM: what tells it\napart from {unbroken(names[other])}", cam))
     return grid(tiles, captions, ncols=2, cams=cams, boxes=boxes)
 
 

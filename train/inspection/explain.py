@@ -29,7 +29,7 @@ from torch import Tensor
 
 from cubcam.cams import overlay
 from cubcam.cams.engine import aug_views
-from cubcam.cams.figure import grid, marked, pair_strips, save_png
+from cubcam.cams.figure import grid, marked, pair_strips, save_png, unbroken
 from cubcam.cams.files import WriteFailed
 from cubcam.cams.methods import METHODS, Method, methods_needing
 from cubcam.cams.overlay import denormalize
@@ -150,12 +150,16 @@ class ImageExplainer:
 
 
 def caption(record: dict[str, Any], score_name: str, cam: Tensor) -> str:
-    """A user image: its file name and the prediction; a dataset image: true and predicted class; then the class
-    the map explains (and "empty map" where nothing passed the ReLU)."""
-    first = f"true: {record['true']['name']}" if record["true"] is not None else Path(record["source"]).name
-    explained = marked(f"{record['target']['name']} ({record['target']['kind']})", cam)
-    pred = f"pred: {record['predicted']['name']} ({score_name} {record['predicted']['score']:.2f})"
-    return f"{first}\n{pred}\nmap: {explained}"
+    """A tile's caption: the image's file name; a dataset image's true class; the prediction (its score before the
+    name: a name too long for the tile is cut, never the score); the class the map explains (and "empty map" where
+    nothing passed the ReLU). Class names wrap as a whole where a line holds them."""
+    lines = [Path(record.get("path") or record["source"]).name]
+    if record["true"] is not None:
+        lines.append(f"true: {unbroken(record['true']['name'])}")
+    predicted = record["predicted"]
+    lines.append(f"pred ({score_name} {predicted['score']:.2f}): {unbroken(predicted['name'])}")
+    lines.append("map: " + marked(f"{unbroken(record['target']['name'])} ({record['target']['kind']})", cam))
+    return "\n".join(lines)
 
 
 def finer_caption(record: dict[str, Any], cam: Tensor) -> str:
@@ -163,7 +167,9 @@ def finer_caption(record: dict[str, Any], cam: Tensor) -> str:
     every one of them is in summary.json)."""
     first, *others = (rival["name"] for rival in record["finer"]["rivals"])
     more = f"\nand {len(others)} more" if others else ""
-    return f"Finer-CAM: what tells\n{record['target']['name']}\n" + marked(f"apart from {first}{more}", cam)
+    return f"Finer-CAM: what tells\n{unbroken(record['target']['name'])}\n" + marked(
+        f"apart from {unbroken(first)}{more}", cam
+    )
 
 
 # --- main ----------------------------------------------------------------------------------------------------------
@@ -405,13 +411,16 @@ def explain_retrieval(session: Session, reference: ReferenceSet, args: argparse.
     captions, records = [], []
     for rank, (i, sim, label) in enumerate(zip(indices[0].tolist(), similarity[0].tolist(), labels), start=1):
         name = reference.dataset.class_names[label]
-        captions.append(f"query | #{rank}: {name} (cos {sim:.3f})")
+        path = reference.dataset.image_path(i)
+        captions.append(
+            f"query: {Path(str(args.query)).name}\n#{rank} (cos {sim:.3f}): {unbroken(name)}\n{Path(path).name}"
+        )
         records.append(
             {
                 "rank": rank,
                 "index": i,
                 "image_id": int(reference.dataset[i]["image_id"]),
-                "path": str(reference.dataset.image_path(i)),
+                "path": str(path),
                 "label": label,
                 "name": name,
                 "similarity": round(sim, 6),
@@ -465,7 +474,7 @@ def retrieval_finer(
     cam = explainer.maps(features, size, target, rows, args.method)[0].cpu()
     names = [reference.dataset.class_names[int(reference.labels[i])] for i in (first, other)]
     rank = order.index(other) + 1
-    text = f"Finer-CAM of the query:\nlike #1 {names[0]}\nrather than #{rank} {names[1]}"
+    text = f"Finer-CAM of the query:\nlike #1 {unbroken(names[0])}\nrather than #{rank} {unbroken(names[1])}"
     tile = grid(
         [denormalize(query)],
         [marked(text, cam)],

@@ -79,6 +79,12 @@ def short_names(names: Sequence[str]) -> list[str]:
 
 
 def sanity_plot(sanity: dict[str, Any], labels: dict[str, str], path: Path) -> Path:
+    """:func:`sanity_figure` written to ``path``."""
+    figure = sanity_figure(sanity, labels)
+    return write_with(path, lambda file: figure.savefig(file, format="png", dpi=110))
+
+
+def sanity_figure(sanity: dict[str, Any], labels: dict[str, str]) -> Figure:
     """The sanity check's curves (Adebayo et al.'s figures): the rank correlation (top) and SSIM (bottom) of each
     method's maps with the trained model's, as the blocks are re-initialised cascading from the head (left) and one
     at a time (right); the edge and random baselines dashed, the failing level dotted."""
@@ -87,7 +93,7 @@ def sanity_plot(sanity: dict[str, Any], labels: dict[str, str], path: Path) -> P
     lowest = min(
         v for mode in titles for curve in sanity[mode].values() for k in ("spearman", "ssim") for v in curve[k]
     )
-    figure = Figure(figsize=(max(9.0, 0.5 * len(names) + 4), 6.4), layout="constrained")
+    figure = Figure(figsize=(max(9.0, 0.5 * len(names) + 4) + 1.6, 6.4), layout="constrained")
     axes = figure.subplots(2, 2, sharex=True, sharey="row")
     for column, (mode, title) in enumerate(titles.items()):
         for row, (key, ylabel) in enumerate((("spearman", "rank correlation"), ("ssim", "SSIM"))):
@@ -100,8 +106,9 @@ def sanity_plot(sanity: dict[str, Any], labels: dict[str, str], path: Path) -> P
             axis.set_ylabel(ylabel if column == 0 else "")
             axis.grid(alpha=0.3)
             axis.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
-    axes[0, 1].legend(fontsize=7, loc="lower left")
-    return write_with(path, lambda file: figure.savefig(file, format="png", dpi=110))
+    # outside the axes, right of them (constrained layout makes room): inside, it covered the curves
+    figure.legend(*axes[0, 0].get_legend_handles_labels(), fontsize=7, loc="outside right upper")
+    return figure
 
 
 def sanity_maps_figure(
