@@ -92,6 +92,42 @@ def test_long_class_names_stay_in_two_lines_of_their_tile() -> None:
     assert long.shape[0] - short.shape[0] <= 2 * 16  # two lines more at most, never the whole name
 
 
+def test_class_names_wrap_whole_and_file_names_after_an_underscore() -> None:
+    """explain's captions broke inside class names ("true: Azure headed Red / Warbler"); a name that a line holds now
+    starts its own line, one no line holds breaks at its words, a file name after an '_'."""
+    from cubcam.cams.figure import NBSP, _font, _wrap, unbroken
+
+    font = _font(12)
+    name = "Black footed Albatross"
+    width = int(font.getlength(name)) + 2  # the name fits a line; "true: " and the name do not
+    lines = [line.replace(NBSP, " ") for line in _wrap(f"true: {unbroken(name)}", font, width)]
+    assert lines == ["true:", name]
+    narrow = [line.replace(NBSP, " ") for line in _wrap(f"true: {unbroken(name)}", font, width // 2, max_lines=4)]
+    assert " ".join(narrow) == f"true: {name}" and all(font.getlength(line) <= width // 2 for line in narrow)
+    file = "Black_footed_Albatross_0001_796111.jpg"
+    parts = _wrap(file, font, int(font.getlength("Black_footed_Albatross_")) + 2, max_lines=3)
+    assert "".join(parts) == file and parts[0] == "Black_footed_Albatross_"
+
+
+def test_explain_and_retrieval_captions_name_the_files() -> None:
+    from cubcam.cams.figure import unbroken
+    from cubcam.train.inspection.explain import caption, retrieval_caption
+
+    record = {
+        "source": "test[3]",
+        "path": "/data/CUB_200_2011/images/001.Albatross/Albatross_0003_17.jpg",
+        "true": {"class": 1, "name": "Albatross"},
+        "predicted": {"class": 1, "name": "Albatross", "score": 0.9},
+        "target": {"kind": "true", "class": 1, "name": "Albatross"},
+    }
+    assert caption(record, "p", torch.eye(4)).splitlines()[:2] == ["Albatross_0003_17.jpg", "true: Albatross"]
+    assert retrieval_caption("q/bird.jpg", 2, 0.91234, "Laysan Albatross", "/x/Laysan_0002_9.jpg").split("\n") == [
+        "query: bird.jpg",
+        f"#2 (cos 0.912): {unbroken('Laysan Albatross')}",
+        "Laysan_0002_9.jpg",
+    ]
+
+
 def test_non_ascii_class_names_draw_as_letters_not_boxes() -> None:
     from cubcam.cams.figure import _font
 

@@ -162,6 +162,11 @@ def caption(record: dict[str, Any], score_name: str, cam: Tensor) -> str:
     return "\n".join(lines)
 
 
+def retrieval_caption(query: str | Path, rank: int, similarity: float, name: str, path: str | Path) -> str:
+    """A retrieval strip's caption: the query's file, then the neighbour's rank, cosine, class and file."""
+    return f"query: {Path(query).name}\n#{rank} (cos {similarity:.3f}): {unbroken(name)}\n{Path(path).name}"
+
+
 def finer_caption(record: dict[str, Any], cam: Tensor) -> str:
     """What a Finer-CAM tile shows: the explained class against its rivals (the nearest named, the others counted:
     every one of them is in summary.json)."""
@@ -412,9 +417,7 @@ def explain_retrieval(session: Session, reference: ReferenceSet, args: argparse.
     for rank, (i, sim, label) in enumerate(zip(indices[0].tolist(), similarity[0].tolist(), labels), start=1):
         name = reference.dataset.class_names[label]
         path = reference.dataset.image_path(i)
-        captions.append(
-            f"query: {Path(str(args.query)).name}\n#{rank} (cos {sim:.3f}): {unbroken(name)}\n{Path(path).name}"
-        )
+        captions.append(retrieval_caption(args.query, rank, sim, name, path))
         records.append(
             {
                 "rank": rank,
