@@ -88,7 +88,8 @@ def test_grayscale_digits_get_a_panel_of_enlarged_gray_tiles(tmp_path) -> None:
     module = DigitNet()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        trainer_for(tmp_path, 1, [CAMPanel(num_images=4, target_layer="net.3", finer="off")]).fit(module, *loaders(Digits()))
+        panel = CAMPanel(num_images=4, target_layer="net.3", finer="off")
+        trainer_for(tmp_path, 1, [panel]).fit(module, *loaders(Digits()))
     assert campanel_warnings(caught) == []
     grid = np.asarray(Image.open(tmp_path / "cam_panels" / "epoch_000.png").convert("RGB"))
     factor = -(-MIN_TILE // DIGIT)  # 28 px -> 140 px
@@ -148,9 +149,7 @@ def test_a_hugging_face_model_with_its_own_keys_gets_its_panel_from_epoch_0(tmp_
     """Before: the ModelOutput was refused ("must return logits"); with label_key="labels" epoch 0's panel was lost
     (dataset items have "label"), with "label" every batch failed."""
     pl.seed_everything(0, verbose=False)
-    panel = CAMPanel(
-        num_images=4, target_layer=HF_LAYER, output="logits", image_key="pixel_values", label_key="labels"
-    )
+    panel = CAMPanel(num_images=4, target_layer=HF_LAYER, output="logits", image_key="pixel_values", label_key="labels")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer_for(tmp_path, 1, [panel]).fit(HFClassifier(), *loaders(Digits(dict_items=True), collate_fn=hf_collate))
@@ -217,7 +216,7 @@ class Tokens(DigitNet):
 @pytest.mark.parametrize(
     ("module_class", "layer", "error", "message"),
     [
-        (Pooled, "feature_extractor", ValueError, r"1x1 grid.* last layer that gives a map here is 'feature_extractor\.5' \(1, 16, 7, 7\)"),
+        (Pooled, "feature_extractor", ValueError, r"1x1 grid.* a map here is 'feature_extractor\.5' \(1, 16, 7, 7\)"),
         (Dense, "net.2", TypeError, r"a vector per image .*No layer of Dense gives a map"),
         (Tokens, "norm", TypeError, r"tokens \[B, 1 \+ 7x7, D\]: drop the class token .*t\[:, 1:\]\.reshape\("),
     ],
