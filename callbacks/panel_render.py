@@ -24,7 +24,7 @@ from torch import Tensor
 
 from cubcam.callbacks.options import FinerMode
 from cubcam.callbacks.panel_data import BirdRow, Panel, name
-from cubcam.cams.figure import Cell, Strip, marked, pair_strips, render_strip, unbroken
+from cubcam.cams.figure import BOX_LEGEND, Cell, Strip, marked, pair_strips, render_strip, unbroken
 from cubcam.cams.localization import box_iou, heatmap_ratio, pointing_game
 from cubcam.cams.methods import Method, method_spec
 from cubcam.cams.overlay import denormalize
@@ -186,7 +186,7 @@ def class_panel(
     preds = [(name(names, p), float(scores[b, p])) for b, p in enumerate(inputs["predicted"].tolist())]
     other: Choice = "predicted" if choice == "true" else "true"
     legend = (
-        f"{LEGEND_BOXES} Each bird: the map of its {choice} class, then of its {other} class where they differ "
+        f"{BOX_LEGEND} Each bird: the map of its {choice} class, then of its {other} class where they differ "
         "(else the bird alone)"
     )
     if finer_maps_ is not None:
@@ -198,9 +198,6 @@ def class_panel(
             "minus the predicted class's), for the birds the model gets wrong"
         )
     return _panel(epoch, inputs, rgb, strips, captions, names, primary_maps, truth, preds, style, legend + ".")
-
-
-LEGEND_BOXES = "Green box: the ground truth. Red box: the map's largest region above the CAM threshold."
 
 
 def finer_caption(rows: list[int], names: list[str], cam: Tensor) -> str:
@@ -265,7 +262,7 @@ def neighbour_panel(
     truth = [name(names, t) for t in labels]
     preds = [(name(names, o), float(c)) for o, c in zip(others, pairs.cosine.tolist())]
     legend = (
-        f"{LEGEND_BOXES} Each bird: its map against its nearest other validation image, then that image with its map "
+        f"{BOX_LEGEND} Each bird: its map against its nearest other validation image, then that image with its map "
         "against the bird."
     )
     return _panel(epoch, inputs, rgb, strips, captions, names, pairs.first, truth, preds, style, legend)

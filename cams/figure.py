@@ -31,6 +31,7 @@ from cubcam.cams.protocol import PairMaps
 
 GT_COLOR = (0, 200, 0)  # green: the ground-truth box
 CAM_COLOR = (255, 0, 0)  # red: the box of the CAM's largest region
+BOX_LEGEND = "Green box: the ground truth. Red box: the map's largest region above the CAM threshold."
 BoxLike = Tensor | np.ndarray | Sequence[float]
 GAP = 4  # white pixels between the cells of a strip
 

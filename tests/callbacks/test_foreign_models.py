@@ -54,12 +54,12 @@ class Digits(Dataset):
 class DigitNet(pl.LightningModule):
     """An MNIST module's shape (lightning-hydra-template's): a small CNN, logits from ``forward``."""
 
-    def __init__(self, classes: int = 4):
+    def __init__(self, outputs: int = 4):
         super().__init__()
         self.net = nn.Sequential(
             nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, classes),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, outputs),
         )  # fmt: skip
         self.steps = 0
 
@@ -69,7 +69,7 @@ class DigitNet(pl.LightningModule):
     def training_step(self, batch, batch_idx):
         self.steps += 1
         images, labels = batch
-        return F.cross_entropy(self(images), labels)
+        return F.cross_entropy(self(images)[:, :4], labels)  # an embedding's first dimensions as logits
 
     def validation_step(self, batch, batch_idx):
         self(batch[0])
@@ -82,13 +82,15 @@ def loaders(dataset: Dataset, **kwargs) -> tuple[DataLoader, DataLoader]:
     return DataLoader(dataset, batch_size=8, shuffle=True, **kwargs), DataLoader(dataset, batch_size=8, **kwargs)
 
 
-def test_grayscale_digits_get_a_panel_of_enlarged_gray_tiles(tmp_path) -> None:
-    """Before: every epoch warned "expected an image [3, H, W]" and drew nothing."""
+@pytest.mark.parametrize("kind", ["classifier", "embedding"])
+def test_grayscale_digits_get_a_panel_of_enlarged_gray_tiles(tmp_path, kind: str) -> None:
+    """Before: every epoch warned "expected an image [3, H, W]" and drew nothing (an MNIST classifier, or a
+    metric-learning embedding net as pytorch-metric-learning's MNIST example trains one)."""
     pl.seed_everything(0, verbose=False)
-    module = DigitNet()
+    module = DigitNet(4 if kind == "classifier" else 8)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        panel = CAMPanel(num_images=4, target_layer="net.3", finer="off")
+        panel = CAMPanel(num_images=4, target_layer="net.3", finer="off", kind=kind)
         trainer_for(tmp_path, 1, [panel]).fit(module, *loaders(Digits()))
     assert campanel_warnings(caught) == []
     grid = np.asarray(Image.open(tmp_path / "cam_panels" / "epoch_000.png").convert("RGB"))

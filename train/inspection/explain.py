@@ -29,7 +29,7 @@ from torch import Tensor
 
 from cubcam.cams import overlay
 from cubcam.cams.engine import aug_views
-from cubcam.cams.figure import grid, marked, pair_strips, save_png, unbroken
+from cubcam.cams.figure import BOX_LEGEND, grid, marked, pair_strips, save_png, unbroken, with_legend
 from cubcam.cams.files import WriteFailed
 from cubcam.cams.methods import METHODS, Method, methods_needing
 from cubcam.cams.overlay import denormalize
@@ -314,7 +314,10 @@ def explain_images(
     )
     digits = max(2, len(str(len(sources) - 1)))  # 000_... sorts past 99 images
     tiles = len(sources) * (2 if args.finer else 1)  # with --finer each image's two maps sit side by side
-    pages = GridPages(args.out, math.ceil(tiles / GRID_PAGE), args.colormap, args.alpha)
+    legend = f"{BOX_LEGEND} Each tile: the image with the map of the class after 'map:'" + (
+        "; after it, its Finer-CAM: what tells that class apart from its nearest rivals." if args.finer else "."
+    )
+    pages = GridPages(args.out, math.ceil(tiles / GRID_PAGE), args.colormap, args.alpha, legend)
     records: list[dict[str, Any]] = []
     captions: list[str] = []  # small: one line per image, for W&B
     interrupted = False
@@ -429,7 +432,11 @@ def explain_retrieval(session: Session, reference: ReferenceSet, args: argparse.
                 "similarity": round(sim, 6),
             }
         )
-    save_png(grid([strip.boxed for strip in strips], captions, ncols=1), args.out / "retrieval.png")
+    legend = (
+        "Each row: the query with its map against the neighbour (its similarity), then the neighbour with its map "
+        "against the query. Red box: the map's largest region above the CAM threshold."
+    )
+    save_png(with_legend(grid([s.boxed for s in strips], captions, ncols=1), legend), args.out / "retrieval.png")
     finer = retrieval_finer(explainer, reference, args, query, query_features, query_embedding) if args.finer else None
     summary = {
         "checkpoint": str(session.ckpt.path),

@@ -9,7 +9,7 @@ from typing import Any
 
 from torch import Tensor
 
-from cubcam.cams.figure import grid, save_png
+from cubcam.cams.figure import grid, save_png, with_legend
 from cubcam.cams.files import write_text
 
 GRID_PAGE = 64  # tiles per grid file: a 500-image panel is 8 files of 16 x 4 tiles, not one 36,879 px tall image
@@ -20,8 +20,8 @@ class GridPages:
     ``grid.png`` when one page holds them all, else ``grid_1.png``, ``grid_2.png``, ... (zero-padded past 9 pages).
     GT box green (dataset images), the CAM's box red, as in the training callback's panels."""
 
-    def __init__(self, out: Path, num_pages: int, colormap: str, alpha: float):
-        self.out, self.colormap, self.alpha = out, colormap, alpha
+    def __init__(self, out: Path, num_pages: int, colormap: str, alpha: float, legend: str = ""):
+        self.out, self.colormap, self.alpha, self.legend = out, colormap, alpha, legend
         self.digits = len(str(num_pages)) if num_pages > 1 else 0
         self.pending: list[tuple[Any, str, Tensor, Tensor | None]] = []  # (pixels, caption, map, box) of the page
         self.written: list[str] = []
@@ -42,7 +42,7 @@ class GridPages:
         name = f"grid_{len(self.written) + 1:0{self.digits}d}.png" if self.digits else "grid.png"
         tiles, captions, maps, boxes = zip(*self.pending)
         page = grid(tiles, captions, ncols=4, cams=maps, boxes=boxes, colormap=self.colormap, alpha=self.alpha)
-        save_png(page, self.out / name)
+        save_png(with_legend(page, self.legend) if self.legend else page, self.out / name)
         self.written.append(name)
         self.pending = []
 
