@@ -94,8 +94,18 @@ from cubcam.cams.targets import ExplanationTarget, ProxyScheme, Target, single_p
 from cubcam.train.data.cub import SPLITS, CUBDataset, spread_indices
 from cubcam.train.inspection.checkpoint import one_line
 from cubcam.train.inspection.confusion import confused_section, write_confused
+from cubcam.train.inspection.gallery import GalleryMaps
+from cubcam.train.inspection.names import (
+    FAITHFULNESS_NAMES,
+    FINER,
+    METRIC_NAMES,
+    PER_CLASS_KEYS,
+    method_name,
+)
+from cubcam.train.inspection.pages import command_line, evaluate_page, gallery_item
 from cubcam.train.inspection.plots import box_accuracy_plot, faithfulness_plot, sanity_maps_figure, sanity_plot
 from cubcam.train.inspection.reference import loader
+from cubcam.train.inspection.report import files_folder, write_page
 from cubcam.train.inspection.sanity import SanityResult, blocks, sanity_check, sanity_report, sanity_table
 from cubcam.train.inspection.session import (
     START_ERRORS,
@@ -109,24 +119,8 @@ from cubcam.train.inspection.session import (
 # An embedding net's methods, each keyed <method>/<scheme>: the class proxies (one per class, so the map of an
 # image explains its class, as the WSOL metrics ask).
 EVALUATE_SCHEMES: tuple[ProxyScheme, ...] = ("normalized_mean", "single_point_random")
-FINER = "+finer"  # the key suffix of a method's Finer-CAM (--finer): gradcam+finer, gradcam/normalized_mean+finer
 BASELINES = ("random", "centre_gaussian")  # uninformed maps scored beside the methods (random: with faithfulness)
 IOUS = DEFAULT_IOU_THRESHOLDS
-
-
-def method_name(key: str) -> str:
-    """The table's column title of a method key: ``gradcam++`` (a classifier's), ``gradcam++/normalized_mean`` (an
-    embedding net's: method / proxy scheme) or a baseline's."""
-    if key in BASELINE_NAMES:
-        return BASELINE_NAMES[key]
-    if key.endswith(FINER):
-        return f"Finer-{method_name(key.removesuffix(FINER))}"
-    method, _, scheme = key.partition("/")
-    title = METHODS[cast(Method, method)].title
-    if not scheme:
-        return title
-    by = "" if method == "gradcam" else f" by {title}"
-    return f"EmbeddingCAM{by} ({scheme.replace('_', ' ')} proxy)"
 
 
 def parse_methods(text: str) -> list[Method]:
@@ -153,27 +147,6 @@ def parse_percentiles(text: str) -> list[float]:
     return values
 
 
-BASELINE_NAMES = {
-    "random": "random map (baseline)",
-    "centre_gaussian": "centre Gaussian (baseline)",
-    "edge": "Sobel edges (baseline)",  # the sanity check's
-}
-METRIC_NAMES = {
-    "max_box_acc": "MaxBoxAccV2",
-    "box_acc_iou50": "box accuracy @ IoU 0.5",
-    "heatmap_ratio": "heatmap ratio (mass in box)",
-    "pointing_game": "pointing game (peak in box)",
-    "pointing_game_parts": "pointing game (visible parts)",
-}
-FAITHFULNESS_NAMES = {
-    "deletion_auc": "deletion AUC (lower is better)",
-    "insertion_auc": "insertion AUC (higher is better)",
-    "average_drop": "Average Drop (lower is better)",
-    "increase_in_confidence": "Increase in Confidence (higher is better)",
-    "road_morf": "ROAD MoRF change (lower is better)",
-    "road_lerf": "ROAD LeRF change (higher is better)",
-    "road_combined": "ROAD combined (higher is better)",
-}
 SANITY_IMAGES = 8  # --sanity without a number: enough for a mean correlation, 1 + 2 * blocks explanations each
 DEFAULT_STEPS = 8  # deletion/insertion: 9 points; each step costs a forward of every image per method
 GAUSSIAN_SIGMA = 0.25  # of the image side; the level sets (centred discs) and so the box metrics do not depend on it
@@ -213,6 +186,7 @@ class Scores:
     accumulators: dict[str, LocalizationAccumulator]
     labels: np.ndarray
     predicted: np.ndarray  # the predicted class of every slot (an embedding net's: its nearest class proxy)
+    confidence: np.ndarray  # the predicted class's score of every slot (its probability, or cosine)
 
 
 def score_split(
@@ -229,6 +203,7 @@ def score_split(
     road_percentiles: Sequence[float] = ROAD_PERCENTILES,
     channel_batch_size: int = DEFAULT_CHANNEL_BATCH,
     finer: int = 0,
+    gallery: GalleryMaps | None = None,
 ) -> Scores:
     """Every method's scores, and the baselines', over the ``total`` images of ``batches`` (in order).
 
@@ -247,7 +222,8 @@ def score_split(
     as the plain method's.
 
     The box metrics are labelled where the maps are (``cubcam.cams.localization.box_hits``: torch on an
-    accelerator, NumPy on the CPU), and ROAD's imputation is solved there too.
+    accelerator, NumPy on the CPU), and ROAD's imputation is solved there too. A ``gallery`` keeps each image's
+    thumbnail and first method's map for the report's gallery.
     """
     head = HeadExplainer(module)
     explainers = {m: explainer_for(module, m, channel_batch_size) for _, m in methods.values()}
@@ -259,6 +235,7 @@ def score_split(
     faithful = {name: FaithfulnessAccumulator(steps) for name in names} if steps else {}
     labels = np.full(total, -1, np.int64)
     predicted = np.full(total, -1, np.int64)
+    confidence = np.full(total, np.nan)
     baseline: CentreBaseline | None = None
     generator = torch.Generator().manual_seed(seed)
     road_noise = torch.Generator().manual_seed(seed)
@@ -281,6 +258,10 @@ def score_split(
                 step = explain(explainer, features, outputs, target, size, batch["label"], choice, method)
                 if not maps:  # the first method's: every method predicts from the same outputs
                     predicted[seen : seen + len(images)] = step.predicted.cpu().numpy()
+                    chosen = step.class_scores.gather(1, step.predicted[:, None].to(step.class_scores.device))
+                    confidence[seen : seen + len(images)] = chosen[:, 0].float().cpu().numpy()
+                    if gallery is not None:
+                        gallery.add(slots, images, step.maps, boxes)
                 maps[name] = (step.maps.float(), (target, method), step.rows)
                 if name in finer_of_method:
                     finer_cams, _ = finer_maps(
@@ -311,7 +292,7 @@ def score_split(
             result = faithful[name].compute()
             curves[name] |= {k: cast(list[float], result.pop(k)) for k in ("deletion_curve", "insertion_curve")}
             scores[name] |= {k: float(cast(float, v)) for k, v in result.items() if k != "num_images"}
-    return Scores(scores, curves, seen, accumulators, labels, predicted)
+    return Scores(scores, curves, seen, accumulators, labels, predicted, confidence)
 
 
 def has_classes(target: ExplanationTarget) -> bool:
@@ -384,9 +365,6 @@ def markdown_table(methods: dict[str, dict[str, float]]) -> str:
     for label, values in measured_rows(methods).items():
         lines.append(f"| {label} | " + " | ".join(_percent(v) for v in values) + " |")
     return "\n".join(lines) + "\n"
-
-
-PER_CLASS_KEYS = ("max_box_acc", "box_acc_iou50", "heatmap_ratio", "pointing_game")
 
 
 def per_class(scores: Scores, class_names: list[str]) -> dict[str, dict[str, Any]]:
@@ -565,6 +543,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     report["methods_asked"] = list(args.methods)  # --methods as given (the scores' keys are sorted in the file)
     steps = args.steps if args.faithfulness else None
+    gallery = GalleryMaps(len(scored), (dataset.mean, dataset.std))
     scores = score_split(
         module,
         batches,
@@ -578,6 +557,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         road_percentiles=args.road_percentiles,
         channel_batch_size=args.channel_batch_size,
         finer=args.finer,
+        gallery=gallery,
     )
     first = next(iter(methods))
     classes = per_class(scores, dataset.class_names)
@@ -620,6 +600,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         confused = confused_section(report["confused_pairs"], markdown_text) if args.finer else ""
         text = heading + markdown_table(report["methods"]) + "\n" + per_class_table(classes, [first, *baselines])
         write_text(out / "metrics.md", text + checked + confused)
+        command = command_line(argv, "cubcam evaluate")
+        page = write_evaluate_page(out, report, first, scores, gallery, dataset, scored, plots, command)
     except (WriteFailed, PermissionError) as err:
         fail(err)
     width = shutil.get_terminal_size().columns
@@ -628,12 +610,49 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for pair in report.get("confused_pairs", []):
         print(f"most confused: {' and '.join(pair['classes'])} ({pair['count']} image(s)): {out / pair['figure']}")
     print(
-        f"wrote {out / 'metrics.json'}, {out / 'metrics.md'} (with the per-class table) and "
+        f"wrote {out / 'metrics.json'}, {out / 'metrics.md'} (with the per-class table), "
         + ", ".join(p.name for p in plots)
+        + f"; open {page} in a browser"
     )
     if args.wandb:
         log_to_wandb(args.wandb, report, text, plots, out)
     return report
+
+
+def write_evaluate_page(
+    out: Path,
+    report: dict[str, Any],
+    first: str,
+    scores: Scores,
+    gallery: GalleryMaps,
+    dataset: CUBDataset,
+    scored: CUBDataset | Subset[Any],
+    plots: list[Path],
+    command: str,
+) -> Path:
+    """``report.html`` and its gallery's thumbnails (``report_files/``): every image by the ``first`` method's map,
+    its CAM box cut at the threshold where box accuracy at IoU 0.5 is best."""
+    curve = report["curves"][first]["box_acc_iou50"]
+    threshold = float(DEFAULT_THRESHOLDS[int(np.nanargmax(np.asarray(curve, dtype=float)))]) if curve else 0.5
+    with files_folder(out) as folder:
+        ious = gallery.write(folder, threshold)
+    accumulator = scores.accumulators[first]
+    peaks = (accumulator.rows[:, accumulator.num_hits + 1] / accumulator.rows[:, -1].clamp_min(1)).cpu().tolist()
+    indices = list(scored.indices) if isinstance(scored, Subset) else list(range(len(scored)))
+    names = dataset.class_names
+    items = [
+        gallery_item(
+            slot,
+            dataset.image_path(index).name,
+            names[int(scores.labels[slot])],
+            names[int(scores.predicted[slot])],
+            float(scores.confidence[slot]),
+            ious[slot],
+            peaks[slot] > 0.5 if ious[slot] is not None else None,
+        )
+        for slot, index in enumerate(indices[: scores.num_images])
+    ]
+    return write_page(out / "report.html", evaluate_page(report, first, threshold, plots, items, command))
 
 
 def run_sanity(

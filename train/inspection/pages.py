@@ -1,0 +1,158 @@
+"""What ``report.html`` shows for each command: :func:`evaluate_page`, :func:`explain_page`, :func:`compare_page`.
+
+The pages are built from the same numbers the commands write to ``metrics.json`` / ``summary.json``; the HTML
+itself is ``report.py``'s.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+from cubcam.train.inspection.names import (
+    BASELINE_NAMES,
+    FAITHFULNESS_NAMES,
+    METRIC_NAMES,
+    PER_CLASS_KEYS,
+    method_name,
+)
+from cubcam.train.inspection.report import FILES, Column, Gallery, Page, Picture, Section, Sort, Table
+
+GALLERY_SORTS = [
+    Sort("iou", "IoU, worst first"),
+    Sort("iou", "IoU, best first", descending=True),
+    Sort("score", "score, lowest first"),
+    Sort("score", "score, highest first", descending=True),
+    Sort("true", "class"),
+    Sort("file", "file"),
+]
+
+
+def command_line(argv: list[str] | None, program: str) -> str:
+    """The command that made a page, as it would be typed."""
+    return " ".join([program, *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
+
+
+def metrics_table(methods: dict[str, dict[str, Any]], title: str = "Scores by method (%)") -> Table:
+    """Methods as rows (baselines marked), each measured metric a column."""
+    names = METRIC_NAMES | FAITHFULNESS_NAMES
+    measured = [key for key in names if any(scores.get(key) is not None for scores in methods.values())]
+    columns = [Column("method", "method", "text"), *(Column(key, names[key]) for key in measured)]
+    rows = [
+        {"method": method_name(name), "baseline": "baseline" if name in BASELINE_NAMES else "", **scores}
+        for name, scores in methods.items()
+    ]
+    return Table(title, columns, rows, marked="baseline")
+
+
+def per_class_rows(per_class: dict[str, dict[str, Any]], method: str) -> list[dict[str, Any]]:
+    return [
+        {"class": name, "images": row["num_images"], **{key: row[method][key] for key in PER_CLASS_KEYS}}
+        for name, row in per_class.items()
+    ]
+
+
+PER_CLASS_COLUMNS = [Column("class", "class", "text"), Column("images", "images", "number")] + [
+    Column(key, METRIC_NAMES[key]) for key in PER_CLASS_KEYS
+]
+
+
+def evaluate_page(
+    report: dict[str, Any], first: str, threshold: float, plots: list[Path], items: list[dict[str, Any]], command: str
+) -> Page:
+    """``cubcam evaluate``'s page: the scores, the plots, every image (worst-localized first, by the ``first``
+    method's map cut at ``threshold``), per class; the sanity check and Finer-CAM's confused pairs where they ran."""
+    facts = [
+        ("command", command),
+        ("checkpoint", report["checkpoint"]),
+        ("split", f"{report['split']} ({report['num_images']} images, {report['image_size']} px)"),
+        ("model", report["kind"]),
+    ]
+    sections = [
+        Section(
+            "Scores",
+            [metrics_table(report["methods"])],
+            "Localization against the GT boxes (MaxBoxAccV2: Choe et al., CVPR 2020), faithfulness where measured; "
+            "the baselines are uninformed maps scored on the same images. Click a header to sort.",
+        ),
+        Section("Plots", [Picture(p.stem.replace("_", " "), p.name) for p in plots]),
+        Section(
+            f"Every image, by {method_name(first)}",
+            [
+                Gallery(
+                    f"{len(items)} images",
+                    items,
+                    GALLERY_SORTS,
+                    f"Each tile: the map, the GT box (green) and the CAM box (red) cut at the threshold where box "
+                    f"accuracy at IoU 0.5 is best ({threshold:.2f}); IoU of the two, whether the "
+                    f"map's peak lies in the GT box.",
+                )
+            ],
+        ),
+        Section(
+            "Per class",
+            [Table(f"{method_name(first)} (%)", PER_CLASS_COLUMNS, per_class_rows(report["per_class"], first))],
+        ),
+    ]
+    if "sanity" in report:
+        sanity = report["sanity"]
+        rows = [
+            {"method": method_name(name), "after": curve["spearman"][-1], "ssim": curve["ssim"][-1]}
+            for name, curve in sanity["cascade"].items()
+        ]
+        sections.append(
+            Section(
+                "Sanity check",
+                [
+                    Table(
+                        "After the full cascade",
+                        [
+                            Column("method", "method", "text"),
+                            Column("after", "rank correlation with the trained model's maps", "number"),
+                            Column("ssim", "SSIM", "number"),
+                        ],
+                        rows,
+                    )
+                ],
+                f"Adebayo et al. (NeurIPS 2018): a method whose maps stay above {sanity['level']} rank correlation "
+                f"once every block is re-initialised does not explain the trained model.",
+            )
+        )
+    if report.get("confused_pairs"):
+        sections.append(
+            Section(
+                "Finer-CAM: the most confused pairs",
+                [
+                    Picture(f"{' and '.join(pair['classes'])} ({pair['count']} image(s))", pair["figure"])
+                    for pair in report["confused_pairs"]
+                ],
+            )
+        )
+    return Page(f"cubcam evaluate: {report['checkpoint']}", facts, sections)
+
+
+def gallery_item(slot: int, file: str, true: str, predicted: str, score: float, iou: float | None, peak: Any) -> dict:
+    """One tile of a gallery: its thumbnail and caption, and the values it sorts by."""
+    peak_text = "" if peak is None else f", peak {'in' if peak else 'outside'} the box"
+    iou_text = "no GT box" if iou is None else f"IoU {iou:.2f}"
+    caption = f"{file}\ntrue: {true}\npred: {predicted} ({score:.2f})\n{iou_text}{peak_text}"
+    return {
+        "id": slot,
+        "src": f"{FILES}/{slot:05d}.jpg",
+        "caption": caption,
+        "file": file,
+        "true": true,
+        "score": score,
+        "iou": iou,
+    }
+
+
+def explain_page(summary: dict[str, Any], records: list[dict[str, Any]], grids: list[str], command: str) -> Page:
+    """``cubcam explain``'s page: every explained image with its caption, and the grids."""
+    raise NotImplementedError
+
+
+def compare_page(result: dict[str, Any], command: str) -> Page:
+    raise NotImplementedError
