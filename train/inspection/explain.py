@@ -24,13 +24,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args
 
+import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 
 from cubcam.cams import overlay
 from cubcam.cams.engine import aug_views
-from cubcam.cams.figure import BOX_LEGEND, grid, marked, pair_strips, save_png, unbroken, with_legend
+from cubcam.cams.figure import (
+    BOX_LEGEND,
+    cam_box,
+    cam_tile,
+    grid,
+    marked,
+    pair_strips,
+    save_png,
+    unbroken,
+    with_legend,
+)
 from cubcam.cams.files import WriteFailed
+from cubcam.cams.localization import box_iou, pointing_game
 from cubcam.cams.methods import METHODS, Method, methods_needing
 from cubcam.cams.overlay import denormalize
 from cubcam.cams.protocol import UNKNOWN_LABEL, Choice, Explainer, explain, explainer_for, finer_maps, pair_maps
@@ -39,7 +52,10 @@ from cubcam.train.data.cub import SPLITS, CUBDataset, spread_indices
 from cubcam.train.data.presets import EvalPreset, load_rgb
 from cubcam.train.inspection.checkpoint import CheckpointError, one_line
 from cubcam.train.inspection.explain_output import GRID_PAGE, GridPages, log_to_wandb, write_json
+from cubcam.train.inspection.gallery import THUMB, jpeg, tile_name
+from cubcam.train.inspection.pages import CAM_THRESHOLD, command_line, explain_page, retrieval_page
 from cubcam.train.inspection.reference import ReferenceSet
+from cubcam.train.inspection.report import files_folder, write_page
 from cubcam.train.inspection.session import (
     START_ERRORS,
     Session,
@@ -246,6 +262,7 @@ def image_error(path: Path, err: Exception) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    args.command = command_line(argv, "cubcam explain")  # for the page
     try:
         session = start(args)
         args.split = args.split or session.ckpt.default_split()
@@ -320,6 +337,7 @@ def explain_images(
     pages = GridPages(args.out, math.ceil(tiles / GRID_PAGE), args.colormap, args.alpha, legend)
     records: list[dict[str, Any]] = []
     captions: list[str] = []  # small: one line per image, for W&B
+    thumbs: list[bytes] = []  # the page's tiles (JPEG, THUMB px), with their boxes
     interrupted = False
     try:
         for first in range(0, len(sources), args.batch_size):
@@ -336,6 +354,7 @@ def explain_images(
                 captions.append(caption(record, target.target.score_name, cam))
                 box = item.box if item.box is not None and bool((item.box[2:] > 0).all()) else None
                 pages.add(pixels, captions[-1], cam, box)
+                thumbs.append(page_tile(pixels, cam, box, record, args.colormap, args.alpha))
                 if finer is not None:
                     finer_overlay = overlay(pixels, finer[i], colormap=args.colormap, alpha=args.alpha)
                     save_png(finer_overlay, args.out / f"{stem}_finer.png")
@@ -362,6 +381,7 @@ def explain_images(
     if interrupted:
         summary["interrupted"] = True
     write_json(args.out / "summary.json", summary)
+    page = write_explain_page(args.out, summary, thumbs, args.command)
     if interrupted:
         print(
             f"interrupted: explained {len(records)} of {len(sources)} image(s) into {args.out} (summary.json and the "
@@ -369,10 +389,35 @@ def explain_images(
             file=sys.stderr,
         )
         raise SystemExit(130)
-    print(f"explained {len(records)} image(s) into {args.out}" + (f"; {len(errors)} failed" if errors else ""))
+    print(
+        f"explained {len(records)} image(s) into {args.out}"
+        + (f"; {len(errors)} failed" if errors else "")
+        + f"; open {page} in a browser"
+    )
     if args.wandb:
         log_to_wandb(args, summary, [args.out / r["overlay"] for r in records], captions)
     return len(errors)
+
+
+def page_tile(
+    pixels: np.ndarray, cam: Tensor, box: Tensor | None, record: dict[str, Any], colormap: str, alpha: float
+) -> bytes:
+    """The page's tile of one image (overlay, GT box green, CAM box red at ``CAM_THRESHOLD``) as a ``THUMB`` px
+    JPEG; the record gets the IoU of the two boxes and whether the map's peak lies in the GT box (images with one)."""
+    if box is not None:
+        drawn = cam_box(cam, CAM_THRESHOLD)
+        record["cam_box_iou"] = round(float(box_iou(drawn, box)) if drawn is not None else 0.0, 4)
+        record["peak_in_box"] = bool(pointing_game(cam[None], boxes=box[None].double())[0] > 0.5)
+    tile = cam_tile(pixels, cam, box, colormap, alpha, CAM_THRESHOLD)
+    return jpeg(Image.fromarray(tile).resize((THUMB, THUMB), Image.Resampling.BILINEAR))
+
+
+def write_explain_page(out: Path, summary: dict[str, Any], thumbs: list[bytes], command: str) -> Path:
+    """``report.html`` of an explain run, with its tiles in ``report_files/``."""
+    with files_folder(out) as folder:
+        for slot, tile in enumerate(thumbs):
+            (folder / tile_name(slot)).write_bytes(tile)
+    return write_page(out / "report.html", explain_page(summary, command))
 
 
 def explain_retrieval(session: Session, reference: ReferenceSet, args: argparse.Namespace) -> int:
@@ -450,6 +495,7 @@ def explain_retrieval(session: Session, reference: ReferenceSet, args: argparse.
     if finer is not None:
         summary["finer"] = finer
     write_json(args.out / "summary.json", summary)
+    write_page(args.out / "report.html", retrieval_page(summary, args.command))
     print(f"query {args.query}: {k} nearest neighbours in the {reference.split} split -> {args.out / 'retrieval.png'}")
     for r in records:
         print(f"  #{r['rank']}  cos {r['similarity']:.3f}  {r['name']}  ({Path(r['path']).name})")

@@ -77,11 +77,15 @@ class GalleryMaps:
             has_gt = bool(gt[2] > 0 and gt[3] > 0)
             ious.append((float(box_iou(box, gt)) if box is not None else 0.0) if has_gt else None)
             tile = draw_boxes(overlay(image, cam, colormap, alpha), gt if has_gt else None, box)
-            buffer = io.BytesIO()
-            Image.fromarray(tile).save(buffer, "JPEG", quality=JPEG_QUALITY)
-            (folder / tile_name(slot)).write_bytes(buffer.getvalue())  # a new folder, swapped in whole
+            (folder / tile_name(slot)).write_bytes(jpeg(Image.fromarray(tile)))  # a new folder, swapped in whole
         return ious
 
 
 def tile_name(slot: int) -> str:
     return f"{slot:05d}.jpg"
+
+
+def jpeg(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=JPEG_QUALITY)
+    return buffer.getvalue()

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from cubcam.train.inspection.gallery import tile_name
 from cubcam.train.inspection.names import (
     BASELINE_NAMES,
     FAITHFULNESS_NAMES,
@@ -20,6 +21,7 @@ from cubcam.train.inspection.names import (
 )
 from cubcam.train.inspection.report import FILES, Column, Gallery, Page, Picture, Section, Sort, Table
 
+CAM_THRESHOLD = 0.5  # where explain's CAM boxes are cut (no split to choose a threshold on)
 GALLERY_SORTS = [
     Sort("iou", "IoU, worst first"),
     Sort("iou", "IoU, best first", descending=True),
@@ -140,7 +142,7 @@ def gallery_item(slot: int, file: str, true: str, predicted: str, score: float, 
     caption = f"{file}\ntrue: {true}\npred: {predicted} ({score:.2f})\n{iou_text}{peak_text}"
     return {
         "id": slot,
-        "src": f"{FILES}/{slot:05d}.jpg",
+        "src": f"{FILES}/{tile_name(slot)}",
         "caption": caption,
         "file": file,
         "true": true,
@@ -149,9 +151,64 @@ def gallery_item(slot: int, file: str, true: str, predicted: str, score: float, 
     }
 
 
-def explain_page(summary: dict[str, Any], records: list[dict[str, Any]], grids: list[str], command: str) -> Page:
-    """``cubcam explain``'s page: every explained image with its caption, and the grids."""
-    raise NotImplementedError
+def explain_page(summary: dict[str, Any], command: str) -> Page:
+    """``cubcam explain``'s page: every explained image (its overlay with the GT and CAM boxes, its caption), with
+    its Finer-CAM overlay beside it where there is one; the grids; the images that could not be read."""
+    records = summary["images"]
+    items = []
+    for slot, record in enumerate(records):
+        true = record["true"]["name"] if record.get("true") else ""
+        file = Path(record.get("path") or record["source"]).name
+        item = gallery_item(
+            slot, file, true or "(no label)", record["predicted"]["name"], record["predicted"]["score"],
+            record.get("cam_box_iou"), record.get("peak_in_box"),
+        )  # fmt: skip
+        item["caption"] += f"\nmap: {record['target']['name']} ({record['target']['kind']})"
+        if record.get("finer", {}).get("overlay"):
+            item["srcs"] = [item["src"], record["finer"]["overlay"]]
+            item["caption"] += f"\nright: Finer-CAM against {record['finer']['rivals'][0]['name']}"
+        items.append(item)
+    facts = [
+        ("command", command),
+        ("checkpoint", str(summary["checkpoint"])),
+        ("method", f"{summary['method']} ({summary['kind']}, the {summary['target']} class)"),
+    ]
+    sections = [
+        Section(
+            "Every image",
+            [
+                Gallery(
+                    f"{len(items)} images",
+                    items,
+                    GALLERY_SORTS,
+                    f"GT box green (dataset images), the CAM box red, cut at {CAM_THRESHOLD}; IoU of the two and "
+                    f"whether the map's peak lies in the GT box.",
+                )
+            ],
+        ),
+        Section("Grids", [Picture(name, name) for name in summary.get("grids", [])]),
+    ]
+    if summary.get("errors"):
+        rows = [{"source": e["source"], "error": e["error"]} for e in summary["errors"]]
+        columns = [Column("source", "image", "text"), Column("error", "why it was skipped", "text")]
+        sections.append(Section("Images that could not be read", [Table("", columns, rows)]))
+    return Page(f"cubcam explain: {Path(str(summary['checkpoint'])).name}", facts, sections)
+
+
+def retrieval_page(summary: dict[str, Any], command: str) -> Page:
+    """``cubcam explain --query``'s page: the figure and the neighbours."""
+    columns = [
+        Column("rank", "rank", "number"),
+        Column("name", "class", "text"),
+        Column("similarity", "cosine", "number"),
+        Column("file", "file", "text"),
+    ]
+    rows = [{**n, "file": Path(n["path"]).name} for n in summary["neighbours"]]
+    parts: list[Table | Picture | Gallery] = [Table("Nearest neighbours", columns, rows), Picture("", summary["grid"])]
+    if summary.get("finer", {}).get("overlay"):
+        parts.append(Picture("Finer-CAM of the query", summary["finer"]["overlay"]))
+    facts = [("command", command), ("checkpoint", str(summary["checkpoint"])), ("query", str(summary["query"]))]
+    return Page(f"cubcam explain --query: {Path(str(summary['query'])).name}", facts, [Section("Retrieval", parts)])
 
 
 def compare_page(result: dict[str, Any], command: str) -> Page:
