@@ -52,6 +52,11 @@ TOOLS = {  # subcommands that are not Lightning's: (module, function, help); imp
         "main",
         "localization scores of a checkpoint's maps over a split (cubcam evaluate --help)",
     ),
+    "compare": (
+        "cubcam.train.inspection.compare",
+        "main",
+        "two checkpoints side by side: scores, classes, the maps that changed (cubcam compare --help)",
+    ),
     "demo": ("cubcam.train.demo", "main", "both demo models on synthetic CUB-format data, W&B offline"),
     "configs": ("cubcam.train.demo", "configs_main", "copy the packaged configs to a folder, to edit"),
 }

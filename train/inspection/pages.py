@@ -211,5 +211,73 @@ def retrieval_page(summary: dict[str, Any], command: str) -> Page:
     return Page(f"cubcam explain --query: {Path(str(summary['query'])).name}", facts, [Section("Retrieval", parts)])
 
 
-def compare_page(result: dict[str, Any], command: str) -> Page:
-    raise NotImplementedError
+def compare_page(result: dict[str, Any], items: list[dict[str, Any]], command: str) -> Page:
+    """``cubcam compare``'s page: the two checkpoints' scores side by side with B minus A, per class the change in
+    MaxBoxAccV2 and accuracy (the largest loss first), and every image's two maps, the most changed first."""
+    names = METRIC_NAMES | {"accuracy": "accuracy (top-1)"}
+    rows = [
+        {
+            "metric": names[key],
+            "a": result["a"]["scores"][key],
+            "b": result["b"]["scores"][key],
+            "change": result["difference"][key],
+        }
+        for key in result["difference"]
+    ]
+    side_by_side = Table(
+        "Scores (%)",
+        [
+            Column("metric", "metric", "text"),
+            Column("a", "A"),
+            Column("b", "B"),
+            Column("change", "B \u2212 A", "delta"),
+        ],
+        rows,
+        "Localization of each checkpoint's own maps (GradCAM of the true class, or EmbeddingCAM against its own "
+        "Normalized Mean Proxies) against the GT boxes, and its accuracy, on the same images.",
+    )
+    classes = sorted(result["per_class"].items(), key=lambda item: (item[1]["change_max_box_acc"], item[0]))
+    class_rows = [{"class": name, **row} for name, row in classes]
+    class_columns = [
+        Column("class", "class", "text"),
+        Column("images", "images", "number"),
+        Column("a_max_box_acc", "A MaxBoxAccV2"),
+        Column("b_max_box_acc", "B MaxBoxAccV2"),
+        Column("change_max_box_acc", "MaxBoxAccV2 change", "delta"),
+        Column("a_accuracy", "A accuracy"),
+        Column("b_accuracy", "B accuracy"),
+        Column("change_accuracy", "accuracy change", "delta"),
+        Column("rank_correlation", "mean rank correlation of the maps", "number"),
+    ]
+    sorts = [
+        Sort("rank_correlation", "most changed first"),
+        Sort("iou_change", "IoU lost most first"),
+        Sort("iou_change", "IoU gained most first", descending=True),
+        Sort("true", "class"),
+        Sort("file", "file"),
+    ]
+    facts = [
+        ("command", command),
+        ("A", f"{result['a']['checkpoint']} ({result['a']['kind']})"),
+        ("B", f"{result['b']['checkpoint']} ({result['b']['kind']})"),
+        ("split", f"{result['split']} ({result['num_images']} images, {result['image_size']} px)"),
+        ("maps alike", f"mean rank correlation {result['rank_correlation']:.2f}"),
+    ]
+    sections = [
+        Section("Side by side", [side_by_side]),
+        Section("Per class", [Table("The largest loss of MaxBoxAccV2 first (%)", class_columns, class_rows)]),
+        Section(
+            "Where the maps changed",
+            [
+                Gallery(
+                    f"{len(items)} images: A left, B right",
+                    items,
+                    sorts,
+                    "Each image's map by A and by B (GT box green; each checkpoint's CAM box red, at its own best "
+                    "threshold), the Spearman rank correlation of the two maps' pixels (1: the same ranking), and the "
+                    "change of the CAM box's IoU.",
+                )
+            ],
+        ),
+    ]
+    return Page("cubcam compare", facts, sections)

@@ -103,17 +103,24 @@ def edge_maps(images: Tensor) -> Tensor:
     return minmax_normalize(gradients.pow(2).sum(1).sqrt())
 
 
-def similarity(maps: Tensor, reference: Tensor) -> tuple[Tensor, Tensor]:
-    """Per image [B]: the Spearman rank correlation of the pixels of ``maps`` and ``reference`` [B, H, W] (0 where
-    one is constant: it ranks nothing) and their SSIM (data range 1: maps in [0, 1])."""
+def rank_correlation(maps: Tensor, reference: Tensor) -> Tensor:
+    """Per image [B]: the Spearman rank correlation of the pixels of ``maps`` and ``reference`` [B, H, W] (ties
+    ranked by their mean rank; 0 where one is constant: it ranks nothing)."""
     rank = spearman_corrcoef(maps.flatten(1).T.double(), reference.flatten(1).T.double())
+    return torch.nan_to_num(rank.reshape(-1), nan=0.0)
+
+
+def similarity(maps: Tensor, reference: Tensor) -> tuple[Tensor, Tensor]:
+    """Per image [B]: :func:`rank_correlation` of ``maps`` and ``reference`` [B, H, W] and their SSIM (data range 1:
+    maps in [0, 1])."""
+    rank = rank_correlation(maps, reference)
     ssim = cast(  # a tuple only where full images are asked for
         Tensor,
         structural_similarity_index_measure(
             maps[:, None].float(), reference[:, None].float(), data_range=1.0, reduction="none"
         ),
     )
-    return torch.nan_to_num(rank.reshape(-1), nan=0.0), ssim.reshape(-1).double()
+    return rank, ssim.reshape(-1).double()
 
 
 @dataclass
