@@ -318,6 +318,10 @@ def test_wandb_gets_the_table_and_the_plots(trained: Trained, tmp_path: Path, mo
     assert row["evaluate/metrics"]["_type"] == "table-file" and row["evaluate/metrics"]["ncols"] > 10
     for name in ("box_accuracy", "deletion_insertion", "sanity", "sanity_maps"):
         assert row[f"evaluate/{name}"]["_type"] == "image-file", row.keys()
+    # the report's tables and plots as an HTML panel: its plots inlined (W&B uploads the HTML alone), no gallery
+    assert row["evaluate/report"]["_type"] == "html-file"
+    html = next((tmp_path / "wandb").glob("offline-run-*/files/" + row["evaluate/report"]["path"])).read_text()
+    assert html.count("data:image/png;base64,") == 4 and "report_files/" not in html
     assert report["methods"]["gradcam"]["deletion_auc"] is not None
     summary = {
         item.key: json.loads(item.value_json)

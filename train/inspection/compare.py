@@ -161,7 +161,7 @@ def summary(
     labels: np.ndarray,
 ) -> dict[str, Any]:
     """What metrics.json holds (without the per-image rows): each side's scores, B minus A, per class."""
-    sides = {}
+    sides: dict[str, dict[str, Any]] = {}
     for k, (side, session) in enumerate(zip(SIDES, sessions)):
         computed = accumulators[k].compute()
         scores = {key: float(computed[key]) for key in PER_CLASS_KEYS} | {"accuracy": float(correct[k].mean())}

@@ -105,7 +105,7 @@ from cubcam.train.inspection.names import (
 from cubcam.train.inspection.pages import command_line, evaluate_page, gallery_item
 from cubcam.train.inspection.plots import box_accuracy_plot, faithfulness_plot, sanity_maps_figure, sanity_plot
 from cubcam.train.inspection.reference import loader
-from cubcam.train.inspection.report import files_folder, write_page
+from cubcam.train.inspection.report import Page, files_folder, render, tables_and_plots, write_page
 from cubcam.train.inspection.sanity import SanityResult, blocks, sanity_check, sanity_report, sanity_table
 from cubcam.train.inspection.session import (
     START_ERRORS,
@@ -601,7 +601,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         text = heading + markdown_table(report["methods"]) + "\n" + per_class_table(classes, [first, *baselines])
         write_text(out / "metrics.md", text + checked + confused)
         command = command_line(argv, "cubcam evaluate")
-        page = write_evaluate_page(out, report, first, scores, gallery, dataset, scored, plots, command)
+        page = evaluate_report(out, report, first, scores, gallery, dataset, scored, plots, command)
+        write_page(out / "report.html", page)
     except (WriteFailed, PermissionError) as err:
         fail(err)
     width = shutil.get_terminal_size().columns
@@ -612,14 +613,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(
         f"wrote {out / 'metrics.json'}, {out / 'metrics.md'} (with the per-class table), "
         + ", ".join(p.name for p in plots)
-        + f"; open {page} in a browser"
+        + f"; open {out / 'report.html'} in a browser"
     )
     if args.wandb:
-        log_to_wandb(args.wandb, report, text, plots, out)
+        log_to_wandb(args.wandb, report, text, plots, out, page)
     return report
 
 
-def write_evaluate_page(
+def evaluate_report(
     out: Path,
     report: dict[str, Any],
     first: str,
@@ -629,9 +630,9 @@ def write_evaluate_page(
     scored: CUBDataset | Subset[Any],
     plots: list[Path],
     command: str,
-) -> Path:
-    """``report.html`` and its gallery's thumbnails (``report_files/``): every image by the ``first`` method's map,
-    its CAM box cut at the threshold where box accuracy at IoU 0.5 is best."""
+) -> Page:
+    """The page of ``report.html``, its gallery's thumbnails written (``report_files/``): every image by the
+    ``first`` method's map, its CAM box cut at the threshold where box accuracy at IoU 0.5 is best."""
     curve = report["curves"][first]["box_acc_iou50"]
     threshold = float(DEFAULT_THRESHOLDS[int(np.nanargmax(np.asarray(curve, dtype=float)))]) if curve else 0.5
     with files_folder(out) as folder:
@@ -652,7 +653,7 @@ def write_evaluate_page(
         )
         for slot, index in enumerate(indices[: scores.num_images])
     ]
-    return write_page(out / "report.html", evaluate_page(report, first, threshold, plots, items, command))
+    return evaluate_page(report, first, threshold, plots, items, command)
 
 
 def run_sanity(
@@ -693,9 +694,12 @@ def write_plots(
     return plots
 
 
-def log_to_wandb(project: str, report: dict[str, Any], text: str, plots: list[Path], out: Path) -> None:
-    """The scores (a table, and the run summary) and the plots as one W&B run of ``project`` (job type
-    ``evaluate``). A W&B failure is one warning: the files on disk are the result and are already written."""
+def log_to_wandb(
+    project: str, report: dict[str, Any], text: str, plots: list[Path], out: Path, page: Page | None = None
+) -> None:
+    """The scores (a table, and the run summary), the plots and the report's tables and plots (``evaluate/report``,
+    an HTML panel) as one W&B run of ``project`` (job type ``evaluate``). A W&B failure is one warning: the files
+    on disk are the result and are already written."""
     try:
         import wandb
 
@@ -714,7 +718,9 @@ def log_to_wandb(project: str, report: dict[str, Any], text: str, plots: list[Pa
                 columns=["method", *keys],
                 data=[[name, *(scores.get(k) for k in keys)] for name, scores in report["methods"].items()],
             )
-            images = {f"evaluate/{p.stem}": wandb.Image(str(p)) for p in plots}
+            images: dict[str, Any] = {f"evaluate/{p.stem}": wandb.Image(str(p)) for p in plots}
+            if page is not None:
+                images["evaluate/report"] = wandb.Html(render(tables_and_plots(page, out)), inject=False)
             run.log({"evaluate/metrics": table, **images})
             run.summary.update(
                 {f"{name}/{k}": v for name, scores in report["methods"].items() for k, v in scores.items()}

@@ -124,6 +124,22 @@ def files_folder(out: Path) -> Iterator[Path]:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def tables_and_plots(page: Page, folder: Path) -> Page:
+    """``page`` without its galleries and with its pictures inlined (from ``folder``): one HTML file that shows
+    everything alone, as a W&B HTML panel (``wandb.Html`` uploads the HTML, not the files beside it)."""
+    sections = []
+    for section in page.sections:
+        parts: list[Table | Picture | Gallery] = []
+        for part in section.parts:
+            if isinstance(part, Picture) and (folder / part.src).is_file():
+                parts.append(Picture(part.title, inline(folder / part.src), part.note))
+            elif isinstance(part, Table):
+                parts.append(part)
+        if parts:
+            sections.append(Section(section.title, parts, section.text))
+    return Page(page.title, page.facts, sections)
+
+
 def inline(path: Path) -> str:
     """A PNG as a data URI: a page with no files beside it (a W&B HTML panel uploads the HTML alone)."""
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
@@ -216,7 +232,7 @@ function compare(a, b, key, descending) {
   return descending ? -order : order;
 }
 function table(part) {
-  const rows = part.rows.slice();
+  let rows = part.rows.slice();
   const body = el("tbody");
   const heads = part.columns.map((column) => el("th", {textContent: column.label, scope: "col"}));
   function fill() {
@@ -238,7 +254,7 @@ function table(part) {
     const descending = th.getAttribute("aria-sort") === "ascending";
     heads.forEach((other) => other.removeAttribute("aria-sort"));
     th.setAttribute("aria-sort", descending ? "descending" : "ascending");
-    rows.sort((a, b) => compare(a, b, part.columns[i].key, descending));
+    rows = part.rows.slice().sort((a, b) => compare(a, b, part.columns[i].key, descending));  // ties: page order
     fill();
   }));
   fill();
@@ -270,7 +286,7 @@ function gallery(part) {
   part.sorts.forEach((sort, i) => buttons[i].addEventListener("click", () => {
     buttons.forEach((b) => b.classList.remove("on"));
     buttons[i].classList.add("on");
-    items.sort((a, b) => compare(a, b, sort.key, sort.descending));
+    items = part.items.slice().sort((a, b) => compare(a, b, sort.key, sort.descending));  // ties: page order
     draw(true);
   }));
   const node = el("div", {}, el("div", {className: "sorts"}, "sort: ", ...buttons), grid, more);
