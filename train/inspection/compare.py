@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     add_common_options(parser)
     parser.add_argument("other", nargs="?", type=Path, help="checkpoint B (omit it to give a run folder as A)")
-    parser.add_argument("--split", choices=SPLITS, default=None, help="default: checkpoint A's val, else test")
+    parser.add_argument("--split", choices=SPLITS, default="test", help="split of checkpoint A's data to compare on")
     parser.add_argument("--limit", type=positive_int, default=None, help="compare on this many images, spread")
     parser.add_argument("--out", type=Path, default=None, help="default: <A>-vs-<B>-<split> beside checkpoint A")
     return parser.parse_args(argv)
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             side.checkpoint = path
             sessions.append(start(side))
         first = sessions[0]
-        split = args.split or first.ckpt.default_split()
+        split = args.split
         names = same_classes(sessions)
         dataset = first.dataset(split)
         # each checkpoint's own target: logits, or its own proxies from its own reference split
