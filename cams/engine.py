@@ -505,11 +505,11 @@ def not_a_map_hint(shape: torch.Size) -> str:
     for first, what in ((1, "drop the class token and fold the rest"), (0, "fold the tokens")):
         side = math.isqrt(tokens - first)
         if side * side == tokens - first and side > 1:
-            cut = "[:, 1:]" if first else ""
+            grid, cut = (f"1 + {side}x{side}", "[:, 1:]") if first else (f"{side}x{side}", "")
             return (
-                f"; tokens [B, {first} + {side}x{side}, D]: {what}: reshape=lambda t: t{cut}.reshape(t.shape[0], "
-                f"{side}, {side}, -1).permute(0, 3, 1, 2)"
-            ).replace("[B, 0 + ", "[B, ")
+                f"; tokens [B, {grid}, D]: {what}: reshape=lambda t: t{cut}.reshape(t.shape[0], {side}, {side}, -1)"
+                f".permute(0, 3, 1, 2)"
+            )
     return "; pass reshape=... (tokens [B, N, D] to a map [B, D, h, w], without any class or register tokens)"
 
 

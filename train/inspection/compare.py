@@ -4,8 +4,8 @@
     cubcam compare runs/cubcam/<run id>                       # a run folder: its best checkpoint against its last
 
 The same images (checkpoint A's split, through A's evaluation preset: the maps are compared at those images' size)
-go through both checkpoints: each explained as ``cubcam evaluate`` explains it (GradCAM of the true class, or
-EmbeddingCAM against its own Normalized Mean Proxies) and scored against the GT boxes by the same accumulator. Writes
+go through both checkpoints: each explained as ``cubcam evaluate`` explains it (GradCAM of the ``--target`` class,
+the true one by default, or EmbeddingCAM against its own Normalized Mean Proxies) and scored against the GT boxes by the same accumulator. Writes
 ``metrics.json`` (both checkpoints' scores and accuracy, B minus A, per class the change in MaxBoxAccV2 and accuracy,
 per image the Spearman rank correlation of its two maps) and ``report.html``: the table side by side, the classes,
 and every image as a pair of maps, the most changed first. Checkpoints with different class sets are one error.
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for k, (session, target) in enumerate(zip(sessions, targets)):
                 head = HeadExplainer(session.ckpt.module)
                 activations, outputs = head.features_and_outputs(images.to(session.device))
-                step = explain(head, activations, outputs, target, size, batch["label"], "true")
+                step = explain(head, activations, outputs, target, size, batch["label"], args.target)
                 maps.append(step.maps.float().to(first.device))
                 accumulators[k].update(slots, maps[-1], batch["box"], batch["parts"])
                 galleries[k].add(slots, images, maps[-1], batch["box"])

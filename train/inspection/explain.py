@@ -337,31 +337,32 @@ def explain_images(
     pages = GridPages(args.out, math.ceil(tiles / GRID_PAGE), args.colormap, args.alpha, legend)
     records: list[dict[str, Any]] = []
     captions: list[str] = []  # small: one line per image, for W&B
-    thumbs: list[bytes] = []  # the page's tiles (JPEG, THUMB px), with their boxes
     interrupted = False
-    try:
-        for first in range(0, len(sources), args.batch_size):
-            chunk = [item for item in map(load, sources[first : first + args.batch_size]) if item is not None]
-            if not chunk:
-                continue
-            maps, finer, chunk_records = explainer(chunk)
-            for i, (item, cam, record) in enumerate(zip(chunk, maps, chunk_records)):
-                pixels = denormalize(item.image)
-                stem = f"{len(records):0{digits}d}_{Path(record.get('path') or item.source).stem}"
-                save_png(overlay(pixels, cam, colormap=args.colormap, alpha=args.alpha), args.out / f"{stem}.png")
-                record["overlay"] = f"{stem}.png"
-                records.append(record)
-                captions.append(caption(record, target.target.score_name, cam))
-                box = item.box if item.box is not None and bool((item.box[2:] > 0).all()) else None
-                pages.add(pixels, captions[-1], cam, box)
-                thumbs.append(page_tile(pixels, cam, box, record, args.colormap, args.alpha))
-                if finer is not None:
-                    finer_overlay = overlay(pixels, finer[i], colormap=args.colormap, alpha=args.alpha)
-                    save_png(finer_overlay, args.out / f"{stem}_finer.png")
-                    record["finer"]["overlay"] = f"{stem}_finer.png"
-                    pages.add(pixels, finer_caption(record, finer[i]), finer[i], box)
-    except KeyboardInterrupt:  # Ctrl-C: what is explained so far is written below, then the exit status says so
-        interrupted = True
+    with files_folder(args.out) as thumbs:  # the page's thumbnails, swapped in whole at the end
+        try:
+            for first in range(0, len(sources), args.batch_size):
+                chunk = [item for item in map(load, sources[first : first + args.batch_size]) if item is not None]
+                if not chunk:
+                    continue
+                maps, finer, chunk_records = explainer(chunk)
+                for i, (item, cam, record) in enumerate(zip(chunk, maps, chunk_records)):
+                    pixels = denormalize(item.image)
+                    stem = f"{len(records):0{digits}d}_{Path(record.get('path') or item.source).stem}"
+                    save_png(overlay(pixels, cam, colormap=args.colormap, alpha=args.alpha), args.out / f"{stem}.png")
+                    record["overlay"] = f"{stem}.png"
+                    records.append(record)
+                    captions.append(caption(record, target.target.score_name, cam))
+                    box = item.box if item.box is not None and bool((item.box[2:] > 0).all()) else None
+                    pages.add(pixels, captions[-1], cam, box)
+                    tile = page_tile(pixels, cam, box, record, args.colormap, args.alpha)
+                    (thumbs / tile_name(len(records) - 1)).write_bytes(tile)
+                    if finer is not None:
+                        finer_overlay = overlay(pixels, finer[i], colormap=args.colormap, alpha=args.alpha)
+                        save_png(finer_overlay, args.out / f"{stem}_finer.png")
+                        record["finer"]["overlay"] = f"{stem}_finer.png"
+                        pages.add(pixels, finer_caption(record, finer[i]), finer[i], box)
+        except KeyboardInterrupt:  # Ctrl-C: what is explained so far is written below, then the exit status says so
+            interrupted = True
     written = pages.close()
     summary = {
         "checkpoint": str(session.ckpt.path),
@@ -381,7 +382,7 @@ def explain_images(
     if interrupted:
         summary["interrupted"] = True
     write_json(args.out / "summary.json", summary)
-    page = write_explain_page(args.out, summary, thumbs, args.command)
+    page = write_page(args.out / "report.html", explain_page(summary, args.command))
     if interrupted:
         print(
             f"interrupted: explained {len(records)} of {len(sources)} image(s) into {args.out} (summary.json and the "
@@ -410,14 +411,6 @@ def page_tile(
         record["peak_in_box"] = bool(pointing_game(cam[None], boxes=box[None].double())[0] > 0.5)
     tile = cam_tile(pixels, cam, box, colormap, alpha, CAM_THRESHOLD)
     return jpeg(Image.fromarray(tile).resize((THUMB, THUMB), Image.Resampling.BILINEAR))
-
-
-def write_explain_page(out: Path, summary: dict[str, Any], thumbs: list[bytes], command: str) -> Path:
-    """``report.html`` of an explain run, with its tiles in ``report_files/``."""
-    with files_folder(out) as folder:
-        for slot, tile in enumerate(thumbs):
-            (folder / tile_name(slot)).write_bytes(tile)
-    return write_page(out / "report.html", explain_page(summary, command))
 
 
 def explain_retrieval(session: Session, reference: ReferenceSet, args: argparse.Namespace) -> int:
