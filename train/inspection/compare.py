@@ -5,10 +5,11 @@
 
 The same images (checkpoint A's split, through A's evaluation preset: the maps are compared at those images' size)
 go through both checkpoints: each explained as ``cubcam evaluate`` explains it (GradCAM of the ``--target`` class,
-the true one by default, or EmbeddingCAM against its own Normalized Mean Proxies) and scored against the GT boxes by the same accumulator. Writes
-``metrics.json`` (both checkpoints' scores and accuracy, B minus A, per class the change in MaxBoxAccV2 and accuracy,
-per image the Spearman rank correlation of its two maps) and ``report.html``: the table side by side, the classes,
-and every image as a pair of maps, the most changed first. Checkpoints with different class sets are one error.
+the true one by default, or EmbeddingCAM against its own Normalized Mean Proxies) and scored against the GT boxes
+by the same accumulator. Writes ``metrics.json`` (both checkpoints' scores and accuracy, B minus A, per class the
+change in MaxBoxAccV2 and accuracy, per image the Spearman rank correlation of its two maps) and ``report.html``:
+the table side by side, the classes, and every image as a pair of maps, the most changed first. Checkpoints with
+different class sets are one error.
 """
 
 from __future__ import annotations
