@@ -172,7 +172,8 @@ class LayerSource:
         try:
             check_map(self._layer, features, returned, (images.shape[-2], images.shape[-1]), self.method)
         except (TypeError, ValueError) as err:
-            raise type(err)(f"CAMPanel: {err}. {layer_hint(self.module, images[:1])}") from None
+            hint = layer_hint(self.module, images[:1], self._layer.layer_name)
+            raise type(err)(f"CAMPanel: {err}" + (f". {hint}" if hint else "")) from None
 
     def end_epoch(self) -> None:
         if self._hook is not None:

@@ -496,8 +496,8 @@ def not_a_map_hint(shape: torch.Size) -> str:
     before it)."""
     if len(shape) == 2:
         return (
-            "; it is a vector per image (a dense layer, or after the pooling): there is no map to explain in it; pick "
-            "a convolutional or token layer before the pooling (a model of dense layers alone has none)"
+            "; it is a vector per image (a dense layer, or after the pooling): there is no map in it; pick a "
+            "convolutional or token layer before the pooling"
         )
     if len(shape) != 3:
         return "; pass reshape=... to make it one"

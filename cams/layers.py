@@ -15,17 +15,15 @@ from torch import Tensor, nn
 from cubcam.cams.engine import eager, eval_mode, looks_channels_last
 
 
-def map_layers(model: nn.Module, images: Tensor) -> list[tuple[str, tuple[int, ...]]]:
-    """(name, output shape) of every submodule whose output is a map [B, K, h, w] larger than 1x1, in the order
-    their forwards ended (a container after what it holds: its name is the outermost one of that map). A forward
-    that fails part way gives the layers that ran before it failed."""
+def layer_shapes(model: nn.Module, images: Tensor) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, output shape) of every submodule that returns a tensor, in the order their forwards ended (a
+    container after what it holds). A forward that fails part way gives the layers that ran before it failed."""
     seen: list[tuple[str, tuple[int, ...]]] = []
 
     def record(name: str) -> Any:
         def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
-            shape = tuple(output.shape) if isinstance(output, Tensor) else ()
-            if len(shape) == 4 and shape[-2:] != (1, 1) and not looks_channels_last(shape):
-                seen.append((name, shape))
+            if isinstance(output, Tensor):
+                seen.append((name, tuple(output.shape)))
 
         return hook
 
@@ -41,15 +39,26 @@ def map_layers(model: nn.Module, images: Tensor) -> list[tuple[str, tuple[int, .
     return seen
 
 
-def layer_hint(model: nn.Module, images: Tensor) -> str:
-    """A sentence naming the layer to explain instead: the last one that gives a map (the one before the
-    pooling), or that none does at this image size."""
-    layers = map_layers(model, images)
-    if not layers:
+def map_layers(model: nn.Module, images: Tensor) -> list[tuple[str, tuple[int, ...]]]:
+    """:func:`layer_shapes` of the layers that give a map [B, K, h, w] larger than 1x1 (the last of a map is the
+    outermost module that returns it)."""
+    shapes = layer_shapes(model, images)
+    return [(n, s) for n, s in shapes if len(s) == 4 and s[-2:] != (1, 1) and not looks_channels_last(s)]
+
+
+def layer_hint(model: nn.Module, images: Tensor, layer: str) -> str:
+    """A sentence naming the layer to explain instead of ``layer``: the last one that gives a map (the one before
+    the pooling), or that none does at this image size; empty where ``layer`` gives tokens [B, N, D] (folding
+    them, as the engine's error says, is the fix)."""
+    shapes = layer_shapes(model, images)
+    if any(name == layer and len(shape) == 3 for name, shape in shapes):
+        return ""
+    maps = [(n, s) for n, s in shapes if len(s) == 4 and s[-2:] != (1, 1) and not looks_channels_last(s)]
+    if not maps:
         size = "x".join(str(side) for side in images.shape[-2:])
         return (
-            f"No layer of {type(model).__name__} gives a map larger than 1x1 at {size} px (a model of dense layers "
-            f"alone has none; a convolutional one needs larger images)"
+            f"No layer of {type(model).__name__} gives a map larger than 1x1 at {size} px: a model of dense layers "
+            f"alone has none to explain, and a convolutional one needs larger images"
         )
-    name, shape = layers[-1]
+    name, shape = maps[-1]
     return f"The last layer that gives a map here is {name!r} {shape}, before the pooling: target_layer={name!r}"

@@ -220,7 +220,7 @@ class Tokens(DigitNet):
     [
         (Pooled, "feature_extractor", ValueError, r"1x1 grid.* a map here is 'feature_extractor\.5' \(1, 16, 7, 7\)"),
         (Dense, "net.2", TypeError, r"a vector per image .*No layer of Dense gives a map"),
-        (Tokens, "norm", TypeError, r"tokens \[B, 1 \+ 7x7, D\]: drop the class token .*t\[:, 1:\]\.reshape\("),
+        (Tokens, "norm", TypeError, r"tokens \[B, 1 \+ 7x7, D\]: drop the class token .*t\[:, 1:\]\.reshape\(.*\)$"),
     ],
     ids=["pooled", "dense", "vit tokens"],
 )
