@@ -95,12 +95,16 @@ class Evolution:
         """Per epoch, each bird's thumbnail: its map over it, its GT box and its CAM box."""
         drawn = []
         for frame in self.frames:
-            size = (int(frame.pixels.shape[1]), int(frame.pixels.shape[2]))
+            # thumbnails of small images (28 px digits) enlarged pixel for pixel to about THUMB px, as drawn only
+            factor = max(1, THUMB // max(int(frame.pixels.shape[1]), int(frame.pixels.shape[2])))
+            pixels = frame.pixels.repeat_interleave(factor, 1).repeat_interleave(factor, 2)
+            boxes = frame.boxes * factor
+            size = (int(pixels.shape[1]), int(pixels.shape[2]))
             heat = upsample(torch.nan_to_num(frame.maps, nan=0.0, posinf=0.0, neginf=0.0), size)
             drawn.append(
                 [
-                    cam_tile(frame.pixels[b].numpy(), heat[b], frame.boxes[b], colormap, alpha, frame.threshold)
-                    for b in range(len(frame.pixels))
+                    cam_tile(pixels[b].numpy(), heat[b], boxes[b], colormap, alpha, frame.threshold)
+                    for b in range(len(pixels))
                 ]
             )
         return drawn

@@ -98,6 +98,8 @@ def test_grayscale_digits_get_a_panel_of_enlarged_gray_tiles(tmp_path, kind: str
     strip = 2 * DIGIT * factor + GAP
     assert grid.shape[1] == 4 + 4 * (strip + 4)  # four strips of two enlarged cells
     assert grid.std() > 10
+    evolution = Image.open(next((tmp_path / "cam_panels").glob("evolution_*.png")))
+    assert evolution.width >= 2 * DIGIT + 8  # its thumbnails enlarged too (they are stored at 28 px)
 
 
 def test_images_of_any_channel_count_are_drawn_with_the_dataset_s_normalization() -> None:
