@@ -144,6 +144,22 @@ def test_compare_sets_the_scores_evaluate_gives_side_by_side(trained: Trained, o
         assert row["change_max_box_acc"] == pytest.approx(row["b_max_box_acc"] - row["a_max_box_acc"], abs=2e-6)
 
 
+def test_compare_logs_its_scores_and_page_to_wandb(trained: Trained, tmp_path, monkeypatch) -> None:
+    from wandb_records import finished_log, history_rows
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    result = compare([str(trained.classifier), str(trained.embedding), "--out", str(tmp_path), "--limit", "4",
+                      "--wandb", "t", *COMMON])  # fmt: skip
+    (row,) = history_rows(finished_log(next((tmp_path / "wandb").glob("offline-run-*"))))
+    assert row["compare/scores"]["_type"] == "table-file" and row["compare/scores"]["nrows"] == len(
+        result["difference"]
+    )
+    assert row["compare/report"]["_type"] == "html-file"
+    html = next((tmp_path / "wandb").glob("offline-run-*/files/" + row["compare/report"]["path"])).read_text()
+    assert "Side by side" in html and "report_files/" not in html  # the tables, no gallery (its files stay here)
+
+
 def test_a_checkpoint_compared_with_itself_changes_nothing(trained: Trained, tmp_path) -> None:
     result = compare([str(trained.classifier), str(trained.classifier), "--out", str(tmp_path), "--limit", "8",
                       *COMMON])  # fmt: skip

@@ -29,13 +29,13 @@ from cubcam.cams.files import WriteFailed, write_text
 from cubcam.cams.localization import DEFAULT_THRESHOLDS, LocalizationAccumulator
 from cubcam.cams.protocol import HeadExplainer, explain
 from cubcam.train.data.cub import SPLITS, spread_indices
-from cubcam.train.inspection.checkpoint import CheckpointError
+from cubcam.train.inspection.checkpoint import CheckpointError, one_line
 from cubcam.train.inspection.evaluate import rounded
 from cubcam.train.inspection.gallery import GalleryMaps, tile_name
 from cubcam.train.inspection.names import METRIC_NAMES, PER_CLASS_KEYS
 from cubcam.train.inspection.pages import command_line, compare_page
 from cubcam.train.inspection.reference import loader
-from cubcam.train.inspection.report import files_folder, write_page
+from cubcam.train.inspection.report import Page, files_folder, render, tables_and_plots, write_page
 from cubcam.train.inspection.sanity import rank_correlation
 from cubcam.train.inspection.session import START_ERRORS, Session, add_common_options, fail, positive_int, start
 
@@ -131,11 +131,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         out.mkdir(parents=True, exist_ok=True)
         write_text(out / "metrics.json", json.dumps(result, indent=2, sort_keys=True) + "\n")
         items = pair_items(result, galleries, accumulators, out)
-        page = write_page(out / "report.html", compare_page(result, items, command_line(argv, "cubcam compare")))
+        page = compare_page(result, items, command_line(argv, "cubcam compare"))
+        write_page(out / "report.html", page)
     except (WriteFailed, PermissionError) as err:
         fail(err)
     print_table(result)
-    print(f"wrote {out / 'metrics.json'}; open {page} in a browser")
+    print(f"wrote {out / 'metrics.json'}; open {out / 'report.html'} in a browser")
+    if args.wandb:
+        log_to_wandb(args.wandb, result, page, out)
     return result
 
 
@@ -220,6 +223,33 @@ def pair_items(
             }
         )
     return items
+
+
+def log_to_wandb(project: str, result: dict[str, Any], page: Page, out: Path) -> None:
+    """The scores side by side (a table, and B minus A in the run summary) and the page's tables (``compare/report``,
+    an HTML panel) as one W&B run of ``project`` (job type ``compare``). A W&B failure is one warning: the files on
+    disk are the result."""
+    try:
+        import wandb
+
+        run = wandb.init(project=project, job_type="compare", dir=str(out),
+                         config={"a": result["a"]["checkpoint"], "b": result["b"]["checkpoint"],
+                                 "split": result["split"], "num_images": result["num_images"]})  # fmt: skip
+        try:
+            rows = [[key, result["a"]["scores"][key], result["b"]["scores"][key], change]
+                    for key, change in result["difference"].items()]  # fmt: skip
+            run.log(
+                {
+                    "compare/scores": wandb.Table(columns=["metric", "a", "b", "b - a"], data=rows),
+                    "compare/report": wandb.Html(render(tables_and_plots(page, out)), inject=False),
+                }
+            )
+            run.summary.update({f"difference/{key}": value for key, value in result["difference"].items()})
+        finally:
+            run.finish()
+        print(f"logged to W&B: project {project}, run {run.id}")
+    except Exception as err:  # the comparison is done and written: a dashboard failure must not hide it
+        print(f"warning: could not log to W&B ({one_line(err)}); the results are in {out}", file=sys.stderr)
 
 
 def print_table(result: dict[str, Any]) -> None:
