@@ -5,8 +5,9 @@ loaded into memory once, then, interleaved ``--repeats`` times so machine noise 
 
 - forward only: ``module(images)`` per batch under ``torch.inference_mode()`` — the floor;
 - evaluate: ``cubcam.train.inspection.evaluate.score_split`` on the same batches — the hooked forward, head-only
-  CAMs for every method, upsampling, and the MaxBoxAccV2 / heatmap-ratio / pointing-game bookkeeping of every
-  method and of the two baselines (what ``cubcam evaluate`` does per batch, minus reading the JPEGs).
+  CAMs for every method, upsampling, the MaxBoxAccV2 / heatmap-ratio / pointing-game bookkeeping of every
+  method and of the two baselines, and the report gallery's maps (what ``cubcam evaluate`` does per batch, minus
+  reading the JPEGs).
 
 Faithfulness (``--faithfulness``) on the same maps: ``cubcam.train.inspection.evaluate.perturb`` (deletion /
 insertion curves of ``--steps`` and Average Drop / Increase, for every method and baseline) against its floor, the
@@ -75,6 +76,7 @@ from cubcam.train.inspection.evaluate import (
     score_split,
 )
 from cubcam.train.inspection.evaluate import main as evaluate_main
+from cubcam.train.inspection.gallery import GalleryMaps
 from cubcam.train.inspection.reference import loader, reference_set
 from cubcam.train.modules import Classifier, EmbeddingNet
 
@@ -241,9 +243,9 @@ def localization_times(
             for batch in batches:
                 module(batch["image"])
 
-    def evaluate() -> None:
+    def evaluate() -> None:  # with the report's gallery, as cubcam evaluate runs it
         methods: dict[str, EvalMethod] = {name: (target, "gradcam") for name, target in targets.items()}
-        score_split(module, batches, methods, torch.device("cpu"), n, progress=False)
+        score_split(module, batches, methods, torch.device("cpu"), n, progress=False, gallery=GalleryMaps(n))
 
     forward_only(), evaluate()
     times: dict[str, list[float]] = {"forward": [], "evaluate": []}

@@ -31,7 +31,7 @@ from cubcam.cams.protocol import HeadExplainer, explain
 from cubcam.train.data.cub import SPLITS, spread_indices
 from cubcam.train.inspection.checkpoint import CheckpointError, one_line
 from cubcam.train.inspection.evaluate import rounded
-from cubcam.train.inspection.gallery import GalleryMaps, tile_name
+from cubcam.train.inspection.gallery import GalleryMaps, Tiles, tile_name, write_tiles
 from cubcam.train.inspection.names import METRIC_NAMES, PER_CLASS_KEYS
 from cubcam.train.inspection.pages import command_line, compare_page
 from cubcam.train.inspection.reference import loader
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     scored = torch.utils.data.Subset(dataset, indices)
     count = len(indices)
     accumulators = [LocalizationAccumulator(count, device=first.device) for _ in SIDES]
-    galleries = [GalleryMaps(count, (dataset.mean, dataset.std)) for _ in SIDES]
+    galleries = [GalleryMaps(count) for _ in SIDES]
     correct = np.zeros((2, count), bool)
     correlation = np.zeros(count)
     labels = np.zeros(count, np.int64)
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 step = explain(head, activations, outputs, target, size, batch["label"], args.target)
                 maps.append(step.maps.float().to(first.device))
                 accumulators[k].update(slots, maps[-1], batch["box"], batch["parts"])
-                galleries[k].add(slots, images, maps[-1], batch["box"])
+                galleries[k].add(slots, maps[-1])
                 correct[k, slots] = (step.predicted.cpu() == batch["label"]).numpy()
             correlation[slots] = rank_correlation(maps[0], maps[1]).cpu().numpy()
             seen += len(images)
@@ -130,7 +130,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     try:
         out.mkdir(parents=True, exist_ok=True)
         write_text(out / "metrics.json", json.dumps(result, indent=2, sort_keys=True) + "\n")
-        items = pair_items(result, galleries, accumulators, out)
+        tiles = Tiles(scored, [], (dataset.mean, dataset.std))
+        items = pair_items(result, galleries, accumulators, tiles, out, args.num_workers)
         page = compare_page(result, items, command_line(argv, "cubcam compare"))
         write_page(out / "report.html", page)
     except (WriteFailed, PermissionError) as err:
@@ -193,24 +194,30 @@ def summary(
 
 
 def pair_items(
-    result: dict[str, Any], galleries: list[GalleryMaps], accumulators: list[LocalizationAccumulator], out: Path
+    result: dict[str, Any],
+    galleries: list[GalleryMaps],
+    accumulators: list[LocalizationAccumulator],
+    tiles: Tiles,
+    out: Path,
+    num_workers: int,
 ) -> list[dict[str, Any]]:
-    """Each image's two tiles (``report_files/a``, ``/b``; each checkpoint's CAM box at its own best threshold) and
-    its caption, the most changed (lowest rank correlation) first."""
-    ious = []
+    """Each image's two tiles (``report_files/a``, ``/b``; each checkpoint's CAM box at its own best threshold,
+    drawn in ``num_workers`` processes) and its caption, the most changed (lowest rank correlation) first."""
+    for gallery, accumulator in zip(galleries, accumulators):
+        curve = np.asarray(accumulator.compute()["box_acc_curve"])[:, 1]  # IoU 0.5
+        threshold = float(DEFAULT_THRESHOLDS[int(np.nanargmax(curve))]) if len(curve) else 0.5
+        tiles.layers.append((gallery.maps, threshold))
     with files_folder(out) as folder:
-        for side, gallery, accumulator in zip(SIDES, galleries, accumulators):
-            curve = np.asarray(accumulator.compute()["box_acc_curve"])[:, 1]  # IoU 0.5
-            threshold = float(DEFAULT_THRESHOLDS[int(np.nanargmax(curve))]) if len(curve) else 0.5
+        for side in SIDES:
             (folder / side).mkdir()
-            ious.append(gallery.write(folder / side, threshold))
+        ious = write_tiles([folder / side for side in SIDES], tiles, num_workers)
     items = []
     for slot, image in enumerate(result["images"]):
-        iou = [ious[0][slot], ious[1][slot]]
-        change = None if None in iou else float(iou[1]) - float(iou[0])  # type: ignore[arg-type]
+        a, b = ious[0][slot], ious[1][slot]
+        change = None if a is None or b is None else b - a
         lines = [image["file"], f"true: {image['class']}", f"rank correlation {image['rank_correlation']:.2f}"]
-        if change is not None:
-            lines.append(f"IoU A {iou[0]:.2f} -> B {iou[1]:.2f}")
+        if a is not None and b is not None:
+            lines.append(f"IoU A {a:.2f} -> B {b:.2f}")
         items.append(
             {
                 "id": slot,

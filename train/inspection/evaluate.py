@@ -94,7 +94,7 @@ from cubcam.cams.targets import ExplanationTarget, ProxyScheme, Target, single_p
 from cubcam.train.data.cub import SPLITS, CUBDataset, spread_indices
 from cubcam.train.inspection.checkpoint import one_line
 from cubcam.train.inspection.confusion import confused_section, write_confused
-from cubcam.train.inspection.gallery import GalleryMaps
+from cubcam.train.inspection.gallery import GalleryMaps, Tiles, write_tiles
 from cubcam.train.inspection.names import (
     FAITHFULNESS_NAMES,
     FINER,
@@ -261,7 +261,7 @@ def score_split(
                     chosen = step.class_scores.gather(1, step.predicted[:, None].to(step.class_scores.device))
                     confidence[seen : seen + len(images)] = chosen[:, 0].float().cpu().numpy()
                     if gallery is not None:
-                        gallery.add(slots, images, step.maps, boxes)
+                        gallery.add(slots, step.maps)
                 maps[name] = (step.maps.float(), (target, method), step.rows)
                 if name in finer_of_method:
                     finer_cams, _ = finer_maps(
@@ -543,7 +543,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     report["methods_asked"] = list(args.methods)  # --methods as given (the scores' keys are sorted in the file)
     steps = args.steps if args.faithfulness else None
-    gallery = GalleryMaps(len(scored), (dataset.mean, dataset.std))
+    gallery = GalleryMaps(len(scored))
     scores = score_split(
         module,
         batches,
@@ -601,7 +601,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         text = heading + markdown_table(report["methods"]) + "\n" + per_class_table(classes, [first, *baselines])
         write_text(out / "metrics.md", text + checked + confused)
         command = command_line(argv, "cubcam evaluate")
-        page = evaluate_report(out, report, first, scores, gallery, dataset, scored, plots, command)
+        page = evaluate_report(out, report, first, scores, gallery, dataset, scored, plots, command, args.num_workers)
         write_page(out / "report.html", page)
     except (WriteFailed, PermissionError) as err:
         fail(err)
@@ -630,13 +630,16 @@ def evaluate_report(
     scored: CUBDataset | Subset[Any],
     plots: list[Path],
     command: str,
+    num_workers: int = 0,
 ) -> Page:
-    """The page of ``report.html``, its gallery's thumbnails written (``report_files/``): every image by the
-    ``first`` method's map, its CAM box cut at the threshold where box accuracy at IoU 0.5 is best."""
+    """The page of ``report.html``, its gallery's thumbnails written (``report_files/``, drawn in ``num_workers``
+    processes): every image by the ``first`` method's map, its CAM box cut at the threshold where box accuracy at
+    IoU 0.5 is best."""
     curve = report["curves"][first]["box_acc_iou50"]
     threshold = float(DEFAULT_THRESHOLDS[int(np.nanargmax(np.asarray(curve, dtype=float)))]) if curve else 0.5
+    tiles = Tiles(scored, [(gallery.maps, threshold)], (dataset.mean, dataset.std))
     with files_folder(out) as folder:
-        ious = gallery.write(folder, threshold)
+        (ious,) = write_tiles([folder], tiles, num_workers)
     accumulator = scores.accumulators[first]
     peaks = (accumulator.rows[:, accumulator.num_hits + 1] / accumulator.rows[:, -1].clamp_min(1)).cpu().tolist()
     indices = list(scored.indices) if isinstance(scored, Subset) else list(range(len(scored)))
