@@ -26,12 +26,12 @@ import torch
 from tqdm import tqdm
 
 from cubcam.cams.files import WriteFailed, write_text
-from cubcam.cams.localization import DEFAULT_THRESHOLDS, LocalizationAccumulator
+from cubcam.cams.localization import LocalizationAccumulator
 from cubcam.cams.protocol import HeadExplainer, explain
 from cubcam.train.data.cub import SPLITS, spread_indices
 from cubcam.train.inspection.checkpoint import CheckpointError, one_line
 from cubcam.train.inspection.evaluate import rounded
-from cubcam.train.inspection.gallery import GalleryMaps, Tiles, tile_name, write_tiles
+from cubcam.train.inspection.gallery import GalleryMaps, Tiles, cam_threshold, tile_name, write_tiles
 from cubcam.train.inspection.names import METRIC_NAMES, PER_CLASS_KEYS
 from cubcam.train.inspection.pages import command_line, compare_page
 from cubcam.train.inspection.reference import loader
@@ -130,8 +130,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     try:
         out.mkdir(parents=True, exist_ok=True)
         write_text(out / "metrics.json", json.dumps(result, indent=2, sort_keys=True) + "\n")
-        tiles = Tiles(scored, [], (dataset.mean, dataset.std))
-        items = pair_items(result, galleries, accumulators, tiles, out, args.num_workers)
+        layers = [(gallery.maps, result[side]["cam_threshold"]) for side, gallery in zip(SIDES, galleries)]
+        tiles = Tiles(scored, layers, (dataset.mean, dataset.std))
+        items = pair_items(result, tiles, out, args.num_workers)
         page = compare_page(result, items, command_line(argv, "cubcam compare"))
         write_page(out / "report.html", page)
     except (WriteFailed, PermissionError) as err:
@@ -170,7 +171,12 @@ def summary(
     for k, (side, session) in enumerate(zip(SIDES, sessions)):
         computed = accumulators[k].compute()
         scores = {key: float(computed[key]) for key in PER_CLASS_KEYS} | {"accuracy": float(correct[k].mean())}
-        sides[side] = {"checkpoint": str(session.ckpt.path), "kind": session.kind, "scores": scores}
+        sides[side] = {
+            "checkpoint": str(session.ckpt.path),
+            "kind": session.kind,
+            "scores": scores,
+            "cam_threshold": cam_threshold(computed),  # where the page's CAM boxes are cut
+        }
     classes = {}
     for label in np.unique(labels):
         slots = np.flatnonzero(labels == label)
@@ -193,20 +199,9 @@ def summary(
     }
 
 
-def pair_items(
-    result: dict[str, Any],
-    galleries: list[GalleryMaps],
-    accumulators: list[LocalizationAccumulator],
-    tiles: Tiles,
-    out: Path,
-    num_workers: int,
-) -> list[dict[str, Any]]:
-    """Each image's two tiles (``report_files/a``, ``/b``; each checkpoint's CAM box at its own best threshold,
+def pair_items(result: dict[str, Any], tiles: Tiles, out: Path, num_workers: int) -> list[dict[str, Any]]:
+    """Each image's two ``tiles`` (``report_files/a``, ``/b``: A's and B's, each CAM box at its own best threshold,
     drawn in ``num_workers`` processes) and its caption, the most changed (lowest rank correlation) first."""
-    for gallery, accumulator in zip(galleries, accumulators):
-        curve = np.asarray(accumulator.compute()["box_acc_curve"])[:, 1]  # IoU 0.5
-        threshold = float(DEFAULT_THRESHOLDS[int(np.nanargmax(curve))]) if len(curve) else 0.5
-        tiles.layers.append((gallery.maps, threshold))
     with files_folder(out) as folder:
         for side in SIDES:
             (folder / side).mkdir()

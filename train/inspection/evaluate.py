@@ -94,7 +94,7 @@ from cubcam.cams.targets import ExplanationTarget, ProxyScheme, Target, single_p
 from cubcam.train.data.cub import SPLITS, CUBDataset, spread_indices
 from cubcam.train.inspection.checkpoint import one_line
 from cubcam.train.inspection.confusion import confused_section, write_confused
-from cubcam.train.inspection.gallery import GalleryMaps, Tiles, write_tiles
+from cubcam.train.inspection.gallery import GalleryMaps, Tiles, cam_threshold, write_tiles
 from cubcam.train.inspection.names import (
     FAITHFULNESS_NAMES,
     FINER,
@@ -635,8 +635,7 @@ def evaluate_report(
     """The page of ``report.html``, its gallery's thumbnails written (``report_files/``, drawn in ``num_workers``
     processes): every image by the ``first`` method's map, its CAM box cut at the threshold where box accuracy at
     IoU 0.5 is best."""
-    curve = report["curves"][first]["box_acc_iou50"]
-    threshold = float(DEFAULT_THRESHOLDS[int(np.nanargmax(np.asarray(curve, dtype=float)))]) if curve else 0.5
+    threshold = cam_threshold(report["methods"][first])
     tiles = Tiles(scored, [(gallery.maps, threshold)], (dataset.mean, dataset.std))
     with files_folder(out) as folder:
         (ious,) = write_tiles([folder], tiles, num_workers)

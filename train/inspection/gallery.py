@@ -94,6 +94,13 @@ def write_tiles(folders: list[Path], tiles: Tiles, num_workers: int) -> list[lis
     return ious
 
 
+def cam_threshold(scores: dict[str, Any]) -> float:
+    """Where a gallery cuts its CAM boxes: the threshold at which box accuracy at IoU 0.5 is best over the split
+    (``cubcam.cams.localization``'s ``best_threshold_iou50``), 0.5 where none was found (no image had a box)."""
+    value = scores.get("best_threshold_iou50")
+    return 0.5 if value is None or not math.isfinite(value) else float(value)
+
+
 def tile_name(slot: int) -> str:
     return f"{slot:05d}.jpg"
 
