@@ -34,7 +34,7 @@ from cubcam.cams.engine import aug_views
 from cubcam.cams.figure import (
     BOX_LEGEND,
     cam_box,
-    cam_tile,
+    draw_boxes,
     grid,
     marked,
     pair_strips,
@@ -405,11 +405,11 @@ def page_tile(
 ) -> bytes:
     """The page's tile of one image (overlay, GT box green, CAM box red at ``CAM_THRESHOLD``) as a ``THUMB`` px
     JPEG; the record gets the IoU of the two boxes and whether the map's peak lies in the GT box (images with one)."""
+    drawn = cam_box(cam, CAM_THRESHOLD)  # once: the tile's red box and the IoU are the same box
     if box is not None:
-        drawn = cam_box(cam, CAM_THRESHOLD)
         record["cam_box_iou"] = round(float(box_iou(drawn, box)) if drawn is not None else 0.0, 4)
         record["peak_in_box"] = bool(pointing_game(cam[None], boxes=box[None].double())[0] > 0.5)
-    tile = cam_tile(pixels, cam, box, colormap, alpha, CAM_THRESHOLD)
+    tile = draw_boxes(overlay(pixels, cam, colormap=colormap, alpha=alpha), box, drawn)
     return jpeg(Image.fromarray(tile).resize((THUMB, THUMB), Image.Resampling.BILINEAR))
 
 
